@@ -1,0 +1,29 @@
+"""Data sources for FraQAT distillation.
+
+Every source is a deterministic, random-access function of the *data position* (the number of
+global batches consumed so far), so the position saved in a checkpoint is enough to resume the
+exact same stream, and each host can read only its own rows::
+
+    src = make_source("digits", seed=0)          # or "tfds:mnist", "latents:/dir", "datafree"
+    src.element_spec                             # {"latents": ((1, 8, 8), float32), "class_labels": ((), int32)}
+    rows = src.batch(position, batch_size, host_index=jax.process_index(), host_count=jax.process_count())
+
+``batch`` returns a dict of numpy arrays holding this host's ``batch_size // host_count`` rows of
+global batch number ``position`` (examples ``perm_e[i]`` for ``i`` in ``[position * batch_size,
+(position + 1) * batch_size)`` where ``perm_e`` is the seed's shuffle of epoch ``e``). Keys:
+
+- ``latents``: ``[B, C, H, W]`` float32, the clean model input (pixels in [-1, 1] for the digits
+  DiT, VAE latents for the text-to-image models);
+- conditioning, named like the diffusers model arguments: ``class_labels`` ``[B]`` int32,
+  ``encoder_hidden_states`` ``[B, L, D]``, ``pooled_projections`` ``[B, D]``.
+
+Sources:
+
+- ``digits``: the 1797 8x8 UCI digits shipped in ``fraqat_jax/assets/digits.npz`` (CC BY 4.0).
+- ``tfds:NAME[:SPLIT]``: ``tfds.data_source`` (random access, array_record; works without
+  tensorflow), images resized to ``image_size`` and scaled to [-1, 1], labels -> ``class_labels``.
+- ``latents:DIR``: cached latents and text embeddings, see :mod:`fraqat_jax.data.latents` for the
+  on-disk format and ``scripts/cache_latents.py`` for a writer.
+- ``datafree``: noise pushed through the teacher's own sampler (see :mod:`fraqat_jax.data.datafree`);
+  built by the trainer because it needs the teacher.
+"""
