@@ -1,0 +1,27 @@
+"""Evaluation: samplers, Frechet distance (FID and the built-in digits proxy), metrics.
+
+- :mod:`fraqat_jax.eval.samplers`: DDPM / DDIM (epsilon prediction) and Euler (rectified flow),
+  jitted ``lax`` loops, classifier-free guidance, fixed noise seeds.
+- :mod:`fraqat_jax.eval.fid`: the Frechet distance between feature sets.
+- :mod:`fraqat_jax.eval.inception`: Inception-v3 (pool3, 2048 features) for FID, loading the
+  standard FID weights from a user-supplied file.
+- :mod:`fraqat_jax.eval.classifier`: the small digits classifier shipped for the built-in default
+  (features for a Frechet distance, accuracy on class-conditional samples).
+- ``python -m fraqat_jax.eval --workdir DIR``: evaluates a trained student against its teacher
+  and writes ``DIR/eval.json``.
+"""
+
+from fraqat_jax.eval.fid import feature_statistics, frechet_distance, frechet_distance_from_features
+from fraqat_jax.eval.samplers import ddim_sample, ddpm_sample, euler_sample, make_noise, make_sampler, sample
+
+__all__ = [
+    "ddim_sample",
+    "ddpm_sample",
+    "euler_sample",
+    "feature_statistics",
+    "frechet_distance",
+    "frechet_distance_from_features",
+    "make_noise",
+    "make_sampler",
+    "sample",
+]

@@ -1,0 +1,278 @@
+"""Samplers for the students and teachers: DDPM / DDIM (epsilon prediction) and Euler (rectified flow).
+
+Every sampler takes a *model function* ``model_fn(x, t, cond) -> out`` where
+
+- ``x``: the noisy sample, shape ``(B, C, H, W)`` (diffusers layout; the channel axis is
+  ``channel_axis``, 1 by default);
+- ``t``: float32 timesteps, shape ``(B,)``, in the units the model was trained with: DDPM
+  timestep indices ``0 .. num_train_timesteps - 1`` for epsilon models, ``1000 * sigma`` for
+  rectified flow (as diffusers' ``FlowMatchEulerDiscreteScheduler`` passes them to SD3);
+- ``cond``: any pytree whose leaves have the batch on axis 0 (class labels, text embeddings).
+
+The output's first ``C`` channels are used (epsilon or velocity); models with a learned variance
+(DiT with ``learn_sigma``) return ``2C`` channels and the variance half is ignored, as diffusers'
+``DiTPipeline`` does.
+
+Classifier-free guidance: with ``guidance_scale != 1`` and a ``null_cond`` (e.g. the DiT null class
+``num_classes``) the model runs once on ``concat(cond, null_cond)`` and
+``out = out_uncond + guidance_scale * (out_cond - out_uncond)``.
+
+The loops are ``lax.fori_loop``s, so a sampler can be wrapped in ``jax.jit`` whole (see
+``make_sampler``); randomness comes from explicit keys, so teacher and student sampled from the same
+``noise`` and ``key`` see identical noise image for image.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+SAMPLERS = ("ddpm", "ddim", "euler")
+
+
+def ddpm_alphas_cumprod(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+) -> np.ndarray:
+    """Cumulative products of ``1 - beta`` (float64, shape ``(num_train_timesteps,)``).
+
+    ``linear`` and ``scaled_linear`` follow diffusers' ``DDPMScheduler`` (DiT uses linear
+    1e-4 .. 0.02 over 1000 steps); ``squaredcos_cap_v2`` is the cosine schedule.
+    """
+    if num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        f = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        i = np.arange(n, dtype=np.float64)
+        betas = np.minimum(1 - f((i + 1) / n) / f(i / n), 0.999)
+    else:
+        raise ValueError(
+            f"unknown beta_schedule {beta_schedule!r}; allowed: linear, scaled_linear, squaredcos_cap_v2"
+        )
+    return np.cumprod(1.0 - betas)
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Descending timesteps, evenly spaced with diffusers' "leading" spacing (int64, ``(num_steps,)``)."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    ratio = num_train_timesteps // num_steps
+    return (np.arange(num_steps, dtype=np.int64) * ratio)[::-1].copy()
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Rectified-flow noise levels, descending, then a final 0 (float64, ``(num_steps + 1,)``).
+
+    The same as diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (static shift), so
+    samples match an SD3 pipeline: ``num_steps`` points evenly spaced from 1 to the scheduler's
+    smallest training sigma, then SD3's time shift ``s -> shift * s / (1 + (shift - 1) * s)``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
+    s = np.linspace(1.0, shifted(1.0 / num_train_timesteps), num_steps, dtype=np.float64)
+    return np.concatenate([shifted(s), [0.0]])
+
+
+def _guided(model_fn: ModelFn, guidance_scale: float, null_cond: Any, channels: int, channel_axis: int):
+    """Wraps ``model_fn`` so it returns the (guided) first ``channels`` channels."""
+
+    def first_channels(out):
+        return jax.lax.slice_in_dim(out, 0, channels, axis=channel_axis)
+
+    if guidance_scale == 1.0 or null_cond is None:
+        if guidance_scale != 1.0:
+            raise ValueError("guidance_scale != 1 needs a null_cond (the unconditional input)")
+        return lambda x, t, cond: first_channels(model_fn(x, t, cond))
+
+    def fn(x, t, cond):
+        b = x.shape[0]
+        null = jax.tree.map(lambda c, n: jnp.broadcast_to(n, c.shape).astype(c.dtype), cond, null_cond)
+        both = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null)
+        out = first_channels(model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both))
+        out_c, out_u = out[:b], out[b:]
+        return out_u + guidance_scale * (out_c - out_u)
+
+    return fn
+
+
+def ddim_sample(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    cond: Any,
+    *,
+    num_steps: int = 50,
+    alphas_cumprod: np.ndarray | None = None,
+    eta: float = 0.0,
+    key: jax.Array | None = None,
+    guidance_scale: float = 1.0,
+    null_cond: Any = None,
+    clip_sample: float | None = None,
+    channel_axis: int = 1,
+) -> jax.Array:
+    """DDIM (Song et al. 2021) from ``noise`` (the sample at the last timestep) to ``x_0``.
+
+    ``eta = 0`` is deterministic; ``eta > 0`` needs ``key``. The final step goes to
+    ``alpha_cumprod = 1`` (diffusers' ``set_alpha_to_one``). ``clip_sample`` clips the predicted
+    ``x_0`` to ``[-c, c]`` when given. Returns an array like ``noise``.
+    """
+    if alphas_cumprod is None:
+        alphas_cumprod = ddpm_alphas_cumprod()
+    if eta != 0.0 and key is None:
+        raise ValueError("ddim_sample with eta > 0 needs a key")
+    acp = np.asarray(alphas_cumprod, np.float64)
+    ts = ddim_timesteps(num_steps, len(acp))
+    a_t = jnp.asarray(acp[ts], jnp.float32)
+    a_prev = jnp.asarray(np.concatenate([acp[ts[1:]], [1.0]]), jnp.float32)
+    t_in = jnp.asarray(ts, jnp.float32)
+    fn = _guided(model_fn, guidance_scale, null_cond, noise.shape[channel_axis], channel_axis)
+    b = noise.shape[0]
+
+    def body(i, x):
+        eps = fn(x, jnp.full((b,), t_in[i]), cond).astype(jnp.float32)
+        at, ap = a_t[i], a_prev[i]
+        x0 = (x - jnp.sqrt(1 - at) * eps) / jnp.sqrt(at)
+        if clip_sample is not None:
+            x0 = jnp.clip(x0, -clip_sample, clip_sample)
+            eps = (x - jnp.sqrt(at) * x0) / jnp.sqrt(1 - at)
+        sigma = eta * jnp.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
+        x = jnp.sqrt(ap) * x0 + jnp.sqrt(jnp.maximum(1 - ap - sigma**2, 0.0)) * eps
+        if eta != 0.0:
+            x = x + sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return x
+
+    return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
+
+
+def ddpm_sample(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    cond: Any,
+    *,
+    key: jax.Array,
+    num_steps: int | None = None,
+    alphas_cumprod: np.ndarray | None = None,
+    guidance_scale: float = 1.0,
+    null_cond: Any = None,
+    clip_sample: float | None = None,
+    channel_axis: int = 1,
+) -> jax.Array:
+    """Ancestral DDPM sampling with the fixed posterior variance ``beta_tilde``.
+
+    With ``num_steps`` below the training length the chain is respaced (Nichol & Dhariwal 2021):
+    ``beta_t = 1 - alpha_cumprod[t] / alpha_cumprod[t_prev]`` on the DDIM timesteps. Noise at step
+    ``i`` is ``normal(fold_in(key, i))``; none is added at the last step.
+    """
+    if alphas_cumprod is None:
+        alphas_cumprod = ddpm_alphas_cumprod()
+    acp = np.asarray(alphas_cumprod, np.float64)
+    num_steps = len(acp) if num_steps is None else num_steps
+    ts = ddim_timesteps(num_steps, len(acp))
+    at_np = acp[ts]
+    ap_np = np.concatenate([acp[ts[1:]], [1.0]])
+    beta = 1 - at_np / ap_np
+    coef_x0 = np.sqrt(ap_np) * beta / (1 - at_np)
+    coef_xt = np.sqrt(1 - beta) * (1 - ap_np) / (1 - at_np)
+    var = (1 - ap_np) / (1 - at_np) * beta
+    consts = [jnp.asarray(c, jnp.float32) for c in (at_np, coef_x0, coef_xt, np.sqrt(var), ts)]
+    a_t, c0, ct, std, t_in = consts
+    fn = _guided(model_fn, guidance_scale, null_cond, noise.shape[channel_axis], channel_axis)
+    b = noise.shape[0]
+
+    def body(i, x):
+        eps = fn(x, jnp.full((b,), t_in[i]), cond).astype(jnp.float32)
+        x0 = (x - jnp.sqrt(1 - a_t[i]) * eps) / jnp.sqrt(a_t[i])
+        if clip_sample is not None:
+            x0 = jnp.clip(x0, -clip_sample, clip_sample)
+        z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return c0[i] * x0 + ct[i] * x + std[i] * z
+
+    return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
+
+
+def euler_sample(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    cond: Any,
+    *,
+    num_steps: int = 28,
+    shift: float = 1.0,
+    guidance_scale: float = 1.0,
+    null_cond: Any = None,
+    channel_axis: int = 1,
+) -> jax.Array:
+    """Euler integration of a rectified-flow velocity field from ``sigma = 1`` (noise) to 0.
+
+    Convention of SD3 / diffusers: ``x_sigma = (1 - sigma) x_0 + sigma * noise``, the model predicts
+    ``v = noise - x_0`` at timestep ``1000 * sigma``, and ``x <- x + (sigma_next - sigma) v``.
+    """
+    sig = jnp.asarray(flow_sigmas(num_steps, shift), jnp.float32)
+    fn = _guided(model_fn, guidance_scale, null_cond, noise.shape[channel_axis], channel_axis)
+    b = noise.shape[0]
+
+    def body(i, x):
+        v = fn(x, jnp.full((b,), sig[i] * 1000.0), cond).astype(jnp.float32)
+        return x + (sig[i + 1] - sig[i]) * v
+
+    return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
+
+
+def sample(
+    kind: str,
+    model_fn: ModelFn,
+    noise: jax.Array,
+    cond: Any,
+    *,
+    key: jax.Array | None = None,
+    **kwargs,
+) -> jax.Array:
+    """Dispatches to ``ddpm_sample``, ``ddim_sample`` or ``euler_sample`` by name."""
+    if kind == "ddim":
+        return ddim_sample(model_fn, noise, cond, key=key, **kwargs)
+    if kind == "ddpm":
+        if key is None:
+            raise ValueError("the ddpm sampler needs a key")
+        return ddpm_sample(model_fn, noise, cond, key=key, **kwargs)
+    if kind == "euler":
+        return euler_sample(model_fn, noise, cond, **kwargs)
+    raise ValueError(f"unknown sampler {kind!r}; allowed: {', '.join(SAMPLERS)}")
+
+
+def make_noise(seed: int, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The fixed starting noise and the key for the sampler's per-step noise, both from ``seed``.
+
+    Sampling teacher and student with the same seed gives them identical noise, image for image.
+    """
+    k_init, k_steps = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(k_init, shape, jnp.float32), k_steps
+
+
+def make_sampler(kind: str, apply: Callable[[Any, jax.Array, jax.Array, Any], jax.Array], **kwargs):
+    """A jitted ``(params, noise, cond, key) -> samples`` for ``apply(params, x, t, cond)``.
+
+    ``params`` is passed as an argument (not closed over) so one compiled sampler serves a teacher
+    and a student of the same structure, or a student at several bit-widths.
+    """
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler {kind!r}; allowed: {', '.join(SAMPLERS)}")
+
+    @jax.jit
+    def run(params, noise, cond, key):
+        fn = lambda x, t, c: apply(params, x, t, c)  # noqa: E731
+        return sample(kind, fn, noise, cond, key=key if kind != "euler" else None, **kwargs)
+
+    return run
