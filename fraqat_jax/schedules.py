@@ -1,0 +1,223 @@
+"""Bit-width schedules: ``step -> bits`` as a float32 scalar, traceable inside ``jax.jit``.
+
+A schedule is a :class:`Schedule`: call it with a step (a Python int or a traced integer, counted
+from 0) to get the weight bit-width that step trains at. ``total_steps`` is its nominal length;
+after it the last value holds. Because the step is data, a jitted train step that computes
+``bits = schedule(step)`` compiles once for the whole run.
+
+Staircases (the paper's form) hold each bit-width for a whole stage:
+
+* :func:`fraqat`: Table 4 of the paper, 8, 7, 6, 5.5, 5, 4.75, 4.5, 4.25, 4 bits for
+  1, 1, 1, 1, 1, 2, 2, 2, 14 epochs (25 in all).
+* :func:`integer` (8, 7, 6, 5, 4) and :func:`simple` (16, 8, 4): the paper's ablation baselines.
+  Each keeps FraQAT's last 14 epochs at 4 bits and spreads FraQAT's 11 earlier epochs over its
+  higher widths as evenly as it can (integer: 2, 3, 3, 3; simple: 5, 6), so the three compare at
+  equal compute and equal time at the target, and differ only in how they come down.
+* :func:`constant`: vanilla QAT.
+
+Smooth schedules, beyond the paper: :func:`linear` and :func:`cosine`.
+
+:func:`scale_to` stretches or shrinks any schedule to a given number of steps keeping its stage
+proportions; :func:`by_name` builds a named schedule of a given length and target bit-width.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from fraqat_jax.quant.fake import MAX_BITS, MIN_BITS, check_bits
+
+FRAQAT_STAGES = ((8.0, 1), (7.0, 1), (6.0, 1), (5.5, 1), (5.0, 1), (4.75, 2), (4.5, 2), (4.25, 2), (4.0, 14))
+INTEGER_STAGES = ((8.0, 2), (7.0, 3), (6.0, 3), (5.0, 3), (4.0, 14))
+SIMPLE_STAGES = ((16.0, 5), (8.0, 6), (4.0, 14))
+PAPER_TARGET_BITS = 4.0
+
+NAMES = ("fraqat", "integer", "simple", "constant", "linear", "cosine")
+
+
+class Schedule:
+    """A bit-width schedule: ``schedule(step) -> float32 scalar``.
+
+    Attributes:
+      name: what it is (``"fraqat"``, ``"linear"``, ...).
+      total_steps: nominal number of steps; after it the last bit-width holds.
+      stages: for staircases, the ``((bits, num_steps), ...)`` it was built from; else None.
+    """
+
+    def __init__(self, name: str, total_steps: int, fn: Callable, stages=None, rescale=None):
+        self.name = name
+        self.total_steps = int(total_steps)
+        self.stages = None if stages is None else tuple((float(b), int(n)) for b, n in stages)
+        self._fn = fn
+        self._rescale = rescale
+
+    def __call__(self, step):
+        return jnp.asarray(self._fn(jnp.asarray(step)), jnp.float32)
+
+    def rescaled(self, total_steps: int) -> "Schedule":
+        """The same schedule over ``total_steps`` steps (see :func:`scale_to`)."""
+        return self._rescale(_check_steps(total_steps, "total_steps"))
+
+    def values(self, num_steps: int | None = None) -> np.ndarray:
+        """Bit-widths of steps ``0 .. num_steps - 1`` (default ``total_steps``) as numpy float32."""
+        n = self.total_steps if num_steps is None else num_steps
+        return np.asarray(self(jnp.arange(n)), np.float32)
+
+    def __repr__(self):
+        extra = f", stages={self.stages}" if self.stages is not None else ""
+        return f"Schedule({self.name!r}, total_steps={self.total_steps}{extra})"
+
+
+def _check_steps(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name}={n!r} is not allowed: use a positive int")
+    return int(n)
+
+
+def _check_bits_value(b, name="bits") -> float:
+    check_bits(b, name=name)  # raises ValueError for a bad concrete value
+    return float(b)
+
+
+def staircase(stages: Sequence[tuple[float, int]], *, name: str = "staircase") -> Schedule:
+    """Holds each ``bits`` for ``num_steps`` steps, in order; after the last stage its bits hold.
+
+    ``staircase([(8, 3), (6, 2), (4, 5)])`` gives 8, 8, 8, 6, 6, 4, 4, 4, 4, 4 (total_steps 10).
+    """
+    stages = list(stages)
+    if not stages:
+        raise ValueError("stages is empty: give at least one (bits, num_steps) pair")
+    clean = []
+    for i, stage in enumerate(stages):
+        try:
+            b, n = stage
+        except (TypeError, ValueError):
+            raise ValueError(f"stage {i} = {stage!r} is not a (bits, num_steps) pair") from None
+        clean.append((_check_bits_value(b, f"stages[{i}] bits"), _check_steps(n, f"stages[{i}] num_steps")))
+    bits = jnp.asarray([b for b, _ in clean], jnp.float32)
+    ends = np.cumsum([n for _, n in clean])
+    # Stage index = number of stage ends at or before the step; the last stage never ends.
+    inner_ends = jnp.asarray(ends[:-1], jnp.int32)
+
+    def fn(step):
+        idx = jnp.sum(jnp.asarray(step)[..., None] >= inner_ends, axis=-1)
+        return bits[idx]
+
+    def rescale(total):
+        return staircase(_rescale_stages(clean, total), name=name)
+
+    return Schedule(name, int(ends[-1]), fn, stages=clean, rescale=rescale)
+
+
+def _rescale_stages(stages, total: int):
+    """Stages over ``total`` steps with the same proportions (boundaries rounded half up).
+
+    Stages that round to no step at all are dropped, except the last, which keeps at least one.
+    """
+    lengths = np.asarray([n for _, n in stages], np.float64)
+    cum = np.cumsum(lengths) / lengths.sum() * total
+    ends = np.floor(cum + 0.5).astype(int)
+    ends[-1] = total
+    out, start = [], 0
+    for (b, _), end in zip(stages, ends):
+        if end > start:
+            out.append((b, int(end - start)))
+            start = end
+    if not out:
+        out = [(stages[-1][0], total)]
+    return out
+
+
+def _shifted(stages, target_bits):
+    shift = _check_bits_value(target_bits, "target_bits") - PAPER_TARGET_BITS
+    return [(min(max(b + shift, MIN_BITS), MAX_BITS), n) for b, n in stages]
+
+
+def fraqat(steps_per_epoch: int = 1, *, target_bits: float = PAPER_TARGET_BITS) -> Schedule:
+    """The paper's Table 4 staircase, ``steps_per_epoch`` steps per epoch (25 epochs).
+
+    ``target_bits`` other than 4 shifts every stage by the same amount (clipped to [2, 16]), so the
+    fractional fine steps stay just above the target.
+    """
+    spe = _check_steps(steps_per_epoch, "steps_per_epoch")
+    return staircase([(b, n * spe) for b, n in _shifted(FRAQAT_STAGES, target_bits)], name="fraqat")
+
+
+def integer(steps_per_epoch: int = 1, *, target_bits: float = PAPER_TARGET_BITS) -> Schedule:
+    """8, 7, 6, 5, 4 bits for 2, 3, 3, 3, 14 epochs: FraQAT's 25 epochs, integer widths only."""
+    spe = _check_steps(steps_per_epoch, "steps_per_epoch")
+    return staircase([(b, n * spe) for b, n in _shifted(INTEGER_STAGES, target_bits)], name="integer")
+
+
+def simple(steps_per_epoch: int = 1, *, target_bits: float = PAPER_TARGET_BITS) -> Schedule:
+    """16, 8, 4 bits for 5, 6, 14 epochs: FraQAT's 25 epochs in three jumps."""
+    spe = _check_steps(steps_per_epoch, "steps_per_epoch")
+    return staircase([(b, n * spe) for b, n in _shifted(SIMPLE_STAGES, target_bits)], name="simple")
+
+
+def constant(bits: float = PAPER_TARGET_BITS, num_steps: int = 1) -> Schedule:
+    """Vanilla QAT: ``bits`` at every step (``num_steps`` only sets ``total_steps``)."""
+    return staircase([(bits, num_steps)], name="constant")
+
+
+def _smooth(name, start, end, num_steps, shape):
+    start = _check_bits_value(start, "start")
+    end = _check_bits_value(end, "end")
+    n = _check_steps(num_steps, "num_steps")
+    denom = float(max(n - 1, 1))
+
+    def fn(step):
+        t = jnp.clip(jnp.asarray(step, jnp.float32) / denom, 0.0, 1.0)
+        return start + (end - start) * shape(t)
+
+    return Schedule(name, n, fn, rescale=lambda total: _smooth(name, start, end, total, shape))
+
+
+def linear(start: float, end: float, num_steps: int) -> Schedule:
+    """Bits move linearly from ``start`` (step 0) to ``end`` (step ``num_steps - 1``), then hold."""
+    return _smooth("linear", start, end, num_steps, lambda t: t)
+
+
+def cosine(start: float, end: float, num_steps: int) -> Schedule:
+    """Half-cosine from ``start`` (step 0) to ``end`` (step ``num_steps - 1``), then hold."""
+    return _smooth("cosine", start, end, num_steps, lambda t: 0.5 * (1.0 - jnp.cos(math.pi * t)))
+
+
+def scale_to(schedule: Schedule, total_steps: int) -> Schedule:
+    """``schedule`` over ``total_steps`` steps, its stages keeping their proportions.
+
+    Stage boundaries fall at ``round(total_steps * cumulative_fraction)``, so 25 steps of
+    ``fraqat()`` visit 8, 7, 6, 5.5, 5, 4.75, 4.75, 4.5, 4.5, 4.25, 4.25, 4, ... and 2500 steps
+    give 100 steps per epoch. Smooth schedules are stretched to end at ``total_steps - 1``.
+    """
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"scale_to needs a Schedule, got {type(schedule).__name__}")
+    return schedule.rescaled(total_steps)
+
+
+def by_name(name: str, total_steps: int, *, target_bits: float = PAPER_TARGET_BITS,
+            start_bits: float = 8.0) -> Schedule:
+    """A named schedule over ``total_steps`` steps ending at ``target_bits``.
+
+    Names: ``fraqat``, ``integer``, ``simple`` (the paper's staircases, scaled), ``constant``
+    (vanilla QAT at ``target_bits``), ``linear`` and ``cosine`` (from ``start_bits``).
+    """
+    total = _check_steps(total_steps, "total_steps")
+    if name == "fraqat":
+        return scale_to(fraqat(target_bits=target_bits), total)
+    if name == "integer":
+        return scale_to(integer(target_bits=target_bits), total)
+    if name == "simple":
+        return scale_to(simple(target_bits=target_bits), total)
+    if name == "constant":
+        return constant(target_bits, total)
+    if name == "linear":
+        return linear(start_bits, target_bits, total)
+    if name == "cosine":
+        return cosine(start_bits, target_bits, total)
+    raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(NAMES)}")
