@@ -27,3 +27,28 @@ Sources:
 - ``datafree``: noise pushed through the teacher's own sampler (see :mod:`fraqat_jax.data.datafree`);
   built by the trainer because it needs the teacher.
 """
+
+from __future__ import annotations
+
+from fraqat_jax.data.datafree import DataFreeSource
+from fraqat_jax.data.latents import LatentsWriter, read_latents, write_latents
+from fraqat_jax.data.sources import ArraySource, Source, TfdsSource, digits
+
+__all__ = ["ArraySource", "DataFreeSource", "LatentsWriter", "Source", "TfdsSource", "digits", "make_source",
+           "read_latents", "write_latents"]
+
+
+def make_source(spec: str, *, seed: int = 0, image_size: int | None = None, data_dir: str | None = None):
+    """A source from its name: ``digits``, ``tfds:NAME[:SPLIT]`` or ``latents:DIR``.
+
+    (``datafree`` needs a teacher: build :class:`DataFreeSource` directly.)
+    """
+    if spec == "digits":
+        return digits(seed=seed)
+    if spec.startswith("tfds:"):
+        name, _, split = spec[len("tfds:"):].partition(":")
+        return TfdsSource(name, split or "train", seed=seed, image_size=image_size, data_dir=data_dir or None)
+    if spec.startswith("latents:"):
+        return read_latents(spec[len("latents:"):], seed=seed)
+    raise ValueError(f"data source {spec!r} is not allowed: use digits, tfds:NAME[:SPLIT], latents:DIR "
+                     "(datafree is built by the trainer)")

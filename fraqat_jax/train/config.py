@@ -1,0 +1,184 @@
+"""Run configuration: the built-in default, config files, ``KEY=VALUE`` overrides, validation."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+__all__ = ["ConfigError", "HELP", "get_config", "load_config", "validate"]
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value (the message names it and what is allowed)."""
+
+
+# key: (default, help). The default run: the shipped digits DiT distilled on the shipped digits.
+_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "teacher": ("builtin", "teacher: 'builtin' (tiny digits DiT), a diffusers model dir / safetensors "
+                "file, or 'preset:NAME' (random weights, fraqat_jax.models.PRESETS)"),
+    "teacher_config": ("", "JSON object overriding keys of the teacher's diffusers config (preset teachers)"),
+    "data": ("digits", "data source: digits | tfds:NAME[:SPLIT] | latents:DIR | datafree"),
+    "data_dir": ("", "TFDS data_dir (empty: TFDS default)"),
+    "image_size": (0, "resize TFDS images to this size (0: the teacher's sample_size)"),
+    "steps": (225, "total optimizer updates; the bit schedule is scaled to them"),
+    "schedule": ("fraqat", "bit-width schedule: fraqat | integer | simple | constant | linear | cosine"),
+    "target_bits": (4.0, "final weight bit-width of the schedule"),
+    "start_bits": (8.0, "first bit-width of the linear / cosine schedules"),
+    "act_bits": (8.0, "activation bit-width"),
+    "quant_rules": ("paper", "which layers to quantize: 'paper' (every linear layer) or 'none' (FP student)"),
+    "batch_size": (64, "global batch size (examples per optimizer update)"),
+    "grad_accum": (1, "micro-batches per update (the global batch is split into this many)"),
+    "lr": (3e-4, "peak learning rate (paper: SD3.5-M 1e-6, Sana 1e-7, PixArt-Sigma 1e-6)"),
+    "lr_schedule": ("cosine", "learning-rate schedule: cosine (linear warmup, cosine decay) | constant (warmup, then flat)"),
+    "warmup_steps": (10, "learning-rate warmup updates"),
+    "end_lr_fraction": (0.1, "cosine decay ends at lr * this"),
+    "b1": (0.9, "AdamW beta1"),
+    "b2": (0.999, "AdamW beta2"),
+    "eps": (1e-8, "AdamW epsilon"),
+    "weight_decay": (0.0, "AdamW weight decay (the paper states none)"),
+    "clip_norm": (1.0, "global gradient-norm clip (0: off)"),
+    "ema_decay": (0.0, "EMA of the student's weights (0: off, e.g. 0.999)"),
+    "seed": (1234, "random seed (the paper's)"),
+    "mesh": ("", "device mesh, e.g. data=4,fsdp=2,tensor=1 (empty: data over every device)"),
+    "log_every": (10, "write a metrics row every K updates"),
+    "checkpoint_every": (100, "save a checkpoint every N updates (and at the end)"),
+    "keep_checkpoints": (2, "how many recent checkpoints to keep"),
+    "num_train_timesteps": (1000, "DDPM training timesteps (DiT, PixArt)"),
+    "logit_mean": (0.0, "rectified flow: mean of the logit-normal timestep density"),
+    "logit_std": (1.0, "rectified flow: std of the logit-normal timestep density"),
+    "sample_grids": (True, "write a PNG grid of teacher/student samples at each change of bit-width"),
+    "num_samples": (10, "samples per grid row"),
+    "sample_steps": (20, "sampler steps for the PNG grids and the data-free source"),
+    "guidance_scale": (1.0, "classifier-free guidance for the PNG grids (1: none)"),
+    "dtype": ("float32", "compute dtype: float32 | bfloat16"),
+    "param_dtype": ("float32", "parameter dtype: float32 | bfloat16"),
+    "remat": (False, "rematerialize transformer blocks (saves memory)"),
+    "progress": ("auto", "progress display: auto (bar on a terminal) | bar | log | none"),
+}
+
+HELP = {k: h for k, (_, h) in _DEFAULTS.items()}
+
+_CHOICES = {
+    "schedule": ("fraqat", "integer", "simple", "constant", "linear", "cosine"),
+    "lr_schedule": ("cosine", "constant"),
+    "quant_rules": ("paper", "none"),
+    "dtype": ("float32", "bfloat16"),
+    "param_dtype": ("float32", "bfloat16"),
+    "progress": ("auto", "bar", "log", "none"),
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The built-in default run (a fresh, unlocked-values but key-locked ConfigDict)."""
+    cfg = ml_collections.ConfigDict({k: v for k, (v, _) in _DEFAULTS.items()})
+    cfg.lock()
+    return cfg
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r} is not allowed: use true or false")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not allowed: use an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not allowed: use a number") from None
+    return text
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every key and value; raises ConfigError naming the first bad one."""
+    unknown = sorted(set(cfg.keys()) - set(_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(_DEFAULTS)}")
+    for key, allowed in _CHOICES.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key}={cfg[key]!r} is not allowed: choose one of {', '.join(allowed)}")
+    positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
+                "num_train_timesteps", "num_samples", "sample_steps")
+    for key in positive:
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a positive integer")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum}")
+    for key in ("target_bits", "start_bits", "act_bits"):
+        if not 2.0 <= float(cfg[key]) <= 16.0:
+            raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a bit-width in [2, 16]")
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr={cfg.lr!r} is not allowed: use a positive number")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay={cfg.ema_decay!r} is not allowed: use a number in [0, 1)")
+    if cfg.warmup_steps < 0 or cfg.clip_norm < 0 or cfg.weight_decay < 0:
+        raise ConfigError("warmup_steps, clip_norm and weight_decay must be >= 0, got "
+                          f"{cfg.warmup_steps}, {cfg.clip_norm}, {cfg.weight_decay}")
+    data = cfg.data
+    if not (data in ("digits", "datafree") or data.startswith("tfds:") or data.startswith("latents:")):
+        raise ConfigError(f"data={data!r} is not allowed: use digits, datafree, tfds:NAME[:SPLIT] or latents:DIR")
+    if data.startswith("latents:") and not os.path.isdir(data[len("latents:"):]):
+        raise ConfigError(f"data={data!r}: latents directory {data[len('latents:'):]!r} does not exist")
+    t = cfg.teacher
+    if not (t == "builtin" or t.startswith("preset:") or os.path.exists(t)):
+        raise ConfigError(f"teacher={t!r} does not exist: use 'builtin', 'preset:NAME' or a diffusers "
+                          "model directory / safetensors file")
+    return cfg
+
+
+def _load_file(path: str) -> ml_collections.ConfigDict | Mapping:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("_fraqat_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path!r} defines no get_config()")
+        return module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # any error inside the user's file
+        raise ConfigError(f"config file {path!r} has an error: {type(e).__name__}: {e}") from None
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = (), *,
+                base: Mapping | None = None) -> ml_collections.ConfigDict:
+    """Default config, updated by ``base`` (a mapping), a config file, then ``KEY=VALUE`` overrides."""
+    cfg = get_config()
+
+    def update(values: Mapping, where: str):
+        for k, v in dict(values).items():
+            if k not in _DEFAULTS:
+                raise ConfigError(f"unknown config key {k!r} in {where}; allowed keys: {', '.join(_DEFAULTS)}")
+            default = _DEFAULTS[k][0]
+            if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if type(v) is not type(default):
+                raise ConfigError(f"{k}={v!r} in {where} has type {type(v).__name__}; expected "
+                                  f"{type(default).__name__}")
+            cfg[k] = v
+
+    if base is not None:
+        update(base, "the given config")
+    if path:
+        update(_load_file(path), f"config file {path!r}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE")
+        k, text = item.split("=", 1)
+        k = k.strip()
+        if k not in _DEFAULTS:
+            raise ConfigError(f"unknown config key {k!r} in --set; allowed keys: {', '.join(_DEFAULTS)}")
+        cfg[k] = _parse_value(k, text, _DEFAULTS[k][0])
+    return validate(cfg)

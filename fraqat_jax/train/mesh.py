@@ -1,0 +1,152 @@
+"""Device mesh from ``data=N,fsdp=M,tensor=K`` and logical-axis sharding of parameters and batches.
+
+Parameters carry logical axis names (nnx metadata ``sharding_names``, e.g. ``("embed", "mlp")``);
+:data:`LOGICAL_RULES` maps each name to a mesh axis, as MaxText and maxdiffusion do. A dimension is
+only sharded when the mesh axis size divides it (else it is replicated), and a parameter without
+names is sharded FSDP-style along its largest dimension that ``fsdp`` divides. Batches are sharded
+over ``("data", "fsdp")`` on their leading axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = ["AXES", "LOGICAL_RULES", "MeshError", "batch_sharding", "build_mesh", "param_spec", "parse_mesh",
+           "replicated", "shard_params"]
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("vocab", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+)
+
+
+class MeshError(ValueError):
+    """A mesh spec that does not parse or does not match the devices."""
+
+
+def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+    """``"data=4,fsdp=2"`` -> ``{"data": 4, "fsdp": 2, "tensor": 1}``; empty spec: all devices on data.
+
+    The product of the sizes must equal ``num_devices``; one size may be ``-1`` (fill in the rest).
+    """
+    sizes = {a: 1 for a in AXES}
+    if not spec.strip():
+        sizes["data"] = num_devices
+        return sizes
+    seen, fill = set(), None
+    for part in spec.split(","):
+        if "=" not in part:
+            raise MeshError(f"mesh part {part!r} is not AXIS=SIZE (axes: {', '.join(AXES)}), in --mesh {spec!r}")
+        name, value = (s.strip() for s in part.split("=", 1))
+        if name not in AXES:
+            raise MeshError(f"unknown mesh axis {name!r} in --mesh {spec!r}; allowed axes: {', '.join(AXES)}")
+        if name in seen:
+            raise MeshError(f"mesh axis {name!r} given twice in --mesh {spec!r}")
+        seen.add(name)
+        try:
+            size = int(value)
+        except ValueError:
+            raise MeshError(f"mesh size {value!r} for axis {name!r} is not an integer") from None
+        if size == -1 and fill is None:
+            fill = name
+            continue
+        if size < 1:
+            raise MeshError(f"mesh size {size} for axis {name!r} is not allowed: use a positive integer (or one -1)")
+        sizes[name] = size
+    known = math.prod(sizes[a] for a in AXES if a != fill)
+    if fill is not None:
+        if num_devices % known:
+            raise MeshError(f"--mesh {spec!r}: {num_devices} devices are not divisible by {known}")
+        sizes[fill] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(f"--mesh {spec!r} has {math.prod(sizes.values())} devices but there are {num_devices}; "
+                        f"the sizes must multiply to {num_devices}")
+    return sizes
+
+
+def build_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # some topologies refuse a shape; a plain reshape is always valid
+        arr = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(arr, AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+    if axis is None:
+        return 1
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def param_spec(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mesh,
+               rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> P:
+    """The PartitionSpec for one parameter from its logical axis names (see the module docstring)."""
+    table = dict(rules)
+    if names is not None and len(names) == len(shape):
+        out, used = [], set()
+        for dim, name in zip(shape, names):
+            axis = table.get(name) if name is not None else None
+            axes = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+            if axes and not used.intersection(axes) and dim % _axis_size(mesh, axis) == 0 and _axis_size(mesh, axis) > 1:
+                out.append(axis)
+                used.update(axes)
+            else:
+                out.append(None)
+        return P(*out)
+    fsdp = mesh.shape["fsdp"]
+    if fsdp > 1 and len(shape) >= 1:
+        order = sorted(range(len(shape)), key=lambda i: -shape[i])
+        for i in order:
+            if shape[i] % fsdp == 0:
+                spec = [None] * len(shape)
+                spec[i] = "fsdp"
+                return P(*spec)
+    return P()
+
+
+def _names_of(variable) -> tuple | None:
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    for key in ("sharding_names", "sharding", "out_sharding"):
+        names = meta.get(key)
+        if names:
+            return tuple(names)
+    return None
+
+
+def shard_params(state, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
+    """NamedShardings for an ``nnx.State`` (a pytree of the same structure, leaves NamedSharding)."""
+    import flax.nnx as nnx
+
+    def one(v):
+        value = v.get_value() if hasattr(v, "get_value") else v.value
+        return NamedSharding(mesh, param_spec(np.shape(value), _names_of(v), mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
