@@ -1,0 +1,260 @@
+"""Quantized counterparts of ``nnx.Linear``, ``nnx.Conv`` and ``nnx.Einsum`` (fake quantization).
+
+A quantized layer is built *from* an existing layer (:func:`fraqat_jax.quantize_model` does it) and
+takes over that layer's ``nnx.Param`` objects as they are: the same ``kernel`` and ``bias`` names,
+shapes, dtypes and metadata (sharding names included), so checkpoints and the diffusers converter
+work before and after quantization. It also copies the layer's configuration (padding, strides,
+einsum string, dtype, precision, ...) and runs the original Flax forward pass on the fake-quantized
+kernel and input, so its output equals the original layer's on the quantized values.
+
+State added to each quantized layer (not ``nnx.Param``, so optimizers and gradients skip it):
+
+* ``bits``: :class:`Bits`, the weight bit-width, a float32 scalar (``None`` attribute when the rule
+  keeps the weights in full precision). Being data, a new value never recompiles a jitted step.
+  A rule's per-layer schedule travels as the variable's ``schedule`` metadata.
+* ``act_range``: :class:`ActRange`, the static activation range ``[lo, hi]`` (float32, shape (2,)),
+  NaN until :func:`fraqat_jax.calibrate` fills it (only on layers whose input is quantized).
+
+Activation quantization (input of the layer, ``act_bits``, asymmetric min/max as the paper's
+dynamic quantization, scale ``(hi - lo) / (2**act_bits - 1)``, see ``fraqat_jax.quant``):
+
+* ``"token"``: dynamic, one range per token (min/max over the last, feature axis, per index of all
+  leading axes). The default for linear layers: a GPU/TPU computes it on the fly, and it is exact
+  for an integer matmul because the scale factors out of the contraction.
+* ``"tensor"``: dynamic, one range for the whole input tensor (the paper's per-tensor form).
+  Conv and einsum layers accept only ``"tensor"`` or ``"static"``: their contraction mixes tokens,
+  so a per-token scale would not factor out of an integer convolution.
+* ``"static"``: the fixed range in ``act_range`` (``[lo, hi]`` from calibration); values outside
+  it clip and get zero gradient, inside it the gradient is straight-through.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fraqat_jax.quant import check_bits, quantize, quantize_codes
+
+ACT_GRANULARITIES = ("token", "tensor", "static")
+
+
+class Bits(nnx.Variable):
+    """Weight bit-width of one quantized layer: a float32 scalar in [2, 16], never trained.
+
+    Metadata ``schedule``: the layer's own bit-width schedule (``step -> bits``) when its rule gave
+    one, else None; :func:`fraqat_jax.nn.apply_schedules` evaluates it.
+    """
+
+
+class ActRange(nnx.Variable):
+    """Static activation range ``[lo, hi]`` of a layer's input (float32, shape (2,)); NaN until
+    :func:`fraqat_jax.calibrate` sets it."""
+
+
+class _View:
+    """Attribute view of a module with some attributes replaced (e.g. the kernel by its quantized
+    value), so the original Flax ``__call__`` can run unchanged on it."""
+
+    def __init__(self, module, **overrides):
+        self.__dict__["_module"] = module
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_module"], name)
+
+
+def _identity_promote(args, dtype=None):
+    return args
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _static_fake_quant(x, lo, hi, bits):
+    codes, scale, zero = static_codes(x, lo, hi, bits)
+    return (codes * scale + zero).astype(x.dtype)
+
+
+def _static_fwd(x, lo, hi, bits):
+    return _static_fake_quant(x, lo, hi, bits), (x, lo, hi)
+
+
+def _static_bwd(bits, res, g):
+    x, lo, hi = res
+    inside = (x >= lo) & (x <= hi)
+    return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(lo), jnp.zeros_like(hi)
+
+
+_static_fake_quant.defvjp(_static_fwd, _static_bwd)
+
+
+def static_codes(x, lo, hi, bits):
+    """Asymmetric codes of ``x`` on the fixed range ``[lo, hi]`` at ``bits`` (a Python number).
+
+    Returns float32 ``(codes, scale, zero)`` with ``codes`` in [0, floor(2**bits) - 1],
+    ``scale = (hi - lo) / (2**bits - 1)`` and ``zero = lo``; ``codes * scale + zero`` is the value.
+    """
+    lo = jnp.asarray(lo, jnp.float32)
+    hi = jnp.asarray(hi, jnp.float32)
+    levels = 2.0**bits - 1.0
+    span = hi - lo
+    scale = jnp.where(span > 0, span / levels, 1.0)
+    top = float(int(2.0**bits)) - 1.0
+    codes = jnp.clip(jnp.round((x.astype(jnp.float32) - lo) / scale), 0.0, top)
+    return codes, scale, lo
+
+
+def token_axes(ndim: int) -> tuple[int, ...] | None:
+    """Axes kept by per-token activation scales: all but the last (feature) axis."""
+    return tuple(range(ndim - 1)) if ndim > 1 else None
+
+
+class QuantMixin:
+    """Shared state and logic of the quantized layers; see the module docstring."""
+
+    KIND = ""  # "Linear", "Conv" or "Einsum": the name rules' ``layer_types`` use.
+
+    def _take_over(self, layer, *, weight_bits, schedule, act_bits, symmetric, channel_axis,
+                   group_size, act_granularity):
+        nodes = layer._pytree__nodes
+        for name, value in vars(layer).items():
+            if name.startswith("_pytree__"):
+                continue
+            setattr(self, name, nnx.data(value) if nodes.get(name, False) else nnx.static(value))
+        if act_bits is not None and act_granularity == "token" and self.KIND != "Linear":
+            raise ValueError(
+                f"act_granularity='token' is not allowed for a {self.KIND} layer (its contraction "
+                "mixes tokens); use 'tensor' or 'static'"
+            )
+        kernel = self.kernel
+        # Validates channel_axis / group_size against the kernel now, not at the first call.
+        jax.eval_shape(
+            lambda k: quantize(k, 8.0, symmetric=symmetric, channel_axis=channel_axis, group_size=group_size),
+            jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
+        )
+        self.weight_symmetric = symmetric
+        self.channel_axis = channel_axis
+        self.group_size = group_size
+        self.act_bits = None if act_bits is None else float(act_bits)
+        self.act_granularity = act_granularity
+        if weight_bits is None:
+            self.bits = None
+        else:
+            self.bits = Bits(check_bits(weight_bits, name="weight_bits"), schedule=schedule)
+        if act_bits is None:
+            self.act_range = None
+        else:
+            self.act_range = ActRange(jnp.full((2,), jnp.nan, jnp.float32))
+
+    # -- the two quantizers -------------------------------------------------------------------
+    def quantized_kernel(self):
+        """The kernel as the forward pass sees it (fake-quantized at ``bits`` unless None)."""
+        kernel = self.kernel[...]
+        if getattr(self, "mask", None) is not None:
+            kernel = kernel * self.mask
+        if self.bits is None:
+            return kernel
+        return quantize(kernel, self.bits[...], symmetric=self.weight_symmetric,
+                        channel_axis=self.channel_axis, group_size=self.group_size)
+
+    def quantize_input(self, x):
+        """The layer input fake-quantized at ``act_bits`` (unchanged if None)."""
+        from fraqat_jax.nn import calibration  # local: calibration imports this module
+
+        calibration.record(self, x)
+        if self.act_bits is None or calibration.recording():
+            return x
+        if self.act_granularity == "static":
+            lo_hi = self.act_range[...]
+            if not isinstance(lo_hi, jax.core.Tracer) and bool(jnp.isnan(lo_hi).any()):
+                raise RuntimeError(
+                    f"{type(self).__name__} uses static activation scales but was never "
+                    "calibrated: run fraqat_jax.calibrate(model, batches) first"
+                )
+            return _static_fake_quant(x, lo_hi[0], lo_hi[1], self.act_bits)
+        axes = token_axes(x.ndim) if self.act_granularity == "token" else None
+        return quantize(x, self.act_bits, symmetric=False, channel_axis=axes)
+
+    def input_codes(self, x):
+        """Activation codes for the integer path: ``(codes, scale, zero)``, float32, asymmetric."""
+        if self.act_granularity == "static":
+            lo_hi = self.act_range[...]
+            return static_codes(x, lo_hi[0], lo_hi[1], self.act_bits)
+        axes = token_axes(x.ndim) if self.act_granularity == "token" else None
+        return quantize_codes(x, self.act_bits, symmetric=False, channel_axis=axes)
+
+    def _forward(self, base_cls, inputs, *args, **kwargs):
+        x = self.quantize_input(inputs)
+        view = _View(self, kernel=self.quantized_kernel(), mask=None)
+        return base_cls.__call__(view, x, *args, **kwargs)
+
+
+def _quant_init_doc(cls_name):
+    return (
+        f"Builds the quantized form of an ``nnx.{cls_name}`` layer, taking over its parameters.\n\n"
+        "Args:\n"
+        f"  layer: the ``nnx.{cls_name}`` to quantize (its Param objects are shared, not copied).\n"
+        "  weight_bits: initial weight bit-width in [2, 16], or None for full-precision weights.\n"
+        "  schedule: the layer's own bit-width schedule (stored as ``Bits`` metadata) or None.\n"
+        "  act_bits: input bit-width, or None to leave the input unquantized.\n"
+        "  symmetric, channel_axis, group_size: weight quantizer options of ``fraqat_jax.quantize``.\n"
+        "  act_granularity: 'token', 'tensor' or 'static' (see the module docstring).\n"
+    )
+
+
+class QuantLinear(QuantMixin, nnx.Linear):
+    KIND = "Linear"
+
+    def __init__(self, layer: nnx.Linear, *, weight_bits=8.0, schedule=None, act_bits=8.0,
+                 symmetric=True, channel_axis=None, group_size=None, act_granularity="token"):
+        self._take_over(layer, weight_bits=weight_bits, schedule=schedule, act_bits=act_bits,
+                        symmetric=symmetric, channel_axis=channel_axis, group_size=group_size,
+                        act_granularity=act_granularity)
+
+    def __call__(self, inputs, out_sharding=None):
+        return self._forward(nnx.Linear, inputs, out_sharding=out_sharding)
+
+
+class QuantConv(QuantMixin, nnx.Conv):
+    KIND = "Conv"
+
+    def __init__(self, layer: nnx.Conv, *, weight_bits=8.0, schedule=None, act_bits=8.0,
+                 symmetric=True, channel_axis=None, group_size=None, act_granularity="tensor"):
+        self._take_over(layer, weight_bits=weight_bits, schedule=schedule, act_bits=act_bits,
+                        symmetric=symmetric, channel_axis=channel_axis, group_size=group_size,
+                        act_granularity=act_granularity)
+
+    def __call__(self, inputs, out_sharding=None):
+        return self._forward(nnx.Conv, inputs, out_sharding=out_sharding)
+
+
+class QuantEinsum(QuantMixin, nnx.Einsum):
+    KIND = "Einsum"
+
+    def __init__(self, layer: nnx.Einsum, *, weight_bits=8.0, schedule=None, act_bits=8.0,
+                 symmetric=True, channel_axis=None, group_size=None, act_granularity="tensor"):
+        self._take_over(layer, weight_bits=weight_bits, schedule=schedule, act_bits=act_bits,
+                        symmetric=symmetric, channel_axis=channel_axis, group_size=group_size,
+                        act_granularity=act_granularity)
+
+    def __call__(self, inputs, einsum_str=None, out_sharding=None):
+        return self._forward(nnx.Einsum, inputs, einsum_str, out_sharding=out_sharding)
+
+
+for _cls, _base in ((QuantLinear, "Linear"), (QuantConv, "Conv"), (QuantEinsum, "Einsum")):
+    _cls.__init__.__doc__ = _quant_init_doc(_base)
+
+#: Original layer type -> quantized type. Exact types only: a subclass of ``nnx.Linear`` with its
+#: own ``__call__`` would lose its behaviour if swapped.
+QUANTIZED_TYPES: dict[type, type] = {nnx.Linear: QuantLinear, nnx.Conv: QuantConv, nnx.Einsum: QuantEinsum}
+QUANT_LAYERS = (QuantLinear, QuantConv, QuantEinsum)
+
+
+def kind_of(layer: Any) -> str | None:
+    """'Linear', 'Conv' or 'Einsum' for a quantizable or quantized layer, else None."""
+    if isinstance(layer, QUANT_LAYERS):
+        return layer.KIND
+    cls = QUANTIZED_TYPES.get(type(layer))
+    return None if cls is None else cls.KIND

@@ -1,0 +1,279 @@
+"""Which layers get quantized, and how: :class:`Rule`, :func:`quantize_model`, :func:`set_bits`.
+
+A module's *path* is the attribute names (and list indices) from the root joined by ``"."``, e.g.
+``transformer_blocks.0.attn.to_q``: the diffusers key prefix. A rule's ``pattern`` is a regular
+expression that must match the *whole* path (``re.fullmatch``): ``r".*\\.attn\\..*"`` picks every
+attention projection, ``r"proj_out"`` only the root's ``proj_out``.
+
+Bit-widths over training. The trainer drives every layer with one schedule::
+
+    bits = schedule(step)                   # float32, may be traced
+    model = set_bits(model, bits)           # or state = set_bits(state, bits)
+    model = apply_schedules(model, step)    # layers whose rule has its own schedule
+
+:func:`set_bits` sets the layers that follow the global bit-width: every quantized layer except
+those whose rule gave a schedule (a layer with its own schedule belongs to that schedule, so
+``Rule("proj_out", weight_bits=schedules.constant(8))`` pins a layer at 8 bits whatever the
+trainer does). :func:`apply_schedules` evaluates the per-layer schedules; the two calls commute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from typing import Any, Iterable, Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from fraqat_jax.nn.layers import ACT_GRANULARITIES, QUANT_LAYERS, QUANTIZED_TYPES, Bits, kind_of
+from fraqat_jax.quant import check_bits
+
+LAYER_TYPES = ("Linear", "Conv", "Einsum")
+
+
+def _is_schedule(value) -> bool:
+    return callable(value) and hasattr(value, "total_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How the layers whose path matches ``pattern`` are quantized.
+
+    Args:
+      pattern: regular expression matched against the whole module path (``re.fullmatch``).
+      weight_bits: weight bit-width, a real number in [2, 16] (the layer's initial bit-width, later
+        set by :func:`set_bits`), a schedule (``step -> bits`` with ``total_steps``, see
+        ``fraqat_jax.schedules``; the layer then follows it through :func:`apply_schedules`), or
+        None to keep the weights in full precision.
+      act_bits: input bit-width in [2, 8] (8 is the paper's A8), or None to leave the input
+        unquantized (e.g. the paper's W4A16 last layer).
+      symmetric, channel_axis, group_size: weight quantizer options of ``fraqat_jax.quantize``
+        (``channel_axis=-1`` is per output channel for Linear and Conv kernels).
+      act_granularity: ``"token"`` (dynamic per token; Linear only), ``"tensor"`` (dynamic per
+        tensor) or ``"static"`` (calibrated range); None picks ``"token"`` for Linear layers and
+        ``"tensor"`` for Conv and Einsum layers.
+      layer_types: restricts the rule to these kinds among ``"Linear"``, ``"Conv"``, ``"Einsum"``
+        (``nnx.Linear``, ``nnx.Conv``, ``nnx.Einsum``); None admits all three.
+
+    A rule with both ``weight_bits`` and ``act_bits`` None keeps its layers as they are (exact).
+    Invalid values raise ``ValueError`` here, not when the model runs.
+    """
+
+    pattern: str
+    weight_bits: Any = 4
+    act_bits: float | None = 8
+    _: dataclasses.KW_ONLY
+    symmetric: bool = True
+    channel_axis: int | tuple[int, ...] | None = None
+    group_size: int | None = None
+    act_granularity: str | None = None
+    layer_types: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise ValueError(f"Rule pattern must be a string (a regular expression), got {self.pattern!r}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+        wb = self.weight_bits
+        if _is_schedule(wb):
+            last = max(int(wb.total_steps) - 1, 0)
+            for step in (0, last):
+                check_bits(float(wb(step)), name=f"weight_bits schedule at step {step} (rule {self.pattern!r})")
+        elif wb is not None:
+            check_bits(wb, name=f"weight_bits of rule {self.pattern!r}")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, name=f"act_bits of rule {self.pattern!r}")
+            if float(self.act_bits) > 8:
+                raise ValueError(
+                    f"act_bits={self.act_bits!r} of rule {self.pattern!r} is not allowed: use a value in "
+                    "[2, 8] (activations run as int8 codes) or None for an unquantized input"
+                )
+        if self.act_granularity is not None and self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(
+                f"act_granularity={self.act_granularity!r} is not allowed: use one of {ACT_GRANULARITIES} or None"
+            )
+        if self.layer_types is not None:
+            types = (self.layer_types,) if isinstance(self.layer_types, str) else tuple(self.layer_types)
+            bad = [t for t in types if t not in LAYER_TYPES]
+            if bad:
+                raise ValueError(f"layer_types {bad} not allowed: use a subset of {LAYER_TYPES}")
+            object.__setattr__(self, "layer_types", types)
+
+    def matches(self, path: str, kind: str) -> bool:
+        if self.layer_types is not None and kind not in self.layer_types:
+            return False
+        return re.fullmatch(self.pattern, path) is not None
+
+
+#: The paper's setting: every linear layer at W(b)A8, per-tensor symmetric weights. The initial
+#: weight bit-width is 8, the first stage of the FraQAT schedule, so a freshly quantized model
+#: starts next to its teacher; the trainer then sets the bits by schedule. Conv layers (e.g. a
+#: patch embedding) stay in full precision, as in the paper, which quantizes only linear layers.
+DEFAULT_RULES = (Rule(r".*", weight_bits=8, act_bits=8, layer_types=("Linear",)),)
+
+
+def path_string(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _child(obj, key):
+    if isinstance(key, str) and not isinstance(obj, (dict, nnx.Dict)):
+        return getattr(obj, key)
+    return obj[key]
+
+
+def _replace_child(parent, key, new, path: str):
+    if isinstance(parent, tuple):
+        raise TypeError(f"cannot replace layer {path!r}: it sits in a tuple; use a list or nnx.List")
+    if isinstance(key, str) and not isinstance(parent, (dict, nnx.Dict)):
+        setattr(parent, key, new)
+    else:
+        parent[key] = new
+
+
+def _layers(model, types: tuple[type, ...], exact: bool):
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if (type(node) in types) if exact else isinstance(node, types):
+            out.append((path, node))
+    out.sort(key=lambda item: [str(p) for p in item[0]])
+    return out
+
+
+def quantized_layers(model) -> list[tuple[str, Any]]:
+    """``(path, layer)`` for every quantized layer of ``model``, sorted by path."""
+    return [(path_string(p), layer) for p, layer in _layers(model, QUANT_LAYERS, exact=False)]
+
+
+def quantize_model(model: nnx.Module, rules: Sequence[Rule] | Rule | None = None) -> nnx.Module:
+    """Replaces the ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` layers matched by ``rules``.
+
+    Args:
+      model: any NNX module; layers may sit in attributes, nested modules, ``nnx.List``/``nnx.Dict``
+        or plain Python lists and dicts. Only exact ``nnx.Linear``/``nnx.Conv``/``nnx.Einsum``
+        instances are replaced (a subclass may have its own forward pass).
+      rules: a sequence of :class:`Rule`; for each layer the first rule that matches wins, and a
+        layer no rule matches stays as it is. None means :data:`DEFAULT_RULES`.
+
+    Returns:
+      The model, changed in place (a root that is itself a layer is returned quantized). The
+      quantized layers share the original ``kernel``/``bias`` Params (same names, shapes, metadata).
+
+    Warns ``UserWarning`` for each rule that matched no layer.
+    """
+    if rules is None:
+        rules = DEFAULT_RULES
+    elif isinstance(rules, Rule):
+        rules = (rules,)
+    rules = tuple(rules)
+    for rule in rules:
+        if not isinstance(rule, Rule):
+            raise ValueError(f"rules must be fraqat_jax.Rule objects, got {rule!r}")
+    used = [False] * len(rules)
+    for path, layer in _layers(model, tuple(QUANTIZED_TYPES), exact=True):
+        name = path_string(path)
+        kind = kind_of(layer)
+        for i, rule in enumerate(rules):
+            if rule.matches(name, kind):
+                used[i] = True
+                break
+        else:
+            continue
+        if rule.weight_bits is None and rule.act_bits is None:
+            continue
+        schedule = rule.weight_bits if _is_schedule(rule.weight_bits) else None
+        init_bits = None if rule.weight_bits is None else (
+            float(schedule(0)) if schedule is not None else rule.weight_bits)
+        granularity = rule.act_granularity or ("token" if kind == "Linear" else "tensor")
+        try:
+            new = QUANTIZED_TYPES[type(layer)](
+                layer, weight_bits=init_bits, schedule=schedule, act_bits=rule.act_bits,
+                symmetric=rule.symmetric, channel_axis=rule.channel_axis, group_size=rule.group_size,
+                act_granularity=granularity)
+        except ValueError as e:
+            raise ValueError(f"rule {rule.pattern!r} cannot quantize layer {name!r}: {e}") from None
+        if not path:
+            model = new
+            continue
+        parent = model
+        for key in path[:-1]:
+            parent = _child(parent, key)
+        _replace_child(parent, path[-1], new, name)
+    for rule, hit in zip(rules, used):
+        if not hit:
+            warnings.warn(f"fraqat_jax rule {rule.pattern!r} matched no layer", UserWarning, stacklevel=2)
+    return model
+
+
+def _matches(pattern, path: str) -> bool:
+    return pattern is None or re.fullmatch(pattern, path) is not None
+
+
+def _update_bits(target, pattern, new_value, *, scheduled: bool):
+    """Sets Bits variables (of layers matching ``pattern``) whose schedule presence equals
+    ``scheduled``; ``new_value(bits_variable)`` gives the value. Module: in place; State: copy."""
+    if isinstance(target, nnx.State):
+        hits = 0
+
+        def f(path, var):
+            nonlocal hits
+            if (isinstance(var, Bits) and _matches(pattern, path_string(path[:-1]))
+                    and (var.get_metadata().get("schedule") is not None) == scheduled):
+                hits += 1
+                return var.copy(new_value(var))
+            return var
+
+        out = target.map(f)
+        return out, hits
+    if not isinstance(target, nnx.Module):
+        raise ValueError(f"expected an nnx.Module or an nnx.State, got {type(target).__name__}")
+    hits = 0
+    for path, layer in quantized_layers(target):
+        var = layer.bits
+        if var is None or not _matches(pattern, path):
+            continue
+        if (var.get_metadata().get("schedule") is not None) != scheduled:
+            continue
+        var[...] = new_value(var)
+        hits += 1
+    return target, hits
+
+
+def set_bits(model_or_state, bits, *, pattern: str | None = None):
+    """Sets the weight bit-width of the quantized layers that follow the global bit-width.
+
+    Args:
+      model_or_state: a quantized model (changed in place) or its ``nnx.State`` (a new State is
+        returned, the input is left alone), e.g. inside a jitted step.
+      bits: a real number in [2, 16] or a JAX scalar, possibly traced (then never recompiles).
+        Concrete bad values raise ``ValueError``; a traced value is clipped to [2, 16].
+      pattern: if given, only layers whose path fully matches it; ``ValueError`` if none does.
+
+    Layers with full-precision weights, and layers whose rule gave its own schedule (see
+    :func:`apply_schedules`), are left alone. Returns the model or the new State.
+    """
+    value = check_bits(bits)
+    out, hits = _update_bits(model_or_state, pattern, lambda var: value.astype(var[...].dtype), scheduled=False)
+    if pattern is not None and hits == 0:
+        raise ValueError(f"set_bits(pattern={pattern!r}) matched no quantized layer with a global bit-width")
+    return out
+
+
+def apply_schedules(model_or_state, step):
+    """Sets each layer that has its own schedule (a rule's ``weight_bits`` schedule) to
+    ``schedule(step)``; ``step`` may be traced. Returns the model (in place) or a new State."""
+    step = jnp.asarray(step)
+    out, _ = _update_bits(
+        model_or_state, None,
+        lambda var: jnp.asarray(var.get_metadata()["schedule"](step), var[...].dtype), scheduled=True)
+    return out
+
+
+def bits_of(model) -> dict[str, float | None]:
+    """``{path: weight bits}`` of every quantized layer (None for full-precision weights)."""
+    return {path: None if layer.bits is None else float(layer.bits[...])
+            for path, layer in quantized_layers(model)}
