@@ -1,0 +1,248 @@
+"""The serving form: integer weight codes and an integer matmul ("what you train is what you serve").
+
+:func:`freeze` turns each :class:`QuantLinear` / :class:`QuantConv` into a :class:`FrozenLinear` /
+:class:`FrozenConv` that holds, in place of the float ``kernel``:
+
+* ``kernel_codes`` (:class:`Codes`): the integer codes of the kernel at the layer's current bit-width.
+  At <= 4 bits two codes are packed per ``uint8`` (low nibble = even flat index, high nibble = odd,
+  two's complement); at 5..8 bits (fractional widths included: INT5.5 codes lie in [-22, 21]) one
+  ``int8`` per code. We pack into uint8 rather than use ``jnp.int4`` because uint8 has the same byte
+  count on every backend and checkpoint format (orbax, numpy, safetensors have no int4), and
+  unpacking is two shifts that XLA fuses into the matmul's operand.
+* ``kernel_scale`` (:class:`Scale`, float32) and, for asymmetric weights only, ``kernel_zero``:
+  the scale layout of ``fraqat_jax.quant.quantize_codes`` (per tensor, per output channel or per
+  group). Asymmetric codes are stored shifted by 8 (nibbles) or 128 (int8) to be signed; the zero
+  absorbs the shift.
+* ``bias`` (the same ``nnx.Param``) and, for static activations, ``act_range``.
+
+Forward pass with a quantized input (``act_bits`` <= 8, asymmetric, shifted by 128 to int8)::
+
+    x = s_x * q_x + z_x          W = s_w * q_w + z_w      (per group G of the contraction)
+    x W = sum_G s_w (s_x q_x.q_w + z_x sum q_w) + z_w (s_x sum q_x + z_x g)
+
+``q_x . q_w`` is an int8 x int8 matmul accumulating in int32 (``preferred_element_type``); the
+float scales are applied once per output (per output and group with ``group_size``). With
+``act_bits=None`` the input stays float and multiplies the widened codes.
+
+Agreement with the fake-quant model: the codes are those of ``quantize_codes`` at the same bits,
+so the two differ only by float32 rounding order. Tests check ``|frozen - fake| <= 1e-4 * max|fake|``
+for float32 models.
+
+Supported: Linear with symmetric or asymmetric weights, per tensor / per channel / per group, and
+any activation granularity; Conv with symmetric weights, per tensor or per output channel
+(``channel_axis=-1``), activations per tensor, static or unquantized. Other cases (einsum layers,
+asymmetric conv weights, weight bits above 8) raise an error naming the layer. Layers whose weights
+are full precision stay as they are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from fraqat_jax.nn.layers import QuantConv, QuantEinsum, QuantLinear, QuantMixin, _identity_promote, _View
+from fraqat_jax.nn.rules import _child, _replace_child, path_string
+from fraqat_jax.quant import quantize_codes
+
+
+class Codes(nnx.Variable):
+    """Integer weight codes (packed uint8 nibbles or int8)."""
+
+
+class Scale(nnx.Variable):
+    """Float32 quantization scales (or zero offsets) of frozen weights."""
+
+
+def pack_nibbles(codes) -> jax.Array:
+    """Packs signed codes in [-8, 7] (any shape) two per uint8 along the flattened array."""
+    flat = jnp.asarray(codes, jnp.int32).reshape(-1)
+    if flat.size % 2:
+        flat = jnp.concatenate([flat, jnp.zeros((1,), jnp.int32)])
+    lo, hi = flat[0::2] & 0xF, flat[1::2] & 0xF
+    return (lo | (hi << 4)).astype(jnp.uint8)
+
+
+def unpack_nibbles(packed, shape) -> jax.Array:
+    """Inverse of :func:`pack_nibbles`: int8 codes of ``shape``."""
+    lo = lax.shift_left(packed, jnp.uint8(4)).astype(jnp.int8) >> 4
+    hi = packed.astype(jnp.int8) >> 4
+    size = int(np.prod(shape))
+    return jnp.stack([lo, hi], axis=-1).reshape(-1)[:size].reshape(shape)
+
+
+def _out_dtype(layer, x):
+    if layer.dtype is not None:
+        return layer.dtype
+    bias_dtype = [] if layer.bias is None else [layer.bias.dtype]
+    return jnp.result_type(x.dtype, layer.param_dtype, *bias_dtype)
+
+
+class _Frozen(nnx.Module):
+    """Shared construction: integer codes + scales from a quantized layer."""
+
+    def _freeze_weights(self, layer: QuantMixin, path: str, *, allow_asymmetric: bool):
+        bits = float(layer.bits[...])
+        if bits > 8:
+            raise ValueError(f"freeze: layer {path!r} has weight bits {bits:g}; frozen codes need <= 8 bits")
+        if not layer.weight_symmetric and not allow_asymmetric:
+            raise ValueError(
+                f"freeze: layer {path!r} ({type(layer).__name__}) has asymmetric weights, which the "
+                "integer convolution does not support; quantize it with symmetric=True"
+            )
+        kernel = layer.kernel[...]
+        if getattr(layer, "mask", None) is not None:
+            kernel = kernel * layer.mask
+        codes, scale, zero = quantize_codes(kernel, bits, symmetric=layer.weight_symmetric,
+                                            channel_axis=layer.channel_axis, group_size=layer.group_size)
+        self.packed = bits <= 4
+        if not layer.weight_symmetric:
+            shift = 8.0 if self.packed else 128.0
+            codes = codes - shift
+            zero = zero + shift * scale
+        self.weight_bits = bits
+        self.kernel_shape = tuple(kernel.shape)
+        self.kernel_codes = Codes(pack_nibbles(codes) if self.packed else codes.astype(jnp.int8))
+        self.kernel_scale = Scale(scale)
+        self.kernel_zero = None if layer.weight_symmetric else Scale(zero)
+        self.bias = layer.bias
+        self.act_bits = layer.act_bits
+        self.act_granularity = layer.act_granularity
+        self.act_range = layer.act_range
+        self.dtype = layer.dtype
+        self.param_dtype = layer.param_dtype
+
+    def weight_codes(self) -> jax.Array:
+        """int8 codes of the kernel's shape."""
+        codes = self.kernel_codes[...]
+        return unpack_nibbles(codes, self.kernel_shape) if self.packed else codes
+
+    def input_codes(self, x):
+        """int8 activation codes and float32 ``(scale, zero)`` with the 128 shift absorbed."""
+        codes, scale, zero = QuantMixin.input_codes(self, x)
+        return (codes - 128.0).astype(jnp.int8), scale, zero + 128.0 * scale
+
+
+def _groups_by_out(a):
+    """Scales of ``quantize_codes`` ((1, 1), (1, out) or (G, 1, out)) as (G or 1, out or 1)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+class FrozenLinear(_Frozen):
+    """Serving form of :class:`QuantLinear` (see the module docstring)."""
+
+    def __init__(self, layer: QuantLinear, path: str = ""):
+        self._freeze_weights(layer, path, allow_asymmetric=True)
+        self.group_size = layer.group_size
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+
+    def __call__(self, x):
+        n_in, n_out = self.kernel_shape
+        g = self.group_size or n_in
+        n_groups = n_in // g
+        qw = self.weight_codes().reshape(n_groups, g, n_out)
+        sw = _groups_by_out(self.kernel_scale[...])
+        zw = None if self.kernel_zero is None else _groups_by_out(self.kernel_zero[...])
+        lead = x.shape[:-1]
+        if self.act_bits is None:
+            xg = x.astype(jnp.float32).reshape(*lead, n_groups, g)
+            acc = jnp.einsum("...Gi,Gio->...Go", xg, qw.astype(jnp.float32))
+            y = acc * sw
+            if zw is not None:
+                y = y + xg.sum(-1, keepdims=True) * zw
+        else:
+            qx, sx, zx = self.input_codes(x)
+            sx = jnp.broadcast_to(sx, (*lead, 1)) if sx.ndim else sx
+            zx = jnp.broadcast_to(zx, (*lead, 1)) if zx.ndim else zx
+            sx, zx = sx[..., None], zx[..., None]  # (..., 1, 1) against (..., G, out)
+            xg = qx.reshape(*lead, n_groups, g)
+            acc = jnp.einsum("...Gi,Gio->...Go", xg, qw, preferred_element_type=jnp.int32)
+            col = qw.astype(jnp.int32).sum(1)  # (G, out)
+            y = sw * (sx * acc.astype(jnp.float32) + zx * col.astype(jnp.float32))
+            if zw is not None:
+                row = xg.astype(jnp.int32).sum(-1, keepdims=True).astype(jnp.float32)
+                y = y + zw * (sx * row + zx * g)
+        y = y.sum(-2)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(_out_dtype(self, x))
+
+
+_CONV_CONFIG = ("kernel_size", "strides", "padding", "input_dilation", "kernel_dilation",
+                "feature_group_count", "in_features", "out_features", "precision", "conv_general_dilated")
+
+
+class FrozenConv(_Frozen):
+    """Serving form of :class:`QuantConv` (see the module docstring)."""
+
+    def __init__(self, layer: QuantConv, path: str = ""):
+        out_axes = (None, -1 % layer.kernel.ndim)
+        axis = layer.channel_axis
+        if axis is not None and not (isinstance(axis, int) and axis % layer.kernel.ndim == out_axes[1]):
+            raise ValueError(
+                f"freeze: conv layer {path!r} has channel_axis={axis!r}; the integer convolution needs "
+                "one scale per tensor (None) or per output channel (-1)"
+            )
+        self._freeze_weights(layer, path, allow_asymmetric=False)
+        # The Flax Conv configuration, so the original forward runs on the integer codes.
+        for name in _CONV_CONFIG:
+            setattr(self, name, getattr(layer, name))
+
+    def _conv(self, x, kernel, preferred):
+        view = _View(self, kernel=kernel, kernel_shape=self.kernel_shape, mask=None, bias=None,
+                     use_bias=False, dtype=None, promote_dtype=_identity_promote,
+                     preferred_element_type=preferred)
+        return nnx.Conv.__call__(view, x)
+
+    def __call__(self, x):
+        qw = self.weight_codes()
+        sw = self.kernel_scale[...].reshape(-1)
+        if self.act_bits is None:
+            y = sw * self._conv(x.astype(jnp.float32), qw.astype(jnp.float32), None)
+        else:
+            qx, sx, zx = self.input_codes(x)
+            acc = self._conv(qx, qw, jnp.int32).astype(jnp.float32)
+            n_batch = x.ndim - (len(self.kernel_shape) - 1)
+            ones = jnp.ones((1,) + x.shape[n_batch:], jnp.float32)
+            window = self._conv(ones, qw.astype(jnp.float32), None)  # sum of codes under each window
+            y = sw * (sx.reshape(()) * acc + zx.reshape(()) * window)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(_out_dtype(self, x))
+
+
+FROZEN_TYPES = {QuantLinear: FrozenLinear, QuantConv: FrozenConv}
+
+
+def freeze(model: nnx.Module) -> nnx.Module:
+    """The serving form of a quantized model: a copy whose quantized layers hold integer codes.
+
+    The input model is left unchanged. Each :class:`QuantLinear` / :class:`QuantConv` with quantized
+    weights becomes a :class:`FrozenLinear` / :class:`FrozenConv` at its current (concrete) weight
+    bit-width; layers with full-precision weights and all other modules are kept. Raises
+    ``NotImplementedError`` for a :class:`QuantEinsum` with quantized weights and ``ValueError`` for
+    unsupported settings (see the module docstring), naming the layer.
+    """
+    model = nnx.clone(model)
+    targets = []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, QuantEinsum) and node.bits is not None:
+            raise NotImplementedError(
+                f"freeze: einsum layer {path_string(path)!r} has quantized weights; only Linear and "
+                "Conv layers have a frozen integer form"
+            )
+        if type(node) in FROZEN_TYPES and node.bits is not None:
+            targets.append((path, node))
+    for path, layer in targets:
+        name = path_string(path)
+        frozen = FROZEN_TYPES[type(layer)](layer, name)
+        if not path:
+            return frozen
+        parent = model
+        for key in path[:-1]:
+            parent = _child(parent, key)
+        _replace_child(parent, path[-1], frozen, name)
+    return model
