@@ -114,9 +114,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a positive integer")
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum}")
-    for key in ("target_bits", "start_bits", "act_bits"):
+    for key in ("target_bits", "start_bits"):
         if not 2.0 <= float(cfg[key]) <= 16.0:
             raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a bit-width in [2, 16]")
+    if not 2.0 <= float(cfg.act_bits) <= 8.0:
+        raise ConfigError(f"act_bits={cfg.act_bits!r} is not allowed: use a bit-width in [2, 8]")
     if not cfg.lr > 0:
         raise ConfigError(f"lr={cfg.lr!r} is not allowed: use a positive number")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -1,0 +1,139 @@
+"""What the user sees: progress bar or log lines, metrics.jsonl, TensorBoard, PNG sample grids."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MetricsLog", "Progress", "save_grid"]
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one row per logged step, flushed as written) and TensorBoard scalars.
+
+    On resume from step ``start``, rows with ``step > start`` (work lost by the interruption, about
+    to be redone) are dropped and new rows are appended after the rest of the history.
+    """
+
+    def __init__(self, workdir: str, start_step: int, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}", v, row["step"])
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+class Progress:
+    """A rich progress bar on a terminal (mode ``bar``), plain lines otherwise (``log``), or nothing."""
+
+    def __init__(self, total: int, start: int, mode: str = "auto", *, enabled: bool = True):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode = mode if enabled else "none"
+        self.total, self.t0 = total, time.perf_counter()
+        self.start = start
+        self.bar = None
+        if self.mode == "bar":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(TextColumn("[bold]FraQAT"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("bits {task.fields[bits]:.2f}  loss {task.fields[loss]:.4g}  "
+                                               "{task.fields[rate]:.1f} it/s"),
+                                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                    transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, bits=0.0, loss=float("nan"), rate=0.0)
+
+    def update(self, step: int, bits: float, loss: float, rate: float, row: dict | None) -> None:
+        if self.mode == "bar":
+            self.bar.update(self.task, completed=step, bits=bits, loss=loss, rate=rate)
+        elif self.mode == "log" and row is not None:
+            done = step - self.start
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(f"step {step}/{self.total}  bits {bits:.2f}  loss {loss:.5g}  lr {row['lr']:.3g}  "
+                  f"{row['steps_per_sec']:.1f} it/s  eta {eta:.0f}s", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.mode == "bar":
+            self.bar.console.print(text)
+        elif self.mode == "log":
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _to_rgb(images: np.ndarray) -> np.ndarray:
+    """[N, C, H, W] -> [N, H, W, 3] in [0, 1]: pixels in [-1, 1] mapped directly, latents
+    (C not 1 or 3) shown by their first three channels, each image normalised to its own range."""
+    n, c, h, w = images.shape
+    if c in (1, 3):
+        x = np.clip((images + 1.0) / 2.0, 0.0, 1.0)
+        x = np.repeat(x, 3, axis=1) if c == 1 else x
+    else:
+        x = images[:, :3] if c >= 3 else np.repeat(images[:, :1], 3, axis=1)
+        lo = x.min(axis=(1, 2, 3), keepdims=True)
+        hi = x.max(axis=(1, 2, 3), keepdims=True)
+        x = (x - lo) / np.maximum(hi - lo, 1e-6)
+    return x.transpose(0, 2, 3, 1)
+
+
+def save_grid(path: str, rows: list[np.ndarray], *, min_size: int = 64, pad: int = 1) -> np.ndarray:
+    """Saves a PNG with one row per array in ``rows`` (each [N, C, H, W]); returns the HWC uint8 image."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.image as mpimg
+
+    rgb = [_to_rgb(np.asarray(r, np.float32)) for r in rows]
+    n, h, w, _ = rgb[0].shape
+    scale = max(1, min_size // max(h, w))
+    hs, ws = h * scale, w * scale
+    grid = np.ones((len(rgb) * (hs + pad) + pad, n * (ws + pad) + pad, 3), np.float32)
+    for i, r in enumerate(rgb):
+        for j in range(n):
+            tile = np.kron(r[j], np.ones((scale, scale, 1), np.float32))
+            y, x = pad + i * (hs + pad), pad + j * (ws + pad)
+            grid[y:y + hs, x:x + ws] = tile
+    image = (grid * 255).round().astype(np.uint8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    mpimg.imsave(path, image)
+    return image

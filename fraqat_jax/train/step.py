@@ -1,0 +1,137 @@
+"""The jitted FraQAT distillation step.
+
+``make_train_step`` returns ``step_fn(train_state, teacher_state, student_rest, batch) ->
+(train_state, metrics)``, a ``jax.jit`` of a pure function (NNX used functionally: the graph
+definitions are split once, ``nnx.merge`` runs inside the step). Inside one call:
+
+1. ``bits = schedule(step)`` (a traced scalar: no recompilation when it changes), set on the student;
+2. the family's training inputs are drawn from ``fold_in(key(seed), step)``: DDPM noise and
+   uniform timesteps (DiT, PixArt) or rectified-flow interpolants with logit-normal ``sigma``
+   (SD3, Sana, Flux), so a resumed run sees the same noise as an uninterrupted one;
+3. the teacher's output under ``stop_gradient``, the student's output, loss = mean squared error
+   over every output channel (epsilon and variance for DiT/PixArt);
+4. gradients (averaged over ``grad_accum`` micro-batches by ``lax.scan``), clipping, AdamW, EMA.
+
+``train_state`` is a dict ``{"params", "opt_state", "ema", "step"}``; ``step`` counts updates done.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fraqat_jax.train.models import apply_model, objective_of, set_student_bits
+
+__all__ = ["diffusion_inputs", "make_lr_schedule", "make_optimizer", "make_train_step"]
+
+
+def make_lr_schedule(cfg) -> optax.Schedule:
+    warm = min(int(cfg.warmup_steps), int(cfg.steps) - 1) if cfg.steps > 1 else 0
+    if cfg.lr_schedule == "constant":
+        if warm == 0:
+            return optax.constant_schedule(cfg.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), optax.constant_schedule(cfg.lr)], [warm])
+    return optax.warmup_cosine_decay_schedule(0.0 if warm else cfg.lr, cfg.lr, warm, max(int(cfg.steps), warm + 1),
+                                              end_value=cfg.lr * cfg.end_lr_fraction)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    parts.append(optax.adamw(make_lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int) -> np.ndarray:
+    """DiT / PixArt training schedule: linear betas 1e-4 .. 0.02."""
+    from fraqat_jax.eval.samplers import ddpm_alphas_cumprod as acp
+
+    return acp(num_train_timesteps)
+
+
+def diffusion_inputs(objective: str, family: str, key, latents, cfg):
+    """Noisy inputs and model timesteps for clean ``latents`` [B, C, H, W] (see module docstring)."""
+    k_t, k_noise = jax.random.split(key)
+    b = latents.shape[0]
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    x0 = latents.astype(jnp.float32)
+    bshape = (b,) + (1,) * (latents.ndim - 1)
+    if objective == "ddpm":
+        acp = jnp.asarray(ddpm_alphas_cumprod(cfg.num_train_timesteps), jnp.float32)
+        t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
+        a = acp[t].reshape(bshape)
+        return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise, t.astype(jnp.float32)
+    sigma = jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * jax.random.normal(k_t, (b,), jnp.float32))
+    s = sigma.reshape(bshape)
+    x_t = (1.0 - s) * x0 + s * noise
+    return x_t, sigma if family == "flux" else sigma * 1000.0
+
+
+def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str, tx: optax.GradientTransformation,
+                    lr_schedule: Callable, shardings=None, donate: bool = True):
+    """Builds the jitted step (see the module docstring). ``shardings``: optional
+    ``(train_state, teacher_state, student_rest, batch)`` in-shardings; outputs keep the state's."""
+    objective = objective_of(family)
+    base_key = jax.random.key(cfg.seed)
+    accum = int(cfg.grad_accum)
+    ema_decay = float(cfg.ema_decay)
+
+    def student_out(params, rest, bits, x_t, t, cond):
+        student = nnx.merge(student_graph, params, rest)
+        set_student_bits(student, bits)
+        return apply_model(student, family, x_t, t, cond).astype(jnp.float32)
+
+    def micro_loss(params, rest, teacher_state, bits, x_t, t, cond):
+        teacher = nnx.merge(teacher_graph, teacher_state)
+        target = jax.lax.stop_gradient(apply_model(teacher, family, x_t, t, cond).astype(jnp.float32))
+        pred = student_out(params, rest, bits, x_t, t, cond)
+        return jnp.mean(jnp.square(pred - target))
+
+    grad_fn = jax.value_and_grad(micro_loss)
+
+    def step_fn(train_state, teacher_state, student_rest, batch):
+        step = train_state["step"]
+        bits = schedule(step)
+        key = jax.random.fold_in(base_key, step)
+        latents = batch["latents"]
+        cond = {k: v for k, v in batch.items() if k != "latents"}
+        x_t, t = diffusion_inputs(objective, family, key, latents, cfg)
+        params = train_state["params"]
+        if accum == 1:
+            loss, grads = grad_fn(params, student_rest, teacher_state, bits, x_t, t, cond)
+        else:
+            # Micro-batch a takes rows a, a + accum, ...: each device keeps its own rows.
+            def split(v):
+                v = v.reshape(v.shape[0] // accum, accum, *v.shape[1:])
+                return jnp.moveaxis(v, 1, 0)
+
+            micro = jax.tree.map(split, (x_t, t, cond))
+
+            def body(carry, mb):
+                loss_sum, grad_sum = carry
+                l, g = grad_fn(params, student_rest, teacher_state, bits, *mb)
+                return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+            loss = loss / accum
+            grads = jax.tree.map(lambda g: g / accum, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, train_state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        ema = train_state["ema"]
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, new_params)
+        new_state = {"params": new_params, "opt_state": opt_state, "ema": ema, "step": step + 1}
+        metrics = {"loss": loss, "bits": bits, "lr": jnp.asarray(lr_schedule(step), jnp.float32), "grad_norm": grad_norm}
+        return new_state, metrics
+
+    kwargs = {"donate_argnums": (0,)} if donate else {}
+    if shardings is not None:
+        kwargs["in_shardings"] = shardings
+        kwargs["out_shardings"] = (shardings[0], None)
+    return jax.jit(step_fn, **kwargs)
