@@ -6,7 +6,8 @@ layer receives over the calibration batches (all batch, token and feature positi
 ``mu`` and ``sigma`` are the mean and the population standard deviation (ddof=0) of ``X``; the
 static range is ``[lo, hi] = [mu - 3 sigma, mu + 3 sigma]``, stored in the layer's ``act_range``.
 Per-batch means and variances are computed on the device in float32 and pooled exactly (Chan's
-formula) in float64 on the host.
+formula) in float64 on the host. The model runs jitted; ``jax.debug.callback`` carries the
+statistics out.
 
 During calibration each quantized layer sees weights quantized at its current bit-width and an
 *unquantized* input (no ranges exist yet); the model otherwise runs as usual.
@@ -14,28 +15,30 @@ During calibration each quantized layer sees weights quantized at its current bi
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import functools
 import re
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-_ACTIVE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fraqat_calibration", default=None)
 
+class CalibrationStats:
+    """Pooled count, mean and sum of squared deviations (float64, host) of one layer's inputs.
 
-class _Stats:
-    """Pooled count, mean and sum of squared deviations (float64) of one layer's inputs."""
+    While :func:`calibrate` runs, each calibrated layer holds one as its (static) attribute
+    ``calibration_stats``; the layer then sends each input's float32 mean and variance here through
+    ``jax.debug.callback`` (so the forward pass may be jitted) and leaves the input unquantized.
+    """
 
     def __init__(self):
         self.count = 0
         self.mean = 0.0
         self.m2 = 0.0
 
-    def add(self, n: int, mean: float, var: float):
+    def add(self, n: int, mean, var):
+        mean, var = float(mean), float(var)
         total = self.count + n
         delta = mean - self.mean
         self.m2 += var * n + delta * delta * self.count * n / total
@@ -47,24 +50,10 @@ class _Stats:
         return self.mean - 3.0 * sigma, self.mean + 3.0 * sigma
 
 
-def recording() -> bool:
-    """True while :func:`calibrate` runs the model."""
-    return _ACTIVE.get() is not None
-
-
-def record(layer, x):
-    """Adds one input ``x`` of ``layer`` to the running calibration, if one is active for it."""
-    active = _ACTIVE.get()
-    if active is None or id(layer) not in active:
-        return
-    if isinstance(x, jax.core.Tracer):
-        raise RuntimeError(
-            "calibrate() runs the model eagerly to read each layer's input: call the model directly "
-            "in `forward`, not through jax.jit / nnx.jit"
-        )
+def record(stats: CalibrationStats, x):
+    """Sends the mean and variance of ``x`` (computed on the device) to ``stats``."""
     xf = jnp.asarray(x, jnp.float32)
-    mean, var = jax.device_get((jnp.mean(xf), jnp.var(xf)))
-    active[id(layer)].add(int(xf.size), float(mean), float(var))
+    jax.debug.callback(functools.partial(stats.add, int(xf.size)), jnp.mean(xf), jnp.var(xf))
 
 
 def _default_forward(model, batch):
@@ -75,27 +64,18 @@ def _default_forward(model, batch):
     return model(batch)
 
 
-@contextlib.contextmanager
-def _recording(stats: dict):
-    token = _ACTIVE.set(stats)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
 def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | None = None,
               pattern: str | None = None) -> nnx.Module:
     """Fixes static activation ranges at mean +/- 3 std of each quantized layer's input.
 
     Args:
       model: a model returned by :func:`fraqat_jax.quantize_model`; changed in place and returned.
-      batches: an iterable of batches (the paper uses 100 random samples). Each is passed as
-        ``model(**batch)`` if a dict, ``model(*batch)`` if a tuple, else ``model(batch)``.
-      forward: optional ``forward(model, batch)`` to call instead (e.g. to add timesteps). It must
-        call the model eagerly (not under ``jax.jit``), since the inputs are read on the host.
-      pattern: if given, only layers whose path fully matches this regular expression are
-        calibrated.
+      batches: an iterable of batches, each a pytree of arrays (the paper uses 100 random samples).
+        Each is passed as ``model(**batch)`` if a dict, ``model(*batch)`` if a tuple, else
+        ``model(batch)``.
+      forward: optional ``forward(model, batch)`` to call instead (e.g. to add timesteps).
+        ``calibrate`` runs it under ``nnx.jit`` (one compilation for all batches of one shape).
+      pattern: if given, only layers whose path fully matches this regular expression.
 
     Every calibrated layer gets ``act_range = [mu - 3 sigma, mu + 3 sigma]`` (see the module
     docstring) and switches to ``act_granularity = "static"``. Layers with ``act_bits=None`` are
@@ -106,19 +86,31 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | 
     forward = forward or _default_forward
     layers = [(path, layer) for path, layer in quantized_layers(model)
               if layer.act_bits is not None and (pattern is None or re.fullmatch(pattern, path))]
-    stats = {id(layer): _Stats() for _, layer in layers}
+
+    @nnx.jit
+    def run(model, batch):
+        forward(model, batch)
+
     n_batches = 0
-    with _recording(stats):
+    try:
+        for _, layer in layers:
+            layer.calibration_stats = CalibrationStats()
         for batch in batches:
-            forward(model, batch)
+            run(model, batch)
             n_batches += 1
+        jax.effects_barrier()
+        stats = [(path, layer, layer.calibration_stats) for path, layer in layers]
+    finally:
+        for _, layer in layers:
+            if hasattr(layer, "calibration_stats"):
+                del layer.calibration_stats
     if n_batches == 0:
         raise ValueError("calibrate() got no batches: pass at least one")
-    unseen = [path for path, layer in layers if stats[id(layer)].count == 0]
+    unseen = [path for path, _, st in stats if st.count == 0]
     if unseen:
         raise ValueError(f"calibrate(): these quantized layers received no input: {unseen}")
-    for _, layer in layers:
-        lo, hi = stats[id(layer)].range()
+    for _, layer, st in stats:
+        lo, hi = st.range()
         layer.act_range[...] = jnp.asarray([lo, hi], jnp.float32)
         layer.act_granularity = "static"
     return model

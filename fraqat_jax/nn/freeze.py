@@ -37,6 +37,8 @@ are full precision stay as they are.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +75,18 @@ def unpack_nibbles(packed, shape) -> jax.Array:
     return jnp.stack([lo, hi], axis=-1).reshape(-1)[:size].reshape(shape)
 
 
+@functools.partial(jax.jit, static_argnames=("symmetric", "channel_axis", "group_size", "packed"))
+def _stored_codes(kernel, bits, *, symmetric, channel_axis, group_size, packed):
+    """Codes as stored (shifted to signed when asymmetric; packed nibbles or int8), scale, zero."""
+    codes, scale, zero = quantize_codes(kernel, bits, symmetric=symmetric, channel_axis=channel_axis,
+                                        group_size=group_size)
+    if not symmetric:
+        shift = 8.0 if packed else 128.0
+        codes = codes - shift
+        zero = zero + shift * scale
+    return (pack_nibbles(codes) if packed else codes.astype(jnp.int8)), scale, zero
+
+
 def _out_dtype(layer, x):
     if layer.dtype is not None:
         return layer.dtype
@@ -95,16 +109,13 @@ class _Frozen(nnx.Module):
         kernel = layer.kernel[...]
         if getattr(layer, "mask", None) is not None:
             kernel = kernel * layer.mask
-        codes, scale, zero = quantize_codes(kernel, bits, symmetric=layer.weight_symmetric,
-                                            channel_axis=layer.channel_axis, group_size=layer.group_size)
         self.packed = bits <= 4
-        if not layer.weight_symmetric:
-            shift = 8.0 if self.packed else 128.0
-            codes = codes - shift
-            zero = zero + shift * scale
+        codes, scale, zero = _stored_codes(kernel, bits, symmetric=layer.weight_symmetric,
+                                           channel_axis=layer.channel_axis, group_size=layer.group_size,
+                                           packed=self.packed)
         self.weight_bits = bits
         self.kernel_shape = tuple(kernel.shape)
-        self.kernel_codes = Codes(pack_nibbles(codes) if self.packed else codes.astype(jnp.int8))
+        self.kernel_codes = Codes(codes)
         self.kernel_scale = Scale(scale)
         self.kernel_zero = None if layer.weight_symmetric else Scale(zero)
         self.bias = layer.bias

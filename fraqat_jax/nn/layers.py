@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fraqat_jax.nn.calibration import record
 from fraqat_jax.quant import check_bits, quantize, quantize_codes
 
 ACT_GRANULARITIES = ("token", "tensor", "static")
@@ -161,10 +162,11 @@ class QuantMixin:
 
     def quantize_input(self, x):
         """The layer input fake-quantized at ``act_bits`` (unchanged if None)."""
-        from fraqat_jax.nn import calibration  # local: calibration imports this module
-
-        calibration.record(self, x)
-        if self.act_bits is None or calibration.recording():
+        stats = getattr(self, "calibration_stats", None)
+        if stats is not None:  # calibrating: record the input, leave it unquantized
+            record(stats, x)
+            return x
+        if self.act_bits is None:
             return x
         if self.act_granularity == "static":
             lo_hi = self.act_range[...]

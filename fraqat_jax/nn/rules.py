@@ -96,6 +96,8 @@ class Rule:
             raise ValueError(
                 f"act_granularity={self.act_granularity!r} is not allowed: use one of {ACT_GRANULARITIES} or None"
             )
+        if self.channel_axis is not None and not isinstance(self.channel_axis, int):
+            object.__setattr__(self, "channel_axis", tuple(self.channel_axis))
         if self.layer_types is not None:
             types = (self.layer_types,) if isinstance(self.layer_types, str) else tuple(self.layer_types)
             bad = [t for t in types if t not in LAYER_TYPES]
