@@ -23,6 +23,9 @@ from fraqat_jax.models.convert import (
 from fraqat_jax.models.dit import DiTTransformer2DModel
 from fraqat_jax.models.layers import count_params
 from fraqat_jax.models.mmdit import SD3Transformer2DModel
+from fraqat_jax.models.flux import FLUX_PRESETS, FluxTransformer2DModel
+from fraqat_jax.models.pixart import PIXART_PRESETS, PixArtTransformer2DModel
+from fraqat_jax.models.sana import SANA_PRESETS, SanaTransformer2DModel
 
 # Ports register here (class name must equal the diffusers class name).
 MODEL_CLASSES: dict[str, type] = {
@@ -73,6 +76,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
          "caption_projection_dim": 2432, "pos_embed_max_size": 192, "qk_norm": "rms_norm"},
     ),
 }
+
+# Ports of issue 5 (PixArt-Sigma, Sana, FLUX.1) keep their presets beside their code.
+MODEL_CLASSES["PixArtTransformer2DModel"] = PixArtTransformer2DModel
+MODEL_CLASSES["SanaTransformer2DModel"] = SanaTransformer2DModel
+MODEL_CLASSES["FluxTransformer2DModel"] = FluxTransformer2DModel
+PRESETS.update({**PIXART_PRESETS, **SANA_PRESETS, **FLUX_PRESETS})
 
 
 def create(

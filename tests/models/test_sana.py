@@ -1,0 +1,146 @@
+"""Sana port against diffusers' SanaTransformer2DModel on the same random weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+diffusers = pytest.importorskip("diffusers")
+
+from fraqat_jax.models import MODEL_CLASSES, PRESETS, count_params, from_diffusers  # noqa: E402
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter random (adaLN tables, norms and the depthwise conv included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            fan_in = param[0].numel() if param.ndim >= 2 else 1
+            std = fan_in**-0.5 if param.ndim >= 2 else 0.5
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def _run(model, **inputs):
+    """One jitted forward (a single XLA compile is much cheaper than op-by-op dispatch)."""
+    return nnx.jit(lambda m, kwargs: m(**kwargs))(model, inputs)
+
+
+def _depth_count(class_name, config, **depths):
+    """Parameter count from ``nnx.eval_shape`` with block counts overridden. Tracing a full-depth
+    init under eval_shape costs time quadratic in the depth (every rng-counter update scans the
+    whole jaxpr built so far), so presets are counted at depths 1 and 2 and extended linearly:
+    blocks of one kind are identical, so this is exact."""
+    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[class_name](dict(config, **depths), rngs=nnx.Rngs(0)))
+    return count_params(abstract)
+
+
+def _assert_close(ours, ref):
+    ours = np.asarray(ours)
+    assert ours.shape == ref.shape
+    tol = 2e-4 * max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(ours - ref).max())
+    assert err <= tol, f"max abs diff {err:.3g} > {tol:.3g}"
+
+
+# Sana 600M/1.6B-like: no position embedding, different self/cross head layouts.
+PLAIN = dict(
+    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+    num_cross_attention_heads=4, cross_attention_head_dim=4, cross_attention_dim=16,
+    caption_channels=12, mlp_ratio=2.5, sample_size=8, patch_size=1, interpolation_scale=None,
+)
+# Sana 1.5 / 4K-like: sincos position embedding, patch 2, biases, qk RMSNorm, guidance embedding.
+GUIDED = dict(
+    in_channels=3, out_channels=5, num_attention_heads=3, attention_head_dim=4, num_layers=1,
+    num_cross_attention_heads=2, cross_attention_head_dim=6, cross_attention_dim=12,
+    caption_channels=10, mlp_ratio=2.0, sample_size=8, patch_size=2, interpolation_scale=1,
+    attention_bias=True, qk_norm="rms_norm_across_heads", guidance_embeds=True,
+)
+
+
+def _torch_forward(model, x, captions, t, **extra):
+    with torch.no_grad():
+        return model(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(captions),
+                     timestep=torch.from_numpy(t),
+                     **{k: torch.from_numpy(v) for k, v in extra.items()},
+                     return_dict=False)[0].numpy()
+
+
+def test_parity_linear_attention_mask_non_square(tmp_path):
+    ref_model = diffusers.SanaTransformer2DModel(**PLAIN).eval()
+    _randomize(ref_model, 0)
+    ref_model.save_pretrained(tmp_path)
+    model = from_diffusers(tmp_path)
+    assert type(model).__name__ == "SanaTransformer2DModel"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 6, 10)).astype(np.float32)
+    captions = rng.standard_normal((2, 7, 12)).astype(np.float32)
+    t = np.array([17.0, 910.0], np.float32)
+    mask = np.array([[1] * 7, [1, 1, 1, 0, 0, 0, 0]], np.int64)
+    ref = _torch_forward(ref_model, x, captions, t, encoder_attention_mask=mask)
+    out = _run(model, hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(captions),
+               timestep=jnp.asarray(t), encoder_attention_mask=jnp.asarray(mask))
+    assert out.shape == (2, 4, 6, 10)
+    _assert_close(out, ref)
+    # the padded caption acts like the caption cut at its padding
+    cut = _run(model, hidden_states=jnp.asarray(x[1:]), encoder_hidden_states=jnp.asarray(captions[1:, :3]),
+               timestep=jnp.asarray(t[1:]))
+    np.testing.assert_allclose(np.asarray(out[1:]), np.asarray(cut), rtol=0, atol=1e-5)
+
+
+def test_parity_guidance_pos_embed_qk_norm(tmp_path):
+    ref_model = diffusers.SanaTransformer2DModel(**GUIDED).eval()
+    _randomize(ref_model, 1)
+    ref_model.save_pretrained(tmp_path)
+    model = from_diffusers(tmp_path)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8, 12)).astype(np.float32)  # non-square: sincos grid rebuilt
+    captions = rng.standard_normal((2, 3, 10)).astype(np.float32)
+    t = np.array([250.0, 5.0], np.float32)
+    guidance = np.array([4.5, 1.0], np.float32)
+    mask = np.array([[1, 1, 0], [1, 1, 1]], np.int64)
+    ref = _torch_forward(ref_model, x, captions, t, guidance=guidance, encoder_attention_mask=mask)
+    out = _run(model, hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(captions),
+               timestep=jnp.asarray(t), guidance=jnp.asarray(guidance), encoder_attention_mask=jnp.asarray(mask))
+    assert out.shape == (2, 5, 8, 12)
+    _assert_close(out, ref)
+    with pytest.raises(ValueError, match="guidance"):
+        model(hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(captions),
+              timestep=jnp.asarray(t))
+
+
+def test_bf16_with_remat_stays_close_to_fp32(tmp_path):
+    ref_model = diffusers.SanaTransformer2DModel(**PLAIN).eval()
+    _randomize(ref_model, 2)
+    ref_model.save_pretrained(tmp_path)
+    rng = np.random.default_rng(2)
+    inputs = dict(hidden_states=jnp.asarray(rng.standard_normal((1, 4, 8, 8)), jnp.float32),
+                  encoder_hidden_states=jnp.asarray(rng.standard_normal((1, 3, 12)), jnp.float32),
+                  timestep=jnp.array([500.0]))
+    ref = _run(from_diffusers(tmp_path), **inputs)
+    # bf16 compute; the linear attention's sums still run in float32 inside
+    out = _run(from_diffusers(tmp_path, dtype=jnp.bfloat16, remat=True), **inputs)
+    assert out.dtype == jnp.bfloat16
+    assert float(jnp.abs(out.astype(jnp.float32) - ref).max()) <= 5e-2 * float(jnp.abs(ref).max())
+
+
+def test_depthwise_conv_is_a_grouped_nnx_conv():
+    model = nnx.eval_shape(lambda: MODEL_CLASSES["SanaTransformer2DModel"](PLAIN, rngs=nnx.Rngs(0)))
+    conv = model.transformer_blocks[0].ff.conv_depth
+    assert isinstance(conv, nnx.Conv)
+    hidden = 2 * int(2.5 * 16)
+    assert conv.kernel.shape == (3, 3, 1, hidden)
+
+
+@pytest.mark.parametrize("name,low,high", [("Sana-600M", 0.55e9, 0.65e9), ("Sana-1.6B", 1.5e9, 1.7e9)])
+def test_preset_parameter_count_matches_diffusers(name, low, high):
+    class_name, config = PRESETS[name]
+    assert class_name == "SanaTransformer2DModel"
+    with torch.device("meta"):
+        ref = diffusers.SanaTransformer2DModel(**config)
+    expected = sum(p.numel() for p in ref.parameters())
+    one, two = (_depth_count(class_name, config, num_layers=n) for n in (1, 2))
+    count = one + (config["num_layers"] - 1) * (two - one)
+    assert count == expected
+    assert low < count < high
