@@ -93,7 +93,7 @@ def test_freeze_errors():
     set_bits(model, 9)
     with pytest.raises(ValueError, match="layers.0.*<= 8"):
         freeze(model)
-    conv = quantize_model(nnx.Conv(3, 4, (3,), rngs=nnx.Rngs(0)), [Rule(".*", symmetric=False)])
+    conv = quantize_model(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)), [Rule(".*", symmetric=False)])
     with pytest.raises(ValueError, match="asymmetric"):
         freeze(conv)
     ein = quantize_model(nnx.Einsum("btd,dh->bth", (4, 5), rngs=nnx.Rngs(0)), [Rule(".*")])
