@@ -17,6 +17,7 @@ from flax import nnx
 from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.layers import (
     EMBED,
+    KeySequence,
     MLP,
     AdaLayerNormZero,
     FeedForward,
@@ -105,7 +106,7 @@ class DiTTransformer2DModel(nnx.Module):
             raise ValueError("DiTTransformer2DModel needs num_embeds_ada_norm (number of classes), got None")
         self.config = cfg
         self.remat = remat
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=KeySequence(rngs), dtype=dtype, param_dtype=param_dtype)
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         self.inner_dim = dim
         self.patch_size = cfg["patch_size"]

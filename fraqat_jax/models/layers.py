@@ -54,6 +54,24 @@ def no_eager_sharding():
     return nnx.use_eager_sharding(False)
 
 
+class KeySequence:
+    """Stand-in for ``nnx.Rngs`` while a port builds its layers: ``params()`` folds a Python
+    counter into one key. ``nnx.Rngs`` keeps its counter in a Variable, and updating that under
+    ``nnx.eval_shape`` makes JAX format an error message per draw (seconds for SD3.5-Medium);
+    this keeps abstract construction cheap. Deterministic for a given ``rngs`` state."""
+
+    def __init__(self, rngs: "nnx.Rngs | KeySequence"):
+        self.key = rngs.params()
+        self.count = 0
+
+    def params(self) -> jax.Array:
+        key = jax.random.fold_in(self.key, self.count)
+        self.count += 1
+        return key
+
+    __call__ = params
+
+
 def _torch_bias_init(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
@@ -217,11 +235,10 @@ def timestep_embedding(
     return emb
 
 
-def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+def _sincos_1d(dim: int, pos: jax.Array) -> jax.Array:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = pos.reshape(-1)[:, None] * jnp.asarray(omega, jnp.float32)[None, :]
+    return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=1)
 
 
 def get_2d_sincos_pos_embed(
@@ -230,11 +247,13 @@ def get_2d_sincos_pos_embed(
     *,
     base_size: float = 16,
     interpolation_scale: float = 1.0,
-) -> np.ndarray:
-    """2-D sin-cos position table (diffusers ``get_2d_sincos_pos_embed``), computed in numpy.
+) -> jax.Array:
+    """2-D sin-cos position table (diffusers ``get_2d_sincos_pos_embed``).
 
     ``grid_size`` ``(h, w)`` -> ``[h * w, embed_dim]`` float32, row-major over (h, w); the first
     half of the channels encodes the column (w) coordinate, the second half the row (h).
+    Computed with jnp in float32 (diffusers uses float64 for the angles; the difference is
+    ~1e-6), so it costs nothing under ``nnx.eval_shape`` even for SD3.5's 384x384 table.
     """
     if embed_dim % 4 != 0:
         raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos, got {embed_dim}")
@@ -242,11 +261,8 @@ def get_2d_sincos_pos_embed(
     grid_h = np.arange(gh, dtype=np.float32) / np.float32(gh / base_size) / np.float32(interpolation_scale)
     grid_w = np.arange(gw, dtype=np.float32) / np.float32(gw / base_size) / np.float32(interpolation_scale)
     # diffusers' later reshape to [2, 1, gw, gh] only relabels axes: the order stays row-major.
-    w_coord, h_coord = np.meshgrid(grid_w, grid_h, indexing="xy")
-    w_coord = w_coord.reshape(-1)
-    h_coord = h_coord.reshape(-1)
-    emb = np.concatenate([_sincos_1d(embed_dim // 2, w_coord), _sincos_1d(embed_dim // 2, h_coord)], axis=1)
-    return emb.astype(np.float32)
+    w_coord, h_coord = jnp.meshgrid(jnp.asarray(grid_w), jnp.asarray(grid_h), indexing="xy")
+    return jnp.concatenate([_sincos_1d(embed_dim // 2, w_coord), _sincos_1d(embed_dim // 2, h_coord)], axis=1)
 
 
 class PatchEmbed(nnx.Module):
@@ -313,7 +329,7 @@ class PatchEmbed(nnx.Module):
                 interpolation_scale=interpolation_scale,
             )
             with no_eager_sharding():
-                self.pos_embed = Buffer(jnp.asarray(table[None]), out_sharding=(None, None, EMBED))
+                self.pos_embed = Buffer(table[None], out_sharding=(None, None, EMBED))
         else:
             self.pos_embed = None
 
@@ -335,7 +351,7 @@ class PatchEmbed(nnx.Module):
             base_size=self.base_size,
             interpolation_scale=self.interpolation_scale,
         )
-        return jnp.asarray(table[None])
+        return table[None]
 
     def __call__(self, latent: jax.Array) -> jax.Array:
         b, _, hh, ww = latent.shape
@@ -793,9 +809,11 @@ __all__: Sequence[str] = [
     "GEGLU",
     "GELU",
     "Identity",
+    "KeySequence",
     "LabelEmbedding",
     "LayerNorm",
     "LinearActivation",
+    "ModelConfig",
     "PatchEmbed",
     "PixArtAlphaTextProjection",
     "RMSNorm",
@@ -823,13 +841,34 @@ def call_block(block: nnx.Module, remat: bool, *args: Any) -> Any:
     return block(*args)
 
 
-def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None, class_name: str) -> dict:
-    """``defaults`` updated with ``config`` (diffusers keys) as a plain dict with ``_class_name``.
-    Keys starting with ``_`` (diffusers bookkeeping) are kept but ignored by the ports."""
+class ModelConfig(dict):
+    """A port's diffusers config: a ``dict`` (JSON-serialisable, ``cfg["num_layers"]``) that is
+    read-only and hashable, so graph definitions holding it can be static arguments of ``jax.jit``."""
+
+    def __hash__(self):  # type: ignore[override]
+        return hash(tuple(sorted((k, _hashable(v)) for k, v in self.items())))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("model config is read-only; build a new model from a modified dict(config)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self):
+        return (ModelConfig, (dict(self),))
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None, class_name: str) -> ModelConfig:
+    """``defaults`` updated with ``config`` (diffusers keys) plus ``_class_name``, lists turned
+    into tuples. Keys starting with ``_`` (diffusers bookkeeping) are kept but not used."""
     merged = dict(defaults)
     merged.update(dict(config or {}))
     merged["_class_name"] = class_name
-    for key, value in list(merged.items()):
-        if isinstance(value, list):
-            merged[key] = tuple(value)
-    return merged
+    return ModelConfig({k: _hashable(v) if isinstance(v, list) else v for k, v in merged.items()})

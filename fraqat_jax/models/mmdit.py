@@ -19,6 +19,7 @@ from flax import nnx
 from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.layers import (
     EMBED,
+    KeySequence,
     AdaLayerNormContinuous,
     AdaLayerNormZero,
     CombinedTimestepTextProjEmbeddings,
@@ -149,7 +150,7 @@ class SD3Transformer2DModel(nnx.Module):
             raise ValueError(f"Unsupported qk_norm {cfg['qk_norm']!r}; supported: None, 'rms_norm', 'layer_norm'")
         self.config = cfg
         self.remat = remat
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=KeySequence(rngs), dtype=dtype, param_dtype=param_dtype)
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         if cfg["caption_projection_dim"] != dim:
             raise ValueError(
