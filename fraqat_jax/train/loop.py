@@ -200,12 +200,12 @@ def run(config=None, *, workdir: str | None = None) -> RunResult:
     cfg = _as_config(config)
     workdir = os.path.abspath(workdir or DEFAULT_WORKDIR)
     is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
     try:
         mesh = mesh_lib.build_mesh(cfg.mesh)
     except mesh_lib.MeshError as e:
         raise ConfigError(str(e)) from None
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
     schedule = make_schedule(cfg)
     teacher = load_teacher(cfg)
     family = family_of(teacher)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["BUILTIN_TEACHER", "FAMILIES", "family_of", "load_builtin_teacher", "load_teacher",
+__all__ = ["BUILTIN_TEACHER", "FAMILIES", "family_of", "init_preset", "load_builtin_teacher", "load_teacher",
            "make_student", "model_kwargs", "objective_of", "save_builtin_teacher"]
 
 FAMILIES = {
@@ -55,74 +55,65 @@ def _asset_dir() -> str:
 
 
 def save_builtin_teacher(model, directory: str | None = None) -> str:
-    """Writes a DiT as ``config.json`` + ``model.safetensors`` (NNX paths joined by '.')."""
+    """Writes a model as a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``),
+    loadable by ``fraqat_jax.models.from_diffusers`` and by diffusers itself."""
     from safetensors.numpy import save_file
+
+    from fraqat_jax.models import to_diffusers_state_dict
 
     directory = directory or _asset_dir()
     os.makedirs(directory, exist_ok=True)
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    tensors = {".".join(str(p) for p in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-               for path, v in flat}
-    save_file(tensors, os.path.join(directory, "model.safetensors"))
+    save_file(to_diffusers_state_dict(model), os.path.join(directory, "diffusion_pytorch_model.safetensors"))
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump({"_class_name": type(model).__name__, **dict(model.config)}, f, indent=1, sort_keys=True)
     return directory
 
 
-def _load_flat(model, path: str):
-    from safetensors.numpy import load_file
-
-    tensors = load_file(path)
-    params = nnx.state(model, nnx.Param)
-    flat = dict(nnx.to_flat_state(params))
-    keys = {".".join(str(p) for p in k): k for k in flat}
-    missing, unexpected = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing parameters {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, k in keys.items():
-        v = flat[k]
-        old = v.get_value() if hasattr(v, "get_value") else v.value
-        if tuple(old.shape) != tuple(tensors[name].shape):
-            raise ValueError(f"{path}: parameter {name} has shape {tensors[name].shape}, model wants {old.shape}")
-        v.set_value(jnp.asarray(tensors[name], old.dtype)) if hasattr(v, "set_value") else setattr(v, "value", jnp.asarray(tensors[name], old.dtype))
-    return model
-
-
-def load_builtin_teacher(*, dtype=None, param_dtype=jnp.float32, directory: str | None = None):
+def load_builtin_teacher(*, dtype=None, param_dtype=jnp.float32):
     """The shipped tiny class-conditional DiT trained on the digits (``python -m fraqat_jax.pretrain``)."""
-    from fraqat_jax.models import MODEL_CLASSES
+    from fraqat_jax.models import from_diffusers
 
-    directory = directory or _asset_dir()
-    cfg_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"the built-in teacher is missing ({cfg_path}); run python -m fraqat_jax.pretrain")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    cls = MODEL_CLASSES[config.pop("_class_name")]
-    model = cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
-    return _load_flat(model, os.path.join(directory, "model.safetensors"))
+    directory = _asset_dir()
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ValueError(f"the built-in teacher is missing ({directory}); run python -m fraqat_jax.pretrain")
+    return from_diffusers(directory, dtype=dtype, param_dtype=param_dtype)
+
+
+def init_preset(name: str, overrides: Mapping[str, Any] | None = None, *, seed: int = 0, dtype=None,
+                param_dtype=jnp.float32, remat: bool = False):
+    """A preset model with random weights, initialised in one jitted call (not op by op)."""
+    from fraqat_jax import models
+
+    if name not in models.PRESETS:
+        raise ValueError(f"teacher preset {name!r} is unknown; allowed: {', '.join(models.PRESETS)}")
+    cls_name, config = models.PRESETS[name]
+    cls = models.MODEL_CLASSES[cls_name]
+    config = {**config, **dict(overrides or {})}
+
+    def build():
+        return cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+    graph = nnx.graphdef(nnx.eval_shape(build))
+    state = jax.jit(lambda: nnx.state(build()))()
+    return nnx.merge(graph, state)
 
 
 def load_teacher(cfg) -> nnx.Module:
     """The teacher named by ``cfg.teacher`` (see the config help)."""
     dtype = _DTYPES[cfg.dtype]
     param_dtype = _DTYPES[cfg.param_dtype]
-    overrides = json.loads(cfg.teacher_config) if cfg.teacher_config else {}
     if cfg.teacher == "builtin":
         return load_builtin_teacher(dtype=dtype, param_dtype=param_dtype)
-    from fraqat_jax import models
-
     if cfg.teacher.startswith("preset:"):
-        name = cfg.teacher[len("preset:"):]
-        if name not in models.PRESETS:
-            raise ValueError(f"teacher preset {name!r} is unknown; allowed: {', '.join(models.PRESETS)}")
-        cls_name, config = models.PRESETS[name]
-        cls = models.MODEL_CLASSES[cls_name]
-        return cls({**config, **overrides}, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=param_dtype,
-                   remat=cfg.remat)
-    if os.path.isfile(os.path.join(cfg.teacher, "model.safetensors")):  # save_builtin_teacher's format
-        return load_builtin_teacher(dtype=dtype, param_dtype=param_dtype, directory=cfg.teacher)
-    return models.from_diffusers(cfg.teacher, dtype=dtype)
+        try:
+            overrides = json.loads(cfg.teacher_config) if cfg.teacher_config else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"teacher_config={cfg.teacher_config!r} is not a JSON object: {e}") from None
+        return init_preset(cfg.teacher[len("preset:"):], overrides, seed=cfg.seed, dtype=dtype,
+                           param_dtype=param_dtype, remat=cfg.remat)
+    from fraqat_jax.models import from_diffusers
+
+    return from_diffusers(cfg.teacher, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat)
 
 
 def make_student(teacher, cfg):

@@ -1,0 +1,108 @@
+"""``python -m fraqat_jax.train``: FraQAT distillation from the command line (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2, no usage dump
+        self.exit(2, f"error: {message}\n")
+
+
+def _epilog() -> str:
+    from fraqat_jax.train.config import HELP, get_config
+
+    cfg = get_config()
+    lines = ["config keys for --set KEY=VALUE (default, meaning):"]
+    for k, h in HELP.items():
+        lines.append(f"  {k} = {cfg[k]!r}\n      {h}")
+    lines.append("\nMulti-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run where "
+                 "jax.distributed.initialize() detects the cluster: TPU pods, SLURM, ...).")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m fraqat_jax.train",
+                description="Distil a full-precision diffusion transformer into a W4A8 student with the "
+                            "FraQAT fractional bit-width schedule. No arguments: the built-in digits DiT.",
+                epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="Python config file defining get_config()")
+    p.add_argument("--workdir", metavar="DIR", default=os.path.join("runs", "default"),
+                   help="outputs and checkpoints; an existing checkpoint there is resumed (default: runs/default)")
+    p.add_argument("--steps", type=int, metavar="N", help="total optimizer updates (schedule scaled to them)")
+    p.add_argument("--schedule", metavar="NAME", help="fraqat | integer | simple | constant | linear | cosine")
+    p.add_argument("--mesh", metavar="SPEC", help="e.g. data=4,fsdp=2,tensor=1 (product = device count)")
+    p.add_argument("--log-every", type=int, metavar="K", help="metrics row every K updates")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (see below)")
+    return p
+
+
+def _distributed_init() -> None:
+    """``jax.distributed.initialize`` when the environment describes several processes."""
+    import jax
+
+    # CPU processes exchange collectives through gloo (no effect on GPU/TPU backends).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        n = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+        pid = int(os.environ.get("JAX_PROCESS_ID", "0"))
+        if n > 1:
+            jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+    elif os.environ.get("FRAQAT_DISTRIBUTED", "") == "auto":
+        jax.distributed.initialize()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from fraqat_jax.train.config import ConfigError, load_config
+
+    overrides = list(args.set)
+    for flag, key in (("steps", "steps"), ("schedule", "schedule"), ("mesh", "mesh"), ("log_every", "log_every"),
+                      ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _distributed_init()
+    from fraqat_jax.train.loop import TrainingDiverged, run
+
+    try:
+        result = run(cfg, workdir=args.workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    import jax
+
+    if jax.process_index() == 0:
+        _print_summary(result)
+    if result.status == "preempted":
+        return 143
+    return 0
+
+
+def _print_summary(r) -> None:
+    w = r.workdir
+    print(f"\nFraQAT run {r.status}: {r.steps} updates in {r.seconds:.0f}s, final bits {r.final_bits:g}, "
+          f"final loss {r.final_loss:.4g}, train-step compilations {r.compilations}")
+    print(f"outputs in {w}:")
+    for name, what in (("metrics.jsonl", "per-step metrics"), ("samples", "teacher (top) / student (bottom) PNG grids"),
+                       ("tb", "TensorBoard events (tensorboard --logdir " + os.path.join(w, "tb") + ")"),
+                       ("checkpoints", "orbax checkpoints (resume: run the same command again)"),
+                       ("summary.json", "this summary")):
+        print(f"  {os.path.join(w, name)}  {what}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
