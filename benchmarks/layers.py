@@ -89,6 +89,9 @@ def main():
     print(f"fwd+bwd  fp32 {t_fp * 1e3:8.2f} ms   W4A8 fake-quant {t_q * 1e3:8.2f} ms   ratio {t_q / t_fp:.2f}x")
     print(f"forward  bf16 {t_bf16 * 1e3:8.2f} ms   W4A8 frozen     {t_frozen * 1e3:8.2f} ms   ratio {t_frozen / t_bf16:.2f}x")
     print(f"forward  fp32 {t_fp_fwd * 1e3:8.2f} ms   frozen / fp32 {t_frozen / t_fp_fwd:.2f}x")
+    frozen_bytes = sum(v[...].nbytes for _, v in nnx.to_flat_state(s_frozen))
+    bf16_bytes = sum(v[...].nbytes for _, v in nnx.to_flat_state(s_bf16))
+    print(f"state bytes  frozen W4A8 / bf16: {frozen_bytes / bf16_bytes:.3f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@
   the scale layout of ``fraqat_jax.quant.quantize_codes`` (per tensor, per output channel or per
   group). Asymmetric codes are stored shifted by 8 (nibbles) or 128 (int8) to be signed; the zero
   absorbs the shift.
+* ``kernel_code_sums`` (int32, (groups, out)): column sums of the codes, for the activation
+  zero-point term (only when the input is quantized), so serving reads the weights once.
 * ``bias`` (the same ``nnx.Param``) and, for static activations, ``act_range``.
 
 Forward pass with a quantized input (``act_bits`` <= 8, asymmetric, shifted by 128 to int8)::
@@ -141,6 +143,21 @@ def _groups_by_out(a):
     return a.reshape(-1, a.shape[-1])
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _code_sums(stored, shape, group, packed):
+    codes = unpack_nibbles(stored, shape) if packed else stored
+    return codes.astype(jnp.int32).reshape(shape[0] // group, group, shape[1]).sum(1)
+
+
+def _grouped_matmul(x, w, preferred):
+    """``(..., G, g) x (G, g, out) -> (..., G, out)``; a plain matmul when G == 1 (faster on CPU)."""
+    if w.shape[0] == 1:
+        y = lax.dot_general(x[..., 0, :], w[0], (((x.ndim - 2,), (0,)), ((), ())),
+                            preferred_element_type=preferred)
+        return y[..., None, :]
+    return jnp.einsum("...Gi,Gio->...Go", x, w, preferred_element_type=preferred)
+
+
 class FrozenLinear(_Frozen):
     """Serving form of :class:`QuantLinear` (see the module docstring)."""
 
@@ -149,6 +166,11 @@ class FrozenLinear(_Frozen):
         self.group_size = layer.group_size
         self.in_features = layer.in_features
         self.out_features = layer.out_features
+        # Per (group, output) sums of the weight codes, for the activation zero-point term; stored
+        # so that serving reads the weights once.
+        self.kernel_code_sums = None if self.act_bits is None else Codes(
+            _code_sums(self.kernel_codes[...], self.kernel_shape, self.group_size or self.kernel_shape[0],
+                       self.packed))
 
     def __call__(self, x):
         n_in, n_out = self.kernel_shape
@@ -160,8 +182,7 @@ class FrozenLinear(_Frozen):
         lead = x.shape[:-1]
         if self.act_bits is None:
             xg = x.astype(jnp.float32).reshape(*lead, n_groups, g)
-            acc = jnp.einsum("...Gi,Gio->...Go", xg, qw.astype(jnp.float32))
-            y = acc * sw
+            y = _grouped_matmul(xg, qw.astype(jnp.float32), None) * sw
             if zw is not None:
                 y = y + xg.sum(-1, keepdims=True) * zw
         else:
@@ -170,9 +191,9 @@ class FrozenLinear(_Frozen):
             zx = jnp.broadcast_to(zx, (*lead, 1)) if zx.ndim else zx
             sx, zx = sx[..., None], zx[..., None]  # (..., 1, 1) against (..., G, out)
             xg = qx.reshape(*lead, n_groups, g)
-            acc = jnp.einsum("...Gi,Gio->...Go", xg, qw, preferred_element_type=jnp.int32)
-            col = qw.astype(jnp.int32).sum(1)  # (G, out)
-            y = sw * (sx * acc.astype(jnp.float32) + zx * col.astype(jnp.float32))
+            acc = _grouped_matmul(xg, qw, jnp.int32)
+            col = self.kernel_code_sums[...].astype(jnp.float32)  # (G, out)
+            y = sw * (sx * acc.astype(jnp.float32) + zx * col)
             if zw is not None:
                 row = xg.astype(jnp.int32).sum(-1, keepdims=True).astype(jnp.float32)
                 y = y + zw * (sx * row + zx * g)
