@@ -18,6 +18,7 @@ from flax import nnx
 
 from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.layers import (
+    KeySequence,
     EMBED,
     MLP,
     AdaLayerNormContinuous,
@@ -187,6 +188,7 @@ class FluxTransformer2DModel(nnx.Module):
         self.config = cfg
         self.remat = remat
         self.dtype = dtype
+        rngs = KeySequence(rngs)  # cheap under nnx.eval_shape (see layers.KeySequence)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         dim = heads * head_dim
         self.inner_dim = dim

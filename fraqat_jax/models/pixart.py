@@ -16,6 +16,7 @@ from flax import nnx
 
 from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.layers import (
+    KeySequence,
     EMBED,
     MLP,
     FeedForward,
@@ -213,6 +214,7 @@ class PixArtTransformer2DModel(nnx.Module):
             cfg["sample_size"] == 128 if cfg["use_additional_conditions"] is None else cfg["use_additional_conditions"]
         )
         self.remat = remat
+        rngs = KeySequence(rngs)  # cheap under nnx.eval_shape (see layers.KeySequence)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         self.inner_dim = dim

@@ -16,6 +16,7 @@ from flax import nnx
 
 from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.layers import (
+    KeySequence,
     EMBED,
     HEADS,
     MLP,
@@ -248,6 +249,7 @@ class SanaTransformer2DModel(nnx.Module):
             raise ValueError("SanaTransformer2DModel needs cross_attention_dim (caption width), got None")
         self.config = cfg
         self.remat = remat
+        rngs = KeySequence(rngs)  # cheap under nnx.eval_shape (see layers.KeySequence)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         self.inner_dim = dim

@@ -34,13 +34,9 @@ def _run(model, **inputs):
     return nnx.jit(lambda m, kwargs: m(**kwargs))(model, inputs)
 
 
-def _depth_count(class_name, config, **depths):
-    """Parameter count from ``nnx.eval_shape`` with block counts overridden. Tracing a full-depth
-    init under eval_shape costs time quadratic in the depth (every rng-counter update scans the
-    whole jaxpr built so far), so presets are counted at depths 1 and 2 and extended linearly:
-    blocks of one kind are identical, so this is exact."""
-    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[class_name](dict(config, **depths), rngs=nnx.Rngs(0)))
-    return count_params(abstract)
+def _preset_count(class_name, config):
+    """Parameter count of the full-size port from ``nnx.eval_shape`` (no memory spent)."""
+    return count_params(nnx.eval_shape(lambda: MODEL_CLASSES[class_name](config, rngs=nnx.Rngs(0))))
 
 
 def _assert_close(ours, ref):
@@ -130,8 +126,7 @@ def test_preset_parameter_count_matches_diffusers(name):
     with torch.device("meta"):
         ref = diffusers.PixArtTransformer2DModel(**config)
     expected = sum(p.numel() for p in ref.parameters())
-    one, two = (_depth_count(class_name, config, num_layers=n) for n in (1, 2))
-    count = one + (config["num_layers"] - 1) * (two - one)
+    count = _preset_count(class_name, config)
     assert count == expected
     assert 0.55e9 < count < 0.65e9  # PixArt-Sigma XL/2 is ~0.6B parameters
 
@@ -140,3 +135,13 @@ def test_unsupported_norm_type_is_rejected():
     with pytest.raises(ValueError, match="norm_type"):
         MODEL_CLASSES["PixArtTransformer2DModel"](dict(CAPTIONED, norm_type="ada_norm_zero"),
                                                  rngs=nnx.Rngs(0))
+
+
+def test_every_parameter_has_logical_sharding_names():
+    model = nnx.eval_shape(lambda: MODEL_CLASSES["PixArtTransformer2DModel"](CAPTIONED, rngs=nnx.Rngs(0)))
+    params = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert params
+    for path, var in params:
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == len(var.shape), (path, names, var.shape)
+        assert set(names) <= {None, "embed", "mlp", "heads", "norm"}, (path, names)

@@ -27,13 +27,9 @@ def _run(model, **inputs):
     return nnx.jit(lambda m, kwargs: m(**kwargs))(model, inputs)
 
 
-def _depth_count(class_name, config, **depths):
-    """Parameter count from ``nnx.eval_shape`` with block counts overridden. Tracing a full-depth
-    init under eval_shape costs time quadratic in the depth (every rng-counter update scans the
-    whole jaxpr built so far), so presets are counted at depths 1 and 2 and extended linearly:
-    blocks of one kind are identical, so this is exact."""
-    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[class_name](dict(config, **depths), rngs=nnx.Rngs(0)))
-    return count_params(abstract)
+def _preset_count(class_name, config):
+    """Parameter count of the full-size port from ``nnx.eval_shape`` (no memory spent)."""
+    return count_params(nnx.eval_shape(lambda: MODEL_CLASSES[class_name](config, rngs=nnx.Rngs(0))))
 
 
 def _assert_close(ours, ref):
@@ -140,7 +136,16 @@ def test_preset_parameter_count_matches_diffusers(name, low, high):
     with torch.device("meta"):
         ref = diffusers.SanaTransformer2DModel(**config)
     expected = sum(p.numel() for p in ref.parameters())
-    one, two = (_depth_count(class_name, config, num_layers=n) for n in (1, 2))
-    count = one + (config["num_layers"] - 1) * (two - one)
+    count = _preset_count(class_name, config)
     assert count == expected
     assert low < count < high
+
+
+def test_every_parameter_has_logical_sharding_names():
+    model = nnx.eval_shape(lambda: MODEL_CLASSES["SanaTransformer2DModel"](GUIDED, rngs=nnx.Rngs(0)))
+    params = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert params
+    for path, var in params:
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == len(var.shape), (path, names, var.shape)
+        assert set(names) <= {None, "embed", "mlp", "heads", "norm"}, (path, names)
