@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP, np_sym_quant
+from nn_models import MLP, np_sym_quant
 from flax import nnx
 
 from fraqat_jax.nn import Rule, calibrate, quantize_model

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP
+from nn_models import MLP
 from flax import nnx
 
 import fraqat_jax

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MLP, TRANSFORMER_LINEARS, Transformer, np_sym_quant, np_token_quant
+from nn_models import MLP, TRANSFORMER_LINEARS, Transformer, np_sym_quant, np_token_quant
 from flax import nnx
 
 import fraqat_jax
