@@ -65,6 +65,7 @@ class Progress:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode = mode if enabled else "none"
+        self.enabled = enabled
         self.total, self.t0 = total, time.perf_counter()
         self.start = start
         self.bar = None
@@ -91,9 +92,10 @@ class Progress:
                   f"{row['steps_per_sec']:.1f} it/s  eta {eta:.0f}s", flush=True)
 
     def message(self, text: str) -> None:
+        """Important events (resume, preemption, NaN) are printed in every mode but by one process."""
         if self.mode == "bar":
             self.bar.console.print(text)
-        elif self.mode == "log":
+        elif self.enabled:
             print(text, flush=True)
 
     def close(self) -> None:
