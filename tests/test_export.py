@@ -1,0 +1,134 @@
+"""Export: the frozen W4A8 orbax checkpoint (load, agreement, size) and the diffusers layout."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fraqat_jax
+from fraqat_jax import export, train
+from fraqat_jax.eval import samplers
+
+TINY = {"sample_size": 8, "patch_size": 2, "in_channels": 1, "out_channels": 2, "num_layers": 1,
+        "num_attention_heads": 2, "attention_head_dim": 8, "num_embeds_ada_norm": 10}
+
+
+def tiny_teacher(directory):
+    """A 1-block DiT with random weights everywhere (adaLN-Zero's zeros would make outputs trivial)."""
+    from fraqat_jax.models import DiTTransformer2DModel
+    from fraqat_jax.train.models import save_builtin_teacher
+
+    model = DiTTransformer2DModel(TINY, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        shape = v[...].shape
+        v[...] = jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0] if len(shape) > 1 else 8), jnp.float32)
+    return save_builtin_teacher(model, str(directory))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    teacher = tiny_teacher(tmp_path_factory.mktemp("teacher"))
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train.run({"teacher": teacher, "steps": 3, "batch_size": 16, "sample_grids": False, "progress": "none",
+               "warmup_steps": 1}, workdir=workdir)
+    return workdir
+
+
+def inputs(n=6, seed=3):
+    rng = np.random.default_rng(seed)
+    return dict(hidden_states=jnp.asarray(rng.normal(size=(n, 1, 8, 8)), jnp.float32),
+                timestep=jnp.asarray(rng.integers(0, 1000, n), jnp.float32),
+                class_labels=jnp.asarray(rng.integers(0, 10, n), jnp.int32))
+
+
+def call(model, x):
+    """The model's output on keyword inputs ``x``, jitted (eager NNX calls are slow)."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda st, kw: nnx.merge(graphdef, st)(**kw))(state, x))
+
+
+def test_orbax_export_loads_and_matches_fake_quant_student(run_dir, tmp_path, capsys):
+    out = tmp_path / "w4a8"
+    meta = export.main(["--workdir", run_dir, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "x the bf16 weights" in printed and "W4A8" in printed
+    loaded = export.load(str(out))
+    # reference: the trained student, calibrated the same way, in fake quantization
+    teacher, student, cfg = train.load_run(run_dir)
+    fraqat_jax.calibrate(student, export.calibration_batches(teacher, cfg),
+                         forward=lambda m, b: m(hidden_states=b[0], timestep=b[1], **b[2]))
+    x = inputs()
+    ref, got = call(student, x), call(loaded, x)
+    assert np.abs(got - ref).max() <= export.TOLERANCE * np.abs(ref).max()
+    assert meta["max_rel_diff_vs_fake_quant"] <= export.TOLERANCE
+    # the weights really are integer codes: 4-bit layers hold packed uint8 nibbles
+    codes = [v for p, v in nnx.to_flat_state(nnx.state(loaded)) if p[-1] == "kernel_codes"]
+    assert codes and all(c[...].dtype == jnp.uint8 for c in codes)
+    assert export.load_metadata(str(out))["model_class"] == "DiTTransformer2DModel"
+    # and the export samples like the port
+    noise, key = samplers.make_noise(0, (4, 1, 8, 8))
+    fn = lambda xx, t, c: loaded(hidden_states=xx, timestep=t, class_labels=c)  # noqa: E731
+    s = jax.jit(lambda n: samplers.ddim_sample(fn, n, jnp.arange(4), num_steps=2))(noise)
+    assert s.shape == (4, 1, 8, 8) and bool(jnp.isfinite(s).all())
+
+
+def test_default_model_export_is_at_most_027_of_bf16():
+    teacher, student = train.build_models(train.get_config())
+    fraqat_jax.set_bits(student, 4.0)
+    tree = export._stored_tree(fraqat_jax.freeze(student))
+    stored = sum(x.nbytes for x in jax.tree.leaves(tree))
+    bf16 = 2 * sum(x.size for x in jax.tree.leaves(nnx.state(teacher, nnx.Param)))
+    assert stored / bf16 <= 0.27
+
+
+def test_diffusers_export_round_trips(run_dir, tmp_path):
+    from fraqat_jax.models import from_diffusers
+
+    out = tmp_path / "hf"
+    export.main(["--workdir", run_dir, "--out", str(out), "--format", "diffusers"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["_class_name"] == "DiTTransformer2DModel"
+    loaded = from_diffusers(str(out))
+    # reference: the teacher architecture holding bf16(fake_quantize(kernel)) and bf16 other weights
+    _, student, _ = train.load_run(run_dir)
+    bits = float(next(iter(fraqat_jax.nn.bits_of(student).values())))
+    ref = nnx.clone(loaded)
+    sflat = dict(nnx.to_flat_state(nnx.state(student, nnx.Param)))
+    for path, var in nnx.to_flat_state(nnx.state(ref, nnx.Param)):
+        value = sflat[path][...]
+        if path[-1] == "kernel" and value.ndim == 2:  # every Linear is quantized by the paper's rules
+            value = fraqat_jax.quantize(value, bits)
+        var[...] = value.astype(jnp.bfloat16).astype(jnp.float32)
+    x = inputs()
+    got = call(loaded, x)
+    np.testing.assert_allclose(got, call(ref, x), rtol=1e-5, atol=1e-5)
+    # and diffusers itself loads the folder and computes the same outputs
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    hf = diffusers.DiTTransformer2DModel.from_pretrained(str(out)).float().eval()
+    with torch.no_grad():
+        want = hf(torch.tensor(np.asarray(x["hidden_states"])), timestep=torch.tensor(np.asarray(x["timestep"])),
+                  class_labels=torch.tensor(np.asarray(x["class_labels"])).long()).sample.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_errors_exit_2_with_a_clear_message(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "no trained student" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--workdir", run_dir, "--out", str(blocker / "sub")])
+    assert e.value.code == 2 and "not a writable directory" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("user data")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--workdir", run_dir, "--out", str(tmp_path / "busy")])
+    assert e.value.code == 2 and "not empty" in capsys.readouterr().err
+    with pytest.raises(export.ExportError, match="not a fraqat_jax export"):
+        export.load(str(tmp_path / "busy"))
