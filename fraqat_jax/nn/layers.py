@@ -13,7 +13,8 @@ State added to each quantized layer (not ``nnx.Param``, so optimizers and gradie
   keeps the weights in full precision). Being data, a new value never recompiles a jitted step.
   A rule's per-layer schedule travels as the variable's ``schedule`` metadata.
 * ``act_range``: :class:`ActRange`, the static activation range ``[lo, hi]`` (float32, shape (2,)),
-  NaN until :func:`fraqat_jax.calibrate` fills it (only on layers whose input is quantized).
+  only on layers with static activation scales (None otherwise): set by
+  :func:`fraqat_jax.calibrate`, NaN on a layer built with ``act_granularity="static"`` until then.
 
 Activation quantization (input of the layer, ``act_bits``, asymmetric min/max as the paper's
 dynamic quantization, scale ``(hi - lo) / (2**act_bits - 1)``, see ``fraqat_jax.quant``):
@@ -144,9 +145,10 @@ class QuantMixin:
             self.bits = None
         else:
             self.bits = Bits(check_bits(weight_bits, name="weight_bits"), schedule=schedule)
-        if act_bits is None:
-            self.act_range = None
-        else:
+        # Only static layers hold a range (NaN until calibrated, so an uncalibrated one fails loudly);
+        # calibrate() adds it to the layers it switches to static.
+        self.act_range = nnx.data(None)
+        if act_bits is not None and act_granularity == "static":
             self.act_range = ActRange(jnp.full((2,), jnp.nan, jnp.float32))
 
     # -- the two quantizers -------------------------------------------------------------------

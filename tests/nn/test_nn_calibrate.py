@@ -7,7 +7,7 @@ import pytest
 from nn_models import MLP, np_sym_quant
 from flax import nnx
 
-from fraqat_jax.nn import Rule, calibrate, quantize_model
+from fraqat_jax.nn import ActRange, Rule, calibrate, quantize_model
 
 
 def _np_gelu(x):
@@ -17,7 +17,9 @@ def _np_gelu(x):
 def test_calibration_sets_mean_plus_minus_three_sigma():
     model = quantize_model(MLP(rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=6, act_bits=8, act_granularity="tensor")])
     batches = [jax.random.normal(jax.random.key(i), (5, 16)) * (1 + i) + i for i in range(3)]
+    assert not nnx.to_flat_state(nnx.state(model, ActRange))  # dynamic layers hold no range
     calibrate(model, batches)
+    assert len(nnx.to_flat_state(nnx.state(model, ActRange))) == 3
     # Inputs of each layer in float64 numpy: weights at 6 bits, inputs unquantized while calibrating.
     inputs = [[np.asarray(b, np.float64) for b in batches]]
     for i, layer in enumerate(model.layers[:-1]):
