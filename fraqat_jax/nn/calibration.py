@@ -111,8 +111,6 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | 
         raise ValueError(f"calibrate(): these quantized layers received no input: {unseen}")
     for _, layer, st in stats:
         lo, hi = st.range()
-        from fraqat_jax.nn.layers import ActRange
-
-        layer.act_range = ActRange(jnp.asarray([lo, hi], jnp.float32))
+        layer.act_range[...] = jnp.asarray([lo, hi], jnp.float32)
         layer.act_granularity = "static"
     return model

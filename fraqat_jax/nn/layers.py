@@ -12,9 +12,9 @@ State added to each quantized layer (not ``nnx.Param``, so optimizers and gradie
 * ``bits``: :class:`Bits`, the weight bit-width, a float32 scalar (``None`` attribute when the rule
   keeps the weights in full precision). Being data, a new value never recompiles a jitted step.
   A rule's per-layer schedule travels as the variable's ``schedule`` metadata.
-* ``act_range``: :class:`ActRange`, the static activation range ``[lo, hi]`` (float32, shape (2,)),
-  only on layers with static activation scales (None otherwise): set by
-  :func:`fraqat_jax.calibrate`, NaN on a layer built with ``act_granularity="static"`` until then.
+* ``act_range``: :class:`ActRange`, the static activation range ``[lo, hi]`` (float32, shape (2,))
+  on every layer whose input is quantized (None otherwise); NaN until :func:`fraqat_jax.calibrate`
+  sets it, used only when ``act_granularity == "static"``.
 
 Activation quantization (input of the layer, ``act_bits``, asymmetric min/max as the paper's
 dynamic quantization, scale ``(hi - lo) / (2**act_bits - 1)``, see ``fraqat_jax.quant``):
@@ -145,10 +145,10 @@ class QuantMixin:
             self.bits = None
         else:
             self.bits = Bits(check_bits(weight_bits, name="weight_bits"), schedule=schedule)
-        # Only static layers hold a range (NaN until calibrated, so an uncalibrated one fails loudly);
-        # calibrate() adds it to the layers it switches to static.
+        # Every layer with a quantized input holds a range, so calibration changes values, not the
+        # state's structure; NaN until calibrated, so an uncalibrated static layer fails loudly.
         self.act_range = nnx.data(None)
-        if act_bits is not None and act_granularity == "static":
+        if act_bits is not None:
             self.act_range = ActRange(jnp.full((2,), jnp.nan, jnp.float32))
 
     # -- the two quantizers -------------------------------------------------------------------

@@ -29,6 +29,7 @@ from flax import nnx
 
 from fraqat_jax.nn.layers import ACT_GRANULARITIES, QUANT_LAYERS, QUANTIZED_TYPES, Bits, kind_of
 from fraqat_jax.quant import check_bits
+from fraqat_jax.quant.fake import validate_bits
 
 LAYER_TYPES = ("Linear", "Conv", "Einsum")
 
@@ -84,9 +85,9 @@ class Rule:
             for step in (0, last):
                 check_bits(float(wb(step)), name=f"weight_bits schedule at step {step} (rule {self.pattern!r})")
         elif wb is not None:
-            check_bits(wb, name=f"weight_bits of rule {self.pattern!r}")
+            validate_bits(wb, name=f"weight_bits of rule {self.pattern!r}")
         if self.act_bits is not None:
-            check_bits(self.act_bits, name=f"act_bits of rule {self.pattern!r}")
+            validate_bits(self.act_bits, name=f"act_bits of rule {self.pattern!r}")
             if float(self.act_bits) > 8:
                 raise ValueError(
                     f"act_bits={self.act_bits!r} of rule {self.pattern!r} is not allowed: use a value in "
