@@ -101,6 +101,9 @@ def test_trainer_tiny_config_adaln_zero_init_and_remat():
     nnx.update(model, jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]))
     (loss_plain, out_plain), g_plain = loss_and_grad(model)
     model.remat = True  # what DiTTransformer2DModel(..., remat=True) sets; saves a second init
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x, t, y))(state)
+    assert str(jaxpr).count("remat") == config["num_layers"]  # one checkpoint per block
     (loss_remat, out_remat), g_remat = loss_and_grad(model)
     assert float(jnp.abs(out_plain).max()) > 0.1
     np.testing.assert_allclose(np.asarray(out_remat), np.asarray(out_plain), atol=1e-6)
