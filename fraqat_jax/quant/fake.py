@@ -68,6 +68,17 @@ def check_bits(bits, *, name: str = "bits"):
         if jnp.ndim(bits) != 0:
             raise ValueError(f"{name} must be a scalar, got a traced array of shape {jnp.shape(bits)}")
         return jnp.clip(jnp.asarray(bits, jnp.float32), MIN_BITS, MAX_BITS)
+    return jnp.asarray(validate_bits(bits, name=name), jnp.float32)
+
+
+def validate_bits(bits, *, name: str = "bits") -> float:
+    """The concrete (untraced) checks of :func:`check_bits`, returning a Python float.
+
+    Pure Python/numpy: never touches a JAX backend, so it is safe at import time (before
+    ``jax.distributed.initialize``).
+    """
+    if isinstance(bits, bool):
+        raise ValueError(f"{name} must be a real number in [{MIN_BITS:g}, {MAX_BITS:g}], got bool {bits!r}")
     if isinstance(bits, numbers.Real):
         value = float(bits)
     else:
@@ -81,7 +92,7 @@ def check_bits(bits, *, name: str = "bits"):
         raise ValueError(
             f"{name}={value!r} is not allowed: use a finite real number in [{MIN_BITS:g}, {MAX_BITS:g}]"
         )
-    return jnp.asarray(value, jnp.float32)
+    return value
 
 
 def _normalize_axes(channel_axis: Axis, ndim: int) -> tuple[int, ...] | None:

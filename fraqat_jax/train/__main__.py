@@ -58,6 +58,7 @@ def _distributed_init() -> None:
 
 
 def main(argv=None) -> int:
+    _distributed_init()  # before anything touches a JAX backend (importing fraqat_jax may)
     args = build_parser().parse_args(argv)
     from fraqat_jax.train.config import ConfigError, load_config
 
@@ -72,7 +73,6 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _distributed_init()
     from fraqat_jax.train.loop import TrainingDiverged, run
 
     try:
