@@ -1,0 +1,92 @@
+"""The evaluation of a trained student (``python -m fraqat_jax.eval``) against independent sums."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fraqat_jax import train
+from fraqat_jax.eval import __main__ as eval_cli
+from fraqat_jax.eval import samplers
+from fraqat_jax.eval.classifier import DigitsClassifier
+from fraqat_jax.eval.fid import frechet_distance_from_features
+
+TINY = {"sample_size": 8, "patch_size": 2, "in_channels": 1, "out_channels": 2, "num_layers": 1,
+        "num_attention_heads": 2, "attention_head_dim": 8, "num_embeds_ada_norm": 10}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from fraqat_jax.models import DiTTransformer2DModel
+    from fraqat_jax.train.models import save_builtin_teacher
+
+    model = DiTTransformer2DModel(TINY, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # random everywhere: non-trivial outputs
+        shape = v[...].shape
+        v[...] = jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0] if len(shape) > 1 else 8), jnp.float32)
+    teacher = save_builtin_teacher(model, str(tmp_path_factory.mktemp("teacher")))
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train.run({"teacher": teacher, "steps": 2, "batch_size": 16, "sample_grids": False, "progress": "none",
+               "warmup_steps": 1, "target_bits": 3.0}, workdir=workdir)
+    return workdir
+
+
+def test_eval_json_matches_an_independent_computation(run_dir):
+    n, steps = 30, 4
+    got = eval_cli.main(["--workdir", run_dir, "--num-samples", str(n), "--sample-steps", str(steps),
+                         "--num-val", "16", "--seed", "7"])
+    saved = json.loads(open(f"{run_dir}/eval.json").read())
+    assert saved["mse"] == pytest.approx(got["mse"])
+    assert saved["step"] == 2 and saved["bits"] == 3.0 and saved["fd_features"] == "digits_classifier"
+    # the same numbers from scratch: same noise for teacher and student, DDIM, first channel (epsilon)
+    teacher, student, _ = train.load_run(run_dir)
+    noise, key = samplers.make_noise(7, (n, 1, 8, 8))
+    labels = jnp.arange(n) % 10
+
+    def draw(model):
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def run(state):
+            m = nnx.merge(graphdef, state)
+            fn = lambda x, t, c: m(hidden_states=x, timestep=t, class_labels=c)  # noqa: E731
+            return samplers.ddim_sample(fn, noise, labels, num_steps=steps)
+
+        return np.asarray(run(state), np.float64)
+
+    t_s, s_s = draw(teacher), draw(student)
+    mse = np.mean((s_s - t_s) ** 2)
+    assert got["mse"] == pytest.approx(mse, rel=1e-4)
+    assert got["psnr"] == pytest.approx(10 * np.log10(4 / mse), rel=1e-4)
+    clf = DigitsClassifier.load()
+    fd = frechet_distance_from_features(clf.features(np.clip(s_s, -1, 1)), clf.features(np.clip(t_s, -1, 1)))
+    assert got["fd"] == pytest.approx(fd, rel=1e-3, abs=1e-6)
+    assert got["accuracy"] == pytest.approx(np.mean(clf.predict(np.clip(s_s, -1, 1)) == np.asarray(labels)))
+    assert got["val_loss"] > 0 and got["teacher_accuracy"] is not None
+
+
+def test_validation_loss_is_zero_for_the_teacher_and_grows_as_bits_fall(run_dir):
+    from fraqat_jax.eval.evaluate import Evaluator
+    from fraqat_jax.train.models import set_student_bits
+
+    teacher, student, cfg = train.load_run(run_dir)
+    ev = Evaluator(teacher, cfg, num_samples=4, sample_steps=2, num_val=16)
+    assert ev.val_loss(teacher) == 0.0
+    losses = []
+    for bits in (8.0, 4.0, 2.0):
+        set_student_bits(student, bits)
+        losses.append(ev.val_loss(student))
+    assert 0 < losses[0] < losses[1] < losses[2]
+
+
+def test_bad_workdir_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--workdir", str(tmp_path)])
+    assert e.value.code == 2 and "no trained student" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--workdir", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
