@@ -178,3 +178,13 @@ def test_two_processes_train_together(base, tmp_path, sub_env):
         assert p.returncode == 0, err[-3000:]
     two = np.asarray([r["loss"] for r in _rows(workdir)])
     np.testing.assert_allclose(two, [m["loss"] for m in ref.metrics], rtol=1e-4)
+
+
+def test_tfds_mock_and_datafree_runs(base, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        r = run({**base, "steps": 3, "data": "tfds:mnist"}, workdir=str(tmp_path / "tfds"))
+    assert r.status == "completed" and [m["data_position"] for m in r.metrics] == [1, 2, 3]
+    assert all(np.isfinite(m["loss"]) for m in r.metrics)
+    r = run({**base, "steps": 2, "data": "datafree", "sample_steps": 2}, workdir=str(tmp_path / "datafree"))
+    assert r.status == "completed" and all(np.isfinite(m["loss"]) for m in r.metrics)
