@@ -188,3 +188,18 @@ def test_tfds_mock_and_datafree_runs(base, tmp_path):
     assert all(np.isfinite(m["loss"]) for m in r.metrics)
     r = run({**base, "steps": 2, "data": "datafree", "sample_steps": 2}, workdir=str(tmp_path / "datafree"))
     assert r.status == "completed" and all(np.isfinite(m["loss"]) for m in r.metrics)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(base, tmp_path, capsys):
+    from fraqat_jax.train.loop import TrainingDiverged
+
+    workdir = str(tmp_path / "w")
+    # An absurd learning rate: update 1 (loss finite) throws the weights to ~1e30, update 2 is inf/NaN.
+    with pytest.raises(TrainingDiverged, match="last good checkpoint kept"):
+        run({**base, "steps": 6, "lr": 1e30, "warmup_steps": 0, "clip_norm": 0.0, "checkpoint_every": 1},
+            workdir=workdir)
+    out = capsys.readouterr().out
+    assert "stopping" in out and "step 2" in out
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+    assert [r["step"] for r in _rows(workdir)] == [1]
+    assert np.isfinite(_rows(workdir)[0]["loss"])
