@@ -833,12 +833,19 @@ __all__: Sequence[str] = [
 ]
 
 
-def call_block(block: nnx.Module, remat: bool, *args: Any) -> Any:
-    """``block(*args)``, rematerialised (``nnx.remat``: activations recomputed in the backward
-    pass) when ``remat``. Arguments must be positional arrays or None."""
+def call_block(block: nnx.Module, remat: bool, *args: Any, **static: Any) -> Any:
+    """``block(*args)``, rematerialised (``jax.checkpoint``: activations recomputed in the backward
+    pass) when ``remat``. Positional arguments must be arrays or None; keyword arguments are
+    passed through as Python constants (e.g. a token grid's height and width).
+
+    The rematerialised call is a pure function of the block's state (split/merge around
+    ``jax.checkpoint``), so it also works when the parameters are closed over by an inner
+    transform (e.g. a frozen teacher called inside ``jax.grad`` over the student), where
+    ``nnx.remat`` would try to write the state back across trace levels."""
     if remat:
-        return nnx.remat(lambda b, *a: b(*a))(block, *args)
-    return block(*args)
+        graphdef, state = nnx.split(block)
+        return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a, **static))(state, *args)
+    return block(*args, **static)
 
 
 class ModelConfig(dict):

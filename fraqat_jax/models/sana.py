@@ -28,6 +28,7 @@ from fraqat_jax.models.layers import (
     TimestepEmbedding,
     _torch_bias_init,
     _torch_kernel_init,
+    call_block,
     linear,
     merge_config,
     no_eager_sharding,
@@ -303,12 +304,8 @@ class SanaTransformer2DModel(nnx.Module):
             modulation, embedded_timestep = self.time_embed(timestep)
         context = self.caption_norm(self.caption_projection(encoder_hidden_states))
 
-        def run(block, x, context, mask, modulation):
-            return block(x, context, mask, modulation, height // p, width // p)
-
-        run_block = nnx.remat(run) if self.remat else run
         for block in self.transformer_blocks:
-            x = run_block(block, x, context, mask, modulation)
+            x = call_block(block, self.remat, x, context, mask, modulation, height=height // p, width=width // p)
 
         table = self.scale_shift_table[...][None].astype(embedded_timestep.dtype)
         shift, scale = jnp.split(table + embedded_timestep[:, None], 2, axis=1)
