@@ -268,7 +268,9 @@ class SanaTransformer2DModel(nnx.Module):
             **kw,
         )
         self.time_embed = (
-            SanaCombinedTimestepGuidanceEmbeddings(dim, **kw) if cfg["guidance_embeds"] else AdaLayerNormSingle(dim, **kw)
+            SanaCombinedTimestepGuidanceEmbeddings(dim, **kw)
+            if cfg["guidance_embeds"]
+            else AdaLayerNormSingle(dim, **kw)
         )
         self.caption_projection = PixArtAlphaTextProjection(cfg["caption_channels"], dim, **kw)
         self.caption_norm = RMSNorm(dim, eps=1e-5, dtype=dtype, param_dtype=param_dtype)

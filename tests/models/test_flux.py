@@ -1,6 +1,5 @@
 """FLUX.1 port against diffusers' FluxTransformer2DModel on the same random weights."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """PixArt-Sigma port against diffusers' PixArtTransformer2DModel on the same random weights."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
