@@ -59,7 +59,9 @@ def _mean_std(values):
     if not vals:
         return None, None
     arr = np.asarray(vals, np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    if len(arr) == 1 or np.all(arr == arr[0]):
+        return float(arr[0]), 0.0
+    return float(arr.mean()), float(arr.std(ddof=1))
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:

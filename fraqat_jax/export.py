@@ -155,7 +155,10 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
 
     if model_class not in MODEL_CLASSES:
         raise ExportError(f"export holds model class {model_class!r}; known: {', '.join(sorted(MODEL_CLASSES))}")
-    model = MODEL_CLASSES[model_class](dict(config), rngs=nnx.Rngs(0))
+    # The structure only: built abstractly, then zeros (the stored arrays replace them).
+    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[model_class](dict(config), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    model = nnx.merge(graphdef, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), state))
     if quant_rules != "none":
         fraqat_jax.quantize_model(model)
     for path, layer in quantized_layers(model):
@@ -201,8 +204,7 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
     }
     # What you train is what you serve: the model as load() will rebuild it, against the
     # calibrated fake-quant student, before anything is written.
-    loaded = _from_tree(meta, tree)
-    worst = _max_rel_diff(loaded, student, batches, family)
+    worst = _max_rel_diff(_fill(frozen, tree), student, batches, family)
     meta["max_rel_diff_vs_fake_quant"] = worst
     if worst > TOLERANCE:
         raise RuntimeError(f"exported model differs from the fake-quant student by {worst:.3g} (relative), "
@@ -262,10 +264,6 @@ def _fill(frozen, stored) -> nnx.Module:
     return model
 
 
-def _from_tree(meta: dict, stored) -> nnx.Module:
-    return _fill(_build_frozen(meta["model_class"], meta["config"], meta["quant_rules"], meta["layers"]), stored)
-
-
 # ----------------------------------------------------------------------------- diffusers export
 
 
@@ -273,11 +271,17 @@ def fake_quantized_copy(student) -> nnx.Module:
     """A copy of ``student`` whose quantized kernels hold their fake-quantized values."""
     from fraqat_jax.nn import quantized_layers
 
-    copy = nnx.clone(student)
-    for _, layer in quantized_layers(copy):
-        if layer.bits is not None:
-            layer.kernel[...] = layer.quantized_kernel()
-    return copy
+    graphdef, state = nnx.split(student)
+
+    @jax.jit
+    def quantized_state(state):
+        model = nnx.merge(graphdef, state)
+        for _, layer in quantized_layers(model):
+            if layer.bits is not None:
+                layer.kernel[...] = layer.quantized_kernel()
+        return nnx.state(model)
+
+    return nnx.merge(graphdef, quantized_state(state))
 
 
 def export_diffusers(student, out: str) -> dict:
