@@ -22,12 +22,9 @@ def write_tiny_teacher(directory: str, seed: int = 0) -> str:
     from fraqat_jax.models import DiTTransformer2DModel
     from fraqat_jax.train.models import save_builtin_teacher
 
-    import jax
-
-    build = lambda: DiTTransformer2DModel(TINY_DIT, rngs=nnx.Rngs(seed))  # noqa: E731
-    model = nnx.merge(nnx.graphdef(nnx.eval_shape(build)), jax.jit(lambda: nnx.state(build()))())
+    model = nnx.eval_shape(lambda: DiTTransformer2DModel(TINY_DIT, rngs=nnx.Rngs(seed)))  # no init compute
     rng = np.random.default_rng(seed)
-    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for _, v in nnx.to_flat_state(nnx.state(model)):
         shape = v.get_value().shape
         fan_in = shape[0] if len(shape) > 1 else 8
         v.set_value(jnp.asarray(rng.normal(size=shape) / np.sqrt(fan_in), jnp.float32))

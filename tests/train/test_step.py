@@ -83,10 +83,10 @@ def test_loss_is_mse_to_teacher_on_ddpm_inputs(base):
 
 
 def test_training_reduces_loss_and_teacher_gets_no_update(base):
-    cfg, sched, step_fn, state, ts, rest, _ = _setup(base, steps=40, schedule="constant", lr=3e-3)
+    cfg, sched, step_fn, state, ts, rest, _ = _setup(base, steps=25, schedule="constant", lr=3e-3)
     ts_before = jax.tree.map(np.asarray, ts)
     losses = []
-    for i in range(40):
+    for i in range(25):
         state, m = step_fn(state, ts, rest, _batch(seed=i % 4))
         losses.append(float(m["loss"]))
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
@@ -94,8 +94,8 @@ def test_training_reduces_loss_and_teacher_gets_no_update(base):
 
 
 def test_grad_accumulation_matches_full_batch(base):
-    _, _, full, state, ts, rest, _ = _setup(base, steps=10)
-    _, _, accum, _, _, _, _ = _setup(base, steps=10, grad_accum=4)
+    _, _, full, state, ts, rest, _ = _setup(base, steps=25)
+    _, _, accum, _, _, _, _ = _setup(base, steps=25, grad_accum=4)
     b = _batch(seed=3)
     s1, m1 = full(state, ts, rest, b)
     s2, m2 = accum(state, ts, rest, b)
