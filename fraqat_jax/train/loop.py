@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from fraqat_jax import schedules
 from fraqat_jax.train import checkpoint as ckpt_lib
@@ -135,14 +135,14 @@ class _StopFlag:
 # ----------------------------------------------------------------------------- data
 
 
-def _make_data(cfg, teacher, family, image_size, sampler_for_datafree):
+def _make_data(cfg, teacher_config: Mapping, family, image_size, sampler_for_datafree):
     from fraqat_jax import data
 
     if cfg.data == "datafree":
         if family != "dit":
             raise ConfigError(f"data=datafree needs a class-conditional DiT teacher, got a {family} teacher "
                               "(text-to-image teachers need cached text embeddings: data=latents:DIR)")
-        c = int(teacher.config.get("in_channels", 4))
+        c = int(teacher_config.get("in_channels", 4))
         spec = {"latents": ((c, image_size, image_size), np.dtype(np.float32)), "class_labels": ((), np.dtype(np.int32))}
         return data.DataFreeSource(sampler_for_datafree, spec, seed=cfg.seed + 1)
     return data.make_source(cfg.data, seed=cfg.seed, image_size=image_size, data_dir=cfg.data_dir or None)
@@ -267,7 +267,7 @@ def run(config=None, *, workdir: str | None = None) -> RunResult:
     spec_c = int(graph_cfg.get("in_channels", 4))
     if cfg.sample_grids or cfg.data == "datafree":
         teacher_sample, student_sample = _make_samplers(cfg, family, teacher_graph, student_graph, mesh)
-    source = _make_data(cfg, type("T", (), {"config": graph_cfg})(), family, image_size, datafree_generate)
+    source = _make_data(cfg, graph_cfg, family, image_size, datafree_generate)
     host, hosts = jax.process_index(), jax.process_count()
     if cfg.batch_size % hosts:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {hosts} processes")

@@ -10,7 +10,7 @@ over ``("data", "fsdp")`` on their leading axis.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -85,7 +85,9 @@ def build_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> M
     sizes = parse_mesh(spec, len(devices))
     shape = tuple(sizes[a] for a in AXES)
     try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # some topologies refuse a shape; a plain reshape is always valid
         arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, AXES)

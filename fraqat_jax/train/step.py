@@ -17,7 +17,7 @@ definitions are split once, ``nnx.merge`` runs inside the step). Inside one call
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -4,11 +4,9 @@ is the MSE between student and teacher outputs on the family's noisy inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from fraqat_jax import nn as fq_nn
-from fraqat_jax import schedules
 from fraqat_jax.train import load_config
 from fraqat_jax.train.loop import make_schedule
 from fraqat_jax.train.models import load_teacher, make_student
