@@ -79,7 +79,7 @@ class ArraySource(Source):
 
 def digits(*, seed: int = 0) -> ArraySource:
     """The shipped UCI digits: ``latents`` [1, 8, 8] in [-1, 1] and ``class_labels`` in 0..9."""
-    with importlib.resources.files("fraqat_jax.assets").joinpath("digits.npz").open("rb") as f:
+    with importlib.resources.files("fraqat_jax").joinpath("assets", "digits.npz").open("rb") as f:
         data = np.load(f)
         images, labels = data["images"], data["labels"]
     latents = (images.astype(np.float32) / 8.0 - 1.0)[:, None]

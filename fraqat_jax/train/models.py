@@ -51,7 +51,7 @@ def objective_of(family: str) -> str:
 
 
 def _asset_dir() -> str:
-    return str(importlib.resources.files("fraqat_jax.assets").joinpath(BUILTIN_TEACHER))
+    return str(importlib.resources.files("fraqat_jax").joinpath("assets", BUILTIN_TEACHER))
 
 
 def save_builtin_teacher(model, directory: str | None = None) -> str:
