@@ -2,40 +2,17 @@
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from fraqat_jax import compare, schedules
 
-TINY = {"sample_size": 8, "patch_size": 2, "in_channels": 1, "out_channels": 2, "num_layers": 1,
-        "num_attention_heads": 2, "attention_head_dim": 8, "num_embeds_ada_norm": 10}
-
-
-def tiny_teacher(directory):
-    """A 1-block DiT with random weights everywhere (adaLN-Zero's zeros would make outputs trivial)."""
-    from fraqat_jax.models import DiTTransformer2DModel
-    from fraqat_jax.train.models import save_builtin_teacher
-
-    model = DiTTransformer2DModel(TINY, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = v[...].shape
-        v[...] = jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0] if len(shape) > 1 else 8), jnp.float32)
-    return save_builtin_teacher(model, str(directory))
+from eval_shared import tiny_compare
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    teacher = tiny_teacher(tmp_path_factory.mktemp("teacher"))
-    workdir = tmp_path_factory.mktemp("compare")
-    rows = compare.main([
-        "--workdir", str(workdir), "--steps", "6", "--seeds", "2", "--methods", "ptq,fraqat",
-        "--eval-points", "2", "--num-samples", "24", "--num-val", "16", "--target-bits", "3",
-        "--set", f"teacher={teacher}", "--set", "batch_size=16", "--set", "warmup_steps=1",
-    ])
-    return workdir, rows
+def result():
+    return tiny_compare()
 
 
 def test_outputs_hold_every_method_with_means_over_seeds(result):

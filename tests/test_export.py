@@ -12,30 +12,12 @@ import fraqat_jax
 from fraqat_jax import export, train
 from fraqat_jax.eval import samplers
 
-TINY = {"sample_size": 8, "patch_size": 2, "in_channels": 1, "out_channels": 2, "num_layers": 1,
-        "num_attention_heads": 2, "attention_head_dim": 8, "num_embeds_ada_norm": 10}
-
-
-def tiny_teacher(directory):
-    """A 1-block DiT with random weights everywhere (adaLN-Zero's zeros would make outputs trivial)."""
-    from fraqat_jax.models import DiTTransformer2DModel
-    from fraqat_jax.train.models import save_builtin_teacher
-
-    model = DiTTransformer2DModel(TINY, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = v[...].shape
-        v[...] = jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0] if len(shape) > 1 else 8), jnp.float32)
-    return save_builtin_teacher(model, str(directory))
+from eval_shared import trained_run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    teacher = tiny_teacher(tmp_path_factory.mktemp("teacher"))
-    workdir = str(tmp_path_factory.mktemp("run"))
-    train.run({"teacher": teacher, "steps": 3, "batch_size": 16, "sample_grids": False, "progress": "none",
-               "warmup_steps": 1}, workdir=workdir)
-    return workdir
+def run_dir():
+    return trained_run()
 
 
 def inputs(n=6, seed=3):
@@ -55,7 +37,7 @@ def test_orbax_export_loads_and_matches_fake_quant_student(run_dir, tmp_path, ca
     out = tmp_path / "w4a8"
     meta = export.main(["--workdir", run_dir, "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "x the bf16 weights" in printed and "W4A8" in printed
+    assert "x the bf16 weights" in printed and "W3A8" in printed
     loaded = export.load(str(out))
     # reference: the trained student in fake quantization, with the export's static input ranges
     _, student, _ = train.load_run(run_dir)

@@ -14,37 +14,23 @@ from fraqat_jax.eval import samplers
 from fraqat_jax.eval.classifier import DigitsClassifier
 from fraqat_jax.eval.fid import frechet_distance_from_features
 
-TINY = {"sample_size": 8, "patch_size": 2, "in_channels": 1, "out_channels": 2, "num_layers": 1,
-        "num_attention_heads": 2, "attention_head_dim": 8, "num_embeds_ada_norm": 10}
+from eval_shared import NUM_SAMPLES, NUM_VAL, STEPS, TARGET_BITS, trained_run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from fraqat_jax.models import DiTTransformer2DModel
-    from fraqat_jax.train.models import save_builtin_teacher
-
-    model = DiTTransformer2DModel(TINY, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # random everywhere: non-trivial outputs
-        shape = v[...].shape
-        v[...] = jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0] if len(shape) > 1 else 8), jnp.float32)
-    teacher = save_builtin_teacher(model, str(tmp_path_factory.mktemp("teacher")))
-    workdir = str(tmp_path_factory.mktemp("run"))
-    train.run({"teacher": teacher, "steps": 2, "batch_size": 16, "sample_grids": False, "progress": "none",
-               "warmup_steps": 1, "target_bits": 3.0}, workdir=workdir)
-    return workdir
+def run_dir():
+    return trained_run()
 
 
 def test_eval_json_matches_an_independent_computation(run_dir):
-    n, steps = 30, 4
-    got = eval_cli.main(["--workdir", run_dir, "--num-samples", str(n), "--sample-steps", str(steps),
-                         "--num-val", "16", "--seed", "7"])
+    n, steps = NUM_SAMPLES, 20  # the settings of the shared comparison: its compilations are reused
+    got = eval_cli.main(["--workdir", run_dir, "--num-samples", str(n), "--num-val", str(NUM_VAL)])
     saved = json.loads(open(f"{run_dir}/eval.json").read())
     assert saved["mse"] == pytest.approx(got["mse"])
-    assert saved["step"] == 2 and saved["bits"] == 3.0 and saved["fd_features"] == "digits_classifier"
+    assert saved["step"] == STEPS and saved["bits"] == TARGET_BITS and saved["fd_features"] == "digits_classifier"
     # the same numbers from scratch: same noise for teacher and student, DDIM, first channel (epsilon)
     teacher, student, _ = train.load_run(run_dir)
-    noise, key = samplers.make_noise(7, (n, 1, 8, 8))
+    noise, key = samplers.make_noise(0, (n, 1, 8, 8))
     labels = jnp.arange(n) % 10
 
     def draw(model):
@@ -74,7 +60,7 @@ def test_validation_loss_is_zero_for_the_teacher_and_grows_as_bits_fall(run_dir)
     from fraqat_jax.train.models import set_student_bits
 
     teacher, student, cfg = train.load_run(run_dir)
-    ev = Evaluator(teacher, cfg, num_samples=30, sample_steps=4, num_val=16, seed=7)  # compiled above
+    ev = Evaluator(teacher, cfg, num_samples=NUM_SAMPLES, num_val=NUM_VAL)  # compiled above
     assert ev.val_loss(teacher) == 0.0
     losses = []
     for bits in (8.0, 4.0, 2.0):

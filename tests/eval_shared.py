@@ -1,0 +1,51 @@
+"""One tiny comparison shared by the compare, eval and export tests (trained once per process).
+
+A 1-block random DiT teacher (adaLN-Zero's zero init replaced by random weights, so teacher and
+student outputs are not trivially zero); ``compare`` trains FraQAT for 6 steps with 2 seeds at a
+3-bit target, and its run folders double as trained students for ``eval`` and ``export``.
+"""
+
+import functools
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+TINY_DIT = {"sample_size": 8, "patch_size": 2, "in_channels": 1, "out_channels": 2, "num_layers": 1,
+            "num_attention_heads": 2, "attention_head_dim": 8, "num_embeds_ada_norm": 10}
+STEPS, SEEDS, TARGET_BITS, NUM_SAMPLES, NUM_VAL = 6, 2, 3.0, 24, 16
+
+
+def write_tiny_teacher(directory) -> str:
+    from fraqat_jax.models import DiTTransformer2DModel
+    from fraqat_jax.train.models import save_builtin_teacher
+
+    model = DiTTransformer2DModel(TINY_DIT, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        shape = v[...].shape
+        v[...] = jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0] if len(shape) > 1 else 8), jnp.float32)
+    return save_builtin_teacher(model, str(directory))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_compare():
+    """``(workdir, compare.json rows)``; ``workdir/fraqat/seed_0`` is a trained run."""
+    from fraqat_jax import compare
+
+    root = Path(tempfile.mkdtemp(prefix="fraqat_eval_tests_"))
+    teacher = write_tiny_teacher(root / "teacher")
+    workdir = root / "compare"
+    rows = compare.main([
+        "--workdir", str(workdir), "--steps", str(STEPS), "--seeds", str(SEEDS), "--methods", "ptq,fraqat",
+        "--eval-points", "2", "--num-samples", str(NUM_SAMPLES), "--num-val", str(NUM_VAL),
+        "--target-bits", str(TARGET_BITS),
+        "--set", f"teacher={teacher}", "--set", "batch_size=16", "--set", "warmup_steps=1",
+    ])
+    return workdir, rows
+
+
+def trained_run() -> str:
+    return str(tiny_compare()[0] / "fraqat" / "seed_0")
