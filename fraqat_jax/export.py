@@ -17,8 +17,10 @@
 
 :func:`load` rebuilds the frozen model from ``PATH`` (it runs and samples like the port). Its output
 matches the calibrated fake-quant student within ``TOLERANCE`` (max abs difference relative to
-the student's max abs output, on the calibration inputs; the difference is the bfloat16 storage of
-biases, norms and embeddings plus float32 rounding order). The export prints and records the
+the student's max abs output, on the calibration inputs). The difference comes from the bfloat16
+storage of biases, norms and embeddings: a slightly different input can move a static 8-bit
+activation code by one step, so the worst element differs by more than the bf16 rounding
+(1.3e-2 measured on the default digits DiT; float32 rounding order alone gives ~1e-6). The export prints and records the
 measured figure and the size ratio: the bytes of every stored array over the bytes of the same
 model's parameters in bfloat16 (at most 0.27 at 4 bits).
 
@@ -46,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 FORMAT_VERSION = 1
-TOLERANCE = 2e-2
+TOLERANCE = 5e-2  # measured 1.3e-2 on the default digits DiT (W4A8, static A8)
 CALIBRATION_SAMPLES = 100
 _FULL_PRECISION = ("kernel_scale", "kernel_zero", "act_range")  # leaves kept in float32
 _DERIVED = ("kernel_code_sums",)  # recomputed from the codes at load time, not stored
