@@ -79,7 +79,7 @@ def test_matches_numpy_reference(bits, symmetric, layout):
     assert_on_grid(got, x, bits, symmetric=symmetric, **layout)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     x=hnp.arrays(
         np.float32,

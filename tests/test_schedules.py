@@ -46,7 +46,7 @@ def test_scale_to_keeps_proportions():
     assert small.total_steps == 5 and small.values()[-1] == 4.0
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(total=st.integers(1, 400), name=st.sampled_from(S.NAMES))
 def test_by_name_lengths_and_endpoints(total, name):
     s = S.by_name(name, total)
