@@ -63,7 +63,7 @@ class DigitsClassifier:
     def load(cls, path: str | None = None) -> "DigitsClassifier":
         """From ``path``, or the copy shipped in ``fraqat_jax/assets``."""
         if path is None:
-            ref = importlib.resources.files("fraqat_jax.assets").joinpath(ASSET)
+            ref = importlib.resources.files("fraqat_jax").joinpath("assets", ASSET)
             with ref.open("rb") as f:
                 data = dict(np.load(f))
         else:

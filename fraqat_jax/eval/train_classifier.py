@@ -24,7 +24,7 @@ TEST_FRACTION = 0.2
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """All shipped digits as ``(N, 1, 8, 8)`` float32 in ``[-1, 1]`` and int32 labels."""
-    with importlib.resources.files("fraqat_jax.assets").joinpath("digits.npz").open("rb") as f:
+    with importlib.resources.files("fraqat_jax").joinpath("assets", "digits.npz").open("rb") as f:
         data = np.load(f)
         images, labels = data["images"], data["labels"]
     return (images.astype(np.float32) / 8.0 - 1.0)[:, None], labels.astype(np.int32)
