@@ -12,6 +12,7 @@ from flax import nnx
 diffusers = pytest.importorskip("diffusers")
 
 from fraqat_jax.models import PRESETS, DiTTransformer2DModel, count_params, create, from_diffusers  # noqa: E402
+from parity_utils import assert_close  # noqa: E402
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -20,14 +21,6 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.08)
-
-
-def _assert_close(ours, ref):
-    ours = np.asarray(ours)
-    assert ours.shape == ref.shape
-    tol = 2e-4 * max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(ours - ref).max())
-    assert err <= tol, f"max abs diff {err:.3g} > {tol:.3g}"
 
 
 def _apply(model, *args):
@@ -63,7 +56,7 @@ def test_parity_with_class_labels(config, seed, tmp_path):
     x = rng.standard_normal((3, config["in_channels"], size, size)).astype(np.float32)
     t = np.array([0.0, 17.5, 999.0], np.float32)
     y = np.array([0, config["num_embeds_ada_norm"] - 1, config["num_embeds_ada_norm"]])  # last: null class
-    _assert_close(_apply(model, x, t, y), _torch_forward(ref_model, x, t, y))
+    assert_close(_apply(model, x, t, y), _torch_forward(ref_model, x, t, y))
 
 
 def test_trainer_tiny_config_adaln_zero_init_and_remat():

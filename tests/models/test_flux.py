@@ -8,7 +8,8 @@ from flax import nnx
 
 diffusers = pytest.importorskip("diffusers")
 
-from fraqat_jax.models import MODEL_CLASSES, PRESETS, count_params, from_diffusers  # noqa: E402
+from fraqat_jax.models import MODEL_CLASSES, PRESETS, from_diffusers  # noqa: E402
+from parity_utils import assert_close, preset_count  # noqa: E402
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -27,19 +28,6 @@ _FORWARD = nnx.jit(lambda model, kwargs: model(**kwargs))
 def _run(model, **inputs):
     """Jitted forward; one shared jit so same-structure models and shapes compile once."""
     return _FORWARD(model, inputs)
-
-
-def _preset_count(class_name, config):
-    """Parameter count of the full-size port from ``nnx.eval_shape`` (no memory spent)."""
-    return count_params(nnx.eval_shape(lambda: MODEL_CLASSES[class_name](config, rngs=nnx.Rngs(0))))
-
-
-def _assert_close(ours, ref):
-    ours = np.asarray(ours)
-    assert ours.shape == ref.shape
-    tol = 2e-4 * max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(ours - ref).max())
-    assert err <= tol, f"max abs diff {err:.3g} > {tol:.3g}"
 
 
 def _image_ids(height, width, frame=0.0, offset=(0.0, 0.0)):
@@ -96,7 +84,7 @@ def test_parity_against_diffusers(tmp_path, config, seed, shape):
     out = _run(model, **{k: jnp.asarray(v) for k, v in inputs.items()})
     out_channels = config["out_channels"] or config["in_channels"]
     assert out.shape == (2, shape[0] * shape[1], out_channels)
-    _assert_close(out, ref)
+    assert_close(out, ref)
 
 
 def _saved_random(config, seed, path):
@@ -151,7 +139,7 @@ def test_preset_parameter_count_matches_diffusers(name, guidance):
     with torch.device("meta"):
         ref = diffusers.FluxTransformer2DModel(**config)
     expected = sum(p.numel() for p in ref.parameters())
-    count = _preset_count(class_name, config)
+    count = preset_count(class_name, config)
     assert count == expected
     assert 11.5e9 < count < 12.5e9  # FLUX.1 is a ~12B-parameter transformer
 

@@ -8,7 +8,8 @@ from flax import nnx
 
 diffusers = pytest.importorskip("diffusers")
 
-from fraqat_jax.models import MODEL_CLASSES, PRESETS, count_params, from_diffusers  # noqa: E402
+from fraqat_jax.models import MODEL_CLASSES, PRESETS, from_diffusers  # noqa: E402
+from parity_utils import assert_close, preset_count  # noqa: E402
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -31,19 +32,6 @@ def _save_random(config: dict, tmp_path, seed: int):
 def _run(model, **inputs):
     """One jitted forward (a single XLA compile is much cheaper than op-by-op dispatch)."""
     return nnx.jit(lambda m, kwargs: m(**kwargs))(model, inputs)
-
-
-def _preset_count(class_name, config):
-    """Parameter count of the full-size port from ``nnx.eval_shape`` (no memory spent)."""
-    return count_params(nnx.eval_shape(lambda: MODEL_CLASSES[class_name](config, rngs=nnx.Rngs(0))))
-
-
-def _assert_close(ours, ref):
-    ours = np.asarray(ours)
-    assert ours.shape == ref.shape
-    tol = 2e-4 * max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(ours - ref).max())
-    assert err <= tol, f"max abs diff {err:.3g} > {tol:.3g}"
 
 
 # Two configs unlike diffusers' own: a T5-style caption projection with a padded-caption mask, and
@@ -76,7 +64,7 @@ def test_parity_captions_mask_non_square(tmp_path):
     out = _run(model, hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(captions),
                timestep=jnp.asarray(t), added_cond_kwargs=None, encoder_attention_mask=jnp.asarray(mask))
     assert out.shape == (2, 6, 8, 12)
-    _assert_close(out, ref)
+    assert_close(out, ref)
 
     # A padded caption means the same as the caption cut at its padding.
     cut = _run(model, hidden_states=jnp.asarray(x[1:]), encoder_hidden_states=jnp.asarray(captions[1:, :2]),
@@ -100,7 +88,7 @@ def test_parity_size_conditions_no_caption_projection(tmp_path):
                         return_dict=False)[0].numpy()
     out = _run(model, hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(context),
                timestep=jnp.asarray(t), added_cond_kwargs={k: jnp.asarray(v) for k, v in cond.items()})
-    _assert_close(out, ref)
+    assert_close(out, ref)
     with pytest.raises(ValueError, match="added_cond_kwargs"):
         model(hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(context),
               timestep=jnp.asarray(t))
@@ -125,7 +113,7 @@ def test_preset_parameter_count_matches_diffusers(name):
     with torch.device("meta"):
         ref = diffusers.PixArtTransformer2DModel(**config)
     expected = sum(p.numel() for p in ref.parameters())
-    count = _preset_count(class_name, config)
+    count = preset_count(class_name, config)
     assert count == expected
     assert 0.55e9 < count < 0.65e9  # PixArt-Sigma XL/2 is ~0.6B parameters
 

@@ -9,7 +9,8 @@ from flax import nnx
 
 diffusers = pytest.importorskip("diffusers")
 
-from fraqat_jax.models import MODEL_CLASSES, PRESETS, count_params, from_diffusers  # noqa: E402
+from fraqat_jax.models import MODEL_CLASSES, PRESETS, from_diffusers  # noqa: E402
+from parity_utils import assert_close, preset_count  # noqa: E402
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -25,19 +26,6 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 def _run(model, **inputs):
     """One jitted forward (a single XLA compile is much cheaper than op-by-op dispatch)."""
     return nnx.jit(lambda m, kwargs: m(**kwargs))(model, inputs)
-
-
-def _preset_count(class_name, config):
-    """Parameter count of the full-size port from ``nnx.eval_shape`` (no memory spent)."""
-    return count_params(nnx.eval_shape(lambda: MODEL_CLASSES[class_name](config, rngs=nnx.Rngs(0))))
-
-
-def _assert_close(ours, ref):
-    ours = np.asarray(ours)
-    assert ours.shape == ref.shape
-    tol = 2e-4 * max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(ours - ref).max())
-    assert err <= tol, f"max abs diff {err:.3g} > {tol:.3g}"
 
 
 # Sana 600M/1.6B-like: no position embedding, different self/cross head layouts.
@@ -78,7 +66,7 @@ def test_parity_linear_attention_mask_non_square(tmp_path):
     out = _run(model, hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(captions),
                timestep=jnp.asarray(t), encoder_attention_mask=jnp.asarray(mask))
     assert out.shape == (2, 4, 6, 10)
-    _assert_close(out, ref)
+    assert_close(out, ref)
     # the padded caption acts like the caption cut at its padding
     cut = _run(model, hidden_states=jnp.asarray(x[1:]), encoder_hidden_states=jnp.asarray(captions[1:, :3]),
                timestep=jnp.asarray(t[1:]))
@@ -100,7 +88,7 @@ def test_parity_guidance_pos_embed_qk_norm(tmp_path):
     out = _run(model, hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(captions),
                timestep=jnp.asarray(t), guidance=jnp.asarray(guidance), encoder_attention_mask=jnp.asarray(mask))
     assert out.shape == (2, 5, 8, 12)
-    _assert_close(out, ref)
+    assert_close(out, ref)
     with pytest.raises(ValueError, match="guidance"):
         model(hidden_states=jnp.asarray(x), encoder_hidden_states=jnp.asarray(captions),
               timestep=jnp.asarray(t))
@@ -137,10 +125,10 @@ def test_bf16_stays_close_and_remat_gradients_match_diffusers(tmp_path):
         return jax.grad(loss, argnums=(0, 1, 2))(state, x, c)
 
     g_state, gx, gc = grads(state, inputs["hidden_states"], inputs["encoder_hidden_states"])
-    _assert_close(gx, tx.grad.numpy())
-    _assert_close(gc, tc.grad.numpy())
+    assert_close(gx, tx.grad.numpy())
+    assert_close(gc, tc.grad.numpy())
     depthwise = ref_model.transformer_blocks[0].ff.conv_depth.weight.grad.numpy()  # OIHW
-    _assert_close(g_state["transformer_blocks"][0]["ff"]["conv_depth"]["kernel"][...],
+    assert_close(g_state["transformer_blocks"][0]["ff"]["conv_depth"]["kernel"][...],
                   depthwise.transpose(2, 3, 1, 0))
 
 
@@ -159,7 +147,7 @@ def test_preset_parameter_count_matches_diffusers(name, low, high):
     with torch.device("meta"):
         ref = diffusers.SanaTransformer2DModel(**config)
     expected = sum(p.numel() for p in ref.parameters())
-    count = _preset_count(class_name, config)
+    count = preset_count(class_name, config)
     assert count == expected
     assert low < count < high
 

@@ -1,7 +1,6 @@
 """SD3 / SD3.5 MMDiT port against diffusers' SD3Transformer2DModel on the same random weights."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,7 @@ from flax import nnx
 diffusers = pytest.importorskip("diffusers")
 
 from fraqat_jax.models import PRESETS, SD3Transformer2DModel, count_params, create, from_diffusers  # noqa: E402
+from parity_utils import assert_close  # noqa: E402
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -18,14 +18,6 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.06)
-
-
-def _assert_close(ours, ref):
-    ours = np.asarray(ours)
-    assert ours.shape == ref.shape
-    tol = 2e-4 * max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(ours - ref).max())
-    assert err <= tol, f"max abs diff {err:.3g} > {tol:.3g}"
 
 
 def _apply(model, *args, **kwargs):
@@ -78,8 +70,8 @@ def test_sd3_parity_and_skip_layers(tmp_path):
     assert isinstance(model, SD3Transformer2DModel)
     assert model.transformer_blocks[2].context_pre_only and model.transformer_blocks[2].ff_context is None
     x, ctx, pooled, t = _inputs(SD3_CONFIG, 2, 16, 16, 7, seed=0)
-    _assert_close(_apply(model, x, ctx, pooled, t), _torch_forward(ref_model, x, ctx, pooled, t))
-    _assert_close(
+    assert_close(_apply(model, x, ctx, pooled, t), _torch_forward(ref_model, x, ctx, pooled, t))
+    assert_close(
         _apply(model, x, ctx, pooled, t, skip_layers=(1,)),
         _torch_forward(ref_model, x, ctx, pooled, t, skip_layers=[1]),
     )
@@ -96,7 +88,7 @@ def test_sd35_parity_non_square(config, height, width, tmp_path):
     block0 = model.transformer_blocks[0]
     assert block0.attn2 is not None and block0.attn.norm_added_q is not None
     x, ctx, pooled, t = _inputs(config, 2, height, width, 5, seed=1)
-    _assert_close(_apply(model, x, ctx, pooled, t), _torch_forward(ref_model, x, ctx, pooled, t))
+    assert_close(_apply(model, x, ctx, pooled, t), _torch_forward(ref_model, x, ctx, pooled, t))
 
 
 def test_input_larger_than_position_table_is_rejected():
