@@ -117,6 +117,25 @@ class QuantMixin:
     """Shared state and logic of the quantized layers; see the module docstring."""
 
     KIND = ""  # "Linear", "Conv" or "Einsum": the name rules' ``layer_types`` use.
+    # Per token needs the contraction to leave tokens apart, which only a Linear layer guarantees.
+    DEFAULT_ACT_GRANULARITY = "tensor"
+
+    def __init__(self, layer, *, weight_bits=8.0, schedule=None, act_bits=8.0, symmetric=True,
+                 channel_axis=None, group_size=None, act_granularity=None):
+        """Builds the quantized form of an ``nnx.Linear``, ``nnx.Conv`` or ``nnx.Einsum`` layer.
+
+        Args:
+          layer: the layer to quantize (its Param objects are shared, not copied).
+          weight_bits: initial weight bit-width in [2, 16], or None for full-precision weights.
+          schedule: the layer's own bit-width schedule (stored as ``Bits`` metadata) or None.
+          act_bits: input bit-width, or None to leave the input unquantized.
+          symmetric, channel_axis, group_size: weight quantizer options of ``fraqat_jax.quantize``.
+          act_granularity: 'token', 'tensor' or 'static' (see the module docstring); None takes
+            the layer kind's ``DEFAULT_ACT_GRANULARITY`` (per token for Linear, else per tensor).
+        """
+        self._take_over(layer, weight_bits=weight_bits, schedule=schedule, act_bits=act_bits,
+                        symmetric=symmetric, channel_axis=channel_axis, group_size=group_size,
+                        act_granularity=act_granularity or self.DEFAULT_ACT_GRANULARITY)
 
     def _take_over(self, layer, *, weight_bits, schedule, act_bits, symmetric, channel_axis,
                    group_size, act_granularity):
@@ -195,27 +214,9 @@ class QuantMixin:
         return base_cls.__call__(view, x, *args, **kwargs)
 
 
-def _quant_init_doc(cls_name):
-    return (
-        f"Builds the quantized form of an ``nnx.{cls_name}`` layer, taking over its parameters.\n\n"
-        "Args:\n"
-        f"  layer: the ``nnx.{cls_name}`` to quantize (its Param objects are shared, not copied).\n"
-        "  weight_bits: initial weight bit-width in [2, 16], or None for full-precision weights.\n"
-        "  schedule: the layer's own bit-width schedule (stored as ``Bits`` metadata) or None.\n"
-        "  act_bits: input bit-width, or None to leave the input unquantized.\n"
-        "  symmetric, channel_axis, group_size: weight quantizer options of ``fraqat_jax.quantize``.\n"
-        "  act_granularity: 'token', 'tensor' or 'static' (see the module docstring).\n"
-    )
-
-
 class QuantLinear(QuantMixin, nnx.Linear):
     KIND = "Linear"
-
-    def __init__(self, layer: nnx.Linear, *, weight_bits=8.0, schedule=None, act_bits=8.0,
-                 symmetric=True, channel_axis=None, group_size=None, act_granularity="token"):
-        self._take_over(layer, weight_bits=weight_bits, schedule=schedule, act_bits=act_bits,
-                        symmetric=symmetric, channel_axis=channel_axis, group_size=group_size,
-                        act_granularity=act_granularity)
+    DEFAULT_ACT_GRANULARITY = "token"
 
     def __call__(self, inputs, out_sharding=None):
         return self._forward(nnx.Linear, inputs, out_sharding=out_sharding)
@@ -223,12 +224,7 @@ class QuantLinear(QuantMixin, nnx.Linear):
 
 class QuantConv(QuantMixin, nnx.Conv):
     KIND = "Conv"
-
-    def __init__(self, layer: nnx.Conv, *, weight_bits=8.0, schedule=None, act_bits=8.0,
-                 symmetric=True, channel_axis=None, group_size=None, act_granularity="tensor"):
-        self._take_over(layer, weight_bits=weight_bits, schedule=schedule, act_bits=act_bits,
-                        symmetric=symmetric, channel_axis=channel_axis, group_size=group_size,
-                        act_granularity=act_granularity)
+    DEFAULT_ACT_GRANULARITY = "tensor"
 
     def __call__(self, inputs, out_sharding=None):
         return self._forward(nnx.Conv, inputs, out_sharding=out_sharding)
@@ -236,19 +232,12 @@ class QuantConv(QuantMixin, nnx.Conv):
 
 class QuantEinsum(QuantMixin, nnx.Einsum):
     KIND = "Einsum"
-
-    def __init__(self, layer: nnx.Einsum, *, weight_bits=8.0, schedule=None, act_bits=8.0,
-                 symmetric=True, channel_axis=None, group_size=None, act_granularity="tensor"):
-        self._take_over(layer, weight_bits=weight_bits, schedule=schedule, act_bits=act_bits,
-                        symmetric=symmetric, channel_axis=channel_axis, group_size=group_size,
-                        act_granularity=act_granularity)
+    DEFAULT_ACT_GRANULARITY = "tensor"
 
     def __call__(self, inputs, einsum_str=None, out_sharding=None):
         return self._forward(nnx.Einsum, inputs, einsum_str, out_sharding=out_sharding)
 
 
-for _cls, _base in ((QuantLinear, "Linear"), (QuantConv, "Conv"), (QuantEinsum, "Einsum")):
-    _cls.__init__.__doc__ = _quant_init_doc(_base)
 
 #: Original layer type -> quantized type. Exact types only: a subclass of ``nnx.Linear`` with its
 #: own ``__call__`` would lose its behaviour if swapped.

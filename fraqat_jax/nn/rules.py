@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
@@ -191,12 +191,11 @@ def quantize_model(model: nnx.Module, rules: Sequence[Rule] | Rule | None = None
         schedule = rule.weight_bits if _is_schedule(rule.weight_bits) else None
         init_bits = None if rule.weight_bits is None else (
             float(schedule(0)) if schedule is not None else rule.weight_bits)
-        granularity = rule.act_granularity or ("token" if kind == "Linear" else "tensor")
         try:
             new = QUANTIZED_TYPES[type(layer)](
                 layer, weight_bits=init_bits, schedule=schedule, act_bits=rule.act_bits,
                 symmetric=rule.symmetric, channel_axis=rule.channel_axis, group_size=rule.group_size,
-                act_granularity=granularity)
+                act_granularity=rule.act_granularity)
         except ValueError as e:
             raise ValueError(f"rule {rule.pattern!r} cannot quantize layer {name!r}: {e}") from None
         if not path:
