@@ -4,7 +4,8 @@
   ``Cls(config, *, rngs, dtype=None, param_dtype=jnp.float32, remat=False)``.
 - ``PRESETS``: published sizes, ``name -> (class_name, config)``; ``create(name, rngs=...)``.
 - ``from_diffusers(path, *, dtype=None)``: load a diffusers model or pipeline folder.
-- Shared building blocks live in ``models.layers`` and ``models.attention``.
+- Shared building blocks: ``models.common`` (linear, norms, config), ``models.embeddings``,
+  ``models.normalization`` (adaLN), ``models.activations`` (feed-forward), ``models.attention``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fraqat_jax.models.convert import (
+    CheckpointFileError,
     CheckpointMismatchError,
     from_diffusers,
     load_state_dict,
     to_diffusers_state_dict,
 )
 from fraqat_jax.models.dit import DiTTransformer2DModel
-from fraqat_jax.models.layers import count_params
+from fraqat_jax.models.common import count_params
 from fraqat_jax.models.mmdit import SD3Transformer2DModel
 from fraqat_jax.models.flux import FLUX_PRESETS, FluxTransformer2DModel
 from fraqat_jax.models.pixart import PIXART_PRESETS, PixArtTransformer2DModel
@@ -111,6 +113,7 @@ def create(
 __all__ = [
     "MODEL_CLASSES",
     "PRESETS",
+    "CheckpointFileError",
     "CheckpointMismatchError",
     "DiTTransformer2DModel",
     "FluxTransformer2DModel",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.models.layers import EMBED, HEADS, Dtype, Identity, LayerNorm, RMSNorm, linear
+from fraqat_jax.models.common import EMBED, HEADS, Dtype, Identity, LayerNorm, RMSNorm, linear
 
 
 def apply_rotary_emb(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from fraqat_jax.models.layers import Buffer
+from fraqat_jax.models.common import Buffer
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,

@@ -15,19 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fraqat_jax.models.attention import Attention
-from fraqat_jax.models.layers import (
-    EMBED,
-    KeySequence,
-    MLP,
-    AdaLayerNormZero,
-    FeedForward,
-    LayerNorm,
-    PatchEmbed,
-    call_block,
-    linear,
-    merge_config,
-    unpatchify,
-)
+from fraqat_jax.models.activations import FeedForward
+from fraqat_jax.models.common import EMBED, MLP, KeySequence, LayerNorm, call_block, linear, merge_config
+from fraqat_jax.models.embeddings import PatchEmbed, unpatchify
+from fraqat_jax.models.normalization import AdaLayerNormZero
 
 DIT_DEFAULTS: dict[str, Any] = {
     "num_attention_heads": 16,

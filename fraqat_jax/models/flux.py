@@ -17,24 +17,15 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax.models.attention import Attention
-from fraqat_jax.models.layers import (
-    KeySequence,
-    EMBED,
-    MLP,
-    AdaLayerNormContinuous,
-    AdaLayerNormZero,
-    AdaLayerNormZeroSingle,
+from fraqat_jax.models.activations import FeedForward
+from fraqat_jax.models.common import EMBED, MLP, KeySequence, LayerNorm, call_block, linear, merge_config
+from fraqat_jax.models.embeddings import (
     CombinedTimestepTextProjEmbeddings,
-    FeedForward,
-    LayerNorm,
     PixArtAlphaTextProjection,
     TimestepEmbedding,
-    call_block,
-    linear,
-    merge_config,
-    modulate,
     timestep_embedding,
 )
+from fraqat_jax.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, modulate
 
 FLUX_DEFAULTS: dict[str, Any] = {
     "patch_size": 1,

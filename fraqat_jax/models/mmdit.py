@@ -17,22 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fraqat_jax.models.attention import Attention
-from fraqat_jax.models.layers import (
-    EMBED,
-    KeySequence,
-    AdaLayerNormContinuous,
-    AdaLayerNormZero,
-    CombinedTimestepTextProjEmbeddings,
-    FeedForward,
-    LayerNorm,
-    PatchEmbed,
-    SD35AdaLayerNormZeroX,
-    call_block,
-    linear,
-    merge_config,
-    modulate,
-    unpatchify,
-)
+from fraqat_jax.models.activations import FeedForward
+from fraqat_jax.models.common import EMBED, KeySequence, LayerNorm, call_block, linear, merge_config
+from fraqat_jax.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed, unpatchify
+from fraqat_jax.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX, modulate
 
 SD3_DEFAULTS: dict[str, Any] = {
     "sample_size": 128,

@@ -15,19 +15,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fraqat_jax.models.attention import Attention
-from fraqat_jax.models.layers import (
-    KeySequence,
+from fraqat_jax.models.activations import FeedForward
+from fraqat_jax.models.common import (
     EMBED,
     MLP,
-    FeedForward,
+    KeySequence,
     LayerNorm,
-    PatchEmbed,
-    PixArtAlphaTextProjection,
-    TimestepEmbedding,
     call_block,
     linear,
     merge_config,
     no_eager_sharding,
+)
+from fraqat_jax.models.embeddings import (
+    PatchEmbed,
+    PixArtAlphaTextProjection,
+    TimestepEmbedding,
     timestep_embedding,
     unpatchify,
 )

@@ -15,23 +15,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fraqat_jax.models.attention import Attention
-from fraqat_jax.models.layers import (
-    KeySequence,
+from fraqat_jax.models.common import (
     EMBED,
     HEADS,
     MLP,
     Identity,
+    KeySequence,
     LayerNorm,
-    PatchEmbed,
-    PixArtAlphaTextProjection,
     RMSNorm,
-    TimestepEmbedding,
-    _torch_bias_init,
-    _torch_kernel_init,
     call_block,
     linear,
     merge_config,
     no_eager_sharding,
+    torch_bias_init,
+    torch_kernel_init,
+)
+from fraqat_jax.models.embeddings import (
+    PatchEmbed,
+    PixArtAlphaTextProjection,
+    TimestepEmbedding,
     timestep_embedding,
     unpatchify,
 )
@@ -78,8 +80,8 @@ def _conv(in_features: int, out_features: int, kernel: int, *, groups: int = 1, 
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=_torch_kernel_init,
-            bias_init=_torch_bias_init(in_features // groups * kernel * kernel),
+            kernel_init=torch_kernel_init,
+            bias_init=torch_bias_init(in_features // groups * kernel * kernel),
             kernel_metadata={"out_sharding": axes},
             bias_metadata={"out_sharding": (axes[-1],)},
             rngs=rngs,

@@ -15,12 +15,9 @@ from diffusers.models import embeddings as d_emb  # noqa: E402
 
 from fraqat_jax.models.attention import Attention  # noqa: E402
 from fraqat_jax.models.convert import load_state_dict  # noqa: E402
-from fraqat_jax.models.layers import (  # noqa: E402
-    FeedForward,
-    LayerNorm,
-    get_2d_sincos_pos_embed,
-    timestep_embedding,
-)
+from fraqat_jax.models.activations import FeedForward  # noqa: E402
+from fraqat_jax.models.common import LayerNorm  # noqa: E402
+from fraqat_jax.models.embeddings import get_2d_sincos_pos_embed, timestep_embedding  # noqa: E402
 
 
 def _port(ours: nnx.Module, theirs: torch.nn.Module, seed: int) -> nnx.Module:
