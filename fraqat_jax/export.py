@@ -253,7 +253,7 @@ def load(path: str) -> nnx.Module:
 
 def _fill(frozen, stored) -> nnx.Module:
     """``frozen`` with the stored arrays, floats widened back to the structure's dtypes."""
-    from fraqat_jax.nn.freeze import FrozenLinear, _code_sums
+    from fraqat_jax.nn.freeze import FrozenLinear, code_sums
 
     graphdef, state = nnx.split(frozen)
     full = nnx.to_pure_dict(state)
@@ -262,7 +262,7 @@ def _fill(frozen, stored) -> nnx.Module:
     model = nnx.merge(graphdef, state)
     for _, layer in nnx.iter_graph(model):
         if isinstance(layer, FrozenLinear) and layer.kernel_code_sums is not None:
-            layer.kernel_code_sums[...] = _code_sums(layer.kernel_codes[...], layer.kernel_shape,
+            layer.kernel_code_sums[...] = code_sums(layer.kernel_codes[...], layer.kernel_shape,
                                                      layer.group_size or layer.kernel_shape[0], layer.packed)
     return model
 

@@ -1,13 +1,34 @@
-"""Flax NNX integration: quantized layers, rules that swap them into any model, bit-width state,
-calibration of static activation ranges, and the frozen integer serving form."""
+"""Flax NNX integration of the quantizer; imports only ``quant/`` and ``schedules.py``.
+
+``layers``: quantized counterparts of ``nnx.Linear``/``Conv``/``Einsum`` (fake quantization, bit-width
+as state). ``rules``: which layers get quantized and how (``Rule``, ``quantize_model``, ``set_bits``).
+``calibration`` (with the leaf ``stats``): static activation ranges. ``freeze``: the integer serving
+form. ``graph``: module paths and layer replacement, shared by ``rules`` and ``freeze``.
+"""
 
 from fraqat_jax.nn.calibration import calibrate
 from fraqat_jax.nn.freeze import Codes, FrozenConv, FrozenLinear, Scale, freeze
+from fraqat_jax.nn.graph import quantized_layers
 from fraqat_jax.nn.layers import ActRange, Bits, QuantConv, QuantEinsum, QuantLinear
-from fraqat_jax.nn.rules import (DEFAULT_RULES, Rule, apply_schedules, bits_of, quantize_model,
-                                 quantized_layers, set_bits)
+from fraqat_jax.nn.rules import DEFAULT_RULES, Rule, apply_schedules, bits_of, quantize_model, set_bits
 
 __all__ = [
-    "ActRange", "Bits", "Codes", "DEFAULT_RULES", "FrozenConv", "FrozenLinear", "Scale", "freeze", "QuantConv", "QuantEinsum", "QuantLinear", "Rule",
-    "apply_schedules", "bits_of", "calibrate", "quantize_model", "quantized_layers", "set_bits",
+    "DEFAULT_RULES",
+    "ActRange",
+    "Bits",
+    "Codes",
+    "FrozenConv",
+    "FrozenLinear",
+    "QuantConv",
+    "QuantEinsum",
+    "QuantLinear",
+    "Rule",
+    "Scale",
+    "apply_schedules",
+    "bits_of",
+    "calibrate",
+    "freeze",
+    "quantize_model",
+    "quantized_layers",
+    "set_bits",
 ]

@@ -15,7 +15,6 @@ During calibration each quantized layer sees weights quantized at its current bi
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Callable, Iterable
 
@@ -23,37 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-class CalibrationStats:
-    """Pooled count, mean and sum of squared deviations (float64, host) of one layer's inputs.
-
-    While :func:`calibrate` runs, each calibrated layer holds one as its (static) attribute
-    ``calibration_stats``; the layer then sends each input's float32 mean and variance here through
-    ``jax.debug.callback`` (so the forward pass may be jitted) and leaves the input unquantized.
-    """
-
-    def __init__(self):
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-
-    def add(self, n: int, mean, var):
-        mean, var = float(mean), float(var)
-        total = self.count + n
-        delta = mean - self.mean
-        self.m2 += var * n + delta * delta * self.count * n / total
-        self.mean += delta * n / total
-        self.count = total
-
-    def range(self) -> tuple[float, float]:
-        sigma = (self.m2 / self.count) ** 0.5
-        return self.mean - 3.0 * sigma, self.mean + 3.0 * sigma
-
-
-def record(stats: CalibrationStats, x):
-    """Sends the mean and variance of ``x`` (computed on the device) to ``stats``."""
-    xf = jnp.asarray(x, jnp.float32)
-    jax.debug.callback(functools.partial(stats.add, int(xf.size)), jnp.mean(xf), jnp.var(xf))
+from fraqat_jax.nn.graph import quantized_layers
+from fraqat_jax.nn.stats import CalibrationStats
 
 
 def _default_forward(model, batch):
@@ -81,8 +51,6 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | 
     docstring) and switches to ``act_granularity = "static"``. Layers with ``act_bits=None`` are
     skipped. Raises ``ValueError`` if ``batches`` is empty or a layer received no input.
     """
-    from fraqat_jax.nn.rules import quantized_layers
-
     forward = forward or _default_forward
     layers = [(path, layer) for path, layer in quantized_layers(model)
               if layer.act_bits is not None and (pattern is None or re.fullmatch(pattern, path))]

@@ -47,8 +47,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from fraqat_jax.nn.layers import QuantConv, QuantEinsum, QuantLinear, QuantMixin, _identity_promote, _View
-from fraqat_jax.nn.rules import _child, _replace_child, path_string
+from fraqat_jax.nn.graph import path_string, replace_child, walk_to
+from fraqat_jax.nn.layers import KernelView, QuantConv, QuantEinsum, QuantLinear, QuantMixin, identity_promote
 from fraqat_jax.quant import quantize_codes
 
 
@@ -144,7 +144,9 @@ def _groups_by_out(a):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _code_sums(stored, shape, group, packed):
+def code_sums(stored, shape, group, packed):
+    """Column sums of a kernel's codes per contraction group, int32 ``(shape[0] // group, shape[1])``;
+    ``stored`` as in ``kernel_codes`` (packed nibbles when ``packed``)."""
     codes = unpack_nibbles(stored, shape) if packed else stored
     return codes.astype(jnp.int32).reshape(shape[0] // group, group, shape[1]).sum(1)
 
@@ -169,7 +171,7 @@ class FrozenLinear(_Frozen):
         # Per (group, output) sums of the weight codes, for the activation zero-point term; stored
         # so that serving reads the weights once.
         self.kernel_code_sums = None if self.act_bits is None else Codes(
-            _code_sums(self.kernel_codes[...], self.kernel_shape, self.group_size or self.kernel_shape[0],
+            code_sums(self.kernel_codes[...], self.kernel_shape, self.group_size or self.kernel_shape[0],
                        self.packed))
 
     def __call__(self, x):
@@ -224,8 +226,8 @@ class FrozenConv(_Frozen):
             setattr(self, name, getattr(layer, name))
 
     def _conv(self, x, kernel, preferred):
-        view = _View(self, kernel=kernel, kernel_shape=self.kernel_shape, mask=None, bias=None,
-                     use_bias=False, dtype=None, promote_dtype=_identity_promote,
+        view = KernelView(self, kernel=kernel, kernel_shape=self.kernel_shape, mask=None, bias=None,
+                     use_bias=False, dtype=None, promote_dtype=identity_promote,
                      preferred_element_type=preferred)
         return nnx.Conv.__call__(view, x)
 
@@ -273,8 +275,5 @@ def freeze(model: nnx.Module) -> nnx.Module:
         frozen = FROZEN_TYPES[type(layer)](layer, name)
         if not path:
             return frozen
-        parent = model
-        for key in path[:-1]:
-            parent = _child(parent, key)
-        _replace_child(parent, path[-1], frozen, name)
+        replace_child(walk_to(model, path), path[-1], frozen, name)
     return model

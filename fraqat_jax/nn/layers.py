@@ -31,15 +31,14 @@ dynamic quantization, scale ``(hi - lo) / (2**act_bits - 1)``, see ``fraqat_jax.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.nn.calibration import record
-from fraqat_jax.quant import check_bits, quantize, quantize_codes
+from fraqat_jax.nn.stats import record
+from fraqat_jax.quant import check_bits, quantize, quantize_codes, static_codes, static_fake_quant
 
 ACT_GRANULARITIES = ("token", "tensor", "static")
 
@@ -57,7 +56,7 @@ class ActRange(nnx.Variable):
     :func:`fraqat_jax.calibrate` sets it."""
 
 
-class _View:
+class KernelView:
     """Attribute view of a module with some attributes replaced (e.g. the kernel by its quantized
     value), so the original Flax ``__call__`` can run unchanged on it."""
 
@@ -69,43 +68,9 @@ class _View:
         return getattr(self.__dict__["_module"], name)
 
 
-def _identity_promote(args, dtype=None):
+def identity_promote(args, dtype=None):
+    """A ``promote_dtype`` that leaves arguments as they are (integer operands must stay integer)."""
     return args
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _static_fake_quant(x, lo, hi, bits):
-    codes, scale, zero = static_codes(x, lo, hi, bits)
-    return (codes * scale + zero).astype(x.dtype)
-
-
-def _static_fwd(x, lo, hi, bits):
-    return _static_fake_quant(x, lo, hi, bits), (x, lo, hi)
-
-
-def _static_bwd(bits, res, g):
-    x, lo, hi = res
-    inside = (x >= lo) & (x <= hi)
-    return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(lo), jnp.zeros_like(hi)
-
-
-_static_fake_quant.defvjp(_static_fwd, _static_bwd)
-
-
-def static_codes(x, lo, hi, bits):
-    """Asymmetric codes of ``x`` on the fixed range ``[lo, hi]`` at ``bits`` (a Python number).
-
-    Returns float32 ``(codes, scale, zero)`` with ``codes`` in [0, floor(2**bits) - 1],
-    ``scale = (hi - lo) / (2**bits - 1)`` and ``zero = lo``; ``codes * scale + zero`` is the value.
-    """
-    lo = jnp.asarray(lo, jnp.float32)
-    hi = jnp.asarray(hi, jnp.float32)
-    levels = 2.0**bits - 1.0
-    span = hi - lo
-    scale = jnp.where(span > 0, span / levels, 1.0)
-    top = float(int(2.0**bits)) - 1.0
-    codes = jnp.clip(jnp.round((x.astype(jnp.float32) - lo) / scale), 0.0, top)
-    return codes, scale, lo
 
 
 def token_axes(ndim: int) -> tuple[int, ...] | None:
@@ -196,7 +161,7 @@ class QuantMixin:
                     f"{type(self).__name__} uses static activation scales but was never "
                     "calibrated: run fraqat_jax.calibrate(model, batches) first"
                 )
-            return _static_fake_quant(x, lo_hi[0], lo_hi[1], self.act_bits)
+            return static_fake_quant(x, lo_hi[0], lo_hi[1], self.act_bits)
         axes = token_axes(x.ndim) if self.act_granularity == "token" else None
         return quantize(x, self.act_bits, symmetric=False, channel_axis=axes)
 
@@ -210,7 +175,7 @@ class QuantMixin:
 
     def _forward(self, base_cls, inputs, *args, **kwargs):
         x = self.quantize_input(inputs)
-        view = _View(self, kernel=self.quantized_kernel(), mask=None)
+        view = KernelView(self, kernel=self.quantized_kernel(), mask=None)
         return base_cls.__call__(view, x, *args, **kwargs)
 
 

@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.nn.layers import ACT_GRANULARITIES, QUANT_LAYERS, QUANTIZED_TYPES, Bits, kind_of
-from fraqat_jax.quant import check_bits
-from fraqat_jax.quant.fake import validate_bits
+from fraqat_jax.nn.graph import find_layers, path_string, quantized_layers, replace_child, walk_to
+from fraqat_jax.nn.layers import ACT_GRANULARITIES, QUANTIZED_TYPES, Bits, kind_of
+from fraqat_jax.quant import check_bits, validate_bits
 
 LAYER_TYPES = ("Linear", "Conv", "Einsum")
 
@@ -119,39 +119,6 @@ class Rule:
 DEFAULT_RULES = (Rule(r".*", weight_bits=8, act_bits=8, layer_types=("Linear",)),)
 
 
-def path_string(path: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def _child(obj, key):
-    if isinstance(key, str) and not isinstance(obj, (dict, nnx.Dict)):
-        return getattr(obj, key)
-    return obj[key]
-
-
-def _replace_child(parent, key, new, path: str):
-    if isinstance(parent, tuple):
-        raise TypeError(f"cannot replace layer {path!r}: it sits in a tuple; use a list or nnx.List")
-    if isinstance(key, str) and not isinstance(parent, (dict, nnx.Dict)):
-        setattr(parent, key, new)
-    else:
-        parent[key] = new
-
-
-def _layers(model, types: tuple[type, ...], exact: bool):
-    out = []
-    for path, node in nnx.iter_graph(model):
-        if (type(node) in types) if exact else isinstance(node, types):
-            out.append((path, node))
-    out.sort(key=lambda item: [str(p) for p in item[0]])
-    return out
-
-
-def quantized_layers(model) -> list[tuple[str, Any]]:
-    """``(path, layer)`` for every quantized layer of ``model``, sorted by path."""
-    return [(path_string(p), layer) for p, layer in _layers(model, QUANT_LAYERS, exact=False)]
-
-
 def quantize_model(model: nnx.Module, rules: Sequence[Rule] | Rule | None = None) -> nnx.Module:
     """Replaces the ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` layers matched by ``rules``.
 
@@ -177,7 +144,7 @@ def quantize_model(model: nnx.Module, rules: Sequence[Rule] | Rule | None = None
         if not isinstance(rule, Rule):
             raise ValueError(f"rules must be fraqat_jax.Rule objects, got {rule!r}")
     used = [False] * len(rules)
-    for path, layer in _layers(model, tuple(QUANTIZED_TYPES), exact=True):
+    for path, layer in find_layers(model, tuple(QUANTIZED_TYPES), exact=True):
         name = path_string(path)
         kind = kind_of(layer)
         for i, rule in enumerate(rules):
@@ -201,10 +168,7 @@ def quantize_model(model: nnx.Module, rules: Sequence[Rule] | Rule | None = None
         if not path:
             model = new
             continue
-        parent = model
-        for key in path[:-1]:
-            parent = _child(parent, key)
-        _replace_child(parent, path[-1], new, name)
+        replace_child(walk_to(model, path), path[-1], new, name)
     for rule, hit in zip(rules, used):
         if not hit:
             warnings.warn(f"fraqat_jax rule {rule.pattern!r} matched no layer", UserWarning, stacklevel=2)

@@ -1,4 +1,9 @@
-"""Pure quantization functions (no Flax): the fractional-bit fake quantizer and its codes."""
+"""All quantizer arithmetic, pure JAX (no Flax, nothing else of the package).
+
+``fake``: the fractional-bit fake quantizer (straight-through gradient), its integer codes and
+scales (per tensor, channel or group), bit-width validation. ``static``: activation quantization on a
+fixed, calibrated range. ``nn/`` wraps these in layers; nothing else computes codes.
+"""
 
 from fraqat_jax.quant.fake import (
     MAX_BITS,
@@ -7,6 +12,10 @@ from fraqat_jax.quant.fake import (
     dequantize,
     quantize,
     quantize_codes,
+    range_codes,
+    validate_bits,
 )
+from fraqat_jax.quant.static import static_codes, static_fake_quant
 
-__all__ = ["MAX_BITS", "MIN_BITS", "check_bits", "dequantize", "quantize", "quantize_codes"]
+__all__ = ["MAX_BITS", "MIN_BITS", "check_bits", "dequantize", "quantize", "quantize_codes", "range_codes",
+           "static_codes", "static_fake_quant", "validate_bits"]

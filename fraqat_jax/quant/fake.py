@@ -168,6 +168,17 @@ def _codes(xf, bits, symmetric: bool, reduce_axes):
         return codes, scale, jnp.zeros_like(scale)
     lo = jnp.min(xf, axis=reduce_axes, keepdims=True)
     hi = jnp.max(xf, axis=reduce_axes, keepdims=True)
+    return range_codes(xf, lo, hi, bits)
+
+
+def range_codes(xf, lo, hi, bits):
+    """Asymmetric codes of float32 ``xf`` on the range ``[lo, hi]`` (broadcastable to ``xf``).
+
+    Returns float32 ``(codes, scale, zero)``: ``scale = (hi - lo) / (2**bits - 1)`` (1 for an empty
+    range), ``zero = lo``, codes ``clip(round((xf - lo) / scale), 0, floor(2**bits) - 1)``, so
+    ``codes * scale + zero`` is the quantized value. Dynamic (min/max) and static (calibrated)
+    activation quantization both use it.
+    """
     span = hi - lo
     levels = _exp2(bits)
     scale = jnp.where(span > 0, span / (levels - 1.0), 1.0)

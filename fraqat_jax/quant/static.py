@@ -1,0 +1,51 @@
+"""Static-range (calibrated) activation quantization: a fixed ``[lo, hi]`` instead of run-time min/max.
+
+Phones run static quantization only (the paper calibrates 100 samples and fixes each layer's input
+range at mean +/- 3 std). The range's codes are those of :func:`fraqat_jax.quant.fake.range_codes`
+(asymmetric, ``scale = (hi - lo) / (2**bits - 1)``, ``zero = lo``).
+
+Gradient of :func:`static_fake_quant`: straight-through inside ``[lo, hi]``, zero outside (a clipped
+value does not move with its input); the range itself gets no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fraqat_jax.quant.fake import range_codes
+
+__all__ = ["static_codes", "static_fake_quant"]
+
+
+def static_codes(x, lo, hi, bits):
+    """Asymmetric codes of ``x`` on the fixed range ``[lo, hi]`` at ``bits`` (a Python number).
+
+    Returns float32 ``(codes, scale, zero)`` with ``codes`` in [0, floor(2**bits) - 1],
+    ``scale = (hi - lo) / (2**bits - 1)`` and ``zero = lo``; ``codes * scale + zero`` is the value.
+    """
+    lo = jnp.asarray(lo, jnp.float32)
+    hi = jnp.asarray(hi, jnp.float32)
+    return range_codes(x.astype(jnp.float32), lo, hi, jnp.float32(bits))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def static_fake_quant(x, lo, hi, bits):
+    """``x`` quantized on ``[lo, hi]`` at ``bits`` and dequantized, in ``x``'s dtype."""
+    codes, scale, zero = static_codes(x, lo, hi, bits)
+    return (codes * scale + zero).astype(x.dtype)
+
+
+def _fwd(x, lo, hi, bits):
+    return static_fake_quant(x, lo, hi, bits), (x, lo, hi)
+
+
+def _bwd(bits, res, g):
+    x, lo, hi = res
+    inside = (x >= lo) & (x <= hi)
+    return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(lo), jnp.zeros_like(hi)
+
+
+static_fake_quant.defvjp(_fwd, _bwd)
