@@ -22,6 +22,8 @@ from fraqat_jax.models.convert import (
     load_state_dict,
     to_diffusers_state_dict,
 )
+from fraqat_jax.models.autoencoder_dc import AutoencoderDC
+from fraqat_jax.models.autoencoder_kl import AutoencoderKL, load_vae
 from fraqat_jax.models.dit import DiTTransformer2DModel
 from fraqat_jax.models.common import count_params
 from fraqat_jax.models.mmdit import SD3Transformer2DModel
@@ -83,6 +85,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 MODEL_CLASSES["PixArtTransformer2DModel"] = PixArtTransformer2DModel
 MODEL_CLASSES["SanaTransformer2DModel"] = SanaTransformer2DModel
 MODEL_CLASSES["FluxTransformer2DModel"] = FluxTransformer2DModel
+# VAEs (issue 16): loaded with from_diffusers(vae_dir) or autoencoder_kl.load_vae(path).
+MODEL_CLASSES["AutoencoderKL"] = AutoencoderKL
+MODEL_CLASSES["AutoencoderDC"] = AutoencoderDC
 PRESETS.update({**PIXART_PRESETS, **SANA_PRESETS, **FLUX_PRESETS})
 
 
@@ -113,6 +118,8 @@ def create(
 __all__ = [
     "MODEL_CLASSES",
     "PRESETS",
+    "AutoencoderDC",
+    "AutoencoderKL",
     "CheckpointFileError",
     "CheckpointMismatchError",
     "DiTTransformer2DModel",
@@ -123,6 +130,7 @@ __all__ = [
     "count_params",
     "create",
     "from_diffusers",
+    "load_vae",
     "load_state_dict",
     "to_diffusers_state_dict",
 ]
