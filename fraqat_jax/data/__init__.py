@@ -30,18 +30,27 @@ Sources:
 
 from __future__ import annotations
 
+from fraqat_jax.data.checks import check_fits_teacher
 from fraqat_jax.data.datafree import DataFreeSource
 from fraqat_jax.data.latents import LatentsWriter, read_latents, write_latents
-from fraqat_jax.data.sources import ArraySource, Source, TfdsSource, digits
+from fraqat_jax.data.sources import (
+    ArraySource,
+    DataSourceError,
+    Source,
+    TfdsSource,
+    digits,
+)
 
-__all__ = ["ArraySource", "DataFreeSource", "LatentsWriter", "Source", "TfdsSource", "digits", "make_source",
-           "read_latents", "write_latents"]
+__all__ = ["ArraySource", "DataFreeSource", "DataSourceError", "LatentsWriter", "Source", "TfdsSource",
+           "check_fits_teacher", "digits", "make_source", "read_latents", "write_latents"]
 
 
 def make_source(spec: str, *, seed: int = 0, image_size: int | None = None, data_dir: str | None = None):
     """A source from its name: ``digits``, ``tfds:NAME[:SPLIT]`` or ``latents:DIR``.
 
-    (``datafree`` needs a teacher: build :class:`DataFreeSource` directly.)
+    (``datafree`` needs a teacher: build :class:`DataFreeSource` directly.) A source that cannot be
+    opened raises :class:`DataSourceError`, one line naming it and saying what to do; TFDS datasets
+    are never downloaded here: they must be prepared (as array_record) in ``data_dir`` first.
     """
     if spec == "digits":
         return digits(seed=seed)
@@ -50,5 +59,5 @@ def make_source(spec: str, *, seed: int = 0, image_size: int | None = None, data
         return TfdsSource(name, split or "train", seed=seed, image_size=image_size, data_dir=data_dir or None)
     if spec.startswith("latents:"):
         return read_latents(spec[len("latents:"):], seed=seed)
-    raise ValueError(f"data source {spec!r} is not allowed: use digits, tfds:NAME[:SPLIT], latents:DIR "
-                     "(datafree is built by the trainer)")
+    raise DataSourceError(spec, "is not allowed: use digits, tfds:NAME[:SPLIT], latents:DIR "
+                                "(datafree is built by the trainer)")

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from fraqat_jax.data.sources import ArraySource
+from fraqat_jax.data.sources import ArraySource, DataSourceError
 
 __all__ = ["FORMAT", "LatentsWriter", "read_latents", "write_latents"]
 
@@ -102,21 +103,42 @@ class _Float32View:
 
 
 def read_latents(directory: str, *, seed: int = 0) -> ArraySource:
-    """Opens a cache written by :class:`LatentsWriter` as a data source (memory-mapped)."""
+    """Opens a cache written by :class:`LatentsWriter` as a data source (memory-mapped).
+
+    Raises :class:`DataSourceError` (one line naming ``latents:DIR``) for a missing folder, a folder
+    without its ``meta.json`` index (an unfinished cache), a bad index or a field file that is
+    missing or does not match the index."""
+    spec = f"latents:{directory}"
+    redo = "write the cache again (scripts/cache_latents.py) or point data= at a finished one"
+    if not os.path.isdir(directory):
+        raise DataSourceError(spec, f"cannot be opened: no such folder; {redo}")
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.isfile(meta_path):
-        raise ValueError(f"latents cache {directory!r} has no meta.json (missing or incomplete cache)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+        raise DataSourceError(spec, "cannot be opened: the folder has no meta.json, the index a cache gets when its writer finishes "
+                                    f"(missing or incomplete cache); {redo}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        n, fields = int(meta["num_examples"]), dict(meta["fields"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataSourceError(spec, f"cannot be opened: meta.json is not a {FORMAT} index ({type(e).__name__}: {e}); {redo}") from None
+    if n < 1:
+        raise DataSourceError(spec, f"cannot be opened: meta.json says num_examples={n}; a cache needs at least one example; {redo}")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"latents cache {directory!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise DataSourceError(spec, f"cannot be opened: meta.json has format {meta.get('format')!r}, expected {FORMAT!r}; {redo}")
     arrays = {}
-    for k, spec in meta["fields"].items():
-        a = np.load(os.path.join(directory, f"{k}.npy"), mmap_mode="r")
-        if list(a.shape) != [meta["num_examples"], *spec["shape"]]:
-            raise ValueError(f"latents cache field {k!r} has shape {a.shape}, meta.json says "
-                             f"{[meta['num_examples'], *spec['shape']]}")
+    for k, field in fields.items():
+        path = os.path.join(directory, f"{k}.npy")
+        try:
+            a = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataSourceError(spec, f"cannot be opened: field {k!r} cannot be read from {path} ({type(e).__name__}: {e}); {redo}") from None
+        if list(a.shape) != [n, *field["shape"]]:
+            raise DataSourceError(spec, f"cannot be opened: field {k!r} has shape {list(a.shape)} in {path}, meta.json says "
+                                        f"{[n, *field['shape']]}; {redo}")
         arrays[k] = _Float32View(a) if np.issubdtype(a.dtype, np.floating) else a
+    if "latents" not in arrays:
+        raise DataSourceError(spec, f"cannot be opened: meta.json lists no 'latents' field (it has {sorted(arrays)}); {redo}")
     src = ArraySource(arrays, seed=seed)
     src.info = meta.get("info", {})
     return src

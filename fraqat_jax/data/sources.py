@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
-from typing import Any, Mapping
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ArraySource", "Source", "TfdsSource", "digits", "epoch_permutation", "global_indices", "host_rows"]
+__all__ = ["ArraySource", "DataSourceError", "Source", "TfdsSource", "digits", "epoch_permutation",
+           "global_indices", "host_rows"]
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be opened or does not fit the teacher. The message is one line
+    naming the source (``tfds:NAME:SPLIT``, ``latents:DIR``, ...) and saying what to do."""
+
+    def __init__(self, source: str, problem: str):
+        self.source = source
+        super().__init__(" ".join(f"data source {source!r} {problem}".split()))
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -105,20 +119,22 @@ class TfdsSource(Source):
 
     def __init__(self, name: str, split: str = "train", *, seed: int = 0, image_size: int | None = None,
                  image_key: str = "image", label_key: str = "label", data_dir: str | None = None):
-        import tensorflow_datasets as tfds
-
         self.name, self.split = name, split
-        try:
-            self.ds = tfds.data_source(name, split=split, data_dir=data_dir)
-        except Exception as e:  # tfds raises several types for unknown or missing datasets
-            raise ValueError(f"cannot open TFDS dataset {name!r} split {split!r}: {type(e).__name__}: {e}") from e
+        self.ds = _open_tfds(name, split, data_dir)
         self.seed = int(seed)
         self.num_examples = len(self.ds)
         self.image_key, self.label_key = image_key, label_key
+        spec = f"tfds:{name}:{split}"
+        if self.num_examples == 0:
+            raise DataSourceError(spec, "cannot be used: the split has no examples; pick a split that has some")
         first = self.ds[0]
         if image_key not in first:
-            raise ValueError(f"TFDS dataset {name!r} has no feature {image_key!r}; it has {sorted(first)}")
-        h, w, c = np.asarray(first[image_key]).shape
+            raise DataSourceError(spec, f"cannot be used: the dataset has no feature {image_key!r} (it has {sorted(first)}); "
+                                  "use a dataset of images")
+        shape = np.asarray(first[image_key]).shape
+        if len(shape) != 3:
+            raise DataSourceError(spec, f"cannot be used: feature {image_key!r} has shape {shape}, not an image [H, W, C]")
+        h, _, c = shape
         self.image_size = int(image_size or h)
         self.has_labels = label_key in first
         self.element_spec = {"latents": ((c, self.image_size, self.image_size), np.dtype(np.float32))}
@@ -133,3 +149,51 @@ class TfdsSource(Source):
         if self.has_labels:
             out["class_labels"] = np.asarray([int(ex[self.label_key]) for ex in examples], dtype=np.int32)
         return out
+
+
+def _open_tfds(name: str, split: str, data_dir: str | None):
+    """``tfds.data_source`` of a dataset already prepared (as array_record) in ``data_dir``; nothing is
+    downloaded: on a pod every host would prepare it at once. Failures become one-line
+    ``DataSourceError``s that say how to prepare the dataset."""
+    spec = f"tfds:{name}:{split}"
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataSourceError(spec, f"needs tensorflow-datasets ({e}): pip install tensorflow-datasets") from None
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+    prepare = (f"prepare it into data_dir first: tfds build {name.split('/')[0]} --data_dir {where} "
+               "--file_format array_record" + ("" if data_dir else " (or --set data_dir=DIR where it is prepared)"))
+    try:
+        with _quiet_absl():
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataSourceError(spec, f"cannot be opened: TFDS knows no dataset {name!r} and none is prepared in data_dir {where}; "
+                                    f"check the name, or {prepare}") from None
+    except Exception as e:  # tfds raises many types (NotImplementedError, AssertionError, ValueError...)
+        error = e
+    try:
+        with _quiet_absl():
+            builder = tfds.builder(name, data_dir=data_dir)
+            prepared, splits = builder.is_prepared(), sorted(builder.info.splits)
+    except Exception:  # the builder itself cannot be made: report the first error
+        prepared, splits = None, []
+    if prepared is False:
+        raise DataSourceError(spec, f"cannot be opened: dataset {name!r} is not prepared in data_dir {where}; {prepare}") from None
+    if prepared and splits and split.split("[")[0] not in splits:
+        raise DataSourceError(spec, f"cannot be opened: dataset {name!r} has no split {split!r}; its splits: {', '.join(splits)}") from None
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    raise DataSourceError(spec, f"cannot be opened ({type(error).__name__}: {first_line}); random access needs the "
+                                f"array_record format, so {prepare}") from None
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Silences tfds' absl warnings while a dataset is opened: on an unprepared ``data_dir`` it logs
+    one per probed folder, and the error raised after them already says what is wrong."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -58,8 +58,14 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as e:
         fail(f"no trained student in {args.workdir!r}: {e}")
     t0 = time.perf_counter()
-    ev = Evaluator(teacher, cfg, num_samples=args.num_samples, sample_steps=args.sample_steps, num_val=args.num_val,
-                   seed=args.seed, guidance_scale=args.guidance_scale, inception_weights=args.inception_weights)
+    from fraqat_jax.data import DataSourceError
+
+    try:
+        ev = Evaluator(teacher, cfg, num_samples=args.num_samples, sample_steps=args.sample_steps,
+                       num_val=args.num_val, seed=args.seed, guidance_scale=args.guidance_scale,
+                       inception_weights=args.inception_weights)
+    except DataSourceError as e:  # the run's data (or --set data=...) cannot be opened here
+        fail(str(e))
     result = {"workdir": os.path.abspath(args.workdir), "step": args.step or _latest_step(args.workdir), "schedule": cfg.schedule,
               "bits": _bits(student, bits_of), **ev.evaluate(student), **ev.settings()}
     result["seconds"] = round(time.perf_counter() - t0, 2)
