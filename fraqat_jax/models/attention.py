@@ -5,16 +5,43 @@ dropout slot), ``norm_q``/``norm_k`` (per-head qk-norm), and for joint attention
 ``add_q_proj``, ``add_k_proj``, ``add_v_proj``, ``to_add_out``, ``norm_added_q``/``norm_added_k``.
 
 Layout: tokens ``[B, N, D]``; heads are split to ``[B, N, H, Dh]`` (the BTNH layout of
-``jax.nn.dot_product_attention``, which picks fused kernels on GPU/TPU).
+``jax.nn.dot_product_attention``).
+
+Implementations (``attention=`` on every port, :func:`set_attention`):
+- ``"xla"``: ``jax.nn.dot_product_attention`` as XLA ops; materialises the ``[B, H, T, S]``
+  scores (float32 softmax), what the diffusers parity tests check.
+- ``"auto"``: a fused kernel that never holds the score matrix where one exists and suits the
+  call, else ``"xla"``: on TPU the Pallas flash kernel
+  (``jax.experimental.pallas.ops.tpu.flash_attention``), on GPU cuDNN
+  (``jax.nn.dot_product_attention(implementation="cudnn")``, bf16/fp16 and no mask), on CPU XLA.
+  The TPU branch is chosen when the program is *lowered* (``jax.lax.platform_dependent``), so a
+  program compiled ahead of time for a TPU topology on a CPU host gets the kernel.
+- ``"flash"``: like ``"auto"`` but a call the GPU kernel cannot take (float32, a mask) raises
+  instead of falling back; on CPU there is no kernel and XLA runs.
+The TPU kernel pads the token axes to a multiple of 128 and masks the padding (and a caption
+mask ``[B, 1, 1, S]``: PixArt, Sana) with segment ids; other mask shapes use XLA. Under a mesh
+(``jax.set_mesh``) it runs in ``jax.shard_map`` with the batch split over the mesh axes
+``data`` and ``fsdp`` and the heads over ``tensor`` (DESIGN.md's names; other axes replicate);
+a multi-device program traced without a mesh context cannot partition the kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.models.common import EMBED, HEADS, Dtype, Identity, LayerNorm, RMSNorm, linear
+from fraqat_jax.models.common import (
+    EMBED,
+    HEADS,
+    Dtype,
+    Identity,
+    LayerNorm,
+    RMSNorm,
+    linear,
+)
 
 
 def apply_rotary_emb(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -31,12 +58,102 @@ def apply_rotary_emb(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "flash")
+_TPU_BLOCK = 128  # the Pallas TPU kernel's default tile along both token axes
+_BATCH_MESH_AXES = ("data", "fsdp")
+_HEAD_MESH_AXES = ("tensor",)
+
+
+def check_attention(implementation: str) -> str:
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r} is not allowed: use one of {ATTENTION_IMPLEMENTATIONS}")
+    return implementation
+
+
+def set_attention(module: nnx.Module, implementation: str) -> nnx.Module:
+    """Sets the attention implementation of every :class:`Attention` in ``module`` (in place)."""
+    check_attention(implementation)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Attention):
+            node.implementation = implementation
+    return module
+
+
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, implementation: str = "xla"
 ) -> jax.Array:
     """Softmax attention with scale ``Dh**-0.5``. ``q [B, T, H, Dh]``, ``k, v [B, S, H, Dh]``,
-    ``mask`` boolean (True = attend) broadcastable to ``[B, H, T, S]`` -> ``[B, T, H, Dh]``."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    ``mask`` boolean (True = attend) broadcastable to ``[B, H, T, S]`` -> ``[B, T, H, Dh]``.
+    ``implementation``: see the module docstring."""
+    check_attention(implementation)
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+    if implementation == "xla":
+        return xla(q, k, v)
+    branches = {}
+    # The cuDNN branch cannot even be traced without a GPU, so it is offered only on one.
+    suits_cudnn = mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+    if jax.default_backend() == "gpu" and (implementation == "flash" or suits_cudnn):
+        branches["cuda"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    key_mask = _key_padding_mask(mask, q.shape[0], k.shape[1])
+    if mask is None or key_mask is not None:
+        branches["tpu"] = functools.partial(_tpu_flash, key_mask=key_mask)
+    return jax.lax.platform_dependent(q, k, v, default=xla, **branches)
+
+
+def _key_padding_mask(mask: jax.Array | None, batch: int, kv_len: int) -> jax.Array | None:
+    """``mask`` as ``[B, S]`` when it masks keys only (shape ``[B or 1, 1, 1, S]``), else None."""
+    if mask is None or mask.ndim != 4 or mask.shape[1:3] != (1, 1) or mask.shape[3] != kv_len:
+        return None
+    return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
+
+
+def _tpu_flash(q, k, v, *, key_mask):
+    """The Pallas TPU flash kernel on BTNH inputs, token axes padded to the tile, in a
+    ``shard_map`` when a mesh is set (Mosaic kernels are not partitioned automatically)."""
+    from jax.experimental.pallas.ops.tpu.flash_attention import (
+        SegmentIds,
+        flash_attention,
+    )
+
+    b, t, h, _ = q.shape
+    s = k.shape[1]
+    t_pad, s_pad = -t % _TPU_BLOCK, -s % _TPU_BLOCK
+    if key_mask is None and s_pad:
+        key_mask = jnp.ones((b, s), bool)
+
+    def local(q, k, v, key_mask):
+        to_bhsd = lambda x, pad: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+        segments = None
+        if key_mask is not None:
+            kv_ids = jnp.pad(key_mask, ((0, 0), (0, s_pad))).astype(jnp.int32)
+            segments = SegmentIds(q=jnp.ones((q.shape[0], t + t_pad), jnp.int32), kv=kv_ids)
+        out = flash_attention(to_bhsd(q, t_pad), to_bhsd(k, s_pad), to_bhsd(v, s_pad), segment_ids=segments,
+                              sm_scale=q.shape[-1] ** -0.5)
+        return out.transpose(0, 2, 1, 3)[:, :t]
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, key_mask)
+    batch_axes = _dividing_axes(mesh, _BATCH_MESH_AXES, b)
+    head_axes = _dividing_axes(mesh, _HEAD_MESH_AXES, h)
+    spec = jax.sharding.PartitionSpec(batch_axes or None, None, head_axes or None, None)
+    mask_spec = jax.sharding.PartitionSpec(batch_axes or None, None)
+    in_specs = (spec, spec, spec, None if key_mask is None else mask_spec)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(q, k, v, key_mask)
+
+
+def _dividing_axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...]:
+    """The mesh axes among ``names`` (in mesh order) whose product divides ``size``."""
+    axes, product = [], 1
+    for name in mesh.axis_names:
+        n = mesh.shape[name]
+        if name in names and n > 1 and size % (product * n) == 0:
+            axes.append(name)
+            product *= n
+    return tuple(axes)
 
 
 def _qk_norm(kind: str | None, dim_head: int, eps: float, elementwise_affine: bool, dtype, param_dtype):
@@ -95,6 +212,7 @@ class Attention(nnx.Module):
         param_dtype: Dtype = jnp.float32,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.implementation = "xla"  # see set_attention
         inner_dim = out_dim if out_dim is not None else dim_head * heads
         self.heads = out_dim // dim_head if out_dim is not None else heads
         self.dim_head = dim_head
@@ -169,7 +287,7 @@ class Attention(nnx.Module):
             q = apply_rotary_emb(q, cos, sin)
             k = apply_rotary_emb(k, cos, sin)
 
-        out = dot_product_attention(q, k, v, attention_mask)
+        out = dot_product_attention(q, k, v, attention_mask, self.implementation)
         out = out.reshape(b, out.shape[1], self.heads * self.dim_head).astype(q.dtype)
 
         if not joint:

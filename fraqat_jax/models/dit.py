@@ -14,11 +14,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.activations import FeedForward
-from fraqat_jax.models.common import EMBED, MLP, KeySequence, LayerNorm, call_block, linear, merge_config
+from fraqat_jax.models.attention import Attention, set_attention
+from fraqat_jax.models.common import (
+    EMBED,
+    MLP,
+    KeySequence,
+    LayerNorm,
+    linear,
+    merge_config,
+)
 from fraqat_jax.models.embeddings import PatchEmbed, unpatchify
 from fraqat_jax.models.normalization import AdaLayerNormZero
+from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
 DIT_DEFAULTS: dict[str, Any] = {
     "num_attention_heads": 16,
@@ -79,6 +87,10 @@ class DiTTransformer2DModel(nnx.Module):
     Call ``(hidden_states [B, C, H, W], timestep [B], class_labels [B] int)`` ->
     ``[B, out_channels, H, W]``. Labels in ``[0, num_embeds_ada_norm]``; the last value is the
     null class of classifier-free guidance.
+
+    ``remat``: recompute each block in the backward pass (True or a policy name, see
+    ``models.scan``); ``scan_layers``: stack the blocks and run them with ``jax.lax.scan``
+    (``models.scan``); ``attention``: ``"xla"``, ``"flash"`` or ``"auto"`` (``models.attention``).
     """
 
     def __init__(
@@ -88,7 +100,9 @@ class DiTTransformer2DModel(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention: str = "xla",
     ):
         cfg = merge_config(DIT_DEFAULTS, config, "DiTTransformer2DModel")
         if cfg["norm_type"] != "ada_norm_zero":
@@ -96,7 +110,8 @@ class DiTTransformer2DModel(nnx.Module):
         if cfg["num_embeds_ada_norm"] is None:
             raise ValueError("DiTTransformer2DModel needs num_embeds_ada_norm (number of classes), got None")
         self.config = cfg
-        self.remat = remat
+        self.remat = check_remat(remat)
+        self.scan_layers = scan_layers
         kw = dict(rngs=KeySequence(rngs), dtype=dtype, param_dtype=param_dtype)
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         self.inner_dim = dim
@@ -111,7 +126,8 @@ class DiTTransformer2DModel(nnx.Module):
             embed_dim=dim,
             **kw,
         )
-        self.transformer_blocks = nnx.List([DiTBlock(dim, cfg, **kw) for _ in range(cfg["num_layers"])])
+        blocks = [set_attention(DiTBlock(dim, cfg, **kw), attention) for _ in range(cfg["num_layers"])]
+        self.transformer_blocks = block_list(blocks, scan_layers)
         self.norm_out = LayerNorm(dim, eps=1e-6, elementwise_affine=False, dtype=dtype)
         self.proj_out_1 = linear(dim, 2 * dim, axes=(EMBED, MLP), zero=True, **kw)
         self.proj_out_2 = linear(
@@ -133,8 +149,8 @@ class DiTTransformer2DModel(nnx.Module):
         timestep = jnp.broadcast_to(jnp.asarray(timestep), (b,))
         class_labels = jnp.broadcast_to(jnp.asarray(class_labels), (b,))
         x = self.pos_embed(hidden_states)
-        for block in self.transformer_blocks:
-            x = call_block(block, self.remat, x, timestep, class_labels)
+        x = run_blocks(self.transformer_blocks, lambda block, x, t, c: block(x, t, c), x, timestep, class_labels,
+                       remat=self.remat)
         conditioning = self.transformer_blocks[0].norm1.emb(timestep, class_labels)
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(conditioning)), 2, axis=-1)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]

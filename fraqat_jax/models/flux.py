@@ -16,16 +16,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.activations import FeedForward
-from fraqat_jax.models.common import EMBED, MLP, KeySequence, LayerNorm, call_block, linear, merge_config
+from fraqat_jax.models.attention import Attention, set_attention
+from fraqat_jax.models.common import (
+    EMBED,
+    MLP,
+    KeySequence,
+    LayerNorm,
+    linear,
+    merge_config,
+)
 from fraqat_jax.models.embeddings import (
     CombinedTimestepTextProjEmbeddings,
     PixArtAlphaTextProjection,
     TimestepEmbedding,
     timestep_embedding,
 )
-from fraqat_jax.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, modulate
+from fraqat_jax.models.normalization import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+    modulate,
+)
+from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
 FLUX_DEFAULTS: dict[str, Any] = {
     "patch_size": 1,
@@ -159,6 +172,10 @@ class FluxTransformer2DModel(nnx.Module):
     [0, 1], img_ids [N, 3], txt_ids [L, 3], guidance [B] | None)`` -> ``[B, N, p*p*out_channels]``.
     Ids with a leading batch axis (deprecated in diffusers) use their first row. ``timestep`` and
     ``guidance`` are scaled by 1000 inside, as in diffusers.
+
+    ``remat``: recompute each block in the backward pass (True or a policy name, see
+    ``models.scan``); ``scan_layers``: stack the blocks and run them with ``jax.lax.scan``
+    (``models.scan``); ``attention``: ``"xla"``, ``"flash"`` or ``"auto"`` (``models.attention``).
     """
 
     def __init__(
@@ -168,7 +185,9 @@ class FluxTransformer2DModel(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention: str = "xla",
     ):
         cfg = merge_config(FLUX_DEFAULTS, config, "FluxTransformer2DModel")
         heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
@@ -177,7 +196,8 @@ class FluxTransformer2DModel(nnx.Module):
                 f"axes_dims_rope {cfg['axes_dims_rope']} must sum to attention_head_dim={head_dim}"
             )
         self.config = cfg
-        self.remat = remat
+        self.remat = check_remat(remat)
+        self.scan_layers = scan_layers
         self.dtype = dtype
         rngs = KeySequence(rngs)  # cheap under nnx.eval_shape (see layers.KeySequence)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -192,11 +212,13 @@ class FluxTransformer2DModel(nnx.Module):
         )
         self.context_embedder = linear(cfg["joint_attention_dim"], dim, axes=(None, EMBED), **kw)
         self.x_embedder = linear(cfg["in_channels"], dim, axes=(None, EMBED), **kw)
-        self.transformer_blocks = nnx.List(
-            [FluxTransformerBlock(dim, heads, head_dim, **kw) for _ in range(cfg["num_layers"])]
+        self.transformer_blocks = block_list(
+            [set_attention(FluxTransformerBlock(dim, heads, head_dim, **kw), attention)
+             for _ in range(cfg["num_layers"])], scan_layers
         )
-        self.single_transformer_blocks = nnx.List(
-            [FluxSingleTransformerBlock(dim, heads, head_dim, **kw) for _ in range(cfg["num_single_layers"])]
+        self.single_transformer_blocks = block_list(
+            [set_attention(FluxSingleTransformerBlock(dim, heads, head_dim, **kw), attention)
+             for _ in range(cfg["num_single_layers"])], scan_layers
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6, zero_init=False, **kw)
         self.proj_out = linear(dim, cfg["patch_size"] ** 2 * self.out_channels, axes=(EMBED, None), **kw)
@@ -239,12 +261,13 @@ class FluxTransformer2DModel(nnx.Module):
         context = self.context_embedder(encoder_hidden_states)
         cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0), self.config["axes_dims_rope"])
 
-        for block in self.transformer_blocks:
-            context, x = call_block(block, self.remat, x, context, temb, cos, sin)
+        # carry (x, context); the double block returns (context, x)
+        x, context = run_blocks(self.transformer_blocks, lambda block, c, *a: block(c[0], c[1], *a)[::-1],
+                                (x, context), temb, cos, sin, remat=self.remat)
         text_len = context.shape[1]
         stream = jnp.concatenate([context, x], axis=1)
-        for block in self.single_transformer_blocks:
-            stream = call_block(block, self.remat, stream, temb, cos, sin)
+        stream = run_blocks(self.single_transformer_blocks, lambda block, s, *a: block(s, *a), stream, temb, cos,
+                            sin, remat=self.remat)
         x = stream[:, text_len:]
         return self.proj_out(self.norm_out(x, temb))
 

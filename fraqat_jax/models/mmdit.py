@@ -16,11 +16,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.activations import FeedForward
-from fraqat_jax.models.common import EMBED, KeySequence, LayerNorm, call_block, linear, merge_config
-from fraqat_jax.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed, unpatchify
-from fraqat_jax.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX, modulate
+from fraqat_jax.models.attention import Attention, set_attention
+from fraqat_jax.models.common import EMBED, KeySequence, LayerNorm, linear, merge_config
+from fraqat_jax.models.embeddings import (
+    CombinedTimestepTextProjEmbeddings,
+    PatchEmbed,
+    unpatchify,
+)
+from fraqat_jax.models.normalization import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    SD35AdaLayerNormZeroX,
+    modulate,
+)
+from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
 SD3_DEFAULTS: dict[str, Any] = {
     "sample_size": 128,
@@ -122,6 +132,10 @@ class SD3Transformer2DModel(nnx.Module):
     pooled_projections [B, pooled_projection_dim], timestep [B], skip_layers=None)`` ->
     ``[B, out_channels, H, W]``. ``H`` and ``W`` need not be equal (at most ``M * patch_size``).
     ``skip_layers``: block indices to skip (skip-layer guidance).
+
+    ``remat``: recompute each block in the backward pass (True or a policy name, see
+    ``models.scan``); ``scan_layers``: stack the blocks and run them with ``jax.lax.scan``
+    (``models.scan``); ``attention``: ``"xla"``, ``"flash"`` or ``"auto"`` (``models.attention``).
     """
 
     def __init__(
@@ -131,13 +145,16 @@ class SD3Transformer2DModel(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention: str = "xla",
     ):
         cfg = merge_config(SD3_DEFAULTS, config, "SD3Transformer2DModel")
         if cfg["qk_norm"] not in (None, "rms_norm", "layer_norm"):
             raise ValueError(f"Unsupported qk_norm {cfg['qk_norm']!r}; supported: None, 'rms_norm', 'layer_norm'")
         self.config = cfg
-        self.remat = remat
+        self.remat = check_remat(remat)
+        self.scan_layers = scan_layers
         kw = dict(rngs=KeySequence(rngs), dtype=dtype, param_dtype=param_dtype)
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         if cfg["caption_projection_dim"] != dim:
@@ -163,9 +180,9 @@ class SD3Transformer2DModel(nnx.Module):
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, cfg["pooled_projection_dim"], **kw)
         self.context_embedder = linear(cfg["joint_attention_dim"], cfg["caption_projection_dim"],
                                        axes=(None, EMBED), **kw)
-        self.transformer_blocks = nnx.List(
+        self.transformer_blocks = block_list(
             [
-                JointTransformerBlock(
+                set_attention(JointTransformerBlock(
                     dim,
                     cfg["num_attention_heads"],
                     cfg["attention_head_dim"],
@@ -173,9 +190,10 @@ class SD3Transformer2DModel(nnx.Module):
                     qk_norm=cfg["qk_norm"],
                     use_dual_attention=i in dual,
                     **kw,
-                )
+                ), attention)
                 for i in range(num_layers)
-            ]
+            ],
+            scan_layers,
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6, **kw)
         self.proj_out = linear(dim, self.patch_size**2 * self.out_channels, axes=(EMBED, None), zero=True, **kw)
@@ -193,15 +211,13 @@ class SD3Transformer2DModel(nnx.Module):
             raise ValueError(f"hidden_states must be [B, C, H, W], got shape {hidden_states.shape}")
         b, _, height, width = hidden_states.shape
         timestep = jnp.broadcast_to(jnp.asarray(timestep), (b,))
-        skip = set(skip_layers or ())
 
         x = self.pos_embed(hidden_states)
         temb = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        for i, block in enumerate(self.transformer_blocks):
-            if i in skip:
-                continue
-            context, x = call_block(block, self.remat, x, context, temb)
+        # carry (x, context); the block returns (context, x), context None after the last block
+        x, context = run_blocks(self.transformer_blocks, lambda block, c, t: block(c[0], c[1], t)[::-1],
+                                (x, context), temb, remat=self.remat, skip=tuple(skip_layers or ()))
         x = self.norm_out(x, temb)
         x = self.proj_out(x)
         return unpatchify(x, height, width, self.patch_size, self.out_channels)

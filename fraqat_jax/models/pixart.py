@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.models.attention import Attention
 from fraqat_jax.models.activations import FeedForward
+from fraqat_jax.models.attention import Attention, set_attention
 from fraqat_jax.models.common import (
     EMBED,
     MLP,
     KeySequence,
     LayerNorm,
-    call_block,
     linear,
     merge_config,
     no_eager_sharding,
@@ -33,6 +32,7 @@ from fraqat_jax.models.embeddings import (
     timestep_embedding,
     unpatchify,
 )
+from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
 PIXART_DEFAULTS: dict[str, Any] = {
     "num_attention_heads": 16,
@@ -193,6 +193,10 @@ class PixArtTransformer2DModel(nnx.Module):
     ``[B, out_channels, H, W]``. ``added_cond_kwargs`` = ``{"resolution": [B, 2],
     "aspect_ratio": [B, 1]}`` is required with additional conditions (PixArt-alpha) and ignored
     otherwise. ``H != W`` is allowed (the sin-cos grid is rebuilt for the input).
+
+    ``remat``: recompute each block in the backward pass (True or a policy name, see
+    ``models.scan``); ``scan_layers``: stack the blocks and run them with ``jax.lax.scan``
+    (``models.scan``); ``attention``: ``"xla"``, ``"flash"`` or ``"auto"`` (``models.attention``).
     """
 
     def __init__(
@@ -202,7 +206,9 @@ class PixArtTransformer2DModel(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention: str = "xla",
     ):
         cfg = merge_config(PIXART_DEFAULTS, config, "PixArtTransformer2DModel")
         if cfg["norm_type"] != "ada_norm_single":
@@ -215,7 +221,8 @@ class PixArtTransformer2DModel(nnx.Module):
         self.use_additional_conditions = (
             cfg["sample_size"] == 128 if cfg["use_additional_conditions"] is None else cfg["use_additional_conditions"]
         )
-        self.remat = remat
+        self.remat = check_remat(remat)
+        self.scan_layers = scan_layers
         rngs = KeySequence(rngs)  # cheap under nnx.eval_shape (see layers.KeySequence)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
@@ -235,7 +242,9 @@ class PixArtTransformer2DModel(nnx.Module):
             interpolation_scale=interpolation_scale,
             **kw,
         )
-        self.transformer_blocks = nnx.List([PixArtBlock(dim, cfg, **kw) for _ in range(cfg["num_layers"])])
+        self.transformer_blocks = block_list(
+            [set_attention(PixArtBlock(dim, cfg, **kw), attention) for _ in range(cfg["num_layers"])], scan_layers
+        )
         self.norm_out = LayerNorm(dim, eps=1e-6, elementwise_affine=False, dtype=dtype)
         self.scale_shift_table = scale_shift_table(2, dim, rngs, param_dtype)
         self.proj_out = linear(dim, self.patch_size**2 * self.out_channels, axes=(EMBED, None), **kw)
@@ -271,8 +280,8 @@ class PixArtTransformer2DModel(nnx.Module):
         context = encoder_hidden_states
         if self.caption_projection is not None:
             context = self.caption_projection(context)
-        for block in self.transformer_blocks:
-            x = call_block(block, self.remat, x, context, mask, modulation)
+        x = run_blocks(self.transformer_blocks, lambda block, x, *a: block(x, *a), x, context, mask, modulation,
+                       remat=self.remat)
 
         table = self.scale_shift_table[...][None].astype(embedded_timestep.dtype)
         shift, scale = jnp.split(table + embedded_timestep[:, None], 2, axis=1)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.models.attention import Attention
+from fraqat_jax.models.attention import Attention, set_attention
 from fraqat_jax.models.common import (
     EMBED,
     HEADS,
@@ -23,7 +23,6 @@ from fraqat_jax.models.common import (
     KeySequence,
     LayerNorm,
     RMSNorm,
-    call_block,
     linear,
     merge_config,
     no_eager_sharding,
@@ -37,7 +36,13 @@ from fraqat_jax.models.embeddings import (
     timestep_embedding,
     unpatchify,
 )
-from fraqat_jax.models.pixart import AdaLayerNormSingle, ada_single_chunks, cross_attention_mask, scale_shift_table
+from fraqat_jax.models.pixart import (
+    AdaLayerNormSingle,
+    ada_single_chunks,
+    cross_attention_mask,
+    scale_shift_table,
+)
+from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
 SANA_DEFAULTS: dict[str, Any] = {
     "in_channels": 32,
@@ -234,6 +239,10 @@ class SanaTransformer2DModel(nnx.Module):
     Call ``(hidden_states [B, C, H, W], encoder_hidden_states [B, L, caption_channels],
     timestep [B], guidance [B] | None, encoder_attention_mask [B, L] | None)`` ->
     ``[B, out_channels, H, W]``. ``guidance`` is required exactly when ``guidance_embeds``.
+
+    ``remat``: recompute each block in the backward pass (True or a policy name, see
+    ``models.scan``); ``scan_layers``: stack the blocks and run them with ``jax.lax.scan``
+    (``models.scan``); ``attention``: ``"xla"``, ``"flash"`` or ``"auto"`` (``models.attention``).
     """
 
     def __init__(
@@ -243,7 +252,9 @@ class SanaTransformer2DModel(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention: str = "xla",
     ):
         cfg = merge_config(SANA_DEFAULTS, config, "SanaTransformer2DModel")
         if cfg["qk_norm"] not in _QK_NORMS:
@@ -251,7 +262,8 @@ class SanaTransformer2DModel(nnx.Module):
         if cfg["cross_attention_dim"] is None:
             raise ValueError("SanaTransformer2DModel needs cross_attention_dim (caption width), got None")
         self.config = cfg
-        self.remat = remat
+        self.remat = check_remat(remat)
+        self.scan_layers = scan_layers
         rngs = KeySequence(rngs)  # cheap under nnx.eval_shape (see layers.KeySequence)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
@@ -276,7 +288,10 @@ class SanaTransformer2DModel(nnx.Module):
         )
         self.caption_projection = PixArtAlphaTextProjection(cfg["caption_channels"], dim, **kw)
         self.caption_norm = RMSNorm(dim, eps=1e-5, dtype=dtype, param_dtype=param_dtype)
-        self.transformer_blocks = nnx.List([SanaTransformerBlock(dim, cfg, **kw) for _ in range(cfg["num_layers"])])
+        self.transformer_blocks = block_list(
+            [set_attention(SanaTransformerBlock(dim, cfg, **kw), attention) for _ in range(cfg["num_layers"])],
+            scan_layers,
+        )
         self.scale_shift_table = scale_shift_table(2, dim, rngs, param_dtype)
         self.norm_out = LayerNorm(dim, eps=1e-6, elementwise_affine=False, dtype=dtype)
         self.proj_out = linear(dim, self.patch_size**2 * self.out_channels, axes=(EMBED, None), **kw)
@@ -308,8 +323,9 @@ class SanaTransformer2DModel(nnx.Module):
             modulation, embedded_timestep = self.time_embed(timestep)
         context = self.caption_norm(self.caption_projection(encoder_hidden_states))
 
-        for block in self.transformer_blocks:
-            x = call_block(block, self.remat, x, context, mask, modulation, height=height // p, width=width // p)
+        grid = dict(height=height // p, width=width // p)
+        x = run_blocks(self.transformer_blocks, lambda block, x, *a: block(x, *a, **grid), x, context, mask,
+                       modulation, remat=self.remat)
 
         table = self.scale_shift_table[...][None].astype(embedded_timestep.dtype)
         shift, scale = jnp.split(table + embedded_timestep[:, None], 2, axis=1)
