@@ -23,7 +23,8 @@ from flax import nnx
 from fraqat_jax.data import make_source
 from fraqat_jax.train import load_config
 from fraqat_jax.train.loop import make_schedule
-from fraqat_jax.train.models import family_of, load_teacher, make_student
+from fraqat_jax.diffusion import family_of
+from fraqat_jax.train.models import load_teacher, make_student
 from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_train_step
 
 
@@ -41,17 +42,23 @@ def build(cfg):
     return step_fn, state, ts, rest
 
 
-def time_steps(cfg, batches, iters):
-    step_fn, state, ts, rest = build(cfg)
-    state, m = step_fn(state, ts, rest, batches[0])  # compile
-    jax.block_until_ready(m)
-    times = []
+def time_interleaved(cfgs, batches, iters):
+    """Median step time of each config, the configs' steps alternating (so that load from other
+    processes on a shared machine hits both alike)."""
+    built = [build(cfg) for cfg in cfgs]
+    states = []
+    for step_fn, state, ts, rest in built:
+        state, m = step_fn(state, ts, rest, batches[0])  # compile
+        jax.block_until_ready(m)
+        states.append(state)
+    times = [[] for _ in cfgs]
     for i in range(iters):
-        t0 = time.perf_counter()
-        state, m = step_fn(state, ts, rest, batches[i % len(batches)])
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for j, (step_fn, _, ts, rest) in enumerate(built):
+            t0 = time.perf_counter()
+            states[j], m = step_fn(states[j], ts, rest, batches[i % len(batches)])
+            jax.block_until_ready(m["loss"])
+            times[j].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def main(argv=None):
@@ -64,9 +71,8 @@ def main(argv=None):
     batches = [{k: jnp.asarray(v) for k, v in src.batch(i, cfg.batch_size).items()} for i in range(4)]
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {cfg.teacher}  batch {cfg.batch_size}")
 
-    t_q = time_steps(cfg, batches, a.iters)
     fp = load_config(None, [*a.set, "quant_rules=none"])
-    t_fp = time_steps(fp, batches, a.iters)
+    t_q, t_fp = time_interleaved([cfg, fp], batches, a.iters)
     print(f"FraQAT step {t_q * 1e3:.2f} ms, unquantized-student step {t_fp * 1e3:.2f} ms, ratio {t_q / t_fp:.2f}")
 
     step_fn, state, ts, rest = build(cfg)
