@@ -46,7 +46,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from safetensors.numpy import save_file
+
+import fraqat_jax
+from fraqat_jax import data, train
+from fraqat_jax.diffusion import apply_model, family_of, heldout_inputs, model_sampler
+from fraqat_jax.models import MODEL_CLASSES, to_diffusers_state_dict
+from fraqat_jax.nn import FrozenLinear, quantized_layers
+from fraqat_jax.nn.freeze import code_sums
 
 FORMAT_VERSION = 1
 TOLERANCE = 5e-2  # measured 1.3e-2 on the default digits DiT (W4A8, static A8)
@@ -63,26 +72,27 @@ class ExportError(ValueError):
 
 
 def calibration_batches(teacher, cfg, *, num_samples: int = CALIBRATION_SAMPLES, batch_size: int = 25, seed: int = 0):
-    """``num_samples`` training-style inputs ``(x_t, t, cond)`` of the run's family, in batches."""
-    from fraqat_jax import data
-    from fraqat_jax.train.models import family_of, objective_of
-    from fraqat_jax.train.step import diffusion_inputs
+    """``num_samples`` training-style inputs ``(x_t, t, cond)`` of the run's family, in batches.
 
+    Clean examples come from the run's data (for a data-free run: the teacher's own samples, as the
+    trainer draws them), noised as training noises them (``diffusion.heldout_inputs``).
+    """
     family = family_of(teacher)
     size = int(cfg.image_size or teacher.config.get("sample_size", 8))
-    key = jax.random.key(seed + 7919)
-    if cfg.data == "datafree":
-        c = int(teacher.config.get("in_channels", 4))
-        n_cls = int(teacher.config["num_embeds_ada_norm"])
-        rows = {"latents": np.asarray(jax.random.normal(key, (num_samples, c, size, size))),
-                "class_labels": np.arange(num_samples, dtype=np.int32) % n_cls}
-    else:
+    shape = (int(teacher.config.get("in_channels", 4)), size, size)
+    rows = None
+    if cfg.data != "datafree":
         src = data.make_source(cfg.data, seed=int(cfg.seed) + seed + 7919, image_size=size,
                                data_dir=cfg.data_dir or None)
         rows = dict(src.batch(0, num_samples))
-    latents = jnp.asarray(rows.pop("latents"))
-    cond = {k: jnp.asarray(v) for k, v in rows.items()}
-    x_t, t = diffusion_inputs(objective_of(family), family, jax.random.fold_in(key, 1), latents, cfg)
+    graphdef, state = nnx.split(teacher)
+    sampler = model_sampler(lambda st: nnx.merge(graphdef, st), family, num_steps=int(cfg.sample_steps))
+    n_cls = teacher.config.get("num_embeds_ada_norm")
+    x_t, t, cond = heldout_inputs(
+        family, jax.random.key(seed + 7919), rows=rows, sample_clean=lambda n, c, k: sampler(state, n, c, k),
+        num=num_samples, sample_shape=shape, num_classes=int(n_cls) if n_cls else None,
+        num_train_timesteps=int(cfg.num_train_timesteps), logit_mean=float(cfg.logit_mean),
+        logit_std=float(cfg.logit_std))
     return [
         (x_t[i : i + batch_size], t[i : i + batch_size], jax.tree.map(lambda a: a[i : i + batch_size], cond))
         for i in range(0, num_samples, batch_size)
@@ -91,8 +101,6 @@ def calibration_batches(teacher, cfg, *, num_samples: int = CALIBRATION_SAMPLES,
 
 def _forward(family):
     """``forward(model, (x_t, t, cond))`` -> the model's output (``calibrate``'s ``forward``)."""
-    from fraqat_jax.train.models import apply_model
-
     return lambda model, batch: apply_model(model, family, *batch)
 
 
@@ -114,8 +122,6 @@ def _max_rel_diff(model, reference, batches, family) -> float:
 
 
 def _layer_settings(student) -> dict[str, dict[str, Any]]:
-    from fraqat_jax.nn import quantized_layers
-
     out = {}
     for path, layer in quantized_layers(student):
         out[path] = {
@@ -152,10 +158,6 @@ def _param_count(model) -> int:
 
 def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict):
     """The frozen structure of an export (weights not yet loaded)."""
-    import fraqat_jax
-    from fraqat_jax.models import MODEL_CLASSES
-    from fraqat_jax.nn import quantized_layers
-
     if model_class not in MODEL_CLASSES:
         raise ExportError(f"export holds model class {model_class!r}; known: {', '.join(sorted(MODEL_CLASSES))}")
     # The structure only: built abstractly, then zeros (the stored arrays replace them).
@@ -178,11 +180,6 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
 
 def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRATION_SAMPLES) -> dict:
     """Calibrates, freezes and saves ``student`` to ``out`` (see the module docstring); returns the metadata."""
-    import orbax.checkpoint as ocp
-
-    import fraqat_jax
-    from fraqat_jax.train.models import family_of
-
     family = family_of(teacher)
     batches = calibration_batches(teacher, cfg, num_samples=num_samples)
     forward = _forward(family)
@@ -220,8 +217,6 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
 
 def load_metadata(path: str) -> dict:
     """The ``meta`` item of an export."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     if not os.path.isdir(os.path.join(path, "meta")):
         raise ExportError(f"{path!r} is not a fraqat_jax export (no meta item)")
@@ -235,8 +230,6 @@ def load_metadata(path: str) -> dict:
 def load(path: str) -> nnx.Module:
     """The frozen model saved by ``export`` at ``path``: call it like the port (same arguments),
     or sample it with :mod:`fraqat_jax.eval.samplers`. Floats are computed in float32."""
-    import orbax.checkpoint as ocp
-
     meta = load_metadata(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path!r} has export format {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}")
@@ -253,8 +246,6 @@ def load(path: str) -> nnx.Module:
 
 def _fill(frozen, stored) -> nnx.Module:
     """``frozen`` with the stored arrays, floats widened back to the structure's dtypes."""
-    from fraqat_jax.nn.freeze import FrozenLinear, code_sums
-
     graphdef, state = nnx.split(frozen)
     full = nnx.to_pure_dict(state)
     values = jax.tree.map(lambda ref, x: jnp.asarray(x, jnp.asarray(ref).dtype), _without(full, _DERIVED), stored)
@@ -272,8 +263,6 @@ def _fill(frozen, stored) -> nnx.Module:
 
 def fake_quantized_copy(student) -> nnx.Module:
     """A copy of ``student`` whose quantized kernels hold their fake-quantized values."""
-    from fraqat_jax.nn import quantized_layers
-
     graphdef, state = nnx.split(student)
 
     @jax.jit
@@ -289,10 +278,6 @@ def fake_quantized_copy(student) -> nnx.Module:
 
 def export_diffusers(student, out: str) -> dict:
     """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (bfloat16) to ``out``."""
-    from safetensors.numpy import save_file
-
-    from fraqat_jax.models.convert import to_diffusers_state_dict
-
     tensors = to_diffusers_state_dict(fake_quantized_copy(student))
     tensors = {k: np.ascontiguousarray(v.astype(jnp.bfloat16)) for k, v in tensors.items()}
     os.makedirs(out, exist_ok=True)
@@ -341,8 +326,6 @@ def _check_out(out: str, fmt: str) -> None:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    from fraqat_jax import train
-
     try:
         if args.calibration_samples < 1:
             raise ExportError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from fraqat_jax.data import digits
-from fraqat_jax.eval.samplers import ddpm_alphas_cumprod
+from fraqat_jax.diffusion import ddpm_alphas_cumprod
 from fraqat_jax.models import DiTTransformer2DModel
 from fraqat_jax.train.models import save_builtin_teacher
 

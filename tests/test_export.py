@@ -10,7 +10,7 @@ from flax import nnx
 
 import fraqat_jax
 from fraqat_jax import export, train
-from fraqat_jax.eval import samplers
+from fraqat_jax.diffusion import samplers
 
 from eval_shared import trained_run
 

@@ -30,62 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fraqat_jax.diffusion.families import apply_model, model_time, sampler_of
+from fraqat_jax.diffusion.noise import ddim_timesteps, ddpm_alphas_cumprod, flow_sigmas
+
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 SAMPLERS = ("ddpm", "ddim", "euler")
-
-
-def ddpm_alphas_cumprod(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    beta_schedule: str = "linear",
-) -> np.ndarray:
-    """Cumulative products of ``1 - beta`` (float64, shape ``(num_train_timesteps,)``).
-
-    ``linear`` and ``scaled_linear`` follow diffusers' ``DDPMScheduler`` (DiT uses linear
-    1e-4 .. 0.02 over 1000 steps); ``squaredcos_cap_v2`` is the cosine schedule.
-    """
-    if num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
-    n = num_train_timesteps
-    if beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
-    elif beta_schedule == "scaled_linear":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        f = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
-        i = np.arange(n, dtype=np.float64)
-        betas = np.minimum(1 - f((i + 1) / n) / f(i / n), 0.999)
-    else:
-        raise ValueError(
-            f"unknown beta_schedule {beta_schedule!r}; allowed: linear, scaled_linear, squaredcos_cap_v2"
-        )
-    return np.cumprod(1.0 - betas)
-
-
-def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
-    """Descending timesteps, evenly spaced with diffusers' "leading" spacing (int64, ``(num_steps,)``)."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
-    ratio = num_train_timesteps // num_steps
-    return (np.arange(num_steps, dtype=np.int64) * ratio)[::-1].copy()
-
-
-def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
-    """Rectified-flow noise levels, descending, then a final 0 (float64, ``(num_steps + 1,)``).
-
-    The same as diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (static shift), so
-    samples match an SD3 pipeline: ``num_steps`` points evenly spaced from 1 to the scheduler's
-    smallest training sigma, then SD3's time shift ``s -> shift * s / (1 + (shift - 1) * s)``.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
-    s = np.linspace(1.0, shifted(1.0 / num_train_timesteps), num_steps, dtype=np.float64)
-    return np.concatenate([shifted(s), [0.0]])
 
 
 def _guided(model_fn: ModelFn, guidance_scale: float, null_cond: Any, channels: int, channel_axis: int):
@@ -276,3 +226,29 @@ def make_sampler(kind: str, apply: Callable[[Any, jax.Array, jax.Array, Any], ja
         return sample(kind, fn, noise, cond, key=key if kind != "euler" else None, **kwargs)
 
     return run
+
+
+def model_sampler(build: Callable[[Any], Any], family: str, *, num_steps: int, guidance_scale: float = 1.0,
+                  out_shardings=None):
+    """Samples a model of ``family`` with its evaluation sampler (``sampler_of``): a jitted
+    ``(params, noise, cond, key, null_cond) -> samples [B, C, H, W]``.
+
+    ``build(params)`` returns the model to call (e.g. ``nnx.merge(graphdef, state)``, or a student
+    with its bit-width set); ``params`` is an argument, not closed over, so one compilation serves a
+    teacher and students of the same structure at any weights and bit-width. ``null_cond`` is the
+    unconditional input for classifier-free guidance (used when ``guidance_scale != 1``); ``key``
+    drives the sampler's own noise (unused by the deterministic DDIM and Euler samplers).
+    This is the one way the trainer's sample grids, the evaluator, data-free data and the export's
+    calibration sample a model.
+    """
+    kind = sampler_of(family)
+
+    def run(params, noise, cond, key, null_cond=None):
+        model = build(params)
+        fn = lambda x, t, c: apply_model(model, family, x, model_time(family, t), c)  # noqa: E731
+        kw: dict[str, Any] = {"num_steps": num_steps}
+        if guidance_scale != 1.0:
+            kw.update(guidance_scale=guidance_scale, null_cond=null_cond)
+        return sample(kind, fn, noise, cond, key=key if kind != "euler" else None, **kw)
+
+    return jax.jit(run, **({} if out_shardings is None else {"out_shardings": out_shardings}))

@@ -1,7 +1,8 @@
-"""Evaluation: samplers, Frechet distance (FID and the built-in digits proxy), metrics.
+"""Evaluation: how faithful a student is to its teacher; imports ``diffusion/``, ``models/``, ``nn/``,
+``quant/``, ``data/``, never ``train/`` (its command line may).
 
-- :mod:`fraqat_jax.eval.samplers`: DDPM / DDIM (epsilon prediction) and Euler (rectified flow),
-  jitted ``lax`` loops, classifier-free guidance, fixed noise seeds.
+- the samplers (DDPM / DDIM / Euler) live in :mod:`fraqat_jax.diffusion.samplers` and are re-exported
+  here.
 - :mod:`fraqat_jax.eval.fid`: the Frechet distance between feature sets.
 - :mod:`fraqat_jax.eval.inception`: Inception-v3 (pool3, 2048 features) for FID, loading the
   standard FID weights from a user-supplied file.
@@ -12,7 +13,7 @@
 """
 
 from fraqat_jax.eval.fid import feature_statistics, frechet_distance, frechet_distance_from_features
-from fraqat_jax.eval.samplers import ddim_sample, ddpm_sample, euler_sample, make_noise, make_sampler, sample
+from fraqat_jax.diffusion.samplers import ddim_sample, ddpm_sample, euler_sample, make_noise, make_sampler, sample
 
 __all__ = [
     "ddim_sample",

@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fraqat_jax.eval import samplers
+from fraqat_jax import data
+from fraqat_jax.diffusion import (apply_model, family_of, heldout_inputs, model_sampler, objective_of,
+                                  sampler_of, sampling_inputs)
 from fraqat_jax.eval.fid import frechet_distance_from_features
 
 VAL_KEY_OFFSET = 1_000_003  # the validation inputs' key: seed + this, never a training step's key
@@ -42,7 +44,7 @@ _COMPILED: list = []  # [(graphdef, family, {name: jitted fn})]: GraphDefs holdi
 
 
 def _compiled(graphdef, family: str) -> dict:
-    """Jitted ``outputs(state, x_t, t, cond)`` and ``sample(kind, steps, guidance)(state, ...)`` for a graph.
+    """Jitted ``outputs(state, x_t, t, cond)`` and ``sampler(steps, guidance)(state, ...)`` for a graph.
 
     One entry per model structure, so students of one teacher (any weights, any bit-width) share
     their compilations.
@@ -50,9 +52,6 @@ def _compiled(graphdef, family: str) -> dict:
     for g, f, fns in _COMPILED:
         if f == family and g == graphdef:
             return fns
-    from fraqat_jax.train.models import apply_model
-
-    scale = 1000.0 if family == "flux" else 1.0  # flux takes sigma, the samplers give 1000 * sigma
 
     @jax.jit
     def outputs(state, x_t, t, cond):
@@ -60,20 +59,11 @@ def _compiled(graphdef, family: str) -> dict:
 
     samplers_by_setting = {}
 
-    def sampler(kind, num_steps, guidance):
-        if (kind, num_steps, guidance) not in samplers_by_setting:
-
-            @jax.jit
-            def run(state, noise, cond, key, null_cond):
-                model = nnx.merge(graphdef, state)
-                fn = lambda x, t, c: apply_model(model, family, x, t / scale, c)  # noqa: E731
-                kw = {"num_steps": num_steps}
-                if guidance != 1.0:
-                    kw.update(guidance_scale=guidance, null_cond=null_cond)
-                return samplers.sample(kind, fn, noise, cond, key=key if kind != "euler" else None, **kw)
-
-            samplers_by_setting[(kind, num_steps, guidance)] = run
-        return samplers_by_setting[(kind, num_steps, guidance)]
+    def sampler(num_steps, guidance):
+        if (num_steps, guidance) not in samplers_by_setting:
+            samplers_by_setting[(num_steps, guidance)] = model_sampler(
+                lambda state: nnx.merge(graphdef, state), family, num_steps=num_steps, guidance_scale=guidance)
+        return samplers_by_setting[(num_steps, guidance)]
 
     fns = {"outputs": outputs, "sampler": sampler}
     _COMPILED.append((graphdef, family, fns))
@@ -84,8 +74,8 @@ def _outputs(graphdef, family, state, x_t, t, cond):
     return _compiled(graphdef, family)["outputs"](state, x_t, t, cond)
 
 
-def _sample(graphdef, family, kind, num_steps, guidance, state, noise, cond, key, null_cond):
-    return _compiled(graphdef, family)["sampler"](kind, num_steps, guidance)(state, noise, cond, key, null_cond)
+def _sample(graphdef, family, num_steps, guidance, state, noise, cond, key, null_cond):
+    return _compiled(graphdef, family)["sampler"](num_steps, guidance)(state, noise, cond, key, null_cond)
 
 
 def _batched(fn, n: int, batch_size: int, *arrays):
@@ -117,14 +107,12 @@ class Evaluator:
         inception_weights: str | None = None,
         batch_size: int = 500,
     ):
-        from fraqat_jax.train.models import family_of, objective_of
-
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {num_samples}")
         self.cfg = cfg
         self.family = family_of(teacher)
         self.objective = objective_of(self.family)
-        self.kind = "ddim" if self.objective == "ddpm" else "euler"
+        self.kind = sampler_of(self.family)
         self.sample_steps = int(sample_steps or cfg.sample_steps)
         self.num_samples = int(num_samples)
         self.num_val = int(num_val)
@@ -142,9 +130,9 @@ class Evaluator:
             functools.partial(_outputs, self.teacher_graph, self.family, self.teacher_state),
             self.num_val, self.batch_size, *self._val,
         )
-        noise, key = samplers.make_noise(seed, (self.num_samples, *self.sample_shape))
-        self._noise, self._key = noise, key
-        self._cond, self._null = self._sample_conditioning(seed)
+        rows = None if self.family == "dit" else self._source_rows(self.num_samples, seed + 1)
+        self._noise, self._key, self._cond, self._null = sampling_inputs(
+            self.family, seed, self.num_samples, self.sample_shape, num_classes=self.num_classes, cond_rows=rows)
         self.teacher_samples = self._draw(self.teacher_graph, self.teacher_state)
         self._features, self.fd_features = self._feature_fn(inception_weights)
         self._teacher_features = self._features(self.teacher_samples) if self._features else None
@@ -152,44 +140,23 @@ class Evaluator:
 
     # ------------------------------------------------------------------ inputs
 
-    def _source_rows(self, n: int, seed: int) -> dict:
-        from fraqat_jax import data
-
+    def _source_rows(self, n: int, seed: int) -> dict | None:
         if self.cfg.data == "datafree":
-            return {}
+            return None
         src = data.make_source(self.cfg.data, seed=int(self.cfg.seed) + VAL_KEY_OFFSET + seed,
                                image_size=self.sample_shape[-1], data_dir=self.cfg.data_dir or None)
         return dict(src.batch(0, n))
 
     def _validation_inputs(self, seed: int):
-        from fraqat_jax.train.step import diffusion_inputs
+        def teacher_samples(noise, cond, key):
+            return _sample(self.teacher_graph, self.family, self.sample_steps, 1.0, self.teacher_state, noise, cond,
+                           key, None)
 
-        rows = self._source_rows(self.num_val, seed)
-        key = jax.random.key(int(self.cfg.seed) + VAL_KEY_OFFSET + seed)
-        if not rows:  # data-free: clean inputs are the teacher's own samples from fresh noise
-            k1, k2, k3 = jax.random.split(key, 3)
-            noise = jax.random.normal(k1, (self.num_val, *self.sample_shape))
-            labels = jax.random.randint(k2, (self.num_val,), 0, self.num_classes)
-            cond = {"class_labels": labels}
-            latents = _sample(self.teacher_graph, self.family, self.kind, self.sample_steps, 1.0,
-                              self.teacher_state, noise, cond, k3, None)
-            rows = {"latents": latents, **cond}
-        latents = jnp.asarray(rows.pop("latents"))
-        cond = {k: jnp.asarray(v) for k, v in rows.items()}
-        x_t, t = diffusion_inputs(self.objective, self.family, jax.random.fold_in(key, 1), latents, self.cfg)
-        return x_t, t, cond
-
-    def _sample_conditioning(self, seed: int):
-        n = self.num_samples
-        if self.family == "dit":
-            cond = {"class_labels": jnp.arange(n, dtype=jnp.int32) % self.num_classes}
-            null = {"class_labels": jnp.int32(self.num_classes)}
-            return cond, null
-        rows = self._source_rows(n, seed + 1)
-        rows.pop("latents", None)
-        cond = {k: jnp.asarray(v) for k, v in rows.items()}
-        null = jax.tree.map(lambda v: jnp.zeros_like(v[:1]), cond)
-        return cond, null
+        return heldout_inputs(self.family, jax.random.key(int(self.cfg.seed) + VAL_KEY_OFFSET + seed),
+                              rows=self._source_rows(self.num_val, seed), sample_clean=teacher_samples,
+                              num=self.num_val, sample_shape=self.sample_shape, num_classes=self.num_classes,
+                              num_train_timesteps=int(self.cfg.num_train_timesteps),
+                              logit_mean=float(self.cfg.logit_mean), logit_std=float(self.cfg.logit_std))
 
     def _feature_fn(self, inception_weights):
         if self.sample_shape == (1, 8, 8):
@@ -211,7 +178,7 @@ class Evaluator:
         return self.classifier.accuracy(np.clip(images, -1, 1), np.asarray(self._cond["class_labels"]))
 
     def _draw(self, graphdef, state) -> np.ndarray:
-        fn = functools.partial(_sample, graphdef, self.family, self.kind, self.sample_steps, self.guidance, state)
+        fn = functools.partial(_sample, graphdef, self.family, self.sample_steps, self.guidance, state)
         return _batched(lambda noise, cond: fn(noise, cond, self._key, self._null), self.num_samples,
                         self.batch_size, self._noise, self._cond)
 

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, metavar="K", help="metrics row every K updates")
     p.add_argument("--seed", type=int, metavar="S", help="random seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (see below)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume the workdir's checkpoint even if its config differs (recorded in metrics.jsonl); "
+                        "without it a resume with another config exits 2 naming each differing key")
     return p
 
 
@@ -88,14 +91,14 @@ def main(argv=None) -> int:
     _compilation_cache()
     from fraqat_jax.data import DataSourceError
     from fraqat_jax.models import CheckpointFileError
-    from fraqat_jax.train.loop import TrainingDiverged, run
+    from fraqat_jax.train.loop import CheckpointWriteError, TrainingDiverged, run
 
     try:
-        result = run(cfg, workdir=args.workdir)
+        result = run(cfg, workdir=args.workdir, force_resume=args.force_resume)
     except (ConfigError, DataSourceError, CheckpointFileError) as e:  # bad input: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     import jax

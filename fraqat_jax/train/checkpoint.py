@@ -1,14 +1,29 @@
-"""orbax checkpoints of the train state: student params, optimizer state, EMA, step, data position, config."""
+"""orbax checkpoints of the train state: student params, optimizer state, EMA, step, data position, config.
+
+orbax writes each checkpoint into ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only
+once every file is written, so a process killed mid-save leaves a temporary folder and never a
+half-written ``<step>``. :class:`Checkpointer` lists such leftovers in ``partial`` and removes them.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Any
+import shutil
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "fingerprint"]
+
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def fingerprint(config: Mapping[str, Any]) -> str:
+    """sha256 of the config as canonical JSON (sorted keys): equal configs, equal fingerprints."""
+    return hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 class Checkpointer:
@@ -16,8 +31,19 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.partial = self._remove_partial()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def _remove_partial(self) -> list[str]:
+        """Temporary folders of interrupted saves (removed by the first process)."""
+        if not os.path.isdir(self.directory):
+            return []
+        found = sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory) if _TMP_MARK in n)
+        if jax.process_index() == 0:
+            for path in found:
+                shutil.rmtree(path, ignore_errors=True)
+        return found
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

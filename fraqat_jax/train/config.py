@@ -17,8 +17,8 @@ class ConfigError(ValueError):
 
 # key: (default, help). The default run: the shipped digits DiT distilled on the shipped digits.
 _DEFAULTS: dict[str, tuple[Any, str]] = {
-    "teacher": ("builtin", "teacher: 'builtin' (tiny digits DiT), a diffusers model dir / safetensors "
-                "file, or 'preset:NAME' (random weights, fraqat_jax.models.PRESETS)"),
+    "teacher": ("builtin", "teacher: 'builtin' (tiny digits DiT), 'builtin:m' (~10x larger digits DiT), a "
+                "diffusers model dir / safetensors file, or 'preset:NAME' (random weights, fraqat_jax.models.PRESETS)"),
     "teacher_config": ("", "JSON object overriding keys of the teacher's diffusers config (preset teachers)"),
     "data": ("digits", "data source: digits | tfds:NAME[:SPLIT] | latents:DIR | datafree"),
     "data_dir": ("", "TFDS data_dir (empty: TFDS default)"),
@@ -132,8 +132,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if data.startswith("latents:") and not os.path.isdir(data[len("latents:"):]):
         raise ConfigError(f"data={data!r}: latents directory {data[len('latents:'):]!r} does not exist")
     t = cfg.teacher
-    if not (t == "builtin" or t.startswith("preset:") or os.path.exists(t)):
-        raise ConfigError(f"teacher={t!r} does not exist: use 'builtin', 'preset:NAME' or a diffusers "
+    if not (t in ("builtin", "builtin:m") or t.startswith("preset:") or os.path.exists(t)):
+        raise ConfigError(f"teacher={t!r} does not exist: use 'builtin', 'builtin:m', 'preset:NAME' or a diffusers "
                           "model directory / safetensors file")
     return cfg
 

@@ -1,10 +1,24 @@
-"""The training run: models, mesh, data, checkpoints, the loop, signals, outputs (see the package doc)."""
+"""The training run: build the state, resume, the loop, outputs (see the package docstring).
+
+What a run guarantees (tested):
+- Resuming: the newest *complete* checkpoint is restored (a save interrupted by ``kill -9`` leaves a
+  temporary folder that is skipped and removed, with a message); data position and per-step keys are
+  checkpointed, so losses and bits from there on equal an uninterrupted run's, and
+  ``metrics.jsonl`` keeps exactly one row per logged step.
+- A resume whose config differs from the checkpoint's refuses (``ConfigError``, exit 2) and names
+  every differing key, except the keys in :data:`SAFE_ON_RESUME` (and ``steps`` when extending a
+  finished run), which are recorded as an event row in ``metrics.jsonl``; ``force_resume`` overrides
+  and is recorded the same way.
+- No host sync per step: the step returns a finite-flag that stays on the device; the loop reads it
+  at log, checkpoint and sample steps. A checkpoint is written only when every step since the last
+  check was finite. On a non-finite loss the run stops (``TrainingDiverged``, exit 1) and keeps the
+  last good checkpoint.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import threading
@@ -16,23 +30,32 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from fraqat_jax import schedules
+from fraqat_jax import data
+from fraqat_jax.diffusion import model_sampler, sampling_inputs
+from fraqat_jax.nn import set_bits
 from fraqat_jax.train import checkpoint as ckpt_lib
 from fraqat_jax.train import mesh as mesh_lib
+from fraqat_jax.train import state as state_lib
 from fraqat_jax.train.config import ConfigError, load_config
-from fraqat_jax.train.models import apply_model, family_of, load_teacher, make_student, objective_of, set_student_bits
+from fraqat_jax.train.models import load_teacher, make_student
 from fraqat_jax.train.report import MetricsLog, Progress, save_grid
-from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_train_step
+from fraqat_jax.train.step import make_optimizer
 
-__all__ = ["RunResult", "TrainingDiverged", "build_models", "load_run", "run"]
+__all__ = ["CheckpointWriteError", "RunResult", "SAFE_ON_RESUME", "TrainingDiverged", "build_models", "load_run",
+           "run"]
 
 DEFAULT_WORKDIR = os.path.join("runs", "default")
+#: Config keys that may change when a run is resumed: they change what is written, not what is trained.
+SAFE_ON_RESUME = ("log_every", "checkpoint_every", "keep_checkpoints", "progress", "sample_grids", "mesh")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is kept."""
 
 
 @dataclasses.dataclass
@@ -62,46 +85,8 @@ def build_models(config):
     return teacher, make_student(teacher, cfg)
 
 
-def make_schedule(cfg) -> schedules.Schedule:
-    return schedules.by_name(cfg.schedule, int(cfg.steps), target_bits=float(cfg.target_bits),
-                             start_bits=float(cfg.start_bits))
-
-
-# ----------------------------------------------------------------------------- state plumbing
-
-
-def _flat_names(state) -> dict:
-    """Nested pure dict of NamedSharding-spec inputs: {path: (shape, names)} for an nnx.State."""
-    out = {}
-    for path, v in nnx.to_flat_state(state):
-        value = v.get_value() if hasattr(v, "get_value") else v.value
-        out[path] = (np.shape(value), mesh_lib._names_of(v))
-    return out
-
-
-def _nest(flat: Mapping[tuple, Any]) -> dict:
-    root: dict = {}
-    for path, value in flat.items():
-        node = root
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return root
-
-
-def state_shardings(state, mesh) -> dict:
-    """A pure dict (like ``nnx.to_pure_dict(state)``) of NamedShardings by logical-axis rules."""
-    return _nest({path: NamedSharding(mesh, mesh_lib.param_spec(shape, names, mesh))
-                  for path, (shape, names) in _flat_names(state).items()})
-
-
-def _put(tree, shardings):
-    """Global arrays from host values that are identical on every process."""
-    def one(x, s):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-    return jax.tree.map(one, tree, shardings)
+def make_schedule(cfg):
+    return state_lib.make_schedule(cfg)
 
 
 def _global_batch(local: Mapping[str, np.ndarray], mesh) -> dict:
@@ -132,250 +117,179 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- checks before training
 
 
-def _make_data(cfg, teacher_config: Mapping, family, image_size, sampler_for_datafree):
-    from fraqat_jax import data
-
-    if cfg.data == "datafree":
-        if family != "dit":
-            raise ConfigError(f"data=datafree needs a class-conditional DiT teacher, got a {family} teacher "
-                              "(text-to-image teachers need cached text embeddings: data=latents:DIR)")
-        c = int(teacher_config.get("in_channels", 4))
-        spec = {"latents": ((c, image_size, image_size), np.dtype(np.float32)), "class_labels": ((), np.dtype(np.int32))}
-        return data.DataFreeSource(sampler_for_datafree, spec, seed=cfg.seed + 1)
-    return data.make_source(cfg.data, seed=cfg.seed, image_size=image_size, data_dir=cfg.data_dir or None)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def _num_classes(teacher) -> int | None:
-    n = teacher.config.get("num_embeds_ada_norm")
-    return int(n) if n else None
-
-
-def _make_samplers(cfg, family, teacher_graph, student_graph, mesh):
-    """Jitted ``teacher_sample(state, noise, cond, key)`` and ``student_sample((params, rest, bits), ...)``."""
-    from fraqat_jax.eval import samplers
-
-    kind = "ddim" if objective_of(family) == "ddpm" else "euler"
-    scale = 1000.0 if family == "flux" else 1.0  # flux takes sigma, the samplers give 1000 * sigma
-
-    def teacher_apply(state, x, t, cond):
-        return apply_model(nnx.merge(teacher_graph, state), family, x, t / scale, cond)
-
-    def student_apply(params, x, t, cond):
-        p, rest, bits = params
-        student = nnx.merge(student_graph, p, rest)
-        set_student_bits(student, bits)
-        return apply_model(student, family, x, t / scale, cond)
-
-    extra = {"num_steps": int(cfg.sample_steps)}
-    if cfg.guidance_scale != 1.0:
-        extra["guidance_scale"] = float(cfg.guidance_scale)
-    repl = mesh_lib.replicated(mesh)
-
-    def wrap(apply):
-        inner = samplers.make_sampler(kind, apply, **extra) if "guidance_scale" not in extra else None
-
-        def call(params, noise, cond, key, null_cond=None):
-            if inner is not None:
-                return inner(params, noise, cond, key)
-            fn = lambda x, t, c: apply(params, x, t, c)  # noqa: E731
-            return samplers.sample(kind, fn, noise, cond, key=key if kind != "euler" else None,
-                                   null_cond=null_cond, **extra)
-
-        return jax.jit(call, out_shardings=repl)
-
-    return wrap(teacher_apply), wrap(student_apply)
-
-
-# ----------------------------------------------------------------------------- run
-
-
-def run(config=None, *, workdir: str | None = None) -> RunResult:
-    """Trains a FraQAT student (see the package docstring). ``config``: ConfigDict, dict or None."""
-    cfg = _as_config(config)
-    workdir = os.path.abspath(workdir or DEFAULT_WORKDIR)
-    is_main = jax.process_index() == 0
+def check_workdir(workdir: str) -> None:
+    """Creates ``workdir`` and probes that a file can be written there (``ConfigError`` if not)."""
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
     try:
-        mesh = mesh_lib.build_mesh(cfg.mesh)
-    except mesh_lib.MeshError as e:
-        raise ConfigError(str(e)) from None
-    if is_main:
         os.makedirs(workdir, exist_ok=True)
-    schedule = make_schedule(cfg)
-    teacher = load_teacher(cfg)
-    family = family_of(teacher)
-    student = make_student(teacher, cfg)
-    image_size = int(cfg.image_size or teacher.config.get("sample_size", 8))
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror or e}); choose another --workdir "
+                          "or free space there") from None
 
-    teacher_graph, teacher_state_v = nnx.split(teacher)
-    student_graph, params_v, rest_v = nnx.split(student, nnx.Param, ...)
-    teacher_sh = state_shardings(teacher_state_v, mesh)
-    params_sh = state_shardings(params_v, mesh)
-    rest_sh = state_shardings(rest_v, mesh)
-    teacher_state = _put(nnx.to_pure_dict(teacher_state_v), teacher_sh)
-    params = _put(nnx.to_pure_dict(params_v), params_sh)
-    rest = _put(nnx.to_pure_dict(rest_v), rest_sh)
-    del teacher, student, teacher_state_v, params_v, rest_v
 
-    tx = make_optimizer(cfg)
-    lr_schedule = make_lr_schedule(cfg)
-    repl = mesh_lib.replicated(mesh)
-    import optax
+def config_changes(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (checkpoint value, current value)}`` for every key whose value differs."""
+    keys = sorted(set(saved) | set(cfg))
+    return {k: (saved.get(k), cfg.get(k)) for k in keys if saved.get(k) != cfg.get(k)}
 
-    opt_abstract = jax.eval_shape(tx.init, params)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_sh,
-                                   transform_non_params=lambda _: repl)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    ema_on = cfg.ema_decay > 0
-    state_sh = {"params": params_sh, "opt_state": opt_sh, "ema": params_sh if ema_on else None, "step": repl}
-    train_state = {"params": params, "opt_state": opt_state,
-                   "ema": jax.tree.map(jnp.copy, params) if ema_on else None,
-                   "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
 
-    ckpt = ckpt_lib.Checkpointer(workdir, int(cfg.keep_checkpoints))
-    start, position = 0, 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        train_state, meta = ckpt.restore(latest, ckpt_lib.abstract_like(train_state, state_sh))
-        start, position = int(meta["step"]), int(meta["data_position"])
-    total = int(cfg.steps)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+def check_resume(saved: Mapping[str, Any], cfg: Mapping[str, Any], done_steps: int, *, force: bool) -> dict:
+    """The config changes a resume may make (see the module docstring); raises ``ConfigError`` otherwise."""
+    changes = config_changes(saved, cfg)
+    extending = ("steps" in changes and done_steps >= int(saved.get("steps", 0))
+                 and int(cfg.get("steps", 0)) > int(saved.get("steps", 0)))
+    refused = {k: v for k, v in changes.items() if k not in SAFE_ON_RESUME and not (k == "steps" and extending)}
+    if refused and not force:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(f"the workdir's checkpoint was trained with another config ({listed}); use the same "
+                          "config, another --workdir, or --force-resume to continue anyway")
+    return changes
 
-    step_fn = make_train_step(cfg, schedule=schedule, teacher_graph=teacher_graph, student_graph=student_graph,
-                              family=family, tx=tx, lr_schedule=lr_schedule,
-                              shardings=(state_sh, teacher_sh, rest_sh, None))
 
-    teacher_sample = student_sample = None
-    num_classes = _num_classes(nnx.merge(teacher_graph, teacher_state)) if family == "dit" else None
+# ----------------------------------------------------------------------------- the run
 
-    def datafree_generate(key, n):
-        k_noise, k_labels, k_step = jax.random.split(key, 3)
-        c = spec_c
-        noise = jax.random.normal(k_noise, (n, c, image_size, image_size), jnp.float32)
-        labels = jax.random.randint(k_labels, (n,), 0, num_classes)
-        x0 = teacher_sample(teacher_state, noise, {"class_labels": labels}, k_step)
-        return {"latents": x0, "class_labels": labels}
 
-    graph_cfg = nnx.merge(teacher_graph, teacher_state).config
-    spec_c = int(graph_cfg.get("in_channels", 4))
-    if cfg.sample_grids or cfg.data == "datafree":
-        teacher_sample, student_sample = _make_samplers(cfg, family, teacher_graph, student_graph, mesh)
-    source = _make_data(cfg, graph_cfg, family, image_size, datafree_generate)
-    host, hosts = jax.process_index(), jax.process_count()
-    if cfg.batch_size % hosts:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {hosts} processes")
-    n_batch_dev = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (cfg.batch_size // cfg.grad_accum) % n_batch_dev:
-        raise ConfigError(f"batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} is not divisible by the "
-                          f"{n_batch_dev} devices on the data and fsdp mesh axes")
+class _Run:
+    """One call of :func:`run`: set-up, resume, the loop and its outputs, one method each."""
 
-    # Sampling set-up for the grids: fixed noise and conditioning, teacher samples computed once.
-    grid_inputs = None
-    if cfg.sample_grids:
-        n = int(cfg.num_samples)
-        k_init, k_steps = jax.random.split(jax.random.key(cfg.seed + 2))
-        noise = jax.device_put(jax.random.normal(k_init, (n, spec_c, image_size, image_size), jnp.float32), repl)
-        if family == "dit":
-            cond = {"class_labels": jnp.arange(n, dtype=jnp.int32) % (num_classes or 1)}
-        else:
-            first = source.batch(0, n)
-            cond = {k: jnp.asarray(v) for k, v in first.items() if k != "latents"}
-        cond = jax.device_put(cond, repl)
-        null = {"class_labels": jnp.int32(num_classes)} if family == "dit" and num_classes else None
-        grid_inputs = (noise, cond, k_steps, null)
-        teacher_grid = None
-
-    log = MetricsLog(workdir, start, enabled=is_main)
-    progress = Progress(total, start, cfg.progress, enabled=is_main)
-    if start:
-        progress.message(f"resumed from {ckpt.directory}/{start} (data position {position})")
-    rows, status, last_loss, last_bits = [], "completed", float("nan"), float(schedule(max(start - 1, 0)))
-    window_t, window_n = time.perf_counter(), 0
-    t_run = time.perf_counter()
-    bits_values = schedule.values(total)
-
-    def save(step_done):
-        meta = {"step": step_done, "data_position": position, "config": cfg.to_dict(),
-                "bits": float(bits_values[step_done - 1]) if step_done else None}
-        ckpt.save(step_done, train_state, meta)
-
-    with _StopFlag() as stop:
+    def __init__(self, cfg, workdir: str, force_resume: bool):
+        self.cfg, self.workdir, self.force_resume = cfg, workdir, force_resume
+        self.is_main = jax.process_index() == 0
+        check_workdir(workdir)
         try:
-            for step in range(start, total):
-                local = source.batch(position, int(cfg.batch_size), host_index=host, host_count=hosts)
-                batch = _global_batch(local, mesh)
-                train_state, metrics = step_fn(train_state, teacher_state, rest, batch)
-                loss = float(metrics["loss"])
-                bits = float(metrics["bits"])
-                done = step + 1
-                window_n += 1
-                if not math.isfinite(loss):
-                    status = "nan"
-                    progress.message(f"loss is {loss} at step {done} (bits {bits}); stopping. The last good "
-                                     f"checkpoint is kept in {ckpt.directory} (step {ckpt.latest_step()}).")
-                    break
-                position += 1
-                last_loss, last_bits = loss, bits
-                row = None
-                if done % cfg.log_every == 0 or done == total:
-                    now = time.perf_counter()
-                    row = {"step": done, "bits": bits, "loss": loss, "lr": float(metrics["lr"]),
-                           "grad_norm": float(metrics["grad_norm"]), "steps_per_sec": window_n / (now - window_t),
-                           "data_position": position}
-                    window_t, window_n = now, 0
-                    log.write(row)
-                    rows.append(row)
-                progress.update(done, bits, loss, rows[-1]["steps_per_sec"] if rows else 0.0, row)
-                stage_end = done == total or bits_values[min(done, total - 1)] != bits
-                if cfg.sample_grids and stage_end:
-                    noise, cond, k_steps, null = grid_inputs
-                    if teacher_grid is None:
-                        teacher_grid = np.asarray(teacher_sample(teacher_state, noise, cond, k_steps, null))
-                    s = np.asarray(student_sample((train_state["params"], rest, jnp.float32(bits)), noise, cond,
-                                                  k_steps, null))
-                    if is_main:
-                        path = os.path.join(workdir, "samples", f"step_{done:06d}_bits_{bits:g}.png")
-                        image = save_grid(path, [teacher_grid, s])
-                        log.add_image("samples/teacher_top_student_bottom", image, done)
-                if stop.signum is not None or done % cfg.checkpoint_every == 0 or done == total:
-                    save(done)
-                if stop.signum is not None:
-                    status = "preempted"
-                    progress.message(f"{signal.Signals(stop.signum).name} received: saved step {done} to "
-                                     f"{ckpt.directory}; run the same command again to resume")
-                    break
-        finally:
-            progress.close()
-            log.close()
-            ckpt.close()
+            self.mesh = mesh_lib.build_mesh(cfg.mesh)
+        except mesh_lib.MeshError as e:
+            raise ConfigError(str(e)) from None
+        self.setup = state_lib.build(cfg, self.mesh)
+        self.total = int(cfg.steps)
+        self.bits_values = self.setup.schedule.values(self.total)
+        self.repl = mesh_lib.replicated(self.mesh)
+        self._samplers()
+        self.source = self._data()
+        self._check_batch()
+        self.ckpt = ckpt_lib.Checkpointer(workdir, int(cfg.keep_checkpoints))
 
-    seconds = time.perf_counter() - t_run
-    done_steps = int(jax.device_get(train_state["step"])) if status != "nan" else (rows[-1]["step"] if rows else start)
-    result = RunResult(workdir=workdir, steps=done_steps, final_loss=last_loss, final_bits=last_bits, metrics=rows,
-                       status=status, seconds=seconds, compilations=_cache_size(step_fn))
-    if is_main:
-        summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "metrics"}
-        summary.update(schedule=cfg.schedule, total_steps=total,
-                       stage_losses=_stage_losses(rows))
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    if status == "nan":
-        raise TrainingDiverged(f"loss became non-finite; last good checkpoint kept in {os.path.join(workdir, 'checkpoints')}")
-    return result
+    # -- set-up ---------------------------------------------------------------------------------
 
+    def _samplers(self):
+        s, cfg = self.setup, self.cfg
+        kw = dict(num_steps=int(cfg.sample_steps), guidance_scale=float(cfg.guidance_scale), out_shardings=self.repl)
+        self.teacher_sample = model_sampler(lambda st: nnx.merge(s.teacher_graph, st), s.family, **kw)
 
-def _stage_losses(rows):
-    out = {}
-    for r in rows:
-        out[f"{r['bits']:g}"] = r["loss"]  # last logged loss of each bit-width
-    return out
+        def student(p):
+            params, rest, bits = p
+            model = nnx.merge(s.student_graph, params, rest)
+            set_bits(model, bits)
+            return model
+
+        self.student_sample = model_sampler(student, s.family, **kw)
+        cls = s.model_config.get("num_embeds_ada_norm")
+        self.num_classes = int(cls) if cls and s.family == "dit" else None
+
+    def _data(self):
+        s, cfg = self.setup, self.cfg
+        if cfg.data != "datafree":
+            return data.make_source(cfg.data, seed=cfg.seed, image_size=s.image_size, data_dir=cfg.data_dir or None)
+        if s.family != "dit":
+            raise ConfigError(f"data=datafree needs a class-conditional DiT teacher, got a {s.family} teacher "
+                              "(text-to-image teachers need cached text embeddings: data=latents:DIR)")
+
+        def generate(key, n):
+            k_noise, k_labels, k_step = jax.random.split(key, 3)
+            noise = jax.random.normal(k_noise, (n, s.in_channels, s.image_size, s.image_size), jnp.float32)
+            labels = jax.random.randint(k_labels, (n,), 0, self.num_classes)
+            x0 = self.teacher_sample(s.teacher_state, noise, {"class_labels": labels}, k_step)
+            return {"latents": x0, "class_labels": labels}
+
+        spec = {"latents": ((s.in_channels, s.image_size, s.image_size), np.dtype(np.float32)),
+                "class_labels": ((), np.dtype(np.int32))}
+        return data.DataFreeSource(generate, spec, seed=cfg.seed + 1)
+
+    def _check_batch(self):
+        cfg, hosts = self.cfg, jax.process_count()
+        if cfg.batch_size % hosts:
+            raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {hosts} processes")
+        n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if (cfg.batch_size // cfg.grad_accum) % n_dev:
+            raise ConfigError(f"batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} is not divisible by "
+                              f"the {n_dev} devices on the data and fsdp mesh axes")
+
+    def describe(self) -> str:
+        """What will run: mesh, per-device batch, how parameters are sharded, state bytes per device."""
+        s, cfg = self.setup, self.cfg
+        n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        per_dev = cfg.batch_size // cfg.grad_accum // n_dev
+        leaves = jax.tree.leaves(s.train_state["params"])
+        sharded = sum(1 for x in leaves if not x.sharding.is_fully_replicated)
+        state_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                          for x in jax.tree.leaves((s.train_state, s.teacher_state, s.rest)))
+        mesh = ",".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+        return (f"mesh {mesh} over {self.mesh.size} {jax.devices()[0].platform} device(s); batch {cfg.batch_size} = "
+                f"{per_dev} per device x {n_dev} x grad_accum {cfg.grad_accum}; {sharded} of {len(leaves)} "
+                f"student parameters sharded; teacher + student + optimizer state {state_bytes / 2**20:.1f} MiB "
+                "per device")
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def resume(self, log_event) -> tuple[int, int]:
+        """Restores the newest complete checkpoint; ``(start_step, data_position)``."""
+        for path in self.ckpt.partial:
+            log_event(None, f"skipped an incomplete checkpoint (interrupted save), removed it: {path}")
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return 0, 0
+        meta = self.ckpt.restore_meta(latest)
+        changes = check_resume(meta.get("config", {}), self.cfg.to_dict(), int(meta["step"]), force=self.force_resume)
+        if changes:
+            kind = "force_resume" if self.force_resume else "config_changed"
+            log_event({"event": kind, "step": int(meta["step"]), "changes": {k: list(v) for k, v in changes.items()}},
+                      f"resuming with config changes ({kind}): " + ", ".join(
+                          f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        s = self.setup
+        s.train_state, meta = self.ckpt.restore(latest, ckpt_lib.abstract_like(s.train_state, s.state_sh))
+        return int(meta["step"]), int(meta["data_position"])
+
+    def save(self, step_done: int, position: int) -> None:
+        meta = {"step": step_done, "data_position": position, "config": self.cfg.to_dict(),
+                "config_fingerprint": ckpt_lib.fingerprint(self.cfg.to_dict()),
+                "bits": float(self.bits_values[step_done - 1]) if step_done else None}
+        try:
+            self.ckpt.save(step_done, self.setup.train_state, meta)
+        except Exception as e:  # disk full, permissions, ...: the previous checkpoint stays
+            raise CheckpointWriteError(
+                f"could not write checkpoint {step_done} to {self.ckpt.directory} ({type(e).__name__}: {e}); "
+                f"the previous checkpoint (step {self.ckpt.latest_step()}) is kept") from None
+
+    # -- samples --------------------------------------------------------------------------------
+
+    def grid_inputs(self):
+        s, cfg = self.setup, self.cfg
+        n = int(cfg.num_samples)
+        rows = None if s.family == "dit" else self.source.batch(0, n)
+        noise, key, cond, null = sampling_inputs(s.family, cfg.seed + 2, n, (s.in_channels, s.image_size, s.image_size),
+                                                 num_classes=self.num_classes, cond_rows=rows)
+        return jax.device_put(noise, self.repl), key, jax.device_put(cond, self.repl), null
+
+    def sample_grid(self, done: int, bits: float, log: MetricsLog) -> None:
+        if not hasattr(self, "_grid"):
+            self._grid = self.grid_inputs()
+            noise, key, cond, null = self._grid
+            self._teacher_grid = np.asarray(self.teacher_sample(self.setup.teacher_state, noise, cond, key, null))
+        noise, key, cond, null = self._grid
+        s = self.setup
+        student = np.asarray(self.student_sample((s.train_state["params"], s.rest, jnp.float32(bits)), noise, cond,
+                                                 key, null))
+        if self.is_main:
+            path = os.path.join(self.workdir, "samples", f"step_{done:06d}_bits_{bits:g}.png")
+            log.add_image("samples/teacher_top_student_bottom", save_grid(path, [self._teacher_grid, student]), done)
 
 
 def _cache_size(fn) -> int:
@@ -383,6 +297,142 @@ def _cache_size(fn) -> int:
         return int(fn._cache_size())
     except Exception:  # private API; report 0 when unavailable
         return 0
+
+
+def run(config=None, *, workdir: str | None = None, force_resume: bool = False) -> RunResult:
+    """Trains a FraQAT student (see the package docstring). ``config``: ConfigDict, dict or None.
+
+    ``force_resume``: resume even when the checkpoint's config differs (recorded in metrics.jsonl).
+    """
+    cfg = _as_config(config)
+    r = _Run(cfg, os.path.abspath(workdir or DEFAULT_WORKDIR), force_resume)
+    try:
+        return _train(r)
+    finally:
+        r.ckpt.close()
+
+
+def _train(r: _Run) -> RunResult:
+    cfg, s = r.cfg, r.setup
+    events = []
+    start, position = r.resume(lambda row, text: events.append((row, text)))
+    progress = Progress(r.total, start, cfg.progress, enabled=r.is_main)
+    progress.message(r.describe())
+    log = MetricsLog(r.workdir, start, enabled=r.is_main)
+    for row, text in events:
+        progress.message(text)
+        if row is not None:
+            log.write(row)
+    if start:
+        progress.message(f"resumed from {r.ckpt.directory}/{start} (data position {position})")
+    if r.is_main:
+        with open(os.path.join(r.workdir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+    step_fn = s.step_fn()
+    loop = _Loop(r, step_fn, log, progress, start, position)
+    t_run = time.perf_counter()
+    try:
+        status = loop.run()
+    finally:
+        progress.close()
+        log.close()
+    return _finish(r, loop, status, time.perf_counter() - t_run, _cache_size(step_fn))
+
+
+class _Loop:
+    """The step loop. Device values are read only at check steps (log, checkpoint, bit change, stop)."""
+
+    def __init__(self, r: _Run, step_fn, log, progress, start: int, position: int):
+        self.r, self.step_fn, self.log, self.progress = r, step_fn, log, progress
+        self.start, self.position = start, position
+        self.rows: list = []
+        self.last_loss = float("nan")
+        self.last_bits = float(r.bits_values[max(start - 1, 0)])
+        self.checked_step = start  # every step up to here is known finite
+
+    def run(self) -> str:
+        r, cfg = self.r, self.r.cfg
+        host, hosts = jax.process_index(), jax.process_count()
+        window_t, window_n = time.perf_counter(), 0
+        finite, first_bad = jnp.array(True), jnp.array(-1, jnp.int32)
+        with _StopFlag() as stop:
+            for step in range(self.start, r.total):
+                local = r.source.batch(self.position, int(cfg.batch_size), host_index=host, host_count=hosts)
+                r.setup.train_state, metrics = self.step_fn(r.setup.train_state, r.setup.teacher_state, r.setup.rest,
+                                                            _global_batch(local, r.mesh))
+                # Stays on the device: no host sync until a check step.
+                first_bad = jnp.where(finite & ~metrics["finite"], step + 1, first_bad)
+                finite = finite & metrics["finite"]
+                done, window_n = step + 1, window_n + 1
+                self.position += 1
+                bits = float(r.bits_values[step])
+                log_now = done % cfg.log_every == 0 or done == r.total
+                stage_end = done == r.total or float(r.bits_values[min(done, r.total - 1)]) != bits
+                save_now = stop.signum is not None or done % cfg.checkpoint_every == 0 or done == r.total
+                if not (log_now or save_now or (cfg.sample_grids and stage_end)):
+                    self.progress.update(done, bits, self.last_loss, self._rate(), None)
+                    continue
+                if not bool(finite):
+                    return self._diverged(int(first_bad), done)
+                self.checked_step = done
+                row = None
+                if log_now:
+                    now = time.perf_counter()
+                    row = self._row(done, bits, metrics, window_n / (now - window_t))
+                    window_t, window_n = now, 0
+                self.last_loss, self.last_bits = float(metrics["loss"]), bits
+                self.progress.update(done, bits, self.last_loss, self._rate(), row)
+                if cfg.sample_grids and stage_end:
+                    r.sample_grid(done, bits, self.log)
+                if save_now:
+                    r.save(done, self.position)
+                if stop.signum is not None:
+                    self.progress.message(f"{signal.Signals(stop.signum).name} received: saved step {done} to "
+                                          f"{r.ckpt.directory}; run the same command again to resume")
+                    return "preempted"
+        return "completed"
+
+    def _rate(self) -> float:
+        return self.rows[-1]["steps_per_sec"] if self.rows else 0.0
+
+    def _row(self, done, bits, metrics, rate) -> dict:
+        row = {"step": done, "bits": float(metrics["bits"]), "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+               "grad_norm": float(metrics["grad_norm"]), "steps_per_sec": rate, "data_position": self.position}
+        self.log.write(row)
+        self.rows.append(row)
+        return row
+
+    def _diverged(self, bad: int, checked: int) -> str:
+        self.progress.message(
+            f"the loss became non-finite at step {bad} (seen at the check after step {checked}); stopping. The last "
+            f"good checkpoint is kept in {self.r.ckpt.directory} (step {self.r.ckpt.latest_step()}).")
+        self.bad_step = bad
+        return "nan"
+
+
+def _finish(r: _Run, loop: _Loop, status: str, seconds: float, compilations: int) -> RunResult:
+    if status == "nan":
+        done_steps = loop.checked_step
+    else:
+        done_steps = int(jax.device_get(r.setup.train_state["step"]))
+    result = RunResult(workdir=r.workdir, steps=done_steps, final_loss=loop.last_loss, final_bits=loop.last_bits,
+                       metrics=loop.rows, status=status, seconds=seconds, compilations=compilations)
+    if r.is_main:
+        summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "metrics"}
+        summary.update(schedule=r.cfg.schedule, total_steps=r.total, stage_losses=_stage_losses(loop.rows))
+        with open(os.path.join(r.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    if status == "nan":
+        raise TrainingDiverged(f"loss became non-finite at step {loop.bad_step}; last good checkpoint kept in "
+                               f"{r.ckpt.directory} (step {r.ckpt.latest_step()})")
+    return result
+
+
+def _stage_losses(rows):
+    out = {}
+    for row in rows:
+        out[f"{row['bits']:g}"] = row["loss"]  # last logged loss of each bit-width
+    return out
 
 
 # ----------------------------------------------------------------------------- loading a run
@@ -418,5 +468,5 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = False):
     student = nnx.merge(graph, chosen, rest_v)
     bits = float(make_schedule(cfg)(max(int(meta["step"]) - 1, 0)))
     if cfg.quant_rules != "none":
-        set_student_bits(student, bits)
+        set_bits(student, bits)
     return teacher, student, cfg

@@ -14,10 +14,11 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "LOGICAL_RULES", "MeshError", "batch_sharding", "build_mesh", "param_spec", "parse_mesh",
-           "replicated", "shard_params"]
+           "names_of", "replicated", "shard_params"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -134,7 +135,8 @@ def param_spec(shape: Sequence[int], names: Sequence[str | None] | None, mesh: M
     return P()
 
 
-def _names_of(variable) -> tuple | None:
+def names_of(variable) -> tuple | None:
+    """The logical axis names a parameter carries in its metadata, or None."""
     meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
     for key in ("sharding_names", "sharding", "out_sharding"):
         names = meta.get(key)
@@ -145,10 +147,9 @@ def _names_of(variable) -> tuple | None:
 
 def shard_params(state, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
     """NamedShardings for an ``nnx.State`` (a pytree of the same structure, leaves NamedSharding)."""
-    import flax.nnx as nnx
 
     def one(v):
         value = v.get_value() if hasattr(v, "get_value") else v.value
-        return NamedSharding(mesh, param_spec(np.shape(value), _names_of(v), mesh, rules))
+        return NamedSharding(mesh, param_spec(np.shape(value), names_of(v), mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

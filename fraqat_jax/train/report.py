@@ -13,6 +13,16 @@ import numpy as np
 __all__ = ["MetricsLog", "Progress", "save_grid"]
 
 
+def _kept(line: str, start_step: int) -> bool:
+    """A row to keep on resume: complete (a process killed mid-write can leave a torn last line) and
+    not past the restored step; event rows (no ``step`` or one at/below it) are kept."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and row.get("step", 0) <= start_step
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one row per logged step, flushed as written) and TensorBoard scalars.
 
@@ -28,7 +38,7 @@ class MetricsLog:
             return
         if os.path.exists(self.path):
             with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                keep = [line for line in f if _kept(line, start_step)]
             with open(self.path, "w") as f:
                 f.writelines(keep)
         self.file = open(self.path, "a")
@@ -44,7 +54,7 @@ class MetricsLog:
         self.file.flush()
         if self.writer is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k != "step" and "event" not in row and isinstance(v, (int, float)):
                     self.writer.add_scalar(f"train/{k}", v, row["step"])
 
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:

@@ -21,13 +21,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from fraqat_jax.train.models import apply_model, objective_of, set_student_bits
+from fraqat_jax.diffusion import apply_model, diffusion_inputs
+from fraqat_jax.nn import set_bits
 
-__all__ = ["diffusion_inputs", "make_lr_schedule", "make_optimizer", "make_train_step"]
+__all__ = ["make_lr_schedule", "make_optimizer", "make_train_step", "training_inputs"]
 
 
 def make_lr_schedule(cfg) -> optax.Schedule:
@@ -46,43 +46,24 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def ddpm_alphas_cumprod(num_train_timesteps: int) -> np.ndarray:
-    """DiT / PixArt training schedule: linear betas 1e-4 .. 0.02."""
-    from fraqat_jax.eval.samplers import ddpm_alphas_cumprod as acp
-
-    return acp(num_train_timesteps)
-
-
-def diffusion_inputs(objective: str, family: str, key, latents, cfg):
-    """Noisy inputs and model timesteps for clean ``latents`` [B, C, H, W] (see module docstring)."""
-    k_t, k_noise = jax.random.split(key)
-    b = latents.shape[0]
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    x0 = latents.astype(jnp.float32)
-    bshape = (b,) + (1,) * (latents.ndim - 1)
-    if objective == "ddpm":
-        acp = jnp.asarray(ddpm_alphas_cumprod(cfg.num_train_timesteps), jnp.float32)
-        t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
-        a = acp[t].reshape(bshape)
-        return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise, t.astype(jnp.float32)
-    sigma = jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * jax.random.normal(k_t, (b,), jnp.float32))
-    s = sigma.reshape(bshape)
-    x_t = (1.0 - s) * x0 + s * noise
-    return x_t, sigma if family == "flux" else sigma * 1000.0
+def training_inputs(family: str, key, latents, cfg):
+    """``diffusion.diffusion_inputs`` with the run's timestep settings (``num_train_timesteps``,
+    ``logit_mean``, ``logit_std``)."""
+    return diffusion_inputs(family, key, latents, num_train_timesteps=int(cfg.num_train_timesteps),
+                            logit_mean=float(cfg.logit_mean), logit_std=float(cfg.logit_std))
 
 
 def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str, tx: optax.GradientTransformation,
                     lr_schedule: Callable, shardings=None, donate: bool = True):
     """Builds the jitted step (see the module docstring). ``shardings``: optional
     ``(train_state, teacher_state, student_rest, batch)`` in-shardings; outputs keep the state's."""
-    objective = objective_of(family)
     base_key = jax.random.key(cfg.seed)
     accum = int(cfg.grad_accum)
     ema_decay = float(cfg.ema_decay)
 
     def student_out(params, rest, bits, x_t, t, cond):
         student = nnx.merge(student_graph, params, rest)
-        set_student_bits(student, bits)
+        set_bits(student, bits)
         return apply_model(student, family, x_t, t, cond).astype(jnp.float32)
 
     def micro_loss(params, rest, teacher_state, bits, x_t, t, cond):
@@ -99,7 +80,7 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
         key = jax.random.fold_in(base_key, step)
         latents = batch["latents"]
         cond = {k: v for k, v in batch.items() if k != "latents"}
-        x_t, t = diffusion_inputs(objective, family, key, latents, cfg)
+        x_t, t = training_inputs(family, key, latents, cfg)
         params = train_state["params"]
         if accum == 1:
             loss, grads = grad_fn(params, student_rest, teacher_state, bits, x_t, t, cond)
@@ -127,7 +108,8 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
         if ema is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, new_params)
         new_state = {"params": new_params, "opt_state": opt_state, "ema": ema, "step": step + 1}
-        metrics = {"loss": loss, "bits": bits, "lr": jnp.asarray(lr_schedule(step), jnp.float32), "grad_norm": grad_norm}
+        metrics = {"loss": loss, "bits": bits, "lr": jnp.asarray(lr_schedule(step), jnp.float32), "grad_norm": grad_norm,
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
         return new_state, metrics
 
     kwargs = {"donate_argnums": (0,)} if donate else {}

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fraqat_jax.eval import samplers
+from fraqat_jax.diffusion import samplers
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -10,7 +10,7 @@ from flax import nnx
 
 from fraqat_jax import train
 from fraqat_jax.eval import __main__ as eval_cli
-from fraqat_jax.eval import samplers
+from fraqat_jax.diffusion import samplers
 from fraqat_jax.eval.classifier import DigitsClassifier
 from fraqat_jax.eval.fid import frechet_distance_from_features
 
@@ -57,14 +57,14 @@ def test_eval_json_matches_an_independent_computation(run_dir):
 
 def test_validation_loss_is_zero_for_the_teacher_and_grows_as_bits_fall(run_dir):
     from fraqat_jax.eval.evaluate import Evaluator
-    from fraqat_jax.train.models import set_student_bits
+    from fraqat_jax.nn import set_bits
 
     teacher, student, cfg = train.load_run(run_dir)
     ev = Evaluator(teacher, cfg, num_samples=NUM_SAMPLES, num_val=NUM_VAL)  # compiled above
     assert ev.val_loss(teacher) == 0.0
     losses = []
     for bits in (8.0, 4.0, 2.0):
-        set_student_bits(student, bits)
+        set_bits(student, bits)
         losses.append(ev.val_loss(student))
     assert 0 < losses[0] < losses[1] < losses[2]
 

@@ -1,0 +1,43 @@
+"""What training, evaluation, export, pretraining and data-free data share; imports only ``models/``,
+``quant/`` and ``schedules.py``.
+
+``families``: which port is which family, how each is called (``apply_model``, Flux's 2x2 packing
+and ids) and its timestep convention. ``noise``: DDPM and rectified-flow schedules and the training
+inputs (``diffusion_inputs``). ``samplers``: DDPM/DDIM/Euler and ``model_sampler`` ("sample this
+model from this noise"). ``heldout``: held-out training-style inputs and fixed sampling inputs.
+"""
+
+from fraqat_jax.diffusion.families import (FAMILIES, apply_model, family_of, model_kwargs, model_time,
+                                           model_timestep, objective_of, pack_2x2, sampler_of, unpack_2x2)
+from fraqat_jax.diffusion.heldout import heldout_inputs, sampling_inputs
+from fraqat_jax.diffusion.noise import (ddim_timesteps, ddpm_alphas_cumprod, diffusion_inputs, flow_sigmas,
+                                        logit_normal_sigmas)
+from fraqat_jax.diffusion.samplers import (ddim_sample, ddpm_sample, euler_sample, make_noise, make_sampler,
+                                           model_sampler, sample)
+
+__all__ = [
+    "FAMILIES",
+    "apply_model",
+    "ddim_sample",
+    "ddim_timesteps",
+    "ddpm_alphas_cumprod",
+    "ddpm_sample",
+    "diffusion_inputs",
+    "euler_sample",
+    "family_of",
+    "flow_sigmas",
+    "heldout_inputs",
+    "logit_normal_sigmas",
+    "make_noise",
+    "make_sampler",
+    "model_kwargs",
+    "model_sampler",
+    "model_time",
+    "model_timestep",
+    "objective_of",
+    "pack_2x2",
+    "sample",
+    "sampler_of",
+    "sampling_inputs",
+    "unpack_2x2",
+]
