@@ -6,13 +6,8 @@ Needs the teacher's weights and a latents cache: see configs/_paper.py. For exam
         python -m fraqat_jax.train --config configs/sd35_medium.py --workdir runs/sd35_medium
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_paper", os.path.join(os.path.dirname(__file__), "_paper.py"))
-_paper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_paper)
+from _paper import paper_config
 
 
 def get_config():
-    return _paper.paper_config("SD3.5-Medium", lr=1e-6, batch_size=256, latents="data/latents/sd35_medium")
+    return paper_config("SD3.5-Medium", lr=1e-6, batch_size=256, latents="data/latents/sd35_medium")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -143,6 +144,11 @@ def _load_file(path: str) -> ml_collections.ConfigDict | Mapping:
         raise ConfigError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location("_fraqat_user_config", path)
     module = importlib.util.module_from_spec(spec)
+    # The file's folder is importable while it runs, so a preset imports its shared part
+    # (``from _paper import paper_config``); modules imported from there are forgotten afterwards.
+    folder = os.path.dirname(os.path.abspath(path))
+    before = set(sys.modules)
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
@@ -152,6 +158,11 @@ def _load_file(path: str) -> ml_collections.ConfigDict | Mapping:
         raise
     except Exception as e:  # any error inside the user's file
         raise ConfigError(f"config file {path!r} has an error: {type(e).__name__}: {e}") from None
+    finally:
+        sys.path.remove(folder)
+        for name in set(sys.modules) - before:
+            if os.path.dirname(os.path.abspath(getattr(sys.modules[name], "__file__", None) or "")) == folder:
+                del sys.modules[name]
 
 
 def load_config(path: str | None = None, overrides: Iterable[str] = (), *,
