@@ -32,6 +32,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from fraqat_jax.models.common import Buffer
+from fraqat_jax.models.scan import restack_flat, unstack_flat
 
 # safetensors dtype -> numpy dtype (bfloat16 and float8 from ml_dtypes, which JAX uses too).
 _DTYPES = {
@@ -264,7 +265,7 @@ def load_state_dict(
     ``SafetensorsCheckpoint`` reads each tensor once, when it is copied). Returns the loaded model
     (a new object)."""
     graphdef, state = nnx.split(model)
-    flat = list(nnx.to_flat_state(state))
+    flat = unstack_flat(model, nnx.to_flat_state(state))  # scanned blocks: per-block names
     by_key = {}
     for path, var in _loadable(flat):
         key, transform = _to_diffusers(path, len(var.shape))
@@ -285,7 +286,7 @@ def load_state_dict(
         # one tensor at a time: the host copy is dropped once it is on the device
         new_values[path] = jnp.asarray(transform(np.asarray(tensors[key])), dtype=var.dtype)
     updated = [(p, v.replace(new_values[p]) if p in new_values else v) for p, v in flat]
-    return nnx.merge(graphdef, nnx.from_flat_state(updated))
+    return nnx.merge(graphdef, nnx.from_flat_state(restack_flat(model, updated)))
 
 
 def _expected_shape(shape: tuple, path: tuple) -> tuple:
@@ -325,7 +326,8 @@ def port_class(class_name: str | None) -> type:
 
 
 def from_diffusers(
-    path: str | Path, *, dtype: Any = None, param_dtype: Any = jnp.float32, remat: bool = False
+    path: str | Path, *, dtype: Any = None, param_dtype: Any = jnp.float32, remat: bool | str = False,
+    scan_layers: bool = False, attention: str = "xla",
 ) -> nnx.Module:
     """Build the port named by ``_class_name`` in ``config.json`` and load its safetensors.
 
@@ -334,13 +336,17 @@ def from_diffusers(
     dtype (None: follow inputs/params); ``param_dtype``: storage dtype of the loaded weights
     (``jnp.bfloat16`` with ``dtype=jnp.bfloat16`` for an all-bf16 model). The model is built
     abstractly (``nnx.eval_shape``), so no random init is spent on weights that get overwritten.
+    ``remat``, ``scan_layers``, ``attention``: the port's options (``models.scan``, ``models.attention``).
     """
     model_dir = resolve_model_dir(path)
     config = read_config(model_dir)
     cls = port_class(config.get("_class_name"))
-    abstract = nnx.eval_shape(
-        lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat)
-    )
+    options = {"remat": remat}  # the VAEs take remat only: pass the transformer options when set
+    if scan_layers:
+        options["scan_layers"] = True
+    if attention != "xla":
+        options["attention"] = attention
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **options))
     with load_checkpoint(model_dir) as tensors:
         return load_state_dict(abstract, tensors, source=str(model_dir))
 
@@ -349,7 +355,7 @@ def to_diffusers_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """Inverse of ``load_state_dict``: diffusers-named float32 numpy arrays for every ``nnx.Param``
     and ``Buffer`` (kernels transposed back to torch layout)."""
     out = {}
-    for path, var in _loadable(nnx.to_flat_state(nnx.state(model))):
+    for path, var in _loadable(unstack_flat(model, nnx.to_flat_state(nnx.state(model)))):
         key, _ = _to_diffusers(path, len(var.shape))
         value = np.asarray(var[...], dtype=np.float32)
         if str(path[-1]) == "kernel":

@@ -269,7 +269,11 @@ def restack_flat(model: nnx.Module, flat: Sequence[tuple[tuple, nnx.Variable]]) 
         missing = [".".join(map(str, k)) for k in keys if k not in values]
         if missing:
             raise ValueError(f"cannot restack {'.'.join(map(str, path))}: missing {', '.join(missing)}")
-        out.append((tuple(path), template.replace(jnp.stack([values.pop(k).get_value() for k in keys]))))
+        parts = [values.pop(k).get_value() for k in keys]
+        if isinstance(parts[0], jax.ShapeDtypeStruct):  # still abstract (e.g. quantizer state never loaded)
+            out.append((tuple(path), template))
+        else:
+            out.append((tuple(path), template.replace(jnp.stack(parts))))
     return out
 
 

@@ -115,10 +115,11 @@ class QuantMixin:
                 "mixes tokens); use 'tensor' or 'static'"
             )
         kernel = self.kernel
+        stack = self.stack_shape()
         # Validates channel_axis / group_size against the kernel now, not at the first call.
         jax.eval_shape(
             lambda k: quantize(k, 8.0, symmetric=symmetric, channel_axis=channel_axis, group_size=group_size),
-            jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
+            jax.ShapeDtypeStruct(kernel.shape[len(stack):], kernel.dtype),
         )
         self.weight_symmetric = symmetric
         self.channel_axis = channel_axis
@@ -128,12 +129,20 @@ class QuantMixin:
         if weight_bits is None:
             self.bits = None
         else:
-            self.bits = Bits(check_bits(weight_bits, name="weight_bits"), schedule=schedule)
+            self.bits = Bits(jnp.broadcast_to(check_bits(weight_bits, name="weight_bits"), stack), schedule=schedule)
         # Every layer with a quantized input holds a range, so calibration changes values, not the
         # state's structure; NaN until calibrated, so an uncalibrated static layer fails loudly.
         self.act_range = nnx.data(None)
         if act_bits is not None:
-            self.act_range = ActRange(jnp.full((2,), jnp.nan, jnp.float32))
+            self.act_range = ActRange(jnp.full((*stack, 2), jnp.nan, jnp.float32))
+
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading axes of a kernel stacked over blocks (``models.scan``: one layer object holds
+        the same layer of every block), ``()`` for a single layer. Bit-widths and activation
+        ranges get these axes too, so inside the scan each block sees its own."""
+        rank = {"Linear": 2, "Conv": len(getattr(self, "kernel_size", ())) + 2,
+                "Einsum": len(getattr(self, "kernel_shape", ()))}[self.KIND]
+        return tuple(self.kernel.shape[: len(self.kernel.shape) - rank])
 
     # -- the two quantizers -------------------------------------------------------------------
     def quantized_kernel(self):
@@ -143,8 +152,15 @@ class QuantMixin:
             kernel = kernel * self.mask
         if self.bits is None:
             return kernel
-        return quantize(kernel, self.bits[...], symmetric=self.weight_symmetric,
-                        channel_axis=self.channel_axis, group_size=self.group_size)
+
+        def quant(kernel, bits):
+            return quantize(kernel, bits, symmetric=self.weight_symmetric, channel_axis=self.channel_axis,
+                            group_size=self.group_size)
+
+        bits = self.bits[...]
+        for _ in range(jnp.ndim(bits)):  # stacked blocks: scales per block, never across the stack
+            quant = jax.vmap(quant)
+        return quant(kernel, bits)
 
     def quantize_input(self, x):
         """The layer input fake-quantized at ``act_bits`` (unchanged if None)."""

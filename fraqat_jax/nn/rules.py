@@ -190,7 +190,7 @@ def _update_bits(target, pattern, new_value, *, scheduled: bool):
             if (isinstance(var, Bits) and _matches(pattern, path_string(path[:-1]))
                     and (var.get_metadata().get("schedule") is not None) == scheduled):
                 hits += 1
-                return var.copy(new_value(var))
+                return var.copy(jnp.broadcast_to(new_value(var), jnp.shape(var[...])))  # stacked: one per block
             return var
 
         out = target.map(f)
@@ -241,5 +241,11 @@ def apply_schedules(model_or_state, step):
 
 def bits_of(model) -> dict[str, float | None]:
     """``{path: weight bits}`` of every quantized layer (None for full-precision weights)."""
-    return {path: None if layer.bits is None else float(layer.bits[...])
+    return {path: None if layer.bits is None else _bits_value(layer.bits[...])
             for path, layer in quantized_layers(model)}
+
+
+def _bits_value(bits):
+    """A float; a layer stacked over blocks (``models.scan``) whose blocks differ gives a list."""
+    values = [float(b) for b in jnp.ravel(bits)]
+    return values[0] if len(set(values)) == 1 else values

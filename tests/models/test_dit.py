@@ -43,13 +43,15 @@ AFFINE_PATCH4 = dict(sample_size=16, patch_size=4, in_channels=4, num_layers=3, 
                      norm_elementwise_affine=True, norm_eps=1e-6)
 
 
-@pytest.mark.parametrize("config,seed", [(LEARNED_SIGMA, 0), (AFFINE_PATCH4, 1)], ids=["learned_sigma", "affine_p4"])
-def test_parity_with_class_labels(config, seed, tmp_path):
+@pytest.mark.parametrize("config,seed,scan_layers", [(LEARNED_SIGMA, 0, False), (AFFINE_PATCH4, 1, False),
+                                                     (AFFINE_PATCH4, 1, True)],
+                         ids=["learned_sigma", "affine_p4", "affine_p4_scan"])
+def test_parity_with_class_labels(config, seed, scan_layers, tmp_path):
     torch.manual_seed(seed)
     ref_model = diffusers.DiTTransformer2DModel(**config).eval()
     _randomize(ref_model, seed)
     ref_model.save_pretrained(tmp_path)
-    model = from_diffusers(tmp_path)
+    model = from_diffusers(tmp_path, scan_layers=scan_layers)
     assert isinstance(model, DiTTransformer2DModel)
     rng = np.random.default_rng(seed)
     size = config["sample_size"]

@@ -72,12 +72,16 @@ def _torch_forward(model, inputs):
         return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=False)[0].numpy()
 
 
-@pytest.mark.parametrize("config,seed,shape", [(SCHNELL_LIKE, 0, (3, 5, 4)), (DEV_LIKE, 1, (4, 2, 6))])
-def test_parity_against_diffusers(tmp_path, config, seed, shape):
+@pytest.mark.parametrize("config,seed,shape,scan_layers", [(SCHNELL_LIKE, 0, (3, 5, 4), False),
+                                                           (DEV_LIKE, 1, (4, 2, 6), False),
+                                                           (SCHNELL_LIKE, 0, (3, 5, 4), True)],
+                         ids=["schnell", "dev", "schnell_scan"])
+def test_parity_against_diffusers(tmp_path, config, seed, shape, scan_layers):
     ref_model = diffusers.FluxTransformer2DModel(**config).eval()
     _randomize(ref_model, seed)
     ref_model.save_pretrained(tmp_path)
-    model = from_diffusers(tmp_path, remat=config["guidance_embeds"])  # remat: same forward values
+    # remat: same forward values; scan: both block lists (2 double, 2 single blocks) under lax.scan
+    model = from_diffusers(tmp_path, remat=config["guidance_embeds"], scan_layers=scan_layers)
     assert type(model).__name__ == "FluxTransformer2DModel"
     inputs = _inputs(config, seed, *shape)
     ref = _torch_forward(ref_model, inputs)

@@ -48,9 +48,10 @@ SIZE_CONDITIONED = dict(
 )
 
 
-def test_parity_captions_mask_non_square(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+def test_parity_captions_mask_non_square(scan_layers, tmp_path):
     ref_model = _save_random(CAPTIONED, tmp_path, seed=0)
-    model = from_diffusers(tmp_path)
+    model = from_diffusers(tmp_path, scan_layers=scan_layers)
     assert type(model).__name__ == "PixArtTransformer2DModel"
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 8, 12)).astype(np.float32)  # non-square: position embedding rebuilt

@@ -51,11 +51,12 @@ def _torch_forward(model, x, captions, t, **extra):
                      return_dict=False)[0].numpy()
 
 
-def test_parity_linear_attention_mask_non_square(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+def test_parity_linear_attention_mask_non_square(scan_layers, tmp_path):
     ref_model = diffusers.SanaTransformer2DModel(**PLAIN).eval()
     _randomize(ref_model, 0)
     ref_model.save_pretrained(tmp_path)
-    model = from_diffusers(tmp_path)
+    model = from_diffusers(tmp_path, scan_layers=scan_layers)
     assert type(model).__name__ == "SanaTransformer2DModel"
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 6, 10)).astype(np.float32)

@@ -64,9 +64,10 @@ SD35_CONFIG = dict(sample_size=8, patch_size=1, in_channels=3, out_channels=5, n
 SD35_SINGLE_BLOCK = dict(SD35_CONFIG, num_layers=1, dual_attention_layers=(0,), patch_size=2)
 
 
-def test_sd3_parity_and_skip_layers(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+def test_sd3_parity_and_skip_layers(scan_layers, tmp_path):
     ref_model = _save_random(SD3_CONFIG, tmp_path, seed=0)
-    model = from_diffusers(tmp_path)
+    model = from_diffusers(tmp_path, scan_layers=scan_layers)  # scan: blocks 0-1 stacked, 2 on its own
     assert isinstance(model, SD3Transformer2DModel)
     assert model.transformer_blocks[2].context_pre_only and model.transformer_blocks[2].ff_context is None
     x, ctx, pooled, t = _inputs(SD3_CONFIG, 2, 16, 16, 7, seed=0)
