@@ -18,20 +18,27 @@ Field names are the diffusers model arguments plus ``latents``:
 - any other per-example array is passed through unchanged (e.g. ``encoder_attention_mask``).
 
 Rows are float16 or float32 on disk; the source returns float32 (integers unchanged).
+
+A *prompt cache* (``scripts/cache_latents.py --prompts``, read by ``python -m fraqat_jax.eval
+--prompts``) is the same format without ``latents``: the conditioning fields of N evaluation prompts
+(``encoder_hidden_states``, ``pooled_projections``, ``encoder_attention_mask``), ``info`` holding
+``{"mode": "prompts", "prompts": [N strings], ...}``, and ``DIR/null/``, a one-example cache of the
+empty prompt's fields (the unconditional input of classifier-free guidance, as the pipelines'
+default negative prompt ``""``). :func:`write_prompts` writes one, :func:`read_prompts` opens one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from fraqat_jax.data.sources import ArraySource, DataSourceError
 
-__all__ = ["FORMAT", "LatentsWriter", "read_latents", "write_latents"]
+__all__ = ["FORMAT", "LatentsWriter", "PromptCache", "read_latents", "read_prompts", "write_latents", "write_prompts"]
 
 FORMAT = "fraqat-latents-v1"
 
@@ -39,12 +46,13 @@ FORMAT = "fraqat-latents-v1"
 class LatentsWriter:
     """Writes a cache incrementally: ``w = LatentsWriter(dir, n, fields); w.write(start, rows); w.close()``.
 
-    ``fields`` maps a name to ``(per_example_shape, dtype)``.
+    ``fields`` maps a name to ``(per_example_shape, dtype)``. ``require_latents=False`` writes a
+    cache without ``latents`` (a prompt cache, see :func:`write_prompts`).
     """
 
     def __init__(self, directory: str, num_examples: int, fields: Mapping[str, tuple[tuple[int, ...], Any]],
-                 *, info: Mapping[str, Any] | None = None):
-        if "latents" not in fields:
+                 *, info: Mapping[str, Any] | None = None, require_latents: bool = True):
+        if require_latents and "latents" not in fields:
             raise ValueError(f"a latents cache needs a 'latents' field, got fields {sorted(fields)}")
         os.makedirs(directory, exist_ok=True)
         self.directory, self.num_examples = directory, int(num_examples)
@@ -102,14 +110,11 @@ class _Float32View:
         return np.asarray(self.array[idx], dtype=np.float32)
 
 
-def read_latents(directory: str, *, seed: int = 0) -> ArraySource:
-    """Opens a cache written by :class:`LatentsWriter` as a data source (memory-mapped).
+def _open_cache(directory: str, spec: str, redo: str) -> tuple[dict[str, Any], dict]:
+    """The fields of a cache (memory-mapped; float fields read as float32) and its meta.json.
 
-    Raises :class:`DataSourceError` (one line naming ``latents:DIR``) for a missing folder, a folder
-    without its ``meta.json`` index (an unfinished cache), a bad index or a field file that is
-    missing or does not match the index."""
-    spec = f"latents:{directory}"
-    redo = "write the cache again (scripts/cache_latents.py) or point data= at a finished one"
+    Raises :class:`DataSourceError` naming ``spec`` for a missing folder or index, a bad index, or
+    a field file that is missing or does not match the index."""
     if not os.path.isdir(directory):
         raise DataSourceError(spec, f"cannot be opened: no such folder; {redo}")
     meta_path = os.path.join(directory, "meta.json")
@@ -137,8 +142,70 @@ def read_latents(directory: str, *, seed: int = 0) -> ArraySource:
             raise DataSourceError(spec, f"cannot be opened: field {k!r} has shape {list(a.shape)} in {path}, meta.json says "
                                         f"{[n, *field['shape']]}; {redo}")
         arrays[k] = _Float32View(a) if np.issubdtype(a.dtype, np.floating) else a
+    return arrays, meta
+
+
+def read_latents(directory: str, *, seed: int = 0) -> ArraySource:
+    """Opens a cache written by :class:`LatentsWriter` as a data source (memory-mapped).
+
+    Raises :class:`DataSourceError` (one line naming ``latents:DIR``) for a missing folder, a folder
+    without its ``meta.json`` index (an unfinished cache), a bad index or a field file that is
+    missing or does not match the index."""
+    spec = f"latents:{directory}"
+    redo = "write the cache again (scripts/cache_latents.py) or point data= at a finished one"
+    arrays, meta = _open_cache(directory, spec, redo)
     if "latents" not in arrays:
-        raise DataSourceError(spec, f"cannot be opened: meta.json lists no 'latents' field (it has {sorted(arrays)}); {redo}")
+        what = ("it is a prompt cache (cache_latents.py --prompts), read by python -m fraqat_jax.eval --prompts"
+                if dict(meta.get("info") or {}).get("mode") == "prompts" else redo)
+        raise DataSourceError(spec, f"cannot be opened: meta.json lists no 'latents' field (it has {sorted(arrays)}); {what}")
     src = ArraySource(arrays, seed=seed)
     src.info = meta.get("info", {})
     return src
+
+
+class PromptCache(NamedTuple):
+    """An opened prompt cache: ``cond`` ``{field: [N, ...] array}`` (memory-mapped, floats as
+    float32), ``null`` the empty prompt's ``{field: [1, ...]}``, ``prompts`` the N strings and
+    ``info`` the cache's free-form info (pipeline, text length, scheduler config...)."""
+
+    cond: dict[str, Any]
+    null: dict[str, Any]
+    prompts: list[str]
+    info: dict[str, Any]
+
+
+def write_prompts(directory: str, cond: Mapping[str, np.ndarray], null: Mapping[str, np.ndarray],
+                  prompts: Sequence[str], *, info: Mapping[str, Any] | None = None) -> None:
+    """Writes a prompt cache (see the module docstring): ``cond`` fields ``[N, ...]`` for the N
+    ``prompts`` and ``null`` the same fields ``[1, ...]`` for the empty prompt."""
+    cond = {k: np.asarray(v) for k, v in cond.items()}
+    null = {k: np.asarray(v) for k, v in null.items()}
+    if "latents" in cond or set(cond) != set(null):
+        raise ValueError(f"a prompt cache needs the same conditioning fields for the prompts and the empty prompt "
+                         f"and no 'latents'; got {sorted(cond)} and {sorted(null)}")
+    if any(len(v) != len(prompts) for v in cond.values()) or any(len(v) != 1 for v in null.values()):
+        raise ValueError(f"{len(prompts)} prompts need fields of {len(prompts)} rows and one empty-prompt row; got "
+                         f"{ {k: len(v) for k, v in cond.items()} } and { {k: len(v) for k, v in null.items()} }")
+    for sub, arrays, extra in ((os.path.join(directory, "null"), null, {"prompts": [""]}),
+                               (directory, cond, {"prompts": list(prompts)})):
+        w = LatentsWriter(sub, len(next(iter(arrays.values()))), {k: (v.shape[1:], v.dtype) for k, v in arrays.items()},
+                          info={**dict(info or {}), "mode": "prompts", **extra}, require_latents=False)
+        w.write(0, arrays)
+        w.close()
+
+
+def read_prompts(directory: str) -> PromptCache:
+    """Opens a prompt cache written by :func:`write_prompts`. Raises :class:`DataSourceError`
+    (naming ``prompts:DIR``) for anything that is not a complete prompt cache."""
+    spec = f"prompts:{directory}"
+    redo = "write it with scripts/cache_latents.py --prompts FILE.txt --pipeline DIR --out CACHE"
+    cond, meta = _open_cache(directory, spec, redo)
+    info = dict(meta.get("info") or {})
+    if "latents" in cond or info.get("mode") != "prompts":
+        raise DataSourceError(spec, f"is not a prompt cache (info mode {info.get('mode')!r}, fields {sorted(cond)}); {redo}")
+    null, _ = _open_cache(os.path.join(directory, "null"), spec + "/null", redo)
+    prompts = info.get("prompts")
+    if not isinstance(prompts, list) or len(prompts) != int(meta["num_examples"]) or set(null) != set(cond):
+        raise DataSourceError(spec, f"is inconsistent: {len(prompts or [])} prompts in meta.json for {meta['num_examples']} "
+                                    f"rows, fields {sorted(cond)} and empty-prompt fields {sorted(null)}; {redo}")
+    return PromptCache(cond, {k: np.asarray(v[:1]) for k, v in null.items()}, [str(p) for p in prompts], info)
