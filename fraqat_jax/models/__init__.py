@@ -23,13 +23,14 @@ from fraqat_jax.models.convert import (
     to_diffusers_state_dict,
 )
 from fraqat_jax.models.autoencoder_dc import AutoencoderDC
-from fraqat_jax.models.autoencoder_kl import AutoencoderKL, load_vae
+from fraqat_jax.models.autoencoder_kl import AutoencoderKL
 from fraqat_jax.models.dit import DiTTransformer2DModel
 from fraqat_jax.models.common import count_params
 from fraqat_jax.models.mmdit import SD3Transformer2DModel
 from fraqat_jax.models.flux import FLUX_PRESETS, FluxTransformer2DModel
 from fraqat_jax.models.pixart import PIXART_PRESETS, PixArtTransformer2DModel
 from fraqat_jax.models.sana import SANA_PRESETS, SanaTransformer2DModel
+from fraqat_jax.models.vae import load_vae
 
 # Ports register here (class name must equal the diffusers class name).
 MODEL_CLASSES: dict[str, type] = {
@@ -85,7 +86,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 MODEL_CLASSES["PixArtTransformer2DModel"] = PixArtTransformer2DModel
 MODEL_CLASSES["SanaTransformer2DModel"] = SanaTransformer2DModel
 MODEL_CLASSES["FluxTransformer2DModel"] = FluxTransformer2DModel
-# VAEs (issue 16): loaded with from_diffusers(vae_dir) or autoencoder_kl.load_vae(path).
+# VAEs (issue 16): loaded with from_diffusers(vae_dir) or models.vae.load_vae(path).
 MODEL_CLASSES["AutoencoderKL"] = AutoencoderKL
 MODEL_CLASSES["AutoencoderDC"] = AutoencoderDC
 PRESETS.update({**PIXART_PRESETS, **SANA_PRESETS, **FLUX_PRESETS})

@@ -1,9 +1,8 @@
 """The KL VAE of latent diffusion as diffusers' ``AutoencoderKL``, in Flax NNX.
 
 Used by SD3/SD3.5 and FLUX.1 (16 latent channels, ``shift_factor`` set, no (post-)quant conv)
-and PixArt-Sigma (the SDXL VAE: 4 latent channels, no shift). Also home of ``load_vae``, which
-loads either VAE port (this one or ``AutoencoderDC``) from a diffusers folder and refuses any
-other model family.
+and PixArt-Sigma (the SDXL VAE: 4 latent channels, no shift). ``models.vae.load_vae`` loads it
+(or ``AutoencoderDC``) from a diffusers folder and refuses other model families.
 
 Layout: ``encode``/``decode`` take and return NCHW arrays like diffusers (images ``[B, 3, H, W]``
 in [-1, 1], latents ``[B, C, H/f, W/f]`` with ``f = 2 ** (len(block_out_channels) - 1)``, the
@@ -16,8 +15,6 @@ generic loader of ``models.convert`` fills them. Random init follows torch's def
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -33,7 +30,6 @@ from fraqat_jax.models.common import (
     torch_bias_init,
     torch_kernel_init,
 )
-from fraqat_jax.models.convert import from_diffusers
 
 AUTOENCODER_KL_DEFAULTS: dict[str, Any] = {
     "in_channels": 3,
@@ -73,9 +69,6 @@ KL_PRESETS: dict[str, dict[str, Any]] = {
                    "use_quant_conv": False, "use_post_quant_conv": False},
     "SDXL-VAE": {**_KL_COMMON, "latent_channels": 4, "scaling_factor": 0.13025},  # PixArt-Sigma's VAE
 }
-
-# diffusers classes that load_vae accepts (both registered in models.MODEL_CLASSES).
-VAE_CLASS_NAMES = ("AutoencoderKL", "AutoencoderDC")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,49 +397,3 @@ class AutoencoderKL(nnx.Module):
         posterior's mode (or a sample when ``key`` is given), as the training scripts do."""
         posterior = self.encode(x)
         return self.scale_latents(posterior.mode() if key is None else posterior.sample(key))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading and post-processing
-# ----------------------------------------------------------------------------------------------
-
-
-class NotAVAEError(ValueError):
-    """A folder given as a VAE holds another kind of diffusers model."""
-
-
-def resolve_vae_dir(path: str | Path) -> Path:
-    """The folder holding the VAE's ``config.json``: ``path`` itself or, for a pipeline folder
-    (``model_index.json``), its ``vae/`` subfolder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"VAE path is not a folder: {path}")
-    if (path / "vae" / "config.json").is_file() and (
-        (path / "model_index.json").is_file() or not (path / "config.json").is_file()
-    ):
-        return path / "vae"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {path} (nor in {path / 'vae'})")
-    return path
-
-
-def load_vae(path: str | Path, *, dtype: Any = None, param_dtype: Any = jnp.float32) -> nnx.Module:
-    """Load a diffusers VAE (``AutoencoderKL`` or ``AutoencoderDC``) from a ``vae/`` folder or a
-    pipeline folder. Raises ``NotAVAEError`` naming the folder's class and the accepted ones when
-    the folder holds another model (e.g. a transformer)."""
-    vae_dir = resolve_vae_dir(path)
-    with open(vae_dir / "config.json") as f:
-        class_name = json.load(f).get("_class_name")
-    if class_name not in VAE_CLASS_NAMES:
-        raise NotAVAEError(
-            f"{vae_dir} holds a {class_name!r} model, not a VAE; expected one of {', '.join(VAE_CLASS_NAMES)} "
-            "(a diffusers pipeline's vae/ folder)"
-        )
-    return from_diffusers(vae_dir, dtype=dtype, param_dtype=param_dtype)
-
-
-def images_to_uint8(images: jax.Array) -> jax.Array:
-    """Decoded images NCHW in [-1, 1] -> uint8 NHWC ``[B, H, W, C]`` in [0, 255], rounded as
-    diffusers' ``VaeImageProcessor.postprocess`` + ``numpy_to_pil`` (``(x/2 + 0.5)`` clipped)."""
-    x = jnp.clip(nchw_to_nhwc(images).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-    return jnp.round(x * 255.0).astype(jnp.uint8)

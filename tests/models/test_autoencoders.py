@@ -15,7 +15,8 @@ from fraqat_jax.models import (  # noqa: E402
     AutoencoderDC, AutoencoderKL, count_params, from_diffusers, load_state_dict, load_vae,
 )
 from fraqat_jax.models.autoencoder_dc import DC_PRESETS  # noqa: E402
-from fraqat_jax.models.autoencoder_kl import KL_PRESETS, NotAVAEError, images_to_uint8  # noqa: E402
+from fraqat_jax.models.autoencoder_kl import KL_PRESETS  # noqa: E402
+from fraqat_jax.models.vae import NotAVAEError, images_to_uint8  # noqa: E402
 from parity_utils import assert_close  # noqa: E402
 
 _KL_TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -83,13 +84,17 @@ def _abstract(cls, config):
 
 
 @nnx.jit
-def _encode(model, x):
-    return model.encode(x)
+def _encode_decode(model, x, z):
+    """``(encode(x), decode(z))`` in one program: one XLA compile per test instead of two."""
+    return model.encode(x), model.decode(z)
 
 
 @nnx.jit
-def _decode(model, z):
-    return model.decode(z)
+def _kl_forward(model, x, latents):
+    """AutoencoderKL: the posterior with its KL and a reparameterised sample, and
+    ``decode_latents(latents)`` (= ``decode(unscale_latents(latents))``), compiled together."""
+    dist = model.encode(x)
+    return dist, dist.kl(), dist.sample(jax.random.key(0)), model.decode_latents(latents)
 
 
 @pytest.mark.parametrize("config", [KL_4, KL_16], ids=["4ch", "16ch-shift"])
@@ -102,30 +107,25 @@ def test_autoencoder_kl_parity(config, tmp_path):
     assert model.shift_factor == config.get("shift_factor", 0.0)
 
     x = np.random.default_rng(1).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
+    # decode through the pipelines' path from diffusion-space latents (SD3/FLUX shift, PixArt not)
+    latents = np.random.default_rng(2).standard_normal((2, config["latent_channels"], 8, 12)).astype(np.float32)
     with torch.no_grad():
         posterior = ref.encode(torch.from_numpy(x)).latent_dist
-        ref_image = ref.decode(posterior.mean).sample.numpy()
-    dist = _encode(model, jnp.asarray(x))
-    assert_close(dist.mean, posterior.mean.numpy())
-    assert_close(dist.logvar, posterior.logvar.numpy())
-    image = _decode(model, jnp.asarray(posterior.mean.numpy()))
-    assert image.shape == (2, 3, 16, 24)
-    assert_close(image, ref_image)
-
-    if config.get("shift_factor") is None:
-        # the posterior as a distribution: KL to N(0, I) and reparameterised samples
-        mean, logvar = posterior.mean.numpy(), posterior.logvar.numpy()
-        kl = 0.5 * np.sum(mean**2 + np.exp(logvar) - 1 - logvar, axis=(1, 2, 3))
-        np.testing.assert_allclose(np.asarray(dist.kl()), kl, rtol=1e-4)
-        eps = (dist.sample(jax.random.key(0)) - dist.mean) / dist.std
-        assert eps.shape == mean.shape and 0.5 < float(jnp.std(eps)) < 1.5
-        return
-    # SD3's path from sampled latents to pixels and uint8 images, as StableDiffusion3Pipeline
-    latents = np.random.default_rng(2).standard_normal((1, 16, 4, 6)).astype(np.float32)
-    with torch.no_grad():
-        ref_pixels = ref.decode(torch.from_numpy(latents) / ref.config.scaling_factor + ref.config.shift_factor).sample
-    pixels = nnx.jit(lambda m, v: m.decode_latents(v))(model, jnp.asarray(latents))
+        ref_pixels = ref.decode(torch.from_numpy(latents) / ref.config.scaling_factor
+                                + (ref.config.shift_factor or 0.0)).sample
+    mean, logvar = posterior.mean.numpy(), posterior.logvar.numpy()
+    dist, kl, draw, pixels = _kl_forward(model, jnp.asarray(x), jnp.asarray(latents))
+    assert_close(dist.mean, mean)
+    assert_close(dist.logvar, logvar)
+    assert pixels.shape == (2, 3, 16, 24)
     assert_close(pixels, ref_pixels.numpy())
+
+    # the posterior as a distribution: KL to N(0, I) and reparameterised samples
+    ref_kl = 0.5 * np.sum(mean**2 + np.exp(logvar) - 1 - logvar, axis=(1, 2, 3))
+    np.testing.assert_allclose(np.asarray(kl), ref_kl, rtol=1e-4)
+    eps = (np.asarray(draw) - np.asarray(dist.mean)) / np.exp(0.5 * np.asarray(dist.logvar))
+    assert eps.shape == mean.shape and 0.5 < float(np.std(eps)) < 1.5
+    # uint8 images as diffusers' image processor makes them
     pil = diffusers.image_processor.VaeImageProcessor().postprocess(ref_pixels, output_type="pil")
     np.testing.assert_array_equal(np.asarray(images_to_uint8(jnp.asarray(ref_pixels.numpy())))[0], np.asarray(pil[0]))
 
@@ -166,11 +166,11 @@ def test_autoencoder_dc_parity(config, shape, tmp_path):
     with torch.no_grad():
         z = ref.encode(torch.from_numpy(x)).latent
         ref_image = ref.decode(z).sample.numpy()
-    latents = _encode(model, jnp.asarray(x))
+    latents, image = _encode_decode(model, jnp.asarray(x), jnp.asarray(z.numpy()))
     f = model.spatial_compression_ratio
     assert latents.shape == (shape[0], config["latent_channels"], shape[2] // f, shape[3] // f)
     assert_close(latents, z.numpy())
-    assert_close(_decode(model, jnp.asarray(z.numpy())), ref_image)
+    assert_close(image, ref_image)
 
 
 def test_load_vae_takes_pipeline_folders_and_refuses_other_families(tmp_path):
