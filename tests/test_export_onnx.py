@@ -21,15 +21,17 @@ from fraqat_jax.nn import quantized_layers  # noqa: E402
 
 TOLERANCE = 1e-3  # max |onnxruntime - frozen JAX| / max |frozen JAX| (issue 12)
 W4A8 = fraqat_jax.Rule(".*", weight_bits=4, act_bits=8, channel_axis=-1, layer_types=("Linear",))
+# Sana's feed-forward convolutions too (1x1, depthwise 3x3, 1x1): the quantized Conv path.
+CONV_W4A8 = fraqat_jax.Rule(r".*\.ff\..*", weight_bits=4, act_bits=8, channel_axis=-1, layer_types=("Conv",))
 
 # Tiny configs of tests/models (diffusers-compatible), one per family.
 CONFIGS = {
     "dit": ("DiTTransformer2DModel", dict(sample_size=8, patch_size=2, in_channels=3, out_channels=6, num_layers=2,
                                           attention_head_dim=8, num_attention_heads=2, num_embeds_ada_norm=10)),
-    "pixart": ("PixArtTransformer2DModel", dict(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                                out_channels=6, num_layers=1, cross_attention_dim=16,
+    "pixart": ("PixArtTransformer2DModel", dict(num_attention_heads=3, attention_head_dim=4, in_channels=4,
+                                                out_channels=6, num_layers=1, cross_attention_dim=12,
                                                 caption_channels=12, sample_size=8, patch_size=2,
-                                                interpolation_scale=None, use_additional_conditions=False)),
+                                                interpolation_scale=None, use_additional_conditions=True)),
     "sd3": ("SD3Transformer2DModel", dict(sample_size=8, patch_size=1, in_channels=3, out_channels=5, num_layers=2,
                                           attention_head_dim=4, num_attention_heads=4, joint_attention_dim=8,
                                           caption_projection_dim=16, pooled_projection_dim=6, pos_embed_max_size=14,
@@ -65,6 +67,9 @@ def _inputs(family: str, config: dict, batch: int, seed: int) -> dict[str, np.nd
                    timestep=t, encoder_attention_mask=mask)
         if config.get("guidance_embeds"):
             out["guidance"] = rng.uniform(1, 8, (batch,)).astype(np.float32)
+        if config.get("use_additional_conditions"):  # PixArt-alpha's size conditioning: a nested dict
+            out["added_cond_kwargs"] = {"resolution": rng.uniform(256, 1024, (batch, 2)).astype(np.float32),
+                                        "aspect_ratio": rng.uniform(0.5, 2, (batch, 1)).astype(np.float32)}
         return out
     if family == "sd3":
         return dict(hidden_states=image, encoder_hidden_states=normal(batch, 5, config["joint_attention_dim"]),
@@ -111,7 +116,8 @@ def _student(family: str, seed: int = 0):
     """W4A8 student with static input ranges: calibrated (DiT), or a fixed asymmetric range for
     every layer (the other families: same export path, one JAX compilation fewer on a shared CPU)."""
     class_name, config = CONFIGS[family]
-    model = fraqat_jax.quantize_model(_random_model(class_name, config, seed), [W4A8])
+    rules = [W4A8, CONV_W4A8] if family == "sana" else [W4A8]
+    model = fraqat_jax.quantize_model(_random_model(class_name, config, seed), rules)
     if family == "dit":
         fraqat_jax.calibrate(model, [_inputs(family, config, 8, seed=100 + seed)])
     else:
@@ -137,7 +143,9 @@ def test_every_family_round_trips_through_onnxruntime(family, tmp_path):
     proto = onnx.load(str(path))
     assert proto.opset_import[0].version == 21
     graph = proto.graph
-    assert sorted(i.name for i in graph.input) == sorted(held_out)
+    names = {f"{k}.{sub}" if isinstance(v, dict) else k: None for k, v in held_out.items()
+             for sub in (v if isinstance(v, dict) else [None])}
+    assert sorted(i.name for i in graph.input) == sorted(names)
     assert [o.name for o in graph.output] == ["sample"]
     for value in graph.input:
         first = value.type.tensor_type.shape.dim[0]
@@ -150,7 +158,7 @@ def test_every_family_round_trips_through_onnxruntime(family, tmp_path):
     assert got.shape == ref.shape
     err = float(np.abs(got - ref).max() / np.abs(ref).max())
     assert err <= TOLERANCE
-    first = {k: (v if k in ("img_ids", "txt_ids") else v[:1]) for k, v in held_out.items()}
+    first = {k: (v if k in ("img_ids", "txt_ids") else jax.tree.map(lambda a: a[:1], v)) for k, v in held_out.items()}
     np.testing.assert_allclose(run_onnx(str(path), first), got[:1], rtol=1e-5, atol=1e-5 * np.abs(got).max())
 
     # One INT4 initializer per quantized layer, holding freeze's packed codes byte for byte.
