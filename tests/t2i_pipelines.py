@@ -3,7 +3,7 @@
 configs and tokenizers built in code (a character-level CLIP BPE vocabulary with no merges, a
 character-level T5 unigram vocabulary).
 
-Shared by ``tests/eval/test_t2i.py`` and ``tests/test_cache_latents.py``.
+Used by ``tests/eval/test_t2i.py``.
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ def _vae(latent_channels: int, **kw):
     return AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
                          latent_channels=latent_channels, **kw)
+
+
+def save_vae(path: str, latent_channels: int) -> str:
+    """A tiny AutoencoderKL alone (diffusers' ``vae/`` folder layout) saved at ``path``."""
+    _vae(latent_channels, scaling_factor=0.5).save_pretrained(path)
+    return path
 
 
 def build_sd3_pipeline(path: str, seed: int = 0) -> str:

@@ -229,7 +229,7 @@ def make_sampler(kind: str, apply: Callable[[Any, jax.Array, jax.Array, Any], ja
 
 
 def model_sampler(build: Callable[[Any], Any], family: str, *, num_steps: int, guidance_scale: float = 1.0,
-                  out_shardings=None):
+                  shift: float = 1.0, out_shardings=None):
     """Samples a model of ``family`` with its evaluation sampler (``sampler_of``): a jitted
     ``(params, noise, cond, key, null_cond) -> samples [B, C, H, W]``.
 
@@ -237,7 +237,8 @@ def model_sampler(build: Callable[[Any], Any], family: str, *, num_steps: int, g
     with its bit-width set); ``params`` is an argument, not closed over, so one compilation serves a
     teacher and students of the same structure at any weights and bit-width. ``null_cond`` is the
     unconditional input for classifier-free guidance (used when ``guidance_scale != 1``); ``key``
-    drives the sampler's own noise (unused by the deterministic DDIM and Euler samplers).
+    drives the sampler's own noise (unused by the deterministic DDIM and Euler samplers). ``shift``:
+    the rectified-flow time shift of the Euler sampler's sigmas (SD3: 3.0; ignored by DDIM).
     This is the one way the trainer's sample grids, the evaluator, data-free data and the export's
     calibration sample a model.
     """
@@ -249,6 +250,8 @@ def model_sampler(build: Callable[[Any], Any], family: str, *, num_steps: int, g
         kw: dict[str, Any] = {"num_steps": num_steps}
         if guidance_scale != 1.0:
             kw.update(guidance_scale=guidance_scale, null_cond=null_cond)
+        if kind == "euler" and shift != 1.0:
+            kw["shift"] = shift
         return sample(kind, fn, noise, cond, key=key if kind != "euler" else None, **kw)
 
     return jax.jit(run, **({} if out_shardings is None else {"out_shardings": out_shardings}))

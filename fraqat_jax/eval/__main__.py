@@ -2,8 +2,12 @@
 
 Loads the run's teacher and final (or ``--step``) student with ``fraqat_jax.train.load_run``, samples
 both from the same noise and writes ``DIR/eval.json`` (see :mod:`fraqat_jax.eval.evaluate` for the
-metrics). Bad input (no run in DIR, no checkpoint, a missing Inception weights file, an unwritable
-output) exits with status 2 and one line on stderr.
+metrics). Text-to-image runs: ``--prompts CACHE --vae DIR`` samples both on the prompts of a prompt
+cache (``scripts/cache_latents.py --prompts``) with the pipeline's sampler settings, decodes them with
+the pipeline's VAE in JAX and writes the teacher-above-student PNGs next to ``eval.json`` (see
+:mod:`fraqat_jax.eval.t2i`), sharded over ``--mesh``. Bad input (no run in DIR, no checkpoint, a
+missing Inception weights file, an unwritable output, a prompt cache or VAE that does not fit the
+teacher) exits with status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -20,14 +24,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="a run directory written by python -m fraqat_jax.train")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to score (default: the latest)")
     p.add_argument("--ema", action="store_true", help="score the EMA weights (if the run kept them)")
-    p.add_argument("--num-samples", type=int, default=500, help="samples per model (default 500)")
-    p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the run's sample_steps)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="samples per model (default 500; with --prompts: one per prompt of the cache)")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="sampler steps (default: the run's sample_steps; with --prompts: the pipeline's, e.g. SD3 28)")
     p.add_argument("--num-val", type=int, default=512, help="held-out inputs for the validation loss")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise and validation inputs")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (1: none; default 1, with --prompts the pipeline's, e.g. SD3 7.0)")
     p.add_argument("--inception-weights", default=None,
                    help="FID Inception weights (pytorch-fid .pth, .npz or .safetensors) for image samples")
     p.add_argument("--out", default=None, help="output file (default: WORKDIR/eval.json)")
+    t = p.add_argument_group("text-to-image (latent teachers: SD3, PixArt, Sana, Flux)")
+    t.add_argument("--prompts", metavar="CACHE", default=None,
+                   help="prompt cache written by scripts/cache_latents.py --prompts: sample teacher and student on its prompts")
+    t.add_argument("--vae", metavar="DIR", default=None,
+                   help="the pipeline's vae/ folder (or the pipeline folder) to decode the samples with (needs --prompts)")
+    t.add_argument("--shift", type=float, default=None,
+                   help="time shift of the flow sampler (default: the scheduler config in the prompt cache, else SD3 3.0)")
+    t.add_argument("--batch-size", type=int, default=8, help="prompts sampled at once, over the whole mesh (default 8)")
+    t.add_argument("--mesh", default="", metavar="SPEC",
+                   help="device mesh like the trainer's, e.g. data=8 or data=4,fsdp=2 (default: data over every device)")
+    t.add_argument("--images-dir", default=None,
+                   help="where the PNGs and captions.jsonl go (default: OUT's folder/eval_images)")
+    t.add_argument("--save-arrays", action="store_true",
+                   help="also write the latents and decoded images of both models to IMAGES_DIR/arrays.npz")
     return p
 
 
@@ -42,8 +63,14 @@ def main(argv=None) -> dict:
         fail(f"--workdir {args.workdir!r} does not exist")
     if args.inception_weights and not os.path.isfile(args.inception_weights):
         fail(f"--inception-weights {args.inception_weights!r} is not a file")
-    if args.num_samples < 2 or args.num_val < 1:
+    if (args.prompts is None) != (args.vae is None):
+        fail("--prompts and --vae go together: a prompt cache to sample on and the VAE to decode with")
+    if args.prompts is None and args.num_samples is None:
+        args.num_samples = 500
+    if args.prompts is None and (args.num_samples < 2 or args.num_val < 1):
         fail(f"--num-samples must be >= 2 and --num-val >= 1, got {args.num_samples} and {args.num_val}")
+    if args.prompts is not None and ((args.num_samples is not None and args.num_samples < 1) or args.batch_size < 1):
+        fail(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
     out_path = args.out or os.path.join(args.workdir, "eval.json")
     out_dir = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
@@ -60,6 +87,13 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     from fraqat_jax.data import DataSourceError
 
+    if args.prompts is not None:
+        result = {"workdir": os.path.abspath(args.workdir), "step": args.step or _latest_step(args.workdir),
+                  "schedule": cfg.schedule, "bits": _bits(student, bits_of),
+                  **_evaluate_t2i(args, teacher, student, cfg, out_path)}
+        return _write(result, out_path, t0, ("bits", "latent_mse", "mse", "psnr", "fid"))
+    if args.guidance_scale is None:
+        args.guidance_scale = 1.0
     try:
         ev = Evaluator(teacher, cfg, num_samples=args.num_samples, sample_steps=args.sample_steps,
                        num_val=args.num_val, seed=args.seed, guidance_scale=args.guidance_scale,
@@ -68,12 +102,68 @@ def main(argv=None) -> dict:
         fail(str(e))
     result = {"workdir": os.path.abspath(args.workdir), "step": args.step or _latest_step(args.workdir), "schedule": cfg.schedule,
               "bits": _bits(student, bits_of), **ev.evaluate(student), **ev.settings()}
+    return _write(result, out_path, t0, ("bits", "val_loss", "fd", "mse", "psnr", "accuracy", "teacher_accuracy"))
+
+
+def _write(result: dict, out_path: str, t0: float, shown_keys) -> dict:
     result["seconds"] = round(time.perf_counter() - t0, 2)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
-    shown = {k: result[k] for k in ("bits", "val_loss", "fd", "mse", "psnr", "accuracy", "teacher_accuracy") if result.get(k) is not None}
+    shown = {k: result[k] for k in shown_keys if isinstance(result.get(k), (int, float))}
     print(" ".join(f"{k}={v:.6g}" for k, v in shown.items()) + f" -> {out_path}")
     return result
+
+
+def _evaluate_t2i(args, teacher, student, cfg, out_path: str) -> dict:
+    """``--prompts``/``--vae``: checks both against the teacher (exit 2 naming both sides), lays the
+    models out on ``--mesh`` and runs :class:`fraqat_jax.eval.t2i.T2IEvaluator`."""
+    import jax
+
+    from fraqat_jax.data import DataSourceError, read_latents
+    from fraqat_jax.data.latents import read_prompts
+    from fraqat_jax.diffusion import family_of
+    from fraqat_jax.eval import t2i
+    from fraqat_jax.models import load_vae
+    from fraqat_jax.train import mesh as mesh_lib
+
+    family, teacher_name = family_of(teacher), repr(cfg.teacher)
+    try:
+        prompts = read_prompts(args.prompts)
+        t2i.check_prompts(prompts, repr(args.prompts), teacher.config, family, teacher_name)
+        if not os.path.isdir(args.vae):
+            raise t2i.T2IInputError(f"--vae {args.vae!r} is not a folder; give the vae/ folder of the teacher's pipeline")
+        vae_dir = t2i.resolve_vae_dir(args.vae)
+        t2i.check_vae_config(vae_dir, teacher.config, family, teacher_name)
+        mesh = mesh_lib.build_mesh(args.mesh)
+    except (DataSourceError, t2i.T2IInputError, mesh_lib.MeshError) as e:
+        fail(str(e))
+    try:
+        vae = load_vae(vae_dir)
+    except (ValueError, OSError) as e:  # weights that do not match the config
+        fail(f"--vae {vae_dir!r} cannot be loaded: {e}")
+    data_shape = None
+    if cfg.data.startswith("latents:"):
+        try:
+            data_shape = read_latents(cfg.data[len("latents:"):]).element_spec["latents"][0]
+        except DataSourceError:
+            pass  # the run's cache moved: the teacher's sample_size decides
+    inception = None
+    if args.inception_weights:
+        from fraqat_jax.eval.inception import inception_feature_fn, load_inception
+
+        inception = inception_feature_fn(load_inception(args.inception_weights))
+    sharding = t2i.Sharding(batch=lambda ndim: mesh_lib.batch_sharding(mesh, ndim),
+                            params=lambda state: mesh_lib.shard_params(state, mesh),
+                            batch_divisor=int(mesh.shape["data"] * mesh.shape["fsdp"]))
+    settings = t2i.settings_for(family, prompts.info, sample_steps=args.sample_steps,
+                                guidance_scale=args.guidance_scale, shift=args.shift)
+    ev = t2i.T2IEvaluator(teacher, vae, prompts, latent_shape=t2i.latent_shape(family, teacher.config, data_shape),
+                          settings=settings, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                          inception=inception, sharding=sharding)
+    stem = os.path.splitext(os.path.abspath(out_path))[0]
+    images_dir = args.images_dir or f"{stem}_images"
+    out = ev.evaluate(student, images_dir, save_arrays=args.save_arrays, write=jax.process_index() == 0)
+    return {**out, "prompts": os.path.abspath(args.prompts), "vae": os.path.abspath(vae_dir), "mesh": dict(mesh.shape)}
 
 
 def _latest_step(workdir):
