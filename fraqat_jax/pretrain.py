@@ -1,10 +1,13 @@
-"""Pretrains the built-in teacher: a tiny class-conditional DiT on the shipped 8x8 digits.
+"""Pretrains the built-in teachers: class-conditional DiTs on the shipped 8x8 digits.
 
-``python -m fraqat_jax.pretrain [--steps N] [--out DIR]`` trains ``DiTTransformer2DModel`` (config
-:data:`TEACHER_CONFIG`, about 0.4 M parameters) with the DiT recipe in pixel space: DDPM linear
+``python -m fraqat_jax.pretrain [--size s|m] [--steps N] [--out DIR]`` trains
+``DiTTransformer2DModel`` (``--size s``: :data:`TEACHER_CONFIG`, about 0.4 M parameters, the
+``builtin`` teacher; ``--size m``: :data:`TEACHER_CONFIG_M`, about 3.9 M parameters, the
+``builtin:m`` teacher) with the DiT recipe in pixel space: DDPM linear
 betas over 1000 steps, epsilon-prediction MSE, 10% label dropout to the null class (for
 classifier-free guidance), AdamW, EMA of the weights (the EMA is what is saved). Writes
-``config.json`` + ``model.safetensors`` to ``fraqat_jax/assets/digits_dit`` (or ``--out``).
+``config.json`` + ``diffusion_pytorch_model.safetensors`` to ``fraqat_jax/assets/digits_dit``
+(``--size m``: ``digits_dit_m``) or ``--out``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from importlib.resources import files
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +26,7 @@ from flax import nnx
 from fraqat_jax.data import digits
 from fraqat_jax.diffusion import ddpm_alphas_cumprod
 from fraqat_jax.models import DiTTransformer2DModel
-from fraqat_jax.train.models import save_builtin_teacher
+from fraqat_jax.train.models import BUILTIN_TEACHERS, save_builtin_teacher
 
 TEACHER_CONFIG = {
     "sample_size": 8,
@@ -34,19 +38,25 @@ TEACHER_CONFIG = {
     "attention_head_dim": 16,
     "num_embeds_ada_norm": 10,
 }
+# About 10x the parameters of the small one (width 192, 5 blocks): 3.85 M float32 = 15.4 MB, under the
+# 20 MB we ship in the wheel.
+TEACHER_CONFIG_M = {**TEACHER_CONFIG, "num_layers": 5, "num_attention_heads": 6, "attention_head_dim": 32}
+SIZES = {"s": (TEACHER_CONFIG, "builtin", 6000, 1e-3), "m": (TEACHER_CONFIG_M, "builtin:m", 8000, 5e-4)}
 
 
 def pretrain(steps: int = 6000, *, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-             ema_decay: float = 0.999, log_every: int = 500):
-    """Trains the teacher and returns it (EMA weights)."""
-    model = DiTTransformer2DModel(TEACHER_CONFIG, rngs=nnx.Rngs(seed))
+             ema_decay: float = 0.999, log_every: int = 500, config=None):
+    """Trains the teacher (``config``, default :data:`TEACHER_CONFIG`) and returns it (EMA weights)."""
+    config = TEACHER_CONFIG if config is None else config
+    model = DiTTransformer2DModel(config, rngs=nnx.Rngs(seed))
     graph, params = nnx.split(model, nnx.Param)[:2]
     rest = nnx.split(model, nnx.Param, ...)[2]
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     source = digits(seed=seed)
     acp = jnp.asarray(ddpm_alphas_cumprod(1000), jnp.float32)
-    num_classes = TEACHER_CONFIG["num_embeds_ada_norm"]
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, 200, steps, end_value=lr * 0.05)
+    num_classes = config["num_embeds_ada_norm"]
+    warmup = min(200, steps - 1)  # short smoke runs still need a decay phase
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
     opt = tx.init(params)
     ema = jax.tree.map(jnp.copy, params)
@@ -86,17 +96,25 @@ def pretrain(steps: int = 6000, *, batch_size: int = 128, lr: float = 1e-3, seed
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fraqat_jax.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--size", default="s", help="s (builtin, default) or m (builtin:m, ~10x larger)")
+    parser.add_argument("--steps", type=int, default=None, help="default 6000 (s) / 8000 (m)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default 1e-3 (s) / 5e-4 (m)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output directory (default: the package's assets)")
     args = parser.parse_args(argv)
+    if args.size not in SIZES:
+        print(f"error: --size {args.size!r} is not allowed: choose one of {', '.join(SIZES)}", file=sys.stderr)
+        return 2
+    config, name, default_steps, default_lr = SIZES[args.size]
+    args.steps = default_steps if args.steps is None else args.steps
+    args.lr = default_lr if args.lr is None else args.lr
     if args.steps < 1 or args.batch_size < 1:
         print(f"error: --steps and --batch-size must be positive, got {args.steps}, {args.batch_size}", file=sys.stderr)
         return 2
-    model = pretrain(args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    path = save_builtin_teacher(model, args.out)
+    model = pretrain(args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, config=config)
+    out = args.out or (None if name == "builtin" else str(files("fraqat_jax") / "assets" / BUILTIN_TEACHERS[name]))
+    path = save_builtin_teacher(model, out)
     print(f"saved the teacher to {path}")
     return 0
 

@@ -1,8 +1,9 @@
 """One tiny comparison shared by the compare, eval and export tests (trained once per process).
 
 A 1-block random DiT teacher (adaLN-Zero's zero init replaced by random weights, so teacher and
-student outputs are not trivially zero); ``compare`` trains FraQAT for 6 steps with 2 seeds at a
-3-bit target, and its run folders double as trained students for ``eval`` and ``export``.
+student outputs are not trivially zero); ``compare`` trains vanilla QAT and FraQAT for 6 steps
+with 2 paired seeds at a 3-bit target, and its run folders double as trained students for
+``eval`` and ``export``.
 """
 
 import functools
@@ -30,7 +31,7 @@ def write_tiny_teacher(directory) -> str:
     return save_builtin_teacher(model, str(directory))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_compare():
     """``(workdir, compare.json rows)``; ``workdir/fraqat/seed_0`` is a trained run."""
     from fraqat_jax import compare
@@ -39,7 +40,7 @@ def tiny_compare():
     teacher = write_tiny_teacher(root / "teacher")
     workdir = root / "compare"
     rows = compare.main([
-        "--workdir", str(workdir), "--steps", str(STEPS), "--seeds", str(SEEDS), "--methods", "ptq,fraqat",
+        "--workdir", str(workdir), "--steps", str(STEPS), "--seeds", str(SEEDS), "--methods", "ptq,qat,fraqat",
         "--eval-points", "2", "--num-samples", str(NUM_SAMPLES), "--num-val", str(NUM_VAL),
         "--target-bits", str(TARGET_BITS),
         "--set", f"teacher={teacher}", "--set", "batch_size=16", "--set", "warmup_steps=1",
