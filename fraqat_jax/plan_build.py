@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -171,6 +172,10 @@ def _run_local(compiled, args, setup, steps: int) -> tuple[float, int]:
     return statistics.median(times), int(peak)
 
 
+def _progress(message: str) -> None:
+    print(f"[plan] {message}", file=sys.stderr, flush=True)
+
+
 def _latent_size(cfg, family, config, resolution, data_kind) -> tuple[int, int]:
     factor = 1 if data_kind in ("digits", "tfds") else VAE_FACTOR[family]
     if resolution is None:
@@ -200,7 +205,10 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
     family = FAMILIES[cls.__name__]
     resolution, latent = _latent_size(cfg, family, model_config, resolution, data_kind)
     spec = input_spec(family, model_config, latent_size=latent)
+    _progress(f"building {cfg.teacher} abstractly on a {dict(mesh_obj.shape)} mesh of {len(devices)} "
+              f"{devices[0].device_kind} devices")
     setup, step_fn, args = _build(cfg, mesh_obj, spec)
+    _progress("counting FLOPs")
     teacher_fwd, student_fwd = _model_flops(setup, args)
     image_tokens, text_tokens = tokens_of(family, model_config, spec)
     if top.name == "local":
@@ -224,6 +232,7 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
         if key in HELP:
             report[key] = cfg[key]
     report["estimated_step_seconds"] = (report["flops_per_step"] / (len(devices) * peak * mfu)) if peak else None
+    _progress(f"compiling the train step for {top.name}")
     t0 = time.perf_counter()
     try:
         # Under the mesh, as the Pallas attention kernel needs it to be placed by shard_map.
