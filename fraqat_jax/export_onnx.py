@@ -30,10 +30,14 @@ layer the converter emits the QDQ pattern above instead of the layer's fake quan
 Agreement: the integer grid of a static range is exact only when ``-lo / scale`` is an integer
 (``calibrate``'s nudge makes it so). The report's ``act_grid_shift`` is the largest
 ``|lo + zero_point * scale| / scale`` over the layers (0 up to float rounding after the nudge).
-With ``check=True`` onnxruntime (CPU) runs the file on the given inputs and the report's
-``max_rel_diff`` is ``max |onnx - frozen| / max |frozen|`` against ``fraqat_jax.freeze`` of the
-same model run in JAX (float32); the tiny models of the tests reach < 1e-3. The remaining
-difference is float summation order, which can move an 8-bit activation code by one step.
+With ``check=True`` onnxruntime (CPU, basic graph optimizations) runs the file on the given inputs
+and the report's ``max_rel_diff`` is ``max |onnx - frozen| / max |frozen|`` against
+``fraqat_jax.freeze`` of the same model run in JAX (float32). Where no activation code differs
+the two agree to ~2e-7 (every family's tiny test model). A code differs by one step where a value
+sits on a rounding boundary: ONNX rounds ``x / scale + zero_point``, JAX ``(x - lo) / scale``,
+and float ops (``exp``, summation order) differ by ~1e-7. On the built-in digits DiT at W4A8
+about half of the 6-input batches have such a step somewhere, giving 0.9e-3 to 2.3e-3 (the others
+2e-7); ``TOLERANCE`` is the issue's 1e-3, reported, not enforced.
 
 Requires the ``onnx`` extra (``onnx``, ``onnxruntime``).
 """
@@ -51,6 +55,7 @@ from flax import nnx
 LAYER_PREFIX = "fraqat_onnx_layer_"
 OUTPUT_NAME = "sample"
 BATCH_FREE = ("img_ids", "txt_ids")
+TOLERANCE = 1e-3  # issue 12: onnxruntime vs the frozen model, relative to max |out| (reported, see below)
 
 
 class OnnxExportError(ValueError):
@@ -375,3 +380,26 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
             raise RuntimeError(f"onnxruntime returned shape {got.shape}, the model {ref.shape}")
         report["max_rel_diff"] = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
     return report
+
+
+def export_onnx_run(student, family: str, held_out, path: str, *, check: bool = True) -> dict:
+    """:func:`export_onnx` for the command line: ``held_out`` is one training-style batch
+    ``(x_t [B, C, H, W], t [B], cond)`` (as ``fraqat_jax.export.calibration_batches`` returns),
+    turned into the model's keyword arguments by ``fraqat_jax.diffusion.model_kwargs`` (Flux:
+    packed tokens plus ``img_ids``/``txt_ids``). ``student`` must hold static ranges."""
+    from fraqat_jax.diffusion import model_kwargs
+
+    x_t, t, cond = held_out
+    inputs = jax.tree.map(np.asarray, model_kwargs(family, x_t, t, cond))
+    return export_onnx(student, inputs, path, check=check)
+
+
+def summary(report: dict) -> str:
+    """One line for the command line: the file, the error against the frozen model, the sizes."""
+    err = report.get("max_rel_diff")
+    check = "" if err is None else (f"; max |onnxruntime - frozen| / max |frozen| = {err:.2e} "
+                                    f"({'within' if err <= TOLERANCE else 'ABOVE'} {TOLERANCE:g})")
+    return (f"wrote {report['path']} (ONNX opset {report['opset']}, QDQ, {report['weight_initializers']} INT4/INT8 "
+            f"weight tensors): quantized weights {report['weight_bytes']} bytes = "
+            f"{report['weight_bytes'] / max(report['weight_bytes_bf16'], 1):.3f} x bf16, all tensors "
+            f"{report['initializer_bytes']} bytes = {report['bytes_ratio_vs_bf16']:.3f} x the bf16 model{check}")

@@ -15,7 +15,9 @@ from flax import nnx  # noqa: E402
 from onnx import TensorProto, numpy_helper  # noqa: E402
 
 import fraqat_jax  # noqa: E402
-from fraqat_jax.export_onnx import OnnxExportError, export_onnx, frozen_layers, frozen_output, run_onnx  # noqa: E402
+from fraqat_jax.diffusion import model_kwargs  # noqa: E402
+from fraqat_jax.export_onnx import (OnnxExportError, export_onnx, export_onnx_run, frozen_layers,  # noqa: E402
+                                    frozen_output, run_onnx, summary)
 from fraqat_jax.models import MODEL_CLASSES  # noqa: E402
 from fraqat_jax.nn import quantized_layers  # noqa: E402
 
@@ -132,12 +134,19 @@ def _initializers(path):
     return {t.name: t for t in onnx.load(str(path)).graph.initializer}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_every_family_round_trips_through_onnxruntime(family, tmp_path):
     model, config = _student(family)
     held_out = _inputs(family, config, 3, seed=7)
     path = tmp_path / f"{family}.onnx"
-    report = export_onnx(model, held_out, str(path), check=False)  # compared below
+    if family == "flux":  # the command line's path: a training-style (x_t, t, cond) batch, 2x2 packed
+        x_t = np.random.default_rng(7).standard_normal((3, 1, 8, 8)).astype(np.float32)
+        cond = {k: held_out[k] for k in ("encoder_hidden_states", "pooled_projections", "guidance")}
+        report = export_onnx_run(model, "flux", (x_t, held_out["timestep"], cond), str(path), check=False)
+        held_out = jax.tree.map(np.asarray, model_kwargs("flux", x_t, held_out["timestep"], cond))
+    else:
+        report = export_onnx(model, held_out, str(path), check=False)  # compared below
 
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path))
@@ -210,6 +219,7 @@ def test_shared_layer_gets_one_initializer_and_group_scales(tmp_path):
     report = export_onnx(model, {"hidden_states": x}, str(path))
     assert report["quantized_layers"] == report["weight_initializers"] == 2
     assert report["max_rel_diff"] <= TOLERANCE
+    assert f"{report['max_rel_diff']:.2e}" in summary(report) and "within 0.001" in summary(report)
     graph = onnx.load(str(path)).graph
     codes = [t for t in graph.initializer if "kernel_codes" in t.name]
     assert sorted(t.data_type for t in codes) == sorted([TensorProto.INT4, TensorProto.INT8])
