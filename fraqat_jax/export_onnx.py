@@ -158,15 +158,14 @@ def _act_grids(layers) -> dict[int, tuple[np.float32, np.uint8, float]]:
     for i, (path, layer) in enumerate(layers):
         if layer.act_bits is None:
             continue
-        if layer.act_granularity != "static":
-            raise OnnxExportError(
-                f"layer {path!r} quantizes its input dynamically (act_granularity={layer.act_granularity!r}); "
-                "the ONNX QDQ form needs static ranges: run fraqat_jax.calibrate(model, batches) first")
-        if float(layer.act_bits) != 8.0:
-            raise OnnxExportError(f"layer {path!r} has act_bits={layer.act_bits:g}; the ONNX export writes uint8 (8 bits)")
         lo_hi = np.asarray(layer.act_range[...], np.float32)
         if not np.isfinite(lo_hi).all():
-            raise OnnxExportError(f"layer {path!r} has no calibrated range {lo_hi}: run fraqat_jax.calibrate first")
+            raise OnnxExportError(
+                f"layer {path!r} quantizes its input dynamically (act_granularity={layer.act_granularity!r}) "
+                "and has no calibrated range; the ONNX QDQ form needs static ranges: run "
+                "fraqat_jax.calibrate(model, batches) first (switch_to_static=False keeps the model dynamic)")
+        if float(layer.act_bits) != 8.0:
+            raise OnnxExportError(f"layer {path!r} has act_bits={layer.act_bits:g}; the ONNX export writes uint8 (8 bits)")
         ranges[i] = lo_hi
     if not ranges:
         return {}
@@ -247,6 +246,19 @@ def _flat_inputs(inputs: Mapping[str, Any]):
     return [(n, np.asarray(v)) for n, (_, v) in zip(names, leaves)], tree
 
 
+def static_view(model):
+    """A copy of ``model`` as a static runtime runs it: every layer with a calibrated input range
+    uses it (``act_granularity = "static"``), also where training kept dynamic ranges
+    (``calibrate(..., switch_to_static=False)``). The input model is not changed."""
+    from fraqat_jax.nn import quantized_layers
+
+    model = nnx.clone(model)
+    for _, layer in quantized_layers(model):
+        if layer.act_bits is not None and np.isfinite(np.asarray(layer.act_range[...])).all():
+            layer.act_granularity = "static"
+    return model
+
+
 def frozen_layers(frozen) -> dict[str, Any]:
     """``path -> FrozenLinear / FrozenConv`` of a model returned by ``fraqat_jax.freeze``."""
     from fraqat_jax.nn import FrozenConv, FrozenLinear
@@ -265,6 +277,7 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     from fraqat_jax import jaxpr_onnx
     from fraqat_jax.nn import quantized_layers
 
+    model = static_view(model)
     flat, tree = _flat_inputs(inputs)
     batched = [name not in batch_free for name, _ in flat]
     if not any(batched):
@@ -346,8 +359,9 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
     """Writes ``model`` (quantized and calibrated) as an ONNX QDQ file at ``path``.
 
     Args:
-      model: a model from ``fraqat_jax.quantize_model`` with static activation ranges
-        (``fraqat_jax.calibrate``); it is not changed.
+      model: a model from ``fraqat_jax.quantize_model`` with calibrated activation ranges
+        (``fraqat_jax.calibrate``; a model trained with dynamic ranges is exported with its
+        calibrated ones, see :func:`static_view`); it is not changed.
       inputs: keyword arguments of one call, e.g. ``{"hidden_states": [B, C, H, W], "timestep": [B],
         "class_labels": [B]}`` (numpy or JAX arrays): they name the graph inputs and fix every shape
         but axis 0. With ``check`` they are also the held-out inputs of the comparison.
@@ -366,6 +380,7 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
 
     import fraqat_jax
 
+    model = static_view(model)
     frozen = fraqat_jax.freeze(model)
     proto, report = to_onnx(model, inputs, batch_free=batch_free, frozen=frozen)
     too_big = proto.ByteSize() > 2**31 - 2**24  # protobuf's 2 GiB limit: weights go beside the file

@@ -17,7 +17,7 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 import fraqat_jax  # noqa: E402
 from fraqat_jax.diffusion import model_kwargs  # noqa: E402
 from fraqat_jax.export_onnx import (OnnxExportError, export_onnx, export_onnx_run, frozen_layers,  # noqa: E402
-                                    frozen_output, run_onnx, summary)
+                                    frozen_output, run_onnx, static_view, summary)
 from fraqat_jax.models import MODEL_CLASSES  # noqa: E402
 from fraqat_jax.nn import quantized_layers  # noqa: E402
 
@@ -103,8 +103,9 @@ def _random_model(class_name: str, config: dict, seed: int = 0):
 
 
 def _nudge(model) -> None:
-    """Moves each static range by under one step so that its zero point is an integer (what
-    ``calibrate`` does once issue 12's nudge lands; idempotent)."""
+    """Moves each static range by under one step so that its zero point is an integer, by the
+    formula written out here (``calibrate`` nudges its ranges too; the hand-set ranges need it;
+    idempotent)."""
     for _, layer in quantized_layers(model):
         if layer.act_range is None:
             continue
@@ -212,7 +213,9 @@ def test_shared_layer_gets_one_initializer_and_group_scales(tmp_path):
              fraqat_jax.Rule("out", weight_bits=6, act_bits=8)]
     fraqat_jax.quantize_model(model, rules)
     rng = np.random.default_rng(0)
-    fraqat_jax.calibrate(model, [rng.standard_normal((4, 5, 8)).astype(np.float32)])
+    # Trained dynamic (per token): the ranges are calibrated for static runtimes, the model stays dynamic.
+    fraqat_jax.calibrate(model, [rng.standard_normal((4, 5, 8)).astype(np.float32)], switch_to_static=False)
+    assert {layer.act_granularity for _, layer in quantized_layers(model)} == {"token"}
     _nudge(model)
     x = rng.standard_normal((3, 5, 8)).astype(np.float32)
     path = tmp_path / "shared.onnx"
@@ -228,7 +231,7 @@ def test_shared_layer_gets_one_initializer_and_group_scales(tmp_path):
     assert len(blocked) == 1  # the shared layer's weights are dequantized once
     scale = numpy_helper.to_array(_initializers(path)[blocked[0].input[1]])
     assert scale.shape == (2, 8)  # (in / group, out)
-    ref = np.asarray(fraqat_jax.freeze(model)(jnp.asarray(x)))
+    ref = np.asarray(fraqat_jax.freeze(static_view(model))(jnp.asarray(x)))
     got = run_onnx(str(path), {"hidden_states": x})
     assert np.abs(got - ref).max() <= TOLERANCE * np.abs(ref).max()
 
@@ -236,7 +239,7 @@ def test_shared_layer_gets_one_initializer_and_group_scales(tmp_path):
 def test_unsupported_settings_name_the_layer(tmp_path):
     dynamic = fraqat_jax.quantize_model(_Shared(rngs=nnx.Rngs(0)))  # per-token dynamic inputs
     x = {"hidden_states": np.zeros((2, 5, 8), np.float32)}
-    with pytest.raises(OnnxExportError, match=r"layer '\w+(\.0)?' quantizes its input dynamically \(act_granularity='token'\).*calibrate"):
+    with pytest.raises(OnnxExportError, match=r"layer '\w+(\.0)?' quantizes its input dynamically \(act_granularity='token'\) and has no calibrated range"):
         export_onnx(dynamic, x, str(tmp_path / "a.onnx"))
     asym = fraqat_jax.quantize_model(_Shared(rngs=nnx.Rngs(0)), [fraqat_jax.Rule(".*", act_bits=None, symmetric=False)])
     with pytest.raises(OnnxExportError, match=r"layer '(proj|blocks\.0)' has asymmetric weights"):
