@@ -2,28 +2,29 @@
 
 ``python -m fraqat_jax.export --workdir DIR --out PATH [--format orbax|diffusers]``
 
-``--format orbax`` (default) writes the serving form:
+``--format orbax`` (default) writes the serving form, the model that was trained:
 
-1. the run's final student (``fraqat_jax.train.load_run``), at its final bit-width;
-2. static activation ranges calibrated as the paper does for the phone: 100 training-style inputs
-   (the run's data, its noise and timesteps) pass through the model and each quantized layer's
-   input range is fixed at mean +/- 3 standard deviations (``fraqat_jax.calibrate``);
+1. the run's final student (``fraqat_jax.train.load_run``), at its final bit-width, with the
+   activation quantization it was trained with: dynamic per-token int8 ranges for
+   ``act_quant=dynamic``, the calibrated ranges from its checkpoint for ``act_quant=static``;
+2. for a dynamically trained student, static ranges are also calibrated and stored (100
+   training-style inputs, mean +/- 3 std, integer zero points; ``fraqat_jax.calibrate``) for
+   runtimes that support only static quantization (the ONNX export); the JAX model does not use them;
 3. ``fraqat_jax.freeze``: integer weight codes (two 4-bit codes per byte at <= 4 bits), float32
-   scales, the static activation ranges;
-4. an orbax checkpoint at ``PATH`` with two items: ``state`` (the frozen model's arrays; every
-   float array other than scales and activation ranges -- biases, norms, embeddings -- in
-   bfloat16; the per-output sums of the codes, derived data, are recomputed at load) and ``meta`` (model class, diffusers config, quantization rules, each layer's bits
-   and activation granularity, sizes and the measured agreement).
+   scales, the activation ranges;
+4. an orbax checkpoint at ``PATH`` with two items: ``state`` (the frozen model's arrays, each in the
+   dtype it was trained in; the per-output sums of the codes, derived data, are recomputed at load)
+   and ``meta`` (model class, diffusers config, quantization rules, each layer's bits and activation
+   granularity, sizes and the measured agreement).
 
-:func:`load` rebuilds the frozen model from ``PATH`` (it runs and samples like the port). Its output
-matches the calibrated fake-quant student within ``TOLERANCE`` (max abs difference relative to
-the student's max abs output, on the calibration inputs). The difference comes from the bfloat16
-storage of biases, norms and embeddings: a slightly different input can move a static 8-bit
-activation code by one step, so the worst element differs by more than the bf16 rounding
-(1.3e-2 measured on the default digits DiT; with float32 storage the frozen layers agree with
-the fake-quant ones to 1e-4, see ``fraqat_jax.nn.freeze``). The export prints and records the
-measured figure and the size ratio: the bytes of every stored array over the bytes of the same
-model's parameters in bfloat16 (at most 0.27 at 4 bits).
+:func:`load` rebuilds the frozen model from ``PATH``; it runs and samples like the port. Trained
+equals exported: before writing, its output is checked against the fake-quant student on held-out
+training-style inputs (the run's data, noise and timesteps), within ``TOLERANCE`` of the student's
+max abs output (the two differ only by float32 rounding order). The export prints the measured
+figure and the size ratio: the bytes of every stored array over the bytes of the same model's
+parameters in bfloat16.
+
+``--format onnx`` writes an ONNX QDQ graph (``fraqat_jax.export_onnx``).
 
 ``--format diffusers`` writes ``PATH/config.json`` and ``PATH/diffusion_pytorch_model.safetensors``:
 the student's fake-quantized weights (dequantized, bfloat16) in diffusers' layout, so diffusers
@@ -39,8 +40,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -57,10 +60,9 @@ from fraqat_jax.models import MODEL_CLASSES, to_diffusers_state_dict
 from fraqat_jax.nn import FrozenLinear, quantized_layers
 from fraqat_jax.nn.freeze import code_sums
 
-FORMAT_VERSION = 1
-TOLERANCE = 5e-2  # measured 1.3e-2 on the default digits DiT (W4A8, static A8)
+FORMAT_VERSION = 2  # 2: arrays in their trained dtypes, layers keep their trained activation ranges
+TOLERANCE = 1e-4  # exported vs fake-quant student, relative to max |output|, float32
 CALIBRATION_SAMPLES = 100
-_FULL_PRECISION = ("kernel_scale", "kernel_zero", "act_range")  # leaves kept in float32
 _DERIVED = ("kernel_code_sums",)  # recomputed from the codes at load time, not stored
 
 
@@ -124,26 +126,34 @@ def _max_rel_diff(model, reference, batches, family) -> float:
 def _layer_settings(student) -> dict[str, dict[str, Any]]:
     out = {}
     for path, layer in quantized_layers(student):
+        axis = layer.channel_axis
         out[path] = {
             "bits": None if layer.bits is None else float(layer.bits[...]),
             "act_bits": layer.act_bits,
             "act_granularity": layer.act_granularity,
+            "symmetric": layer.weight_symmetric,
+            "channel_axis": list(axis) if isinstance(axis, tuple) else axis,
+            "group_size": layer.group_size,
         }
     return out
 
 
+def _rules_for(layers: dict) -> list:
+    """One exact-path rule per quantized layer of an export (any rules the run used are reproduced),
+    and a last rule that leaves every other layer as it is."""
+    rules = [fraqat_jax.Rule(re.escape(path), weight_bits=8.0 if s["bits"] is not None else None,
+                             act_bits=s["act_bits"], symmetric=s.get("symmetric", True),
+                             channel_axis=tuple(s["channel_axis"]) if isinstance(s.get("channel_axis"), list)
+                             else s.get("channel_axis"), group_size=s.get("group_size"),
+                             act_granularity=s["act_granularity"] if s["act_bits"] is not None else None)
+             for path, s in layers.items()]
+    return rules + [fraqat_jax.Rule(".*", weight_bits=None, act_bits=None)]
+
+
 def _stored_tree(frozen) -> dict:
-    """The frozen model's state as a pure dict, with bulk floats narrowed to bfloat16 and the
-    derived ``kernel_code_sums`` left out (recomputed from the codes by :func:`load`)."""
-
-    def narrow(path, x):
-        x = np.asarray(x)
-        name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
-        if np.issubdtype(x.dtype, np.floating) and name not in _FULL_PRECISION:
-            return x.astype(jnp.bfloat16)
-        return x
-
-    return jax.tree_util.tree_map_with_path(narrow, _without(nnx.to_pure_dict(nnx.state(frozen)), _DERIVED))
+    """The frozen model's state as a pure dict of numpy arrays in their trained dtypes, without the
+    derived ``kernel_code_sums`` (recomputed from the codes by :func:`load`)."""
+    return jax.tree.map(np.asarray, _without(nnx.to_pure_dict(nnx.state(frozen)), _DERIVED))
 
 
 def _without(tree, names):
@@ -156,16 +166,21 @@ def _param_count(model) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict):
-    """The frozen structure of an export (weights not yet loaded)."""
+def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict, dtype: str | None = None,
+                  param_dtype: str | None = None, *, integer: bool = False):
+    """The frozen structure of an export (weights not yet loaded); ``integer`` as in ``freeze``."""
     if model_class not in MODEL_CLASSES:
         raise ExportError(f"export holds model class {model_class!r}; known: {', '.join(sorted(MODEL_CLASSES))}")
     # The structure only: built abstractly, then zeros (the stored arrays replace them).
-    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[model_class](dict(config), rngs=nnx.Rngs(0)))
+    dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[model_class](
+        dict(config), rngs=nnx.Rngs(0), dtype=dtypes.get(dtype), param_dtype=dtypes.get(param_dtype, jnp.float32)))
     graphdef, state = nnx.split(abstract)
     model = nnx.merge(graphdef, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), state))
     if quant_rules != "none":
-        fraqat_jax.quantize_model(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the catch-all rule may match nothing
+            model = fraqat_jax.quantize_model(model, _rules_for(layers))
     for path, layer in quantized_layers(model):
         if path not in layers:
             raise ExportError(f"export metadata lacks quantized layer {path!r}")
@@ -175,17 +190,24 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
         layer.act_granularity = s["act_granularity"]
         if layer.act_range is not None:
             layer.act_range[...] = jnp.zeros((2,), jnp.float32)  # placeholder, restored below
-    return fraqat_jax.freeze(model)
+    return fraqat_jax.freeze(model, integer=integer)
 
 
 def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRATION_SAMPLES) -> dict:
-    """Calibrates, freezes and saves ``student`` to ``out`` (see the module docstring); returns the metadata."""
+    """Freezes and saves ``student`` to ``out`` (see the module docstring); returns the metadata."""
     family = family_of(teacher)
-    batches = calibration_batches(teacher, cfg, num_samples=num_samples)
     forward = _forward(family)
-    if cfg.quant_rules != "none":
-        fraqat_jax.calibrate(student, batches, forward=forward)
-    frozen = fraqat_jax.freeze(student)
+    layers = quantized_layers(student)
+    uncalibrated = [p for p, layer in layers if layer.act_granularity == "static" and layer.act_bits is not None
+                    and not bool(jnp.isfinite(layer.act_range[...]).all())]
+    if uncalibrated:
+        raise ExportError(f"static student without calibrated input ranges (layers {uncalibrated[:3]}...): "
+                          "train with act_quant=static, which calibrates before the first step")
+    dynamic = any(layer.act_bits is not None and layer.act_granularity != "static" for _, layer in layers)
+    if dynamic:  # ranges for static-only runtimes; the served JAX model keeps its trained ranges
+        fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=num_samples), forward=forward,
+                             switch_to_static=False)
+    frozen = fraqat_jax.freeze(student, integer=False)
     tree = _stored_tree(frozen)
     stored_bytes = int(sum(x.nbytes for x in jax.tree.leaves(tree)))
     bf16_bytes = 2 * _param_count(teacher)
@@ -195,17 +217,25 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
         "config": dict(teacher.config),
         "family": family,
         "quant_rules": cfg.quant_rules,
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype,
         "layers": _layer_settings(student),
-        "calibration": {"samples": num_samples, "range": "mean +/- 3 std of each quantized layer's input"},
+        "act_quant": "dynamic" if dynamic else "static",
+        "calibration": {"samples": num_samples if dynamic else None,
+                        "range": "mean +/- 3 std of each quantized layer's input, integer zero point",
+                        "used_by": "static runtimes (onnx)" if dynamic else "the served model (trained ranges)"},
         "stored_bytes": stored_bytes,
         "bf16_bytes": bf16_bytes,
         "bytes_ratio_vs_bf16": stored_bytes / bf16_bytes,
         "tolerance": TOLERANCE,
     }
     # What you train is what you serve: the model as load() will rebuild it, against the
-    # calibrated fake-quant student, before anything is written.
-    worst = _max_rel_diff(_fill(frozen, tree), student, batches, family)
+    # fake-quant student, on held-out inputs drawn as training draws them, before anything is written.
+    check = calibration_batches(teacher, cfg, num_samples=min(num_samples, 50), seed=1)
+    worst = _max_rel_diff(_fill(frozen, tree), student, check, family)
     meta["max_rel_diff_vs_fake_quant"] = worst
+    meta["max_rel_diff_integer_matmul"] = _max_rel_diff(_fill(fraqat_jax.freeze(student), tree), student, check,
+                                                        family)
     if worst > TOLERANCE:
         raise RuntimeError(f"exported model differs from the fake-quant student by {worst:.3g} (relative), "
                            f"above the tolerance {TOLERANCE}")
@@ -227,13 +257,16 @@ def load_metadata(path: str) -> dict:
         ckptr.close()
 
 
-def load(path: str) -> nnx.Module:
+def load(path: str, *, integer: bool = False) -> nnx.Module:
     """The frozen model saved by ``export`` at ``path``: call it like the port (same arguments),
-    or sample it with :mod:`fraqat_jax.eval.samplers`. Floats are computed in float32."""
+    or sample it with ``fraqat_jax.diffusion.samplers``. It computes like the trained student, bit for
+    bit on symmetric weights; ``integer=True`` multiplies the integer codes instead (int8 x int8 ->
+    int32, see ``fraqat_jax.freeze``), within ``meta["max_rel_diff_integer_matmul"]`` of it."""
     meta = load_metadata(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path!r} has export format {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-    frozen = _build_frozen(meta["model_class"], meta["config"], meta["quant_rules"], meta["layers"])
+    frozen = _build_frozen(meta["model_class"], meta["config"], meta["quant_rules"], meta["layers"], meta.get("dtype"),
+                           meta.get("param_dtype"), integer=integer)
     template = _stored_tree(frozen)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -248,7 +281,7 @@ def _fill(frozen, stored) -> nnx.Module:
     """``frozen`` with the stored arrays, floats widened back to the structure's dtypes."""
     graphdef, state = nnx.split(frozen)
     full = nnx.to_pure_dict(state)
-    values = jax.tree.map(lambda ref, x: jnp.asarray(x, jnp.asarray(ref).dtype), _without(full, _DERIVED), stored)
+    values = jax.tree.map(lambda ref, x: jnp.asarray(x), _without(full, _DERIVED), stored)  # trained dtypes
     nnx.replace_by_pure_dict(state, values)
     model = nnx.merge(graphdef, state)
     for _, layer in nnx.iter_graph(model):

@@ -156,3 +156,24 @@ class DiTTransformer2DModel(nnx.Module):
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
         x = self.proj_out_2(x)
         return unpatchify(x, height, width, self.patch_size, self.out_channels)
+
+
+# Published DiT-XL/2 transformers (facebook/DiT-XL-2-256, -512).
+_DIT_XL_2 = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 28,
+    "patch_size": 2,
+    "num_embeds_ada_norm": 1000,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "norm_type": "ada_norm_zero",
+    "norm_elementwise_affine": False,
+}
+
+DIT_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DiT-XL/2-256": ("DiTTransformer2DModel", {**_DIT_XL_2, "sample_size": 32}),
+    "DiT-XL/2-512": ("DiTTransformer2DModel", {**_DIT_XL_2, "sample_size": 64}),
+}

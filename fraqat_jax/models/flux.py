@@ -40,6 +40,8 @@ from fraqat_jax.models.normalization import (
 )
 from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
+# The published FLUX.1 transformer (black-forest-labs/FLUX.1-{schnell,dev}); the presets below add
+# guidance_embeds.
 FLUX_DEFAULTS: dict[str, Any] = {
     "patch_size": 1,
     "in_channels": 64,
@@ -272,21 +274,8 @@ class FluxTransformer2DModel(nnx.Module):
         return self.proj_out(self.norm_out(x, temb))
 
 
-_FLUX_1 = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "out_channels": None,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "axes_dims_rope": (16, 56, 56),
-}
-
 # Published FLUX.1 transformer configs (black-forest-labs/FLUX.1-{schnell,dev}).
 FLUX_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "FLUX.1-schnell": ("FluxTransformer2DModel", {**_FLUX_1, "guidance_embeds": False}),
-    "FLUX.1-dev": ("FluxTransformer2DModel", {**_FLUX_1, "guidance_embeds": True}),
+    "FLUX.1-schnell": ("FluxTransformer2DModel", {**FLUX_DEFAULTS, "guidance_embeds": False}),
+    "FLUX.1-dev": ("FluxTransformer2DModel", {**FLUX_DEFAULTS, "guidance_embeds": True}),
 }

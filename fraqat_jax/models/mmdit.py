@@ -221,3 +221,33 @@ class SD3Transformer2DModel(nnx.Module):
         x = self.norm_out(x, temb)
         x = self.proj_out(x)
         return unpatchify(x, height, width, self.patch_size, self.out_channels)
+
+
+# Published SD3 / SD3.5 transformers (stabilityai).
+_SD3_COMMON = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "attention_head_dim": 64,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 2048,
+}
+
+SD3_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "SD3-Medium": (
+        "SD3Transformer2DModel",
+        {**_SD3_COMMON, "sample_size": 128, "num_layers": 24, "num_attention_heads": 24,
+         "caption_projection_dim": 1536, "pos_embed_max_size": 192},
+    ),
+    "SD3.5-Medium": (
+        "SD3Transformer2DModel",
+        {**_SD3_COMMON, "sample_size": 128, "num_layers": 24, "num_attention_heads": 24,
+         "caption_projection_dim": 1536, "pos_embed_max_size": 384,
+         "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm"},
+    ),
+    "SD3.5-Large": (
+        "SD3Transformer2DModel",
+        {**_SD3_COMMON, "sample_size": 128, "num_layers": 38, "num_attention_heads": 38,
+         "caption_projection_dim": 2432, "pos_embed_max_size": 192, "qk_norm": "rms_norm"},
+    ),
+}

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fraqat_jax.models.convert import from_diffusers
+from fraqat_jax.models.registry import from_diffusers
 
 # diffusers classes that load_vae accepts (both registered in models.MODEL_CLASSES).
 VAE_CLASS_NAMES = ("AutoencoderKL", "AutoencoderDC")

@@ -1,5 +1,5 @@
 """Static activation ranges: mean +/- 3 standard deviations of each layer's input (the paper's
-phone calibration).
+phone calibration), nudged to an integer zero point.
 
 Definition. For one quantized layer, let ``X`` be the set of all scalar elements of every input the
 layer receives over the calibration batches (all batch, token and feature positions pooled).
@@ -24,6 +24,7 @@ from flax import nnx
 
 from fraqat_jax.nn.graph import quantized_layers
 from fraqat_jax.nn.stats import CalibrationStats
+from fraqat_jax.quant import nudge_range
 
 
 def _default_forward(model, batch):
@@ -35,7 +36,7 @@ def _default_forward(model, batch):
 
 
 def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | None = None,
-              pattern: str | None = None) -> nnx.Module:
+              pattern: str | None = None, switch_to_static: bool = True) -> nnx.Module:
     """Fixes static activation ranges at mean +/- 3 std of each quantized layer's input.
 
     Args:
@@ -47,8 +48,13 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | 
         ``calibrate`` runs it under ``nnx.jit`` (one compilation for all batches of one shape).
       pattern: if given, only layers whose path fully matches this regular expression.
 
+      switch_to_static: when False, layers keep their (dynamic) granularity and only record the range
+        (an export of a dynamically trained model stores ranges for static runtimes this way).
+
     Every calibrated layer gets ``act_range = [mu - 3 sigma, mu + 3 sigma]`` (see the module
-    docstring) and switches to ``act_granularity = "static"``. Layers with ``act_bits=None`` are
+    docstring), nudged so that zero is a code (``fraqat_jax.quant.nudge_range``: an integer zero
+    point, as ONNX and phone runtimes store it; each end moves by at most half a step when the range
+    contains zero), and switches to ``act_granularity = "static"``. Layers with ``act_bits=None`` are
     skipped. Raises ``ValueError`` if ``batches`` is empty or a layer received no input.
     """
     forward = forward or _default_forward
@@ -78,7 +84,8 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | 
     if unseen:
         raise ValueError(f"calibrate(): these quantized layers received no input: {unseen}")
     for _, layer, st in stats:
-        lo, hi = st.range()
+        lo, hi = nudge_range(*st.range(), layer.act_bits)
         layer.act_range[...] = jnp.asarray([lo, hi], jnp.float32)
-        layer.act_granularity = "static"
+        if switch_to_static:
+            layer.act_granularity = "static"
     return model

@@ -161,10 +161,23 @@ def _grouped_matmul(x, w, preferred):
 
 
 class FrozenLinear(_Frozen):
-    """Serving form of :class:`QuantLinear` (see the module docstring)."""
+    """Serving form of :class:`QuantLinear` (see the module docstring).
 
-    def __init__(self, layer: QuantLinear, path: str = ""):
+    ``integer=True``: the int8 x int8 -> int32 matmul of the module docstring. ``integer=False``: the
+    fake-quant student's own float arithmetic on the stored codes (the kernel rebuilt as
+    ``codes * scale``, the input quantized by the same function, the same ``nnx.Linear`` call), so the
+    output equals the trained student's bit for bit (symmetric weights). The integer path agrees with
+    it per layer within float32 rounding, but through a deep model a rounding difference can move a
+    later layer's activation code by one step (about 5e-3 of max |output| seen on the digits DiT).
+    """
+
+    _LINEAR_CONFIG = ("promote_dtype", "dot_general", "precision", "preferred_element_type", "use_bias")
+
+    def __init__(self, layer: QuantLinear, path: str = "", *, integer: bool = True):
         self._freeze_weights(layer, path, allow_asymmetric=True)
+        self.integer = integer
+        for name in self._LINEAR_CONFIG:
+            setattr(self, name, nnx.static(getattr(layer, name)))
         self.group_size = layer.group_size
         self.in_features = layer.in_features
         self.out_features = layer.out_features
@@ -174,7 +187,21 @@ class FrozenLinear(_Frozen):
             code_sums(self.kernel_codes[...], self.kernel_shape, self.group_size or self.kernel_shape[0],
                        self.packed))
 
+    def fake_quant_kernel(self) -> jax.Array:
+        """The kernel as the fake-quant student saw it, rebuilt from the codes (``codes * scale + zero``
+        in the scales' layout, exactly as ``fraqat_jax.quantize`` computes it for symmetric weights)."""
+        codes = self.weight_codes().astype(jnp.float32)
+        n_in, n_out = self.kernel_shape
+        scale = self.kernel_scale[...]
+        if self.group_size:
+            codes = codes.reshape(n_in // self.group_size, self.group_size, n_out)
+        zero = jnp.zeros_like(scale) if self.kernel_zero is None else self.kernel_zero[...]
+        return (codes * scale + zero).reshape(self.kernel_shape).astype(self.param_dtype)
+
     def __call__(self, x):
+        if not self.integer:
+            x_q = QuantMixin.quantize_input(self, x)
+            return nnx.Linear.__call__(KernelView(self, kernel=self.fake_quant_kernel()), x_q)
         n_in, n_out = self.kernel_shape
         g = self.group_size or n_in
         n_groups = n_in // g
@@ -251,8 +278,12 @@ class FrozenConv(_Frozen):
 FROZEN_TYPES = {QuantLinear: FrozenLinear, QuantConv: FrozenConv}
 
 
-def freeze(model: nnx.Module) -> nnx.Module:
+def freeze(model: nnx.Module, *, integer: bool = True) -> nnx.Module:
     """The serving form of a quantized model: a copy whose quantized layers hold integer codes.
+
+    ``integer``: linear layers multiply integer codes (int8 x int8 -> int32); False computes with the
+    fake-quant student's float arithmetic on the same codes, equal to the student bit for bit (see
+    :class:`FrozenLinear`).
 
     The input model is left unchanged. Each :class:`QuantLinear` / :class:`QuantConv` with quantized
     weights becomes a :class:`FrozenLinear` / :class:`FrozenConv` at its current (concrete) weight
@@ -272,7 +303,8 @@ def freeze(model: nnx.Module) -> nnx.Module:
             targets.append((path, node))
     for path, layer in targets:
         name = path_string(path)
-        frozen = FROZEN_TYPES[type(layer)](layer, name)
+        frozen = (FrozenLinear(layer, name, integer=integer) if type(layer) is QuantLinear
+                  else FROZEN_TYPES[type(layer)](layer, name))
         if not path:
             return frozen
         replace_child(walk_to(model, path), path[-1], frozen, name)

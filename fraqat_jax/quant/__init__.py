@@ -15,7 +15,7 @@ from fraqat_jax.quant.fake import (
     range_codes,
     validate_bits,
 )
-from fraqat_jax.quant.static import static_codes, static_fake_quant
+from fraqat_jax.quant.static import nudge_range, static_codes, static_fake_quant, zero_point
 
 __all__ = ["MAX_BITS", "MIN_BITS", "check_bits", "dequantize", "quantize", "quantize_codes", "range_codes",
-           "static_codes", "static_fake_quant", "validate_bits"]
+           "nudge_range", "static_codes", "static_fake_quant", "validate_bits", "zero_point"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from fraqat_jax.quant.fake import range_codes
 
-__all__ = ["static_codes", "static_fake_quant"]
+__all__ = ["nudge_range", "static_codes", "static_fake_quant", "zero_point"]
 
 
 def static_codes(x, lo, hi, bits):
@@ -49,3 +49,28 @@ def _bwd(bits, res, g):
 
 
 static_fake_quant.defvjp(_fwd, _bwd)
+
+
+def nudge_range(lo: float, hi: float, bits: float) -> tuple[float, float]:
+    """``[lo, hi]`` moved so that zero lies exactly on the grid: the zero point ``-lo / scale`` becomes
+    an integer in ``[0, 2**bits - 1]``, as phone runtimes and ONNX store it (uint8 at 8 bits).
+
+    ``scale = (hi - lo) / (2**bits - 1)`` is kept; ``zero_point = clip(round(-lo / scale), 0, 2**bits - 1)``;
+    the range becomes ``[-zero_point * scale, (2**bits - 1 - zero_point) * scale]``. When ``[lo, hi]``
+    contains zero both ends move by at most half a step; a range that excludes zero is shifted to
+    start (or end) at zero, since a zero point outside the code range cannot be stored. Computed in
+    float64 on the host (calibration time, not in a traced function).
+    """
+    lo, hi = float(lo), float(hi)
+    levels = float(2.0**bits - 1.0)
+    if not hi > lo:
+        return lo, hi
+    scale = (hi - lo) / levels
+    zero_point = min(max(round(-lo / scale), 0), levels)
+    return -zero_point * scale, (levels - zero_point) * scale
+
+
+def zero_point(lo: float, hi: float, bits: float) -> int:
+    """The integer zero point of a nudged range (``round(-lo / scale)``, see :func:`nudge_range`)."""
+    scale = (float(hi) - float(lo)) / float(2.0**bits - 1.0)
+    return int(round(-float(lo) / scale)) if scale > 0 else 0

@@ -33,7 +33,7 @@ class Checkpointer:
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.partial = self._remove_partial()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "rest", "meta"))
 
     def _remove_partial(self) -> list[str]:
         """Temporary folders of interrupted saves (removed by the first process)."""
@@ -48,15 +48,19 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
+    def save(self, step: int, state: Any, rest: Any, meta: dict) -> None:
+        """``state``: the train state; ``rest``: the student's other state (bit-widths, activation
+        ranges: a static run's calibrated ranges travel with its weights)."""
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        rest=ocp.args.StandardSave(rest),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, abstract_state: Any, abstract_rest: Any) -> tuple[Any, Any, dict]:
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 rest=ocp.args.StandardRestore(abstract_rest),
                                                                  meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+        return out["state"], out["rest"], out["meta"]
 
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from typing import Any, Iterable, Mapping
 
@@ -30,6 +31,14 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "start_bits": (8.0, "first bit-width of the linear / cosine schedules"),
     "act_bits": (8.0, "activation bit-width"),
     "quant_rules": ("paper", "which layers to quantize: 'paper' (every linear layer) or 'none' (FP student)"),
+    "act_quant": ("dynamic", "activation ranges: dynamic (min/max of each token at run time, GPU/TPU) | static (each "
+                  "layer's input range calibrated once before the first step on 100 samples of the run's data at "
+                  "mean +/- 3 std with an integer zero point, then fixed through training and export: phones)"),
+    "weight_granularity": ("tensor", "weight scales: tensor (one per layer, the paper's) | channel (one per output "
+                           "channel) | group:N (one per output channel and group of N input rows)"),
+    "keep": ("", "layers kept at higher precision, by module path: REGEX[:BITS] entries separated by ';'. A "
+             "matching layer's input stays unquantized (A16; e.g. 'proj_out' gives the paper's W4A16 last layer on "
+             "the phone); with :BITS its weights also stay at BITS bits instead of following the schedule"),
     "batch_size": (64, "global batch size (examples per optimizer update)"),
     "grad_accum": (1, "micro-batches per update (the global batch is split into this many)"),
     "lr": (3e-4, "peak learning rate (paper: SD3.5-M 1e-6, Sana 1e-7, PixArt-Sigma 1e-6)"),
@@ -66,6 +75,7 @@ _CHOICES = {
     "schedule": ("fraqat", "integer", "simple", "constant", "linear", "cosine"),
     "lr_schedule": ("cosine", "constant"),
     "quant_rules": ("paper", "none"),
+    "act_quant": ("dynamic", "static"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
     "progress": ("auto", "bar", "log", "none"),
@@ -100,6 +110,44 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
     return text
 
 
+def parse_weight_granularity(text: str) -> tuple[int | None, int | None]:
+    """``weight_granularity`` -> ``(channel_axis, group_size)`` of ``fraqat_jax.quantize``."""
+    if text == "tensor":
+        return None, None
+    if text == "channel":
+        return -1, None
+    if text.startswith("group:"):
+        size = text[len("group:"):]
+        if size.isdigit() and int(size) >= 1:
+            return -1, int(size)
+    raise ConfigError(f"weight_granularity={text!r} is not allowed: use tensor, channel or group:N (N a positive "
+                      "integer, e.g. group:128)")
+
+
+def parse_keep(text: str) -> list[tuple[str, float | None]]:
+    """``keep`` -> ``[(regex, weight_bits or None)]`` (see the key's help)."""
+    out = []
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        pattern, bits = entry, None
+        head, sep, tail = entry.rpartition(":")
+        if sep and head:
+            try:
+                bits = float(tail)
+                pattern = head
+            except ValueError:
+                pass  # a ':' inside the regular expression
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"keep entry {entry!r}: {pattern!r} is not a valid regular expression ({e})") from None
+        if bits is not None and not 2.0 <= bits <= 16.0:
+            raise ConfigError(f"keep entry {entry!r}: bits {tail!r} is not allowed: use a bit-width in [2, 16]")
+        out.append((pattern, bits))
+    return out
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every key and value; raises ConfigError naming the first bad one."""
     unknown = sorted(set(cfg.keys()) - set(_DEFAULTS))
@@ -120,6 +168,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a bit-width in [2, 16]")
     if not 2.0 <= float(cfg.act_bits) <= 8.0:
         raise ConfigError(f"act_bits={cfg.act_bits!r} is not allowed: use a bit-width in [2, 8]")
+    parse_weight_granularity(cfg.weight_granularity)
+    parse_keep(cfg.keep)
     if not cfg.lr > 0:
         raise ConfigError(f"lr={cfg.lr!r} is not allowed: use a positive number")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -32,8 +32,8 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax import data
-from fraqat_jax.diffusion import model_sampler, sampling_inputs
-from fraqat_jax.nn import set_bits
+from fraqat_jax.diffusion import apply_model, heldout_inputs, model_sampler, sampling_inputs
+from fraqat_jax.nn import calibrate, set_bits
 from fraqat_jax.train import checkpoint as ckpt_lib
 from fraqat_jax.train import mesh as mesh_lib
 from fraqat_jax.train import state as state_lib
@@ -46,6 +46,7 @@ __all__ = ["CheckpointWriteError", "RunResult", "SAFE_ON_RESUME", "TrainingDiver
            "run"]
 
 DEFAULT_WORKDIR = os.path.join("runs", "default")
+CALIBRATION_SAMPLES = 100  # the paper's phone calibration
 #: Config keys that may change when a run is resumed: they change what is written, not what is trained.
 SAFE_ON_RESUME = ("log_every", "checkpoint_every", "keep_checkpoints", "progress", "sample_grids", "mesh")
 
@@ -245,6 +246,8 @@ class _Run:
             log_event(None, f"skipped an incomplete checkpoint (interrupted save), removed it: {path}")
         latest = self.ckpt.latest_step()
         if latest is None:
+            if self.cfg.act_quant == "static" and self.cfg.quant_rules != "none":
+                self.calibrate(log_event)
             return 0, 0
         meta = self.ckpt.restore_meta(latest)
         changes = check_resume(meta.get("config", {}), self.cfg.to_dict(), int(meta["step"]), force=self.force_resume)
@@ -254,15 +257,33 @@ class _Run:
                       f"resuming with config changes ({kind}): " + ", ".join(
                           f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
         s = self.setup
-        s.train_state, meta = self.ckpt.restore(latest, ckpt_lib.abstract_like(s.train_state, s.state_sh))
+        s.train_state, s.rest, meta = self.ckpt.restore(latest, ckpt_lib.abstract_like(s.train_state, s.state_sh),
+                                                        ckpt_lib.abstract_like(s.rest, s.rest_sh))
         return int(meta["step"]), int(meta["data_position"])
+
+    def calibrate(self, log_event) -> None:
+        """Static activation ranges before the first step: ``CALIBRATION_SAMPLES`` examples of the run's
+        data, noised as training noises them, through the student at the schedule's first bit-width."""
+        s, cfg = self.setup, self.cfg
+        rows = self.source.batch(0, CALIBRATION_SAMPLES)
+        x_t, t, cond = heldout_inputs(s.family, jax.random.key(cfg.seed + 3), rows=rows,
+                                      num_train_timesteps=int(cfg.num_train_timesteps),
+                                      logit_mean=float(cfg.logit_mean), logit_std=float(cfg.logit_std))
+        batches = [jax.tree.map(lambda a: a[i:i + 25], (x_t, t, cond)) for i in range(0, CALIBRATION_SAMPLES, 25)]
+        student = s.student(s.train_state["params"])
+        set_bits(student, float(self.bits_values[0]))
+        calibrate(student, batches, forward=lambda m, b: apply_model(m, s.family, *b))
+        _, _, rest = nnx.split(student, nnx.Param, ...)
+        s.rest = jax.device_put(nnx.to_pure_dict(rest), s.rest_sh)
+        log_event(None, f"calibrated static activation ranges on {CALIBRATION_SAMPLES} examples (mean +/- 3 std, "
+                        "integer zero points)")
 
     def save(self, step_done: int, position: int) -> None:
         meta = {"step": step_done, "data_position": position, "config": self.cfg.to_dict(),
                 "config_fingerprint": ckpt_lib.fingerprint(self.cfg.to_dict()),
                 "bits": float(self.bits_values[step_done - 1]) if step_done else None}
         try:
-            self.ckpt.save(step_done, self.setup.train_state, meta)
+            self.ckpt.save(step_done, self.setup.train_state, self.setup.rest, meta)
         except Exception as e:  # disk full, permissions, ...: the previous checkpoint stays
             raise CheckpointWriteError(
                 f"could not write checkpoint {step_done} to {self.ckpt.directory} ({type(e).__name__}: {e}); "
@@ -460,12 +481,14 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = False):
     target = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
               "ema": params if cfg.ema_decay > 0 else None, "step": jnp.zeros((), jnp.int32)}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
-    state, meta = ckpt.restore(step, abstract)
+    rest = nnx.to_pure_dict(rest_v)
+    rest_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), rest)
+    state, rest, meta = ckpt.restore(step, abstract, rest_abstract)
     ckpt.close()
     if ema and state["ema"] is None:
         raise ValueError(f"run {workdir!r} kept no EMA (ema_decay=0)")
     chosen = state["ema"] if ema else state["params"]
-    student = nnx.merge(graph, chosen, rest_v)
+    student = nnx.merge(graph, chosen, rest)
     bits = float(make_schedule(cfg)(max(int(meta["step"]) - 1, 0)))
     if cfg.quant_rules != "none":
         set_bits(student, bits)

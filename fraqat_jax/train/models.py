@@ -13,12 +13,14 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors.numpy import save_file
 
-from fraqat_jax import models
+from fraqat_jax import models, schedules
 from fraqat_jax import nn as fq_nn
-from fraqat_jax.models.convert import port_class, read_config, resolve_model_dir
+from fraqat_jax.models.convert import read_config, resolve_model_dir
+from fraqat_jax.models.registry import port_class
+from fraqat_jax.train.config import parse_keep, parse_weight_granularity
 
 __all__ = ["BUILTIN_TEACHERS", "abstract_models", "init_preset", "load_builtin_teacher", "load_teacher",
-           "make_student", "save_builtin_teacher", "teacher_spec"]
+           "make_student", "save_builtin_teacher", "student_rules", "teacher_spec"]
 
 #: ``teacher=`` value -> folder under ``fraqat_jax/assets`` (diffusers layout).
 BUILTIN_TEACHERS = {"builtin": "digits_dit", "builtin:m": "digits_dit_m"}
@@ -84,10 +86,21 @@ def make_student(teacher, cfg):
     student = nnx.clone(teacher)
     if cfg.quant_rules == "none":
         return student
-    # The paper's rules: every linear layer, weights start at 8 bits (the schedule sets them each
-    # step), activations at act_bits (8: A8).
-    rule = fq_nn.Rule(r".*", weight_bits=8.0, act_bits=float(cfg.act_bits), layer_types=("Linear",))
-    return fq_nn.quantize_model(student, [rule])
+    return fq_nn.quantize_model(student, student_rules(cfg))
+
+
+def student_rules(cfg) -> list:
+    """The run's quantization rules, first match wins: each ``keep`` entry (input unquantized, weights
+    following the schedule or pinned at its bits), then the paper's rule: every linear layer, weights
+    from 8 bits down (the schedule sets them each step), activations at ``act_bits`` (8: A8),
+    dynamic per token or static (``act_quant``), weight scales per ``weight_granularity``."""
+    channel_axis, group_size = parse_weight_granularity(cfg.weight_granularity)
+    weights = dict(channel_axis=channel_axis, group_size=group_size, layer_types=("Linear",))
+    rules = [fq_nn.Rule(pattern, weight_bits=8.0 if bits is None else schedules.constant(bits),
+                        act_bits=None, **weights) for pattern, bits in parse_keep(cfg.keep)]
+    act = "static" if cfg.act_quant == "static" else None
+    rules.append(fq_nn.Rule(r".*", weight_bits=8.0, act_bits=float(cfg.act_bits), act_granularity=act, **weights))
+    return rules
 
 
 def teacher_spec(cfg) -> tuple[type, dict]:

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from fraqat_jax import schedules
 from fraqat_jax.diffusion import family_of
 from fraqat_jax.train import mesh as mesh_lib
+from fraqat_jax.train.config import ConfigError
 from fraqat_jax.train.models import abstract_models, load_teacher, make_student
 from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_train_step
 
@@ -119,7 +120,10 @@ def build(cfg, mesh: Mesh, *, abstract: bool = False) -> TrainSetup:
     else:
         teacher = load_teacher(cfg)
         student = make_student(teacher, cfg)
-    family = family_of(teacher)
+    try:
+        family = family_of(teacher)
+    except ValueError as e:  # e.g. a VAE folder given as the teacher
+        raise ConfigError(f"teacher={cfg.teacher!r}: {e}") from None
     model_config = dict(teacher.config)
     teacher_graph, teacher_v = nnx.split(teacher)
     student_graph, params_v, rest_v = nnx.split(student, nnx.Param, ...)

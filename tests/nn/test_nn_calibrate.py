@@ -28,8 +28,16 @@ def test_calibration_sets_mean_plus_minus_three_sigma():
         inputs.append([_np_gelu(h @ w + np.asarray(layer.bias[...])) for h in inputs[-1]])
     for layer, xs in zip(model.layers, inputs):
         pooled = np.concatenate([h.ravel() for h in xs])
-        want = [pooled.mean() - 3 * pooled.std(), pooled.mean() + 3 * pooled.std()]
-        np.testing.assert_allclose(np.asarray(layer.act_range[...]), want, rtol=1e-4, atol=1e-4)
+        lo, hi = pooled.mean() - 3 * pooled.std(), pooled.mean() + 3 * pooled.std()
+        # nudged to an integer zero point (the standard nudge, written out here independently)
+        step = (hi - lo) / 255
+        zp = np.clip(np.round(-lo / step), 0, 255)
+        want = [-zp * step, (255 - zp) * step]
+        got = np.asarray(layer.act_range[...], np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        assert abs(got[0] - lo) <= 0.5 * step + 1e-4 and abs(got[1] - hi) <= 0.5 * step + 1e-4
+        z = -got[0] / ((got[1] - got[0]) / 255)
+        assert abs(z - round(z)) < 1e-3  # zero is a code
         assert layer.act_granularity == "static"
 
 

@@ -1,4 +1,4 @@
-"""Whole runs: resume equality, SIGTERM, outputs, bad inputs, 1 vs 8 devices, two processes."""
+"""Whole runs: resume equality, SIGTERM, outputs, bad inputs, two processes (1 vs 8 devices: test_robust)."""
 
 import json
 import os
@@ -136,32 +136,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _run_script(base, workdir, mesh, steps=6):
-    cfg = {**base, "steps": steps, "mesh": mesh}
-    return ("import json, sys; from fraqat_jax.train import run; "
-            f"r = run(json.loads({json.dumps(json.dumps(cfg))}), workdir={workdir!r}); "
-            "print('LOSSES', json.dumps([m['loss'] for m in r.metrics]))")
-
-
-def _losses(stdout):
-    line = [ln for ln in stdout.splitlines() if ln.startswith("LOSSES")][-1]
-    return np.asarray(json.loads(line[len("LOSSES "):]))
-
-
-@pytest.mark.slow
-def test_one_vs_eight_simulated_devices(base, tmp_path, sub_env):
-    # 6 updates: float summation order differs across shardings, and over many updates at a high
-    # learning rate a rare flip of a 4-bit rounding decision grows past 1e-4 (seen at update 10).
-    ref = run({**base, "steps": 6}, workdir=str(tmp_path / "one"))
-    one = np.asarray([m["loss"] for m in ref.metrics])
-    env = {**sub_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    for mesh in ("data=2,fsdp=2,tensor=2",):
-        code = _run_script(base, str(tmp_path / mesh.replace(",", "_")), mesh)
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        np.testing.assert_allclose(_losses(r.stdout), one, rtol=1e-4)
 
 
 @pytest.mark.slow
