@@ -116,9 +116,6 @@ def test_rope_ids_matter_and_guidance_is_required(tmp_path):
 
 def test_quantized_8bit_stays_close(tmp_path):
     import fraqat_jax
-
-    if not hasattr(fraqat_jax, "quantize_model"):
-        pytest.skip("fraqat_jax.quantize_model is not available yet (helper C's issue 3)")
     from fraqat_jax.nn import quantized_layers
 
     config = dict(SCHNELL_LIKE, num_layers=1, num_single_layers=1)
