@@ -6,6 +6,8 @@ sampling the same noise, and the JAX decode against diffusers' VAE."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -44,10 +46,13 @@ def evaluated(request, tmp_path_factory):
     _cache_latents(["--prompts", tp.write_prompts_file(str(root / "prompts.txt")), "--pipeline", pipe,
                     "--out", str(root / "prompts"), *seq])
     run = str(root / "run")
-    assert train_cli.main(["--workdir", run, "--steps", "2", "--log-every", "1",
-                           "--set", f"teacher={pipe}/transformer", "--set", f"data=latents:{root / 'train_cache'}",
-                           "--set", "batch_size=2", "--set", "sample_grids=false", "--set", "warmup_steps=0",
-                           "--set", "lr=1e-2", "--set", "progress=none", "--set", "schedule=constant"]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the CLI would turn on XLA's disk cache for this whole process
+        mp.setenv("FRAQAT_COMPILATION_CACHE", "0")
+        trained = train_cli.main(["--workdir", run, "--steps", "2", "--log-every", "1",
+                                  "--set", f"teacher={pipe}/transformer", "--set", f"data=latents:{root / 'train_cache'}",
+                                  "--set", "batch_size=2", "--set", "sample_grids=false", "--set", "warmup_steps=0",
+                                  "--set", "lr=1e-2", "--set", "progress=none", "--set", "schedule=constant"])
+    assert trained == 0
     result = eval_cli.main(["--workdir", run, "--prompts", str(root / "prompts"), "--vae", f"{pipe}/vae",
                             "--sample-steps", str(SAMPLE_STEPS), "--batch-size", "4", "--save-arrays"])
     return family, root, pipe, run, result
@@ -205,3 +210,23 @@ def test_bad_inputs_exit_2_naming_both_sides(evaluated, tmp_path, capsys):
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
         for w in words:
             assert w in err, (w, err)
+
+
+@pytest.mark.slow
+def test_two_devices_give_the_same_scores(evaluated, tmp_path):
+    """``--mesh data=2`` on two simulated CPU devices: prompts split over the devices (3 prompts padded
+    to a batch of 4), the same metrics and images as on one device."""
+    family, root, pipe, run, result = evaluated
+    if family != "sd3":
+        pytest.skip("one family is enough for the mesh")
+    out = str(tmp_path / "eval2.json")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    r = subprocess.run([sys.executable, "-m", "fraqat_jax.eval", "--workdir", run, "--prompts", str(root / "prompts"),
+                        "--vae", pipe, "--sample-steps", str(SAMPLE_STEPS), "--batch-size", "3", "--mesh", "data=2",
+                        "--out", out], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(open(out).read())
+    assert two["mesh"]["data"] == 2 and two["batch_size"] == 4 and two["num_samples"] == 3
+    for key in ("latent_mse", "mse", "psnr"):
+        assert two[key] == pytest.approx(result[key], rel=1e-4), key
+    assert sorted(os.listdir(two["images_dir"])) == sorted(f for f in os.listdir(result["images_dir"]) if f != "arrays.npz")
