@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mesh", default="", metavar="SPEC",
                    help="device mesh like the trainer's, e.g. data=8 or data=4,fsdp=2 (default: data over every device)")
     t.add_argument("--images-dir", default=None,
-                   help="where the PNGs and captions.jsonl go (default: OUT's folder/eval_images)")
+                   help="where the PNGs and captions.jsonl go (default: OUT without .json plus _images, e.g. WORKDIR/eval_images)")
     t.add_argument("--save-arrays", action="store_true",
                    help="also write the latents and decoded images of both models to IMAGES_DIR/arrays.npz")
     return p

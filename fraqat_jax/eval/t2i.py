@@ -275,7 +275,7 @@ class T2IEvaluator:
                 feats[0].append(np.asarray(self.inception(img_t.astype(np.float32))))
                 feats[1].append(np.asarray(self.inception(img_s.astype(np.float32))))
             if save_arrays:
-                for k, a in zip(saved, (lat_t, lat_s, img_t, img_s)):
+                for k, a in zip(saved, (lat_t, lat_s, img_t, img_s), strict=True):
                     saved[k].append(a.astype(np.float32))
         if write:
             with open(os.path.join(images_dir, "captions.jsonl"), "w") as f:

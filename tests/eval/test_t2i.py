@@ -103,9 +103,9 @@ def test_teacher_samples_match_the_diffusers_pipeline(evaluated):
     (SD3: its own FlowMatchEuler scheduler; PixArt: DDIM, the sampler we use in place of DPM-Solver)."""
     family, root, pipe_dir, _, result = evaluated
     a = np.load(os.path.join(result["images_dir"], "arrays.npz"))
-    from fraqat_jax.diffusion import FAMILIES  # noqa: F401  (the eval seeds its noise per sample index)
     import jax
 
+    # The eval's starting noise: normal(fold_in(key(seed), i)) for sample i (seed 0).
     noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(0), i),
                                                    tuple(result["latent_shape"]))) for i in range(len(tp.PROMPTS))])
     cache = read_prompts(str(root / "prompts"))
