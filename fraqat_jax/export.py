@@ -257,15 +257,20 @@ def load_metadata(path: str) -> dict:
         ckptr.close()
 
 
-def load(path: str, *, integer: bool = False) -> nnx.Module:
+def load(path: str, *, integer: bool = False, static: bool = False) -> nnx.Module:
     """The frozen model saved by ``export`` at ``path``: call it like the port (same arguments),
     or sample it with ``fraqat_jax.diffusion.samplers``. It computes like the trained student, bit for
     bit on symmetric weights; ``integer=True`` multiplies the integer codes instead (int8 x int8 ->
-    int32, see ``fraqat_jax.freeze``), within ``meta["max_rel_diff_integer_matmul"]`` of it."""
+    int32, see ``fraqat_jax.freeze``), within ``meta["max_rel_diff_integer_matmul"]`` of it.
+    ``static=True`` serves every quantized input with its stored static range (what the ONNX graph
+    runs) even when the student was trained with dynamic ranges."""
     meta = load_metadata(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path!r} has export format {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-    frozen = _build_frozen(meta["model_class"], meta["config"], meta["quant_rules"], meta["layers"], meta.get("dtype"),
+    layers = meta["layers"]
+    if static:
+        layers = {p: {**s, "act_granularity": "static"} if s["act_bits"] is not None else s for p, s in layers.items()}
+    frozen = _build_frozen(meta["model_class"], meta["config"], meta["quant_rules"], layers, meta.get("dtype"),
                            meta.get("param_dtype"), integer=integer)
     template = _stored_tree(frozen)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
@@ -323,6 +328,29 @@ def export_diffusers(student, out: str) -> dict:
     return {"tensors": len(tensors), "bytes": n_bytes}
 
 
+def _export_onnx(teacher, student, cfg, args) -> dict:
+    """``--format onnx``: static input ranges (the trained ones, or calibrated for a dynamically
+    trained student), then the QDQ graph checked by onnxruntime against the frozen JAX model."""
+    try:
+        from fraqat_jax.export_onnx import OnnxExportError, export_onnx_run, summary
+    except ImportError as e:
+        raise ExportError(f"--format onnx needs the onnx extra: pip install 'fraqat_jax[onnx]' ({e})") from None
+    family = family_of(teacher)
+    if any(layer.act_bits is not None and not bool(jnp.isfinite(layer.act_range[...]).all())
+           for _, layer in quantized_layers(student)):
+        print("note: the student was trained with dynamic activation ranges; the ONNX graph uses static ranges "
+              "calibrated now (train with --set act_quant=static for a phone model that is the trained one)")
+        fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=args.calibration_samples),
+                             forward=_forward(family), switch_to_static=False)
+    held_out = calibration_batches(teacher, cfg, num_samples=6, batch_size=6, seed=1)[0]
+    try:
+        report = export_onnx_run(student, family, held_out, args.out)
+    except OnnxExportError as e:
+        raise ExportError(str(e)) from None
+    print(summary(report))
+    return report
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -330,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fraqat_jax.export", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a run directory written by python -m fraqat_jax.train")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", choices=("orbax", "diffusers"), default="orbax")
+    p.add_argument("--format", choices=("orbax", "diffusers", "onnx"), default="orbax",
+                   help="orbax: frozen W4A8 checkpoint (load with fraqat_jax.export.load); diffusers: dequantized "
+                        "bf16 folder; onnx: one QDQ .onnx file (INT4 weights, static uint8 inputs) for phone "
+                        "runtimes (needs the onnx extra)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
@@ -340,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_out(out: str, fmt: str) -> None:
     out = os.path.abspath(out)
+    if fmt == "onnx":
+        if os.path.isdir(out):
+            raise ExportError(f"--out {out!r} is a directory; --format onnx writes one .onnx file")
+        parent = os.path.dirname(out) or "."
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ExportError(f"cannot write --out {out!r}: {parent!r} is not a writable directory")
+        return
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise ExportError(f"--out {out!r} exists and is not a directory")
@@ -369,6 +407,8 @@ def main(argv=None) -> dict:
             teacher, student, cfg = train.load_run(args.workdir, step=args.step, ema=args.ema)
         except (ValueError, FileNotFoundError) as e:
             raise ExportError(f"no trained student in {args.workdir!r}: {e}") from None
+        if args.format == "onnx":
+            return _export_onnx(teacher, student, cfg, args)
         if args.format == "diffusers":
             info = export_diffusers(student, args.out)
             print(f"wrote {info['tensors']} tensors ({info['bytes']} bytes, bfloat16, fake-quantized weights) "
