@@ -8,6 +8,8 @@
   standard FID weights from a user-supplied file.
 - :mod:`fraqat_jax.eval.classifier`: the small digits classifier shipped for the built-in default
   (features for a Frechet distance, accuracy on class-conditional samples).
+- :mod:`fraqat_jax.eval.t2i`: text-to-image evaluation (``--prompts``/``--vae``): teacher vs student
+  images per prompt, decoded in JAX.
 - ``python -m fraqat_jax.eval --workdir DIR``: evaluates a trained student against its teacher
   and writes ``DIR/eval.json``.
 """
