@@ -110,7 +110,8 @@ def test_tpu_flash_kernel_compiles_ahead_of_time_without_the_score_matrix():
     pytest.importorskip("libtpu", reason="the TPU AOT compiler ships in libtpu (pip install 'fraqat_jax[tpu]')")
     # libtpu reads its environment when it starts, so the compilation runs in a fresh process.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", _TPU_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", _TPU_SCRIPT], capture_output=True, text=True, env=env, timeout=900,
+                          check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
