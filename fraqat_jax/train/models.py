@@ -17,7 +17,8 @@ from fraqat_jax import models, schedules
 from fraqat_jax import nn as fq_nn
 from fraqat_jax.models.convert import read_config, resolve_model_dir
 from fraqat_jax.models.registry import port_class
-from fraqat_jax.train.config import parse_keep, parse_weight_granularity
+from fraqat_jax.diffusion import FAMILIES
+from fraqat_jax.train.config import ConfigError, parse_keep, parse_weight_granularity
 
 __all__ = ["BUILTIN_TEACHERS", "abstract_models", "init_preset", "load_builtin_teacher", "load_teacher",
            "make_student", "save_builtin_teacher", "student_rules", "teacher_spec"]
@@ -70,7 +71,12 @@ def init_preset(name: str, overrides: Mapping[str, Any] | None = None, *, seed: 
 
 
 def load_teacher(cfg) -> nnx.Module:
-    """The teacher named by ``cfg.teacher`` (see the config help)."""
+    """The teacher named by ``cfg.teacher`` (see the config help); ``ConfigError`` if its class is not a
+    diffusion transformer the trainer knows (checked before any weight is read)."""
+    cls, _ = teacher_spec(cfg)
+    if cls.__name__ not in FAMILIES:
+        raise ConfigError(f"teacher={cfg.teacher!r} is a {cls.__name__}, which is not supported as a teacher; "
+                          f"supported: {', '.join(FAMILIES)}")
     dtype = _DTYPES[cfg.dtype]
     param_dtype = _DTYPES[cfg.param_dtype]
     if cfg.teacher in BUILTIN_TEACHERS:
@@ -108,7 +114,7 @@ def teacher_spec(cfg) -> tuple[type, dict]:
     if cfg.teacher.startswith("preset:"):
         name = cfg.teacher[len("preset:"):]
         if name not in models.PRESETS:
-            raise ValueError(f"teacher preset {name!r} is unknown; allowed: {', '.join(models.PRESETS)}")
+            raise ConfigError(f"teacher preset {name!r} is unknown; allowed: {', '.join(models.PRESETS)}")
         cls_name, config = models.PRESETS[name]
         return models.MODEL_CLASSES[cls_name], {**config, **_overrides(cfg)}
     directory = _asset_dir(cfg.teacher) if cfg.teacher in BUILTIN_TEACHERS else resolve_model_dir(cfg.teacher)
@@ -132,4 +138,4 @@ def _overrides(cfg) -> dict:
     try:
         return json.loads(cfg.teacher_config) if cfg.teacher_config else {}
     except json.JSONDecodeError as e:
-        raise ValueError(f"teacher_config={cfg.teacher_config!r} is not a JSON object: {e}") from None
+        raise ConfigError(f"teacher_config={cfg.teacher_config!r} is not a JSON object: {e}") from None

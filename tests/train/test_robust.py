@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -110,10 +111,13 @@ def test_kill_9_inside_a_save_resumes_from_the_last_complete_checkpoint(base, tm
 def test_torn_metrics_line_is_dropped_on_resume(base, tmp_path):
     cfg = {**base, "steps": 6, "checkpoint_every": 3}
     workdir = str(tmp_path / "w")
-    full = run(cfg, workdir=str(tmp_path / "ref"))
-    run({**cfg, "steps": 3}, workdir=workdir)
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write('{"step": 4, "loss": 0.1')  # killed while writing a row
+    full = run(cfg, workdir=workdir)
+    # as if killed while writing row 5: checkpoint 3 is the newest, rows 1-4 and a torn fifth line
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    lines = open(os.path.join(workdir, "metrics.jsonl")).readlines()
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(lines[:4])
+        f.write(lines[4][:15])
     run(cfg, workdir=workdir)
     rows = _rows(workdir)
     assert _steps(rows) == list(range(1, 7))
