@@ -30,6 +30,8 @@ def paper_config(preset: str, *, lr: float, batch_size: int, latents: str, **ext
         "dtype": "bfloat16",
         "param_dtype": "float32",
         "remat": True,
+        "scan_layers": True,  # compile time and host memory independent of depth
+        "attention": "auto",  # cuDNN on GPU, Pallas flash on TPU
         "mesh": "fsdp=-1",
         "log_every": 10,
         "checkpoint_every": 500,

@@ -66,6 +66,10 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "dtype": ("float32", "compute dtype: float32 | bfloat16"),
     "param_dtype": ("float32", "parameter dtype: float32 | bfloat16"),
     "remat": (False, "rematerialize transformer blocks (saves memory)"),
+    "scan_layers": (False, "run each port's repeated blocks under lax.scan over stacked parameters, so compile time "
+                    "and host memory do not grow with depth (checkpoints keep diffusers' per-block names)"),
+    "attention": ("auto", "attention kernel: auto (cuDNN on GPU, Pallas flash on TPU, XLA on CPU) | xla | flash "
+                  "(never materialises the score matrix)"),
     "progress": ("auto", "progress display: auto (bar on a terminal) | bar | log | none"),
 }
 
@@ -76,6 +80,7 @@ _CHOICES = {
     "lr_schedule": ("cosine", "constant"),
     "quant_rules": ("paper", "none"),
     "act_quant": ("dynamic", "static"),
+    "attention": ("auto", "xla", "flash"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
     "progress": ("auto", "bar", "log", "none"),

@@ -33,12 +33,13 @@ from flax import nnx
 
 from fraqat_jax import data
 from fraqat_jax.diffusion import apply_model, heldout_inputs, model_sampler, sampling_inputs
-from fraqat_jax.nn import calibrate, set_bits
+from fraqat_jax.models.scan import unstack_flat
+from fraqat_jax.nn import calibrate, quantized_layers, set_bits
 from fraqat_jax.train import checkpoint as ckpt_lib
 from fraqat_jax.train import mesh as mesh_lib
 from fraqat_jax.train import state as state_lib
-from fraqat_jax.train.config import ConfigError, load_config
-from fraqat_jax.train.models import load_teacher, make_student
+from fraqat_jax.train.config import ConfigError, get_config, load_config
+from fraqat_jax.train.models import abstract_models, load_teacher, make_student
 from fraqat_jax.train.report import MetricsLog, Progress, save_grid
 from fraqat_jax.train.step import make_optimizer
 
@@ -137,7 +138,10 @@ def check_workdir(workdir: str) -> None:
 
 
 def config_changes(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{key: (checkpoint value, current value)}`` for every key whose value differs."""
+    """``{key: (checkpoint value, current value)}`` for every key whose value differs. A key the
+    checkpoint predates counts as its default (what that run used)."""
+    defaults = get_config().to_dict()
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = sorted(set(saved) | set(cfg))
     return {k: (saved.get(k), cfg.get(k)) for k in keys if saved.get(k) != cfg.get(k)}
 
@@ -376,7 +380,8 @@ class _Loop:
         host, hosts = jax.process_index(), jax.process_count()
         window_t, window_n = time.perf_counter(), 0
         finite, first_bad = jnp.array(True), jnp.array(-1, jnp.int32)
-        with _StopFlag() as stop:
+        # Under the mesh: the TPU flash-attention kernel is placed by shard_map over its axes.
+        with _StopFlag() as stop, jax.set_mesh(r.mesh):
             for step in range(self.start, r.total):
                 local = r.source.batch(self.position, int(cfg.batch_size), host_index=host, host_count=hosts)
                 r.setup.train_state, metrics = self.step_fn(r.setup.train_state, r.setup.teacher_state, r.setup.rest,
@@ -459,8 +464,26 @@ def _stage_losses(rows):
 # ----------------------------------------------------------------------------- loading a run
 
 
-def load_run(workdir: str, *, step: int | None = None, ema: bool = False):
-    """``(teacher, student, config)`` from a run's workdir (see the package docstring)."""
+def unscanned(model, cfg):
+    """``model`` (built with ``scan_layers``) rebuilt block by block, every value (weights, bit-widths,
+    activation ranges) copied to its per-block place; ``model`` itself when it is not scanned.
+    Exports work on this form: one frozen layer per diffusers layer."""
+    if not cfg.scan_layers:
+        return model
+    plain_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    plain_cfg.scan_layers = False
+    teacher_abs, student_abs = abstract_models(plain_cfg)
+    target = student_abs if any(True for _ in quantized_layers(model)) else teacher_abs
+    values = {path: v for path, v in unstack_flat(model, nnx.to_flat_state(nnx.state(model)))}
+    graphdef, state = nnx.split(target)
+    flat = [(path, var.replace(values[path].get_value())) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan: bool = False):
+    """``(teacher, student, config)`` from a run's workdir (see the package docstring).
+
+    ``unscan``: a run trained with ``scan_layers`` comes back block by block (see :func:`unscanned`)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{workdir!r} is not a run directory (no config.json)")
@@ -492,4 +515,6 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = False):
     bits = float(make_schedule(cfg)(max(int(meta["step"]) - 1, 0)))
     if cfg.quant_rules != "none":
         set_bits(student, bits)
+    if unscan:
+        teacher, student = unscanned(teacher, cfg), unscanned(student, cfg)
     return teacher, student, cfg

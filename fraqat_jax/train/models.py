@@ -43,18 +43,18 @@ def save_builtin_teacher(model, directory: str | None = None) -> str:
     return directory
 
 
-def load_builtin_teacher(name: str = "builtin", *, dtype=None, param_dtype=jnp.float32):
+def load_builtin_teacher(name: str = "builtin", *, dtype=None, param_dtype=jnp.float32, **options):
     """A shipped class-conditional DiT trained on the digits (``python -m fraqat_jax.pretrain``):
     ``builtin`` (tiny) or ``builtin:m`` (about 10x larger)."""
     directory = _asset_dir(name)
     if not os.path.isfile(os.path.join(directory, "config.json")):
         size = "" if name == "builtin" else f" --size {name.split(':')[1]}"
         raise ValueError(f"the built-in teacher {name!r} is missing ({directory}); run python -m fraqat_jax.pretrain{size}")
-    return models.from_diffusers(directory, dtype=dtype, param_dtype=param_dtype)
+    return models.from_diffusers(directory, dtype=dtype, param_dtype=param_dtype, **options)
 
 
 def init_preset(name: str, overrides: Mapping[str, Any] | None = None, *, seed: int = 0, dtype=None,
-                param_dtype=jnp.float32, remat: bool = False):
+                param_dtype=jnp.float32, remat: bool = False, **options):
     """A preset model with random weights, initialised in one jitted call (not op by op)."""
     if name not in models.PRESETS:
         raise ValueError(f"teacher preset {name!r} is unknown; allowed: {', '.join(models.PRESETS)}")
@@ -63,7 +63,7 @@ def init_preset(name: str, overrides: Mapping[str, Any] | None = None, *, seed: 
     config = {**config, **dict(overrides or {})}
 
     def build():
-        return cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, remat=remat)
+        return cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, remat=remat, **options)
 
     graph = nnx.graphdef(nnx.eval_shape(build))
     state = jax.jit(lambda: nnx.state(build()))()
@@ -80,11 +80,13 @@ def load_teacher(cfg) -> nnx.Module:
     dtype = _DTYPES[cfg.dtype]
     param_dtype = _DTYPES[cfg.param_dtype]
     if cfg.teacher in BUILTIN_TEACHERS:
-        return load_builtin_teacher(cfg.teacher, dtype=dtype, param_dtype=param_dtype)
+        return load_builtin_teacher(cfg.teacher, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat,
+                                    **port_options(cfg))
     if cfg.teacher.startswith("preset:"):
         return init_preset(cfg.teacher[len("preset:"):], _overrides(cfg), seed=cfg.seed, dtype=dtype,
-                           param_dtype=param_dtype, remat=cfg.remat)
-    return models.from_diffusers(cfg.teacher, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat)
+                           param_dtype=param_dtype, remat=cfg.remat, **port_options(cfg))
+    return models.from_diffusers(cfg.teacher, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat,
+                                 **port_options(cfg))
 
 
 def make_student(teacher, cfg):
@@ -129,9 +131,14 @@ def abstract_models(cfg):
 
     def build():
         return cls(config, rngs=nnx.Rngs(cfg.seed), dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype],
-                   remat=cfg.remat)
+                   remat=cfg.remat, **port_options(cfg))
 
     return nnx.eval_shape(build), nnx.eval_shape(lambda: make_student(build(), cfg))
+
+
+def port_options(cfg) -> dict:
+    """The transformer ports' build options from the config: ``scan_layers`` and ``attention``."""
+    return {"scan_layers": bool(cfg.scan_layers), "attention": cfg.attention}
 
 
 def _overrides(cfg) -> dict:
