@@ -51,8 +51,12 @@ def __getattr__(name):
         from fraqat_jax.train import config as _config
 
         return getattr(_config, name)
-    if name in ("run", "load_run", "RunResult", "build_models"):
+    if name in ("run", "RunResult", "build_models"):
         from fraqat_jax.train import loop as _loop
 
         return getattr(_loop, name)
+    if name == "load_run":
+        from fraqat_jax.train import restore as _restore
+
+        return _restore.load_run
     raise AttributeError(f"module 'fraqat_jax.train' has no attribute {name!r}")

@@ -1,0 +1,78 @@
+"""A finished (or interrupted) run read back: the teacher and the student of a workdir's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from fraqat_jax.models.scan import unstack_flat
+from fraqat_jax.nn import quantized_layers, set_bits
+from fraqat_jax.train import checkpoint as ckpt_lib
+from fraqat_jax.train.config import load_config
+from fraqat_jax.train.models import abstract_models, load_teacher, make_student
+from fraqat_jax.train.state import make_schedule
+from fraqat_jax.train.step import make_optimizer
+
+__all__ = ["load_run", "unscanned"]
+
+
+def unscanned(model, cfg):
+    """``model`` (built with ``scan_layers``) rebuilt block by block, every value (weights, bit-widths,
+    activation ranges) copied to its per-block place; ``model`` itself when it is not scanned.
+    Exports work on this form: one frozen layer per diffusers layer."""
+    if not cfg.scan_layers:
+        return model
+    plain_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    plain_cfg.scan_layers = False
+    teacher_abs, student_abs = abstract_models(plain_cfg)
+    target = student_abs if any(True for _ in quantized_layers(model)) else teacher_abs
+    values = {path: v for path, v in unstack_flat(model, nnx.to_flat_state(nnx.state(model)))}
+    graphdef, state = nnx.split(target)
+    flat = [(path, var.replace(values[path].get_value())) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan: bool = False):
+    """``(teacher, student, config)`` from a run's workdir (see the package docstring).
+
+    ``unscan``: a run trained with ``scan_layers`` comes back block by block (see :func:`unscanned`)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{workdir!r} is not a run directory (no config.json)")
+    with open(path) as f:
+        cfg = load_config(base=json.load(f))
+    cfg.unlock()
+    cfg.mesh = ""
+    cfg.lock()
+    teacher = load_teacher(cfg)
+    student = make_student(teacher, cfg)
+    graph, params_v, rest_v = nnx.split(student, nnx.Param, ...)
+    ckpt = ckpt_lib.Checkpointer(workdir, int(cfg.keep_checkpoints))
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"{workdir!r} holds no checkpoint")
+    params = nnx.to_pure_dict(params_v)
+    tx = make_optimizer(cfg)
+    target = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+              "ema": params if cfg.ema_decay > 0 else None, "step": jnp.zeros((), jnp.int32)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+    rest = nnx.to_pure_dict(rest_v)
+    rest_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), rest)
+    state, rest, meta = ckpt.restore(step, abstract, rest_abstract)
+    ckpt.close()
+    if ema and state["ema"] is None:
+        raise ValueError(f"run {workdir!r} kept no EMA (ema_decay=0)")
+    chosen = state["ema"] if ema else state["params"]
+    student = nnx.merge(graph, chosen, rest)
+    bits = float(make_schedule(cfg)(max(int(meta["step"]) - 1, 0)))
+    if cfg.quant_rules != "none":
+        set_bits(student, bits)
+    if unscan:
+        teacher, student = unscanned(teacher, cfg), unscanned(student, cfg)
+    return teacher, student, cfg
