@@ -131,7 +131,7 @@ def run(*, smoke: bool = False, tokens: int | None = None, text_tokens: int | No
     fp, qat = runs["fp"], runs["qat"]
     t_fp, t_qat = float(np.median(fp["times"])), float(np.median(qat["times"]))
     return {
-        "block": "SD3.5-Medium JointTransformerBlock (dual attention, rms qk-norm)" + (" [smoke size]" if smoke else ""),
+        "block": "SD3.5-Medium JointTransformerBlock (dual attention, rms qk-norm)" + (" [smoke]" if smoke else ""),
         "width": dim, "heads": cfg["heads"], "tokens": tokens, "text_tokens": text_tokens, "batch": batch,
         "dtype": dtype, "bits": bits, "iters": iters, "params": fp["n_params"],
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",

@@ -18,7 +18,8 @@ Needs the ``peers`` extra (``pip install 'fraqat_jax[peers]'``, i.e. ``qwix``). 
    qwix_minmax     same                                            int8 per token, min/max (asymmetric)
    ==============  ==============================================  ============================================
 
-   ``"qwix"`` in the JSON is ``qwix_minmax``, Qwix's closest setting to ours. Differences that remain: fraqat fake-quantizes (float matmul on quantized values); Qwix runs
+   ``"qwix"`` in the JSON is ``qwix_minmax``, Qwix's closest setting to ours. Differences that
+   remain: fraqat fake-quantizes (float matmul on quantized values); Qwix runs
    real integer matmuls (int8 x int4 -> int32) when both sides are quantized, which is slow on a
    CPU and fast on GPU/TPU. Qwix's backward uses the unquantized weights for the input gradient
    (``g @ W.T``), fraqat the quantized ones (``g @ W_q.T``, the straight-through estimator of the
@@ -292,8 +293,9 @@ def print_report(r: dict) -> None:
         label = f"{name} ({'->'.join(map(str, m['widths']))}, {m['tokens']} tokens)"
         print(f"| {label} | " + " | ".join(f"{ratios[f]:.2f}" for f in FORMS) + " |")
     s = r["schedule"]
-    print(f"schedule on {s['model']}: fraqat {len(s['fraqat']['stages'])} stages, {s['fraqat']['compiles']} "
-          f"compile(s), {s['fraqat']['seconds']:.2f} s; qwix {len(s['qwix']['stages'])} stages, "
+    f, q = s["fraqat"], s["qwix"]
+    print(f"schedule on {s['model']}: fraqat {len(f['stages'])} stages, {f['compiles']} compile(s) "
+          f"({f['compile_seconds']:.2f} s), {f['seconds']:.2f} s in all; qwix {len(q['stages'])} stages, "
           f"{s['qwix']['compiles']} compiles ({s['qwix']['compile_seconds']:.2f} s), {s['qwix']['seconds']:.2f} s "
           f"(of which re-quantizing {s['qwix']['requantize_seconds']:.2f} s); qwix at 5.5 bits: "
           f"{s['qwix']['fractional_bits']}")
@@ -302,7 +304,8 @@ def print_report(r: dict) -> None:
         print(f"{n}: fraqat codes [{f['code_min']}, {f['code_max']}] scale absmax/{f['scale_divisor']:.4g}; "
               f"qwix codes [{q['code_min']}, {q['code_max']}] scale absmax/{q['scale_divisor']:.4g}; "
               f"max |diff| {v['max_abs_diff']:.3g}, at fraqat bits {v['matching_bits']:.4f}: "
-              f"{v['max_abs_diff_rescaled']:.3g} ({v['elements_differing_rescaled']} element(s) one step apart, at float32 rounding boundaries)")
+              f"{v['max_abs_diff_rescaled']:.3g} ({v['elements_differing_rescaled']} element(s) one step apart, "
+              "at float32 rounding boundaries)")
 
 
 def main(argv=None) -> int:
