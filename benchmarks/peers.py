@@ -28,8 +28,9 @@ Needs the ``peers`` extra (``pip install 'fraqat_jax[peers]'``, i.e. ``qwix``). 
 2. **Schedule cost.** Every bit-width of a schedule gets one training step. fraqat: the paper's
    9 stages 8, 7, 6, 5.5, 5, 4.75, 4.5, 4.25, 4 with one jitted step (bits are data). Qwix: the
    integer stages 8, 7, 6, 5, 4, each a new provider, a re-quantized model and a new compile;
-   it cannot express 5.5 or 4.75 bits (the error it gives is reported). Both use one
-   ``jax.jit`` with the graph definition as a static argument, whose cache size counts compiles.
+   it cannot express 5.5 or 4.75 bits (the error it gives is reported). Both use a fresh
+   ``jax.jit`` with the graph definition as a static argument; compiles are JAX's backend-compile
+   events for that step (``CompileCounter``), with their seconds.
 
 3. **Numerics at integer bits** (per output channel, on a seeded normal weight): code ranges,
    scale divisors, the largest difference between the two fake-quantized weights, and the same
