@@ -10,7 +10,8 @@ from fraqat_jax.nn.calibration import calibrate
 from fraqat_jax.nn.freeze import Codes, FrozenConv, FrozenLinear, Scale, freeze
 from fraqat_jax.nn.graph import quantized_layers
 from fraqat_jax.nn.layers import ActRange, Bits, QuantConv, QuantEinsum, QuantLinear
-from fraqat_jax.nn.rules import DEFAULT_RULES, Rule, apply_schedules, bits_of, quantize_model, set_bits
+from fraqat_jax.nn.rules import (DEFAULT_RULES, Rule, apply_schedules, bits_of, prequantized, quantize_model,
+                                 set_bits)
 
 __all__ = [
     "DEFAULT_RULES",
@@ -28,6 +29,7 @@ __all__ = [
     "bits_of",
     "calibrate",
     "freeze",
+    "prequantized",
     "quantize_model",
     "quantized_layers",
     "set_bits",

@@ -146,8 +146,12 @@ class QuantMixin:
 
     # -- the two quantizers -------------------------------------------------------------------
     def quantized_kernel(self):
-        """The kernel as the forward pass sees it (fake-quantized at ``bits`` unless None)."""
+        """The kernel as the forward pass sees it (fake-quantized at ``bits`` unless None, or unless
+        ``kernel_prequantized``: the kernel already holds its quantized value, see
+        :func:`fraqat_jax.nn.prequantized`)."""
         kernel = self.kernel[...]
+        if getattr(self, "kernel_prequantized", False):
+            return kernel
         if getattr(self, "mask", None) is not None:
             kernel = kernel * self.mask
         if self.bits is None:

@@ -239,6 +239,22 @@ def apply_schedules(model_or_state, step):
     return out
 
 
+def prequantized(model):
+    """``model`` with each quantized kernel replaced by its fake-quantized value and marked
+    ``kernel_prequantized`` (the forward pass uses it as it is), changed in place and returned.
+
+    For gradient accumulation: quantize the weights once per step, then run every micro-batch on the
+    result. The gradient with respect to the quantized kernel is the gradient with respect to the
+    kernel (the straight-through estimator is the identity), so the update is unchanged. Works inside
+    ``jax.jit`` on a merged model; the mark is static, so split again after calling it.
+    """
+    for _, layer in quantized_layers(model):
+        if layer.bits is not None:
+            layer.kernel[...] = layer.quantized_kernel()
+        layer.kernel_prequantized = True
+    return model
+
+
 def bits_of(model) -> dict[str, float | None]:
     """``{path: weight bits}`` of every quantized layer (None for full-precision weights)."""
     return {path: None if layer.bits is None else _bits_value(layer.bits[...])

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from fraqat_jax.diffusion import apply_model, diffusion_inputs
-from fraqat_jax.nn import set_bits
+from fraqat_jax.nn import prequantized, set_bits
 
 __all__ = ["make_lr_schedule", "make_optimizer", "make_train_step", "training_inputs"]
 
@@ -61,18 +61,18 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
     accum = int(cfg.grad_accum)
     ema_decay = float(cfg.ema_decay)
 
-    def student_out(params, rest, bits, x_t, t, cond):
-        student = nnx.merge(student_graph, params, rest)
-        set_bits(student, bits)
-        return apply_model(student, family, x_t, t, cond).astype(jnp.float32)
+    def make_micro_loss(graph):
+        def micro_loss(params, rest, teacher_state, bits, x_t, t, cond):
+            teacher = nnx.merge(teacher_graph, teacher_state)
+            target = jax.lax.stop_gradient(apply_model(teacher, family, x_t, t, cond).astype(jnp.float32))
+            student = nnx.merge(graph, params, rest)
+            set_bits(student, bits)
+            pred = apply_model(student, family, x_t, t, cond).astype(jnp.float32)
+            return jnp.mean(jnp.square(pred - target))
 
-    def micro_loss(params, rest, teacher_state, bits, x_t, t, cond):
-        teacher = nnx.merge(teacher_graph, teacher_state)
-        target = jax.lax.stop_gradient(apply_model(teacher, family, x_t, t, cond).astype(jnp.float32))
-        pred = student_out(params, rest, bits, x_t, t, cond)
-        return jnp.mean(jnp.square(pred - target))
+        return micro_loss
 
-    grad_fn = jax.value_and_grad(micro_loss)
+    grad_fn = jax.value_and_grad(make_micro_loss(student_graph))
 
     def step_fn(train_state, teacher_state, student_rest, batch):
         step = train_state["step"]
@@ -91,13 +91,20 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
                 return jnp.moveaxis(v, 1, 0)
 
             micro = jax.tree.map(split, (x_t, t, cond))
+            # The weights are fake-quantized once per step, not once per micro-batch: the gradient
+            # with respect to a quantized kernel is the kernel's (straight-through estimator).
+            student = nnx.merge(student_graph, params, student_rest)
+            set_bits(student, bits)
+            q_graph, q_params, q_rest = nnx.split(prequantized(student), nnx.Param, ...)
+            q_params, q_rest = nnx.to_pure_dict(q_params), nnx.to_pure_dict(q_rest)
+            q_grad_fn = jax.value_and_grad(make_micro_loss(q_graph))
 
             def body(carry, mb):
                 loss_sum, grad_sum = carry
-                l, g = grad_fn(params, student_rest, teacher_state, bits, *mb)
+                l, g = q_grad_fn(q_params, q_rest, teacher_state, bits, *mb)
                 return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
+            zeros = jax.tree.map(jnp.zeros_like, q_params)
             (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
             loss = loss / accum
             grads = jax.tree.map(lambda g: g / accum, grads)
