@@ -223,7 +223,10 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
         "teacher": cfg.teacher, "family": family, "resolution": resolution, "latent_size": latent,
         "tokens_per_example": image_tokens + text_tokens, "image_tokens": image_tokens, "text_tokens": text_tokens,
         "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": bool(cfg.remat),
-        "params": {"teacher": _count_params(args[1]), "student": _count_params(args[0]["params"])},
+        # nnx.Param only: the teacher's state also holds buffers (SD3's 384x384 position table).
+        "params": {"teacher": _count_params(nnx.state(setup.teacher(), nnx.Param)),
+                   "student": _count_params(args[0]["params"])},
+        "teacher_state_elements": _count_params(args[1]),
         "flops": {"teacher_forward": teacher_fwd, "student_forward": student_fwd},
         "flops_per_step": flops_lib.distillation_step_flops(teacher_fwd, student_fwd),
         "mfu": mfu, "oom": None, "measured_step_seconds": None, "peak_bytes": None, "run_steps": run_steps,
