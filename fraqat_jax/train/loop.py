@@ -391,7 +391,8 @@ class _Loop:
                 bits = float(r.bits_values[step])
                 log_now = done % cfg.log_every == 0 or done == r.total
                 stage_end = done == r.total or float(r.bits_values[min(done, r.total - 1)]) != bits
-                save_now = stop.signum is not None or done % cfg.checkpoint_every == 0 or done == r.total
+                stopping = stop.signum is not None  # read once: a signal may arrive while this step is written
+                save_now = stopping or done % cfg.checkpoint_every == 0 or done == r.total
                 if not (log_now or save_now or (cfg.sample_grids and stage_end)):
                     self.progress.update(done, bits, self.last_loss, self._rate(), None)
                     continue
@@ -409,7 +410,7 @@ class _Loop:
                     r.sample_grid(done, bits, self.log)
                 if save_now:
                     r.save(done, self.position)
-                if stop.signum is not None:
+                if stopping:
                     self.progress.message(f"{signal.Signals(stop.signum).name} received: saved step {done} to "
                                           f"{r.ckpt.directory}; run the same command again to resume")
                     return "preempted"
