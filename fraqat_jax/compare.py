@@ -69,10 +69,18 @@ import sys
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from fraqat_jax import compare_stats
+from fraqat_jax import compare_stats, schedules, train
 from fraqat_jax.compare_stats import markdown, plot, write_outputs  # noqa: F401  (public here too)
+from fraqat_jax.eval.evaluate import Evaluator
+from fraqat_jax.nn import quantized_layers, set_bits
+from fraqat_jax.quant import quantize_codes
+from fraqat_jax.train.checkpoint import Checkpointer
+from fraqat_jax.train.step import make_optimizer
 
 METHODS = ("ptq", "qat", "integer", "simple", "fraqat", "linear", "cosine")
 SCHEDULE_OF = {"qat": "constant", "integer": "integer", "simple": "simple", "fraqat": "fraqat",
@@ -86,7 +94,6 @@ TUNE_VAL_SEED = 1  # tuning scores on other validation inputs than the report (E
 
 def schedule_of(method: str) -> str:
     """The trainer schedule of a trained method (``qat`` -> ``constant``, else the same name)."""
-    from fraqat_jax import schedules
 
     if method in SCHEDULE_OF:
         return SCHEDULE_OF[method]
@@ -119,11 +126,7 @@ class _CheckpointReader:
     """
 
     def __init__(self, student, cfg):
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
 
-        from fraqat_jax.train.step import make_optimizer
 
         self.graph, params_v, self.rest = nnx.split(student, nnx.Param, ...)
         params = nnx.to_pure_dict(params_v)
@@ -135,9 +138,7 @@ class _CheckpointReader:
                                           nnx.to_pure_dict(self.rest))
 
     def student(self, workdir: str, step: int, keep: int):
-        from flax import nnx
 
-        from fraqat_jax.train.checkpoint import Checkpointer
 
         ckpt = Checkpointer(workdir, keep)
         try:
@@ -156,8 +157,6 @@ def code_change_share(before, after, bits: float) -> float:
     Each layer is quantized with its own options (symmetry, channel axis, groups) and its own
     dynamic scale, as the forward pass does; layers with full-precision weights are skipped.
     """
-    from fraqat_jax.nn import quantized_layers
-    from fraqat_jax.quant import quantize_codes
 
     new = dict(quantized_layers(after))
     changed = total = 0
@@ -198,7 +197,6 @@ class _Runner:
     """Trains one method at one seed and scores it (shared state of one comparison)."""
 
     def __init__(self, cfg, workdir, eval_points, log):
-        from fraqat_jax import train
 
         self.cfg, self.workdir, self.log = cfg, workdir, log
         self.steps = int(cfg.steps)
@@ -208,13 +206,11 @@ class _Runner:
         # Every step logged: the diagnostics read the loss at each change of bits.
         self.base.update(checkpoint_every=self.every, keep_checkpoints=self.keep, sample_grids=False, log_every=1)
         self.teacher, self.ptq_student = train.build_models(self.base)
-        from fraqat_jax.nn import set_bits
 
         set_bits(self.ptq_student, float(cfg.target_bits))
         self.reader = _CheckpointReader(self.ptq_student, train.load_config(base=self.base))
 
     def train(self, method: str, seed: int, run_dir: str, overrides=None, final_only: bool = False):
-        from fraqat_jax import train
 
         run_cfg = dict(self.base, schedule=schedule_of(method), seed=seed, **(overrides or {}))
         if final_only:
@@ -228,7 +224,6 @@ class _Runner:
         return time.perf_counter() - t0
 
     def student(self, run_dir: str, step: int, bits: float):
-        from fraqat_jax.nn import set_bits
 
         student = self.reader.student(run_dir, step, self.keep)
         set_bits(student, bits)
@@ -237,7 +232,6 @@ class _Runner:
 
 def _tune(runner, methods, tune, tune_seeds, num_val, log):
     """``{method: {"key": KEY, "value": best, "scores": {value: mean val loss}}}`` (see module doc)."""
-    from fraqat_jax.eval.evaluate import Evaluator
 
     (key, values), = tune.items()
     ev = Evaluator(runner.teacher, runner.cfg, num_samples=2, num_val=num_val, seed=TUNE_VAL_SEED)
@@ -280,7 +274,6 @@ def run_compare(
     and the rest; ``schedule`` and ``seed`` are set per run. ``tune``: ``{KEY: [values]}`` (one
     key) to pick per method on ``tune_seeds`` separate seeds, or None.
     """
-    from fraqat_jax.eval.evaluate import Evaluator
 
     for m in methods:
         if m != "ptq":
@@ -312,7 +305,6 @@ def run_compare(
                                     time.perf_counter() - t_method))
             log(f"compare: ptq: {_brief(results[-1])}")
             continue
-        from fraqat_jax import schedules
 
         sched = schedules.by_name(schedule_of(method), steps, target_bits=target, start_bits=float(cfg.start_bits))
         bits_table = sched.values(steps)
@@ -434,7 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args, methods, overrides):
-    from fraqat_jax import train
 
     cfg = train.load_config(args.config, overrides)
     for m in methods:
@@ -461,7 +452,6 @@ def _check_args(args, methods, overrides):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from fraqat_jax import train
 
     overrides = list(args.set)
     if args.steps is not None:

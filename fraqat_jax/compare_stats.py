@@ -17,11 +17,15 @@ Differences ``value(method) - value(qat)`` get the same t interval (``*_diff``, 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from fraqat_jax import schedules
 
 CONFIDENCE = 0.95
 
@@ -253,7 +257,6 @@ def plot(results, settings, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fraqat_jax import schedules
 
     fig, (ax, axb) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -288,8 +291,6 @@ def plot(results, settings, path: str) -> None:
 
 def write_outputs(results, settings, workdir: str) -> None:
     """``compare.json``, ``compare_settings.json``, ``compare.md`` and ``compare.png`` in ``workdir``."""
-    import json
-    import os
 
     with open(os.path.join(workdir, "compare.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -52,6 +52,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import fraqat_jax
+from fraqat_jax import jaxpr_onnx
+from fraqat_jax.diffusion import model_kwargs
+from fraqat_jax.jaxpr_onnx import onnx_dtype
+from fraqat_jax.nn import (
+    FrozenConv,
+    FrozenLinear,
+    QuantConv,
+    QuantEinsum,
+    QuantLinear,
+    quantized_layers,
+)
+from fraqat_jax.nn.graph import path_string
+from fraqat_jax.quant import static_codes
+
 LAYER_PREFIX = "fraqat_onnx_layer_"
 OUTPUT_NAME = "sample"
 BATCH_FREE = ("img_ids", "txt_ids")
@@ -97,7 +112,6 @@ class _Marked(nnx.Module):
 def _marked_copy(model):
     """A copy of ``model`` with each quantized layer replaced by a :class:`_Marked`; returns
     ``(copy, [(path, layer), ...])`` indexed as the marks."""
-    from fraqat_jax.nn import QuantConv, QuantEinsum, QuantLinear, quantized_layers
 
     model = nnx.clone(model)
     layers, marks = [], {}
@@ -152,7 +166,6 @@ def _weight_scale_layout(scale: np.ndarray, kernel_shape, group_size, path: str)
 def _act_grids(layers) -> dict[int, tuple[np.float32, np.uint8, float]]:
     """Static input scale, integer zero point and grid shift ``|lo + zp * scale| / scale`` of each
     layer (by index) whose input is quantized."""
-    from fraqat_jax.quant import static_codes
 
     ranges = {}
     for i, (path, layer) in enumerate(layers):
@@ -203,7 +216,6 @@ class _LayerEmitter:
             s, z = c.const(np.asarray(scale), f"{path}.input_scale"), c.const(np.asarray(zero), f"{path}.input_zero")
             x = c.node("DequantizeLinear", [c.node("QuantizeLinear", [xf, s, z]), s, z])
             if dtype != jnp.float32:
-                from fraqat_jax.jaxpr_onnx import onnx_dtype
                 x = c.node("Cast", [x], to=onnx_dtype(dtype))
         if index not in self.weights:
             self.weights[index] = self._weight(c, path, layer, eqn.invars[1].aval.dtype)
@@ -213,7 +225,6 @@ class _LayerEmitter:
     def _weight(self, c, path, layer, dtype) -> str:
         from onnx import TensorProto, numpy_helper
 
-        from fraqat_jax.jaxpr_onnx import onnx_dtype
         if layer.bits is None:  # full-precision weights, quantized input only
             return c.const(np.asarray(layer.kernel[...]), f"{path}.kernel")
         frozen = self.frozen_layers[path]
@@ -250,7 +261,6 @@ def static_view(model):
     """A copy of ``model`` as a static runtime runs it: every layer with a calibrated input range
     uses it (``act_granularity = "static"``), also where training kept dynamic ranges
     (``calibrate(..., switch_to_static=False)``). The input model is not changed."""
-    from fraqat_jax.nn import quantized_layers
 
     model = nnx.clone(model)
     for _, layer in quantized_layers(model):
@@ -261,8 +271,6 @@ def static_view(model):
 
 def frozen_layers(frozen) -> dict[str, Any]:
     """``path -> FrozenLinear / FrozenConv`` of a model returned by ``fraqat_jax.freeze``."""
-    from fraqat_jax.nn import FrozenConv, FrozenLinear
-    from fraqat_jax.nn.graph import path_string
 
     return {path_string(p): node for p, node in nnx.iter_graph(frozen) if isinstance(node, (FrozenLinear, FrozenConv))}
 
@@ -273,9 +281,6 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     ``frozen`` is ``fraqat_jax.freeze(model)`` if the caller has it (its codes are written)."""
     from onnx import helper
 
-    import fraqat_jax
-    from fraqat_jax import jaxpr_onnx
-    from fraqat_jax.nn import quantized_layers
 
     model = static_view(model)
     flat, tree = _flat_inputs(inputs)
@@ -378,7 +383,6 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
     """
     import onnx
 
-    import fraqat_jax
 
     model = static_view(model)
     frozen = fraqat_jax.freeze(model)
@@ -402,7 +406,6 @@ def export_onnx_run(student, family: str, held_out, path: str, *, check: bool = 
     ``(x_t [B, C, H, W], t [B], cond)`` (as ``fraqat_jax.export.calibration_batches`` returns),
     turned into the model's keyword arguments by ``fraqat_jax.diffusion.model_kwargs`` (Flux:
     packed tokens plus ``img_ids``/``txt_ids``). ``student`` must hold static ranges."""
-    from fraqat_jax.diffusion import model_kwargs
 
     x_t, t, cond = held_out
     inputs = jax.tree.map(np.asarray, model_kwargs(family, x_t, t, cond))

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 OPSET = 21
 
