@@ -20,7 +20,8 @@ not counted (it is hardware work, not model work).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
