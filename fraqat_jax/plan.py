@@ -22,202 +22,14 @@ Exit status: 0 compiled and fits; 1 does not fit (the compiler's RESOURCE_EXHAUS
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import re
 import sys
 
+from fraqat_jax.plan_topology import (GENERATIONS, PlanError, Topology, prepare_environment, input_spec,
+                                      known_topologies, parse_topology, print_table, require_libtpu)
+
 __all__ = ["GENERATIONS", "PlanError", "Topology", "input_spec", "main", "parse_topology", "plan"]
-
-GiB = 1024**3
-
-
-class PlanError(ValueError):
-    """Bad input (exit 2): the message names the bad value and what is allowed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    libtpu_name: str  # the prefix libtpu's topology names use
-    chip_config: str  # "megacore": one device per chip (two TensorCores), else "default"
-    hbm_bytes: int  # per chip
-    peak_bf16_flops: float  # per chip, per second
-    shapes: tuple[str, ...]  # slice shapes listed as known
-
-
-# Cloud TPU docs (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e): peak bf16 FLOP/s and HBM per chip.
-_SHAPES_3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8")
-_SHAPES_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
-GENERATIONS: dict[str, Generation] = {
-    "v4": Generation("v4", "megacore", 32 * GiB, 275e12, _SHAPES_3D),
-    "v5e": Generation("v5e", "default", 16 * GiB, 197e12, _SHAPES_2D),
-    "v5p": Generation("v5p", "megacore", 95 * GiB, 459e12, _SHAPES_3D + ("8x8x16", "8x16x16", "16x16x16")),
-    "v6e": Generation("v6e", "default", 32 * GiB, 918e12, _SHAPES_2D),
-}
-
-# Default text-encoder tokens of each family's diffusers pipeline: SD3 joins 77 CLIP tokens and
-# max_sequence_length=256 T5 tokens; PixArt-Sigma and Sana pad to 300; FLUX.1-dev to 512 T5
-# tokens, FLUX.1-schnell (no guidance embedding) to 256 (its model card and max allowed).
-TEXT_TOKENS = {"sd3": 333, "pixart": 300, "sana": 300, "flux_dev": 512, "flux_schnell": 256}
-VAE_FACTOR = {"dit": 8, "pixart": 8, "sd3": 8, "flux": 8, "sana": 32}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    name: str  # as given: "v5e:2x2" or "local"
-    generation: str | None
-    dims: tuple[int, ...]
-
-    @property
-    def chips(self) -> int:
-        n = 1
-        for d in self.dims:
-            n *= d
-        return n
-
-
-def known_topologies() -> list[str]:
-    return [f"{g}:{s}" for g, gen in GENERATIONS.items() for s in gen.shapes] + ["local"]
-
-
-def parse_topology(name: str) -> Topology:
-    """``"v5e:2x4"`` -> Topology; raises PlanError listing the known names."""
-    if name == "local":
-        return Topology("local", None, ())
-    gen, _, shape = name.partition(":")
-    if gen not in GENERATIONS or shape not in GENERATIONS[gen].shapes:
-        raise PlanError(f"unknown topology {name!r}; known topologies: {', '.join(known_topologies())}")
-    return Topology(name, gen, tuple(int(d) for d in shape.split("x")))
-
-
-def require_libtpu(top: Topology) -> None:
-    if top.name == "local":
-        return
-    try:
-        import libtpu  # noqa: F401  (the wheel only locates libtpu.so: cheap to import)
-    except ImportError:
-        raise PlanError(f"compiling for {top.name!r} needs libtpu: pip install 'fraqat_jax[tpu]'") from None
-
-
-def topology_devices(top: Topology):
-    """The TPU devices of ``top`` from libtpu's topology description (no TPU needed)."""
-    require_libtpu(top)
-    from jax.experimental.topologies import get_topology_desc
-
-    gen = GENERATIONS[top.generation]
-    dims3 = tuple(top.dims) + (1,) * (3 - len(top.dims))
-    per_host = tuple(min(d, 2) for d in dims3[:2]) + (1,)
-    # Full pods are tori (MaxText's table): 16-wide dims of v5e/v6e, v4/v5p cubes of 4x4x4 and up.
-    if len(top.dims) == 2:
-        wrap = tuple(d == 16 for d in top.dims) + (False,)
-    else:
-        wrap = (min(top.dims) >= 4,) * 3
-    desc = get_topology_desc(platform="tpu", topology_name=f"{gen.libtpu_name}:{'x'.join(map(str, top.dims))}",
-                             chip_config_name=gen.chip_config, chips_per_host_bounds=per_host, num_slices=1,
-                             wrap=wrap)
-    return list(desc.devices)
-
-
-def _prepare_environment(top: Topology) -> None:
-    """libtpu settings for ahead-of-time compilation on a machine without TPUs; before JAX starts."""
-    if top.name == "local":
-        return
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    # Several planners (pytest -n 2) may hold libtpu at once; none of them drives a TPU.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def input_spec(family: str, model_config, *, latent_size: int, pixel_data: bool = False) -> dict:
-    """Per-example batch fields ``{name: (shape, dtype name)}`` the trainer's data source yields.
-
-    ``latent_size``: latent height = width. Text-to-image families read cached text embeddings
-    (``fraqat_jax.data.latents``): ``encoder_hidden_states [L, D]`` and, for SD3 and Flux,
-    ``pooled_projections [D']``; the class-conditional DiT reads ``class_labels``.
-    """
-    c = model_config
-    s = int(latent_size)
-    if family == "dit":
-        return {"latents": ((int(c.get("in_channels", 4)), s, s), "float32"), "class_labels": ((), "int32")}
-    if family == "flux":
-        channels = int(c.get("in_channels", 64)) // 4  # 2x2 packing: 64 packed = 16 latent channels
-        length = TEXT_TOKENS["flux_dev" if c.get("guidance_embeds") else "flux_schnell"]
-        width = int(c.get("joint_attention_dim", 4096))
-    elif family == "sd3":
-        channels, length, width = int(c.get("in_channels", 16)), TEXT_TOKENS["sd3"], int(c.get("joint_attention_dim", 4096))
-    else:  # pixart, sana
-        channels, length = int(c.get("in_channels", 4)), TEXT_TOKENS[family]
-        width = int(c.get("caption_channels", 4096 if family == "pixart" else 2304))
-    spec = {"latents": ((channels, s, s), "float32"), "encoder_hidden_states": ((length, width), "float32")}
-    if family in ("sd3", "flux"):
-        spec["pooled_projections"] = ((int(c.get("pooled_projection_dim", 2048)),), "float32")
-    return spec
-
-
-def tokens_of(family: str, model_config, spec: dict) -> tuple[int, int]:
-    """(image tokens, text tokens) per example."""
-    _, h, w = spec["latents"][0]
-    patch = 2 if family == "flux" else int(model_config.get("patch_size", 1) or 1)
-    text = spec["encoder_hidden_states"][0][0] if "encoder_hidden_states" in spec else 0
-    return (h // patch) * (w // patch), text
-
-
-# ----------------------------------------------------------------------------- report
-
-
-_OOM_PATTERNS = (
-    re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available [^(]*\(([\d.]+)([KMGT]?)\)"),
-    re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
-)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
-
-
-def parse_oom(message: str) -> tuple[int | None, int | None]:
-    """(required bytes, available bytes) from XLA's RESOURCE_EXHAUSTED message, or Nones."""
-    for pattern in _OOM_PATTERNS:
-        m = pattern.search(message)
-        if m:
-            need = float(m.group(1)) * _UNITS[m.group(2)]
-            have = float(m.group(3)) * _UNITS[m.group(4)]
-            return int(need), int(have)
-    return None, None
-
-
-def _fmt_bytes(n) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GiB"
-
-
-def print_table(r: dict) -> None:
-    rows = [("topology", f"{r['topology']} ({r['chips']} chips, {_fmt_bytes(r['hbm_bytes_per_chip'])} each)"),
-            ("config", (f"{r['teacher']} ({r['family']}), batch {r['batch_size']}, grad_accum {r['grad_accum']}, "
-                       f"resolution {r['resolution']} -> latent {r['latent_size']}")),
-            ("mesh", ", ".join(f"{k}={v}" for k, v in r["mesh"].items())),
-            ("tokens / example", f"{r['tokens_per_example']} ({r['image_tokens']} image + {r['text_tokens']} text)"),
-            ("params", f"teacher {r['params']['teacher'] / 1e6:.1f}M, student {r['params']['student'] / 1e6:.1f}M")]
-    pc = r["per_chip"]
-    rows += [(f"per chip: {k}", _fmt_bytes(pc[k])) for k in ("argument", "output", "alias", "temp", "code", "total")]
-    rows += [("fits", ("yes" if r["fits"] else f"NO: {r.get('oom', '')}")),
-             ("FLOPs / step", f"{r['flops_per_step']:.3e} (teacher fwd + student fwd and bwd)"),
-             ("est. step time", "-" if r["estimated_step_seconds"] is None
-              else f"{r['estimated_step_seconds']:.4g} s at MFU {r['mfu']}"),
-             ("compile", f"{r['compile_seconds']:.1f} s")]
-    if r.get("measured_step_seconds") is not None:
-        rows += [("measured step", f"{r['measured_step_seconds']:.4f} s (median of {r['run_steps']})"),
-                 ("peak memory", _fmt_bytes(r.get("peak_bytes")))]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-
-
-# ----------------------------------------------------------------------------- command line
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
@@ -250,7 +62,7 @@ def main(argv=None) -> int:
         if not 0 < args.mfu <= 1:
             raise PlanError(f"--mfu {args.mfu} is not allowed: use a fraction in (0, 1]")
         require_libtpu(top)
-        _prepare_environment(top)
+        prepare_environment(top)
         report = plan(args.config, top, overrides=args.set, batch_size=args.batch_size, mesh=args.mesh,
                       mfu=args.mfu, run_steps=args.run or 0)
     except PlanError as e:

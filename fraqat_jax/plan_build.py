@@ -22,7 +22,7 @@ from flax import nnx
 from fraqat_jax import flops as flops_lib
 from fraqat_jax.diffusion import FAMILIES, apply_model
 from fraqat_jax.nn import set_bits
-from fraqat_jax.plan import (
+from fraqat_jax.plan_topology import (
     GENERATIONS,
     VAE_FACTOR,
     PlanError,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from fraqat_jax import flops, plan
+from fraqat_jax import flops, plan, plan_topology
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install 'fraqat_jax[tpu]')")
@@ -111,35 +111,35 @@ def test_missing_libtpu_says_how_to_install(monkeypatch, capsys):
 
 
 def test_topology_names():
-    t = plan.parse_topology("v5p:2x2x1")
+    t = plan_topology.parse_topology("v5p:2x2x1")
     assert (t.generation, t.dims, t.chips) == ("v5p", (2, 2, 1), 4)
-    assert plan.parse_topology("v6e:2x4").chips == 8 and plan.parse_topology("v5e:4x4").chips == 16
+    assert plan_topology.parse_topology("v6e:2x4").chips == 8 and plan_topology.parse_topology("v5e:4x4").chips == 16
     assert plan.GENERATIONS["v5e"].hbm_bytes == 16 * GiB and plan.GENERATIONS["v6e"].peak_bf16_flops == 918e12
 
 
 def test_input_shapes_follow_the_vae_factor_and_pipeline_text_lengths():
     from fraqat_jax import models
 
-    sd3 = plan.input_spec("sd3", models.PRESETS["SD3.5-Medium"][1], latent_size=512 // 8)
+    sd3 = plan_topology.input_spec("sd3", models.PRESETS["SD3.5-Medium"][1], latent_size=512 // 8)
     assert sd3 == {"latents": ((16, 64, 64), "float32"), "encoder_hidden_states": ((333, 4096), "float32"),
                    "pooled_projections": ((2048,), "float32")}
-    assert plan.tokens_of("sd3", models.PRESETS["SD3.5-Medium"][1], sd3) == (1024, 333)
-    sana = plan.input_spec("sana", models.PRESETS["Sana-600M"][1], latent_size=512 // 32)
+    assert plan_topology.tokens_of("sd3", models.PRESETS["SD3.5-Medium"][1], sd3) == (1024, 333)
+    sana = plan_topology.input_spec("sana", models.PRESETS["Sana-600M"][1], latent_size=512 // 32)
     assert sana["latents"][0] == (32, 16, 16) and sana["encoder_hidden_states"][0] == (300, 2304)
-    flux = plan.input_spec("flux", models.PRESETS["FLUX.1-schnell"][1], latent_size=64)
+    flux = plan_topology.input_spec("flux", models.PRESETS["FLUX.1-schnell"][1], latent_size=64)
     assert flux["latents"][0] == (16, 64, 64) and flux["encoder_hidden_states"][0] == (256, 4096)
-    assert plan.input_spec("flux", models.PRESETS["FLUX.1-dev"][1], latent_size=64)["encoder_hidden_states"][0][0] == 512
-    assert plan.tokens_of("flux", models.PRESETS["FLUX.1-schnell"][1], flux) == (1024, 256)
-    assert plan.input_spec("pixart", models.PRESETS["PixArt-Sigma-XL-2-512"][1], latent_size=64)[
+    assert plan_topology.input_spec("flux", models.PRESETS["FLUX.1-dev"][1], latent_size=64)["encoder_hidden_states"][0][0] == 512
+    assert plan_topology.tokens_of("flux", models.PRESETS["FLUX.1-schnell"][1], flux) == (1024, 256)
+    assert plan_topology.input_spec("pixart", models.PRESETS["PixArt-Sigma-XL-2-512"][1], latent_size=64)[
         "encoder_hidden_states"][0] == (300, 4096)
 
 
 def test_oom_messages_parse():
-    need, have = plan.parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    need, have = plan_topology.parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                                 "temporaries (56.00G) exceeds available HBM (15.75G).")
     assert (need, have) == (56 * GiB, int(15.75 * GiB))
-    assert plan.parse_oom("Used 20.5G of 15.5G hbm. Exceeded hbm capacity by 5G.") == (int(20.5 * GiB), int(15.5 * GiB))
-    assert plan.parse_oom("something else") == (None, None)
+    assert plan_topology.parse_oom("Used 20.5G of 15.5G hbm. Exceeded hbm capacity by 5G.") == (int(20.5 * GiB), int(15.5 * GiB))
+    assert plan_topology.parse_oom("something else") == (None, None)
 
 
 # ----------------------------------------------------------------------------- FLOPs
