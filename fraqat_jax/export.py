@@ -404,7 +404,8 @@ def main(argv=None) -> dict:
         if not os.path.isdir(args.workdir):
             raise ExportError(f"--workdir {args.workdir!r} does not exist")
         try:
-            teacher, student, cfg = train.load_run(args.workdir, step=args.step, ema=args.ema, unscan=True)
+            teacher, student, cfg = train.load_run(args.workdir, step=args.step, ema=args.ema, unscan=True,
+                                                  attention="xla")
         except (ValueError, FileNotFoundError) as e:
             raise ExportError(f"no trained student in {args.workdir!r}: {e}") from None
         if args.format == "onnx":

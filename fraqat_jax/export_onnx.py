@@ -44,6 +44,7 @@ Requires the ``onnx`` extra (``onnx``, ``onnxruntime``).
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Mapping, Sequence
 
@@ -305,9 +306,13 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     (out,) = conv.run(closed.jaxpr, list(closed.consts), [name for name, _ in flat])
     conv.nodes.append(helper.make_node("Identity", [conv.name(out)], [OUTPUT_NAME], name="output"))
     conv.prune([OUTPUT_NAME])
+    # Graph inputs in the order of the model's call signature (hidden_states, timestep, ...).
+    order = list(inspect.signature(type(model).__call__).parameters)
+    rank = lambda item: order.index(item[0][0].split(".")[0]) if item[0][0].split(".")[0] in order else len(order)  # noqa: E731
+    in_order = sorted(zip(flat, specs), key=rank)
     graph = helper.make_graph(
         conv.nodes, "fraqat_jax_" + type(model).__name__,
-        [conv.value_info(name, spec) for (name, _), spec in zip(flat, specs)],
+        [conv.value_info(name, spec) for (name, _), spec in in_order],
         [conv.value_info(OUTPUT_NAME, closed.out_avals[0])],
         initializer=conv.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", jaxpr_onnx.OPSET)],
@@ -318,7 +323,7 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     init_bytes = sum(len(t.raw_data) or len(t.SerializeToString()) for t in conv.initializers)
     counts = {
         "opset": jaxpr_onnx.OPSET,
-        "inputs": [name for name, _ in flat],
+        "inputs": [name for (name, _), _ in in_order],
         "output": OUTPUT_NAME,
         "quantized_layers": len(layers),
         "weight_initializers": emitter.weight_initializers,

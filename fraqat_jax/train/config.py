@@ -68,8 +68,8 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "remat": (False, "rematerialize transformer blocks (saves memory)"),
     "scan_layers": (False, "run each port's repeated blocks under lax.scan over stacked parameters, so compile time "
                     "and host memory do not grow with depth (checkpoints keep diffusers' per-block names)"),
-    "attention": ("auto", "attention kernel: auto (cuDNN on GPU, Pallas flash on TPU, XLA on CPU) | xla | flash "
-                  "(never materialises the score matrix)"),
+    "attention": ("xla", "attention kernel: xla (plain, materialises the scores) | auto (cuDNN on GPU, Pallas flash "
+                  "on TPU, XLA on CPU; the paper presets' setting) | flash (never materialises the score matrix)"),
     "progress": ("auto", "progress display: auto (bar on a terminal) | bar | log | none"),
 }
 

@@ -38,10 +38,13 @@ def unscanned(model, cfg):
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan: bool = False):
+def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan: bool = False,
+             attention: str | None = None):
     """``(teacher, student, config)`` from a run's workdir (see the package docstring).
 
-    ``unscan``: a run trained with ``scan_layers`` comes back block by block (see :func:`unscanned`)."""
+    ``unscan``: a run trained with ``scan_layers`` comes back block by block (see :func:`unscanned`).
+    ``attention``: build the models with this attention kernel instead of the run's (``"xla"`` for
+    exports: the same numbers on CPU, and traceable at a symbolic batch size)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{workdir!r} is not a run directory (no config.json)")
@@ -49,6 +52,8 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan
         cfg = load_config(base=json.load(f))
     cfg.unlock()
     cfg.mesh = ""
+    if attention is not None:
+        cfg.attention = attention
     cfg.lock()
     teacher = load_teacher(cfg)
     student = make_student(teacher, cfg)
