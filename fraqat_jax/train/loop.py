@@ -199,7 +199,10 @@ class _Run:
     def _data(self):
         s, cfg = self.setup, self.cfg
         if cfg.data != "datafree":
-            return data.make_source(cfg.data, seed=cfg.seed, image_size=s.image_size, data_dir=cfg.data_dir or None)
+            source = data.make_source(cfg.data, seed=cfg.seed, image_size=s.image_size, data_dir=cfg.data_dir or None)
+            # before anything compiles: a size or channel count the teacher cannot take, named here
+            data.check_fits_teacher(cfg.data, source.element_spec, s.model_config, family=s.family)
+            return source
         if s.family != "dit":
             raise ConfigError(f"data=datafree needs a class-conditional DiT teacher, got a {s.family} teacher "
                               "(text-to-image teachers need cached text embeddings: data=latents:DIR)")
