@@ -184,10 +184,9 @@ def test_cached_images_and_captions_match_diffusers(evaluated):
     assert cache.info["scheduler"]["_class_name"] == type(pipe.scheduler).__name__
 
 
+@pytest.mark.parametrize("evaluated", ["sd3"], indirect=True)  # one family is enough for the input checks
 def test_bad_inputs_exit_2_naming_both_sides(evaluated, tmp_path, capsys):
     family, root, pipe, run, _ = evaluated
-    if family != "sd3":
-        pytest.skip("one family is enough for the input checks")
     other = tp.save_vae(str(tmp_path / "vae4"), 4)
     base = ["--workdir", run, "--prompts", str(root / "prompts"), "--sample-steps", "1"]
     cases = [
@@ -213,12 +212,11 @@ def test_bad_inputs_exit_2_naming_both_sides(evaluated, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("evaluated", ["sd3"], indirect=True)  # one family is enough for the mesh
 def test_two_devices_give_the_same_scores(evaluated, tmp_path):
     """``--mesh data=2`` on two simulated CPU devices: prompts split over the devices (3 prompts padded
     to a batch of 4), the same metrics and images as on one device."""
     family, root, pipe, run, result = evaluated
-    if family != "sd3":
-        pytest.skip("one family is enough for the mesh")
     out = str(tmp_path / "eval2.json")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     r = subprocess.run([sys.executable, "-m", "fraqat_jax.eval", "--workdir", run, "--prompts", str(root / "prompts"),
