@@ -69,18 +69,14 @@ import sys
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fraqat_jax import compare_stats, schedules, train
 from fraqat_jax.compare_stats import markdown, plot, write_outputs  # noqa: F401  (public here too)
 from fraqat_jax.eval.evaluate import Evaluator
 from fraqat_jax.nn import quantized_layers, set_bits
 from fraqat_jax.quant import quantize_codes
-from fraqat_jax.train.checkpoint import Checkpointer
-from fraqat_jax.train.step import make_optimizer
+from fraqat_jax.train.restore import StudentReader
 
 METHODS = ("ptq", "qat", "integer", "simple", "fraqat", "linear", "cosine")
 SCHEDULE_OF = {"qat": "constant", "integer": "integer", "simple": "simple", "fraqat": "fraqat",
@@ -116,36 +112,6 @@ def _mean_std(values):
 def _checkpoint_steps(workdir: str) -> list[int]:
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-class _CheckpointReader:
-    """Restores the student of each checkpoint of a run, reusing one restore target.
-
-    (``train.load_run`` rebuilds the teacher and the student each call; the comparison reads
-    dozens of checkpoints of one structure, so it builds them once.)
-    """
-
-    def __init__(self, student, cfg):
-
-
-        self.graph, params_v, self.rest = nnx.split(student, nnx.Param, ...)
-        params = nnx.to_pure_dict(params_v)
-        tx = make_optimizer(cfg)
-        target = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-                  "ema": params if cfg.ema_decay > 0 else None, "step": jnp.zeros((), jnp.int32)}
-        self.abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
-        self.rest_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                          nnx.to_pure_dict(self.rest))
-
-    def student(self, workdir: str, step: int, keep: int):
-
-
-        ckpt = Checkpointer(workdir, keep)
-        try:
-            state, rest, _ = ckpt.restore(step, self.abstract, self.rest_abstract)
-        finally:
-            ckpt.close()
-        return nnx.merge(self.graph, state["params"], rest)
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -197,7 +163,6 @@ class _Runner:
     """Trains one method at one seed and scores it (shared state of one comparison)."""
 
     def __init__(self, cfg, workdir, eval_points, log):
-
         self.cfg, self.workdir, self.log = cfg, workdir, log
         self.steps = int(cfg.steps)
         self.every = max(1, math.ceil(self.steps / eval_points))
@@ -208,10 +173,9 @@ class _Runner:
         self.teacher, self.ptq_student = train.build_models(self.base)
 
         set_bits(self.ptq_student, float(cfg.target_bits))
-        self.reader = _CheckpointReader(self.ptq_student, train.load_config(base=self.base))
+        self.reader = StudentReader(self.ptq_student, train.load_config(base=self.base))
 
     def train(self, method: str, seed: int, run_dir: str, overrides=None, final_only: bool = False):
-
         run_cfg = dict(self.base, schedule=schedule_of(method), seed=seed, **(overrides or {}))
         if final_only:
             run_cfg["checkpoint_every"] = self.steps
@@ -224,8 +188,7 @@ class _Runner:
         return time.perf_counter() - t0
 
     def student(self, run_dir: str, step: int, bits: float):
-
-        student = self.reader.student(run_dir, step, self.keep)
+        student = self.reader.student(run_dir, step, keep=self.keep)
         set_bits(student, bits)
         return student
 
@@ -426,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args, methods, overrides):
-
     cfg = train.load_config(args.config, overrides)
     for m in methods:
         if m != "ptq":

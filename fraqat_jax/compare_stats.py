@@ -257,7 +257,6 @@ def plot(results, settings, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, (ax, axb) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(results):

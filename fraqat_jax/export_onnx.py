@@ -282,7 +282,6 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     ``frozen`` is ``fraqat_jax.freeze(model)`` if the caller has it (its codes are written)."""
     from onnx import helper
 
-
     model = static_view(model)
     flat, tree = _flat_inputs(inputs)
     batched = [name not in batch_free for name, _ in flat]
@@ -387,7 +386,6 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
     ``act_grid_shift``, ``file_bytes`` and, with ``check``, ``max_rel_diff``.
     """
     import onnx
-
 
     model = static_view(model)
     frozen = fraqat_jax.freeze(model)

@@ -9,7 +9,7 @@ model from this noise"). ``heldout``: held-out training-style inputs and fixed s
 
 from fraqat_jax.diffusion.families import (FAMILIES, apply_model, family_of, model_kwargs, model_time,
                                            model_timestep, objective_of, pack_2x2, sampler_of, unpack_2x2)
-from fraqat_jax.diffusion.heldout import heldout_inputs, sampling_inputs
+from fraqat_jax.diffusion.heldout import heldout_inputs, sampling_inputs, teacher_examples
 from fraqat_jax.diffusion.noise import (ddim_timesteps, ddpm_alphas_cumprod, diffusion_inputs, flow_sigmas,
                                         logit_normal_sigmas)
 from fraqat_jax.diffusion.samplers import (ddim_sample, ddpm_sample, euler_sample, make_noise, make_sampler,
@@ -39,5 +39,6 @@ __all__ = [
     "sample",
     "sampler_of",
     "sampling_inputs",
+    "teacher_examples",
     "unpack_2x2",
 ]

@@ -19,7 +19,18 @@ import jax.numpy as jnp
 
 from fraqat_jax.diffusion.noise import diffusion_inputs
 
-__all__ = ["heldout_inputs", "sampling_inputs"]
+__all__ = ["heldout_inputs", "sampling_inputs", "teacher_examples"]
+
+
+def teacher_examples(key, num: int, sample_shape: tuple[int, ...], num_classes: int, sample_clean: Callable) -> dict:
+    """Data-free clean examples: ``{"latents": [num, *sample_shape], "class_labels": [num]}``, the
+    teacher's samples (``sample_clean(noise, cond, key)``) from noise and labels drawn from
+    ``split(key, 3)[:2]``, the sampler getting the third key. The trainer's data-free source and the
+    data-free held-out inputs are both made this way."""
+    k_noise, k_labels, k_sample = jax.random.split(key, 3)
+    noise = jax.random.normal(k_noise, (num, *sample_shape), jnp.float32)
+    cond = {"class_labels": jax.random.randint(k_labels, (num,), 0, num_classes)}
+    return {"latents": sample_clean(noise, cond, k_sample), **cond}
 
 
 def heldout_inputs(family: str, key, *, rows: Mapping[str, Any] | None = None,
@@ -37,10 +48,7 @@ def heldout_inputs(family: str, key, *, rows: Mapping[str, Any] | None = None,
     if rows is None:
         if sample_clean is None or not num_classes:
             raise ValueError("heldout_inputs without data rows needs sample_clean and num_classes (data-free)")
-        k_noise, k_labels, k_sample = jax.random.split(key, 3)
-        noise = jax.random.normal(k_noise, (num, *sample_shape))
-        cond = {"class_labels": jax.random.randint(k_labels, (num,), 0, num_classes)}
-        rows = {"latents": sample_clean(noise, cond, k_sample), **cond}
+        rows = teacher_examples(key, num, sample_shape, num_classes, sample_clean)
     rows = dict(rows)
     latents = jnp.asarray(rows.pop("latents"))
     cond = {k: jnp.asarray(v) for k, v in rows.items()}

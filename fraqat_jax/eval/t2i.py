@@ -43,6 +43,7 @@ from flax import nnx
 from fraqat_jax.data.latents import PromptCache
 from fraqat_jax.diffusion import family_of, model_sampler, sampler_of
 from fraqat_jax.eval.fid import frechet_distance_from_features
+from fraqat_jax.models.convert import pipeline_component
 
 __all__ = ["PIPELINE_DEFAULTS", "Sharding", "T2IEvaluator", "T2IInputError", "check_prompts", "check_vae_config",
            "latent_shape", "resolve_vae_dir", "settings_for"]
@@ -117,12 +118,9 @@ def check_prompts(prompts: PromptCache, where: str, teacher_config, family: str,
 
 
 def resolve_vae_dir(path: str) -> str:
-    """The folder with the VAE's ``config.json``: ``path`` or, for a pipeline folder, ``path/vae``."""
-    sub = os.path.join(path, "vae")
-    if os.path.isfile(os.path.join(sub, "config.json")) and (
-            os.path.isfile(os.path.join(path, "model_index.json")) or not os.path.isfile(os.path.join(path, "config.json"))):
-        return sub
-    return path
+    """The folder with the VAE's ``config.json``: ``path`` or, for a pipeline folder, ``path/vae``
+    (a missing config is reported by :func:`check_vae_config`, which names the teacher's needs)."""
+    return str(pipeline_component(path, "vae"))
 
 
 def check_vae_config(vae_dir: str, teacher_config, family: str, teacher_name: str) -> dict:

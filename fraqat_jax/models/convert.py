@@ -194,6 +194,18 @@ def read_safetensors(file: str | Path) -> SafetensorsCheckpoint:
     return SafetensorsCheckpoint([file])
 
 
+def pipeline_component(path: str | Path, component: str) -> Path:
+    """``path/component`` when ``path`` is a diffusers pipeline folder holding it (it has a
+    ``model_index.json``, or no ``config.json`` of its own), else ``path``. No check that either exists."""
+    path = Path(path)
+    sub = path / component
+    if (sub / "config.json").is_file() and (
+        (path / "model_index.json").is_file() or not (path / "config.json").is_file()
+    ):
+        return sub
+    return path
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """The folder holding the transformer's ``config.json``: ``path`` itself, or its
     ``transformer/`` subfolder when ``path`` is a pipeline folder."""
@@ -202,13 +214,10 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"diffusers model path does not exist: {path}")
     if not path.is_dir():
         raise NotADirectoryError(f"diffusers model path is not a folder: {path}")
-    if (path / "transformer" / "config.json").is_file() and (
-        (path / "model_index.json").is_file() or not (path / "config.json").is_file()
-    ):
-        return path / "transformer"
-    if not (path / "config.json").is_file():
+    model_dir = pipeline_component(path, "transformer")
+    if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path} (nor in {path / 'transformer'})")
-    return path
+    return model_dir
 
 
 def load_checkpoint(model_dir: str | Path) -> SafetensorsCheckpoint:

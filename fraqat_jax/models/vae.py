@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fraqat_jax.models.convert import pipeline_component
 from fraqat_jax.models.registry import from_diffusers
 
 # diffusers classes that load_vae accepts (both registered in models.MODEL_CLASSES).
@@ -31,13 +32,10 @@ def resolve_vae_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"VAE path is not a folder: {path}")
-    if (path / "vae" / "config.json").is_file() and (
-        (path / "model_index.json").is_file() or not (path / "config.json").is_file()
-    ):
-        return path / "vae"
-    if not (path / "config.json").is_file():
+    vae_dir = pipeline_component(path, "vae")
+    if not (vae_dir / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path} (nor in {path / 'vae'})")
-    return path
+    return vae_dir
 
 
 def vae_class_name(path: str | Path) -> str:

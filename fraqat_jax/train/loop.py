@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax import data
-from fraqat_jax.diffusion import apply_model, heldout_inputs, model_sampler, sampling_inputs
+from fraqat_jax.diffusion import apply_model, heldout_inputs, model_sampler, sampling_inputs, teacher_examples
 from fraqat_jax.nn import calibrate, set_bits
 from fraqat_jax.train import checkpoint as ckpt_lib
 from fraqat_jax.train import mesh as mesh_lib
@@ -82,10 +82,6 @@ def build_models(config):
     cfg = _as_config(config)
     teacher = load_teacher(cfg)
     return teacher, make_student(teacher, cfg)
-
-
-def make_schedule(cfg):
-    return state_lib.make_schedule(cfg)
 
 
 def _global_batch(local: Mapping[str, np.ndarray], mesh) -> dict:
@@ -208,11 +204,8 @@ class _Run:
                               "(text-to-image teachers need cached text embeddings: data=latents:DIR)")
 
         def generate(key, n):
-            k_noise, k_labels, k_step = jax.random.split(key, 3)
-            noise = jax.random.normal(k_noise, (n, s.in_channels, s.image_size, s.image_size), jnp.float32)
-            labels = jax.random.randint(k_labels, (n,), 0, self.num_classes)
-            x0 = self.teacher_sample(s.teacher_state, noise, {"class_labels": labels}, k_step)
-            return {"latents": x0, "class_labels": labels}
+            return teacher_examples(key, n, (s.in_channels, s.image_size, s.image_size), self.num_classes,
+                                    lambda noise, cond, k: self.teacher_sample(s.teacher_state, noise, cond, k))
 
         spec = {"latents": ((s.in_channels, s.image_size, s.image_size), np.dtype(np.float32)),
                 "class_labels": ((), np.dtype(np.int32))}

@@ -19,7 +19,7 @@ from fraqat_jax.train.models import abstract_models, load_teacher, make_student
 from fraqat_jax.train.state import make_schedule
 from fraqat_jax.train.step import make_optimizer
 
-__all__ = ["load_run", "unscanned"]
+__all__ = ["StudentReader", "load_run", "unscanned"]
 
 
 def unscanned(model, cfg):
@@ -36,6 +36,38 @@ def unscanned(model, cfg):
     graphdef, state = nnx.split(target)
     flat = [(path, var.replace(values[path].get_value())) for path, var in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+class StudentReader:
+    """Restores the student of any checkpoint of runs that share one student structure and config,
+    building the restore target once (a comparison reads dozens of checkpoints)."""
+
+    def __init__(self, student, cfg):
+        self.graph, params_v, rest_v = nnx.split(student, nnx.Param, ...)
+        params = nnx.to_pure_dict(params_v)
+        tx = make_optimizer(cfg)
+        target = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+                  "ema": params if cfg.ema_decay > 0 else None, "step": jnp.zeros((), jnp.int32)}
+        abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)  # noqa: E731
+        self.state_target, self.rest_target = abstract(target), abstract(nnx.to_pure_dict(rest_v))
+
+    def restore(self, workdir: str, step: int | None = None, *, keep: int = 1):
+        """``(train state, student rest, meta)`` of checkpoint ``step`` (default: the latest)."""
+        ckpt = ckpt_lib.Checkpointer(workdir, keep)
+        try:
+            step = ckpt.latest_step() if step is None else step
+            if step is None:
+                raise ValueError(f"{workdir!r} holds no checkpoint")
+            return ckpt.restore(step, self.state_target, self.rest_target)
+        finally:
+            ckpt.close()
+
+    def student(self, workdir: str, step: int | None = None, *, ema: bool = False, keep: int = 1):
+        """The student module of checkpoint ``step``, its EMA weights when ``ema``."""
+        state, rest, _ = self.restore(workdir, step, keep=keep)
+        if ema and state["ema"] is None:
+            raise ValueError(f"run {workdir!r} kept no EMA (ema_decay=0)")
+        return nnx.merge(self.graph, state["ema"] if ema else state["params"], rest)
 
 
 def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan: bool = False,
@@ -56,25 +88,11 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan
         cfg.attention = attention
     cfg.lock()
     teacher = load_teacher(cfg)
-    student = make_student(teacher, cfg)
-    graph, params_v, rest_v = nnx.split(student, nnx.Param, ...)
-    ckpt = ckpt_lib.Checkpointer(workdir, int(cfg.keep_checkpoints))
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"{workdir!r} holds no checkpoint")
-    params = nnx.to_pure_dict(params_v)
-    tx = make_optimizer(cfg)
-    target = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-              "ema": params if cfg.ema_decay > 0 else None, "step": jnp.zeros((), jnp.int32)}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
-    rest = nnx.to_pure_dict(rest_v)
-    rest_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), rest)
-    state, rest, meta = ckpt.restore(step, abstract, rest_abstract)
-    ckpt.close()
+    reader = StudentReader(make_student(teacher, cfg), cfg)
+    state, rest, meta = reader.restore(workdir, step, keep=int(cfg.keep_checkpoints))
     if ema and state["ema"] is None:
         raise ValueError(f"run {workdir!r} kept no EMA (ema_decay=0)")
-    chosen = state["ema"] if ema else state["params"]
-    student = nnx.merge(graph, chosen, rest)
+    student = nnx.merge(reader.graph, state["ema"] if ema else state["params"], rest)
     bits = float(make_schedule(cfg)(max(int(meta["step"]) - 1, 0)))
     if cfg.quant_rules != "none":
         set_bits(student, bits)
