@@ -69,6 +69,7 @@ import sys
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from fraqat_jax import compare_stats, schedules, train
@@ -427,6 +428,9 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if jax.config.jax_compilation_cache_dir is None:
+        # Runs that differ only in seed compile the same programs: JAX's persistent cache compiles once.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
     kwargs = {"seeds": args.seeds, "methods": methods, "eval_points": args.eval_points,
               "num_samples": args.num_samples, "num_val": args.num_val, "tune": tune, "tune_seeds": args.tune_seeds}
 

@@ -237,6 +237,14 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
     report["estimated_step_seconds"] = (report["flops_per_step"] / (len(devices) * peak * mfu)) if peak else None
     _progress(f"compiling the train step for {top.name}")
     t0 = time.perf_counter()
+    hits = []  # a hit in JAX's persistent compilation cache makes compile_seconds a load time
+    report["compile_cache_hit"] = False
+
+    def on_event(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
     try:
         # Under the mesh, as the Pallas attention kernel needs it to be placed by shard_map.
         with jax.set_mesh(mesh_obj):
@@ -253,7 +261,10 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
                       exceeded_by_bytes=(need - have) if need else None,
                       per_chip={k: None for k in ("argument", "output", "alias", "temp", "code", "total")})
         return report
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
     report["compile_seconds"] = time.perf_counter() - t0
+    report["compile_cache_hit"] = bool(hits)
     m = compiled.memory_analysis()
     per_chip = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
                 "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "code": m.generated_code_size_in_bytes}

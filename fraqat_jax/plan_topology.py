@@ -186,7 +186,8 @@ def print_table(r: dict) -> None:
              ("FLOPs / step", f"{r['flops_per_step']:.3e} (teacher fwd + student fwd and bwd)"),
              ("est. step time", "-" if r["estimated_step_seconds"] is None
               else f"{r['estimated_step_seconds']:.4g} s at MFU {r['mfu']}"),
-             ("compile", f"{r['compile_seconds']:.1f} s")]
+             ("compile", f"{r['compile_seconds']:.1f} s" + (" (loaded from JAX's persistent compilation cache; a "
+                                                           "cold compile takes longer)" if r.get("compile_cache_hit") else ""))]
     if r.get("measured_step_seconds") is not None:
         rows += [("measured step", f"{r['measured_step_seconds']:.4f} s (median of {r['run_steps']})"),
                  ("peak memory", _fmt_bytes(r.get("peak_bytes")))]

@@ -15,6 +15,14 @@ Staircases (the paper's form) hold each bit-width for a whole stage:
   equal compute and equal time at the target, and differ only in how they come down.
 * :func:`constant`: vanilla QAT.
 
+Candidates beyond the paper (``docs/claim.md`` measures them against vanilla QAT):
+
+* :func:`nested`: stages at the widths whose symmetric grids contain the target's
+  (``qmax = 2^k * qmax_target``, :func:`nested_width`), so a weight that sits on a target-grid
+  point stays on it when the width falls; the integer staircase's stage lengths.
+* :func:`early` and :func:`nested_early`: the above-target stages of ``fraqat`` / ``nested``
+  squeezed into the first 12% of the steps (11 of 92 epochs), so most steps train at the target.
+
 Smooth schedules, beyond the paper: :func:`linear` and :func:`cosine`.
 
 :func:`scale_to` stretches or shrinks any schedule to a given number of steps keeping its stage
@@ -37,7 +45,11 @@ INTEGER_STAGES = ((8.0, 2), (7.0, 3), (6.0, 3), (5.0, 3), (4.0, 14))
 SIMPLE_STAGES = ((16.0, 5), (8.0, 6), (4.0, 14))
 PAPER_TARGET_BITS = 4.0
 
-NAMES = ("fraqat", "integer", "simple", "constant", "linear", "cosine")
+NESTED_MARGIN = 1e-3  # levels; see nested_width
+EARLY_TARGET_EPOCHS = 81  # 11 epochs above the target are 12% of 92
+
+NAMES = ("fraqat", "integer", "simple", "constant", "linear", "cosine", "nested", "early", "nested_early")
+SMOOTH = ("linear", "cosine")  # the names whose Schedule has no stages
 
 
 class Schedule:
@@ -160,6 +172,47 @@ def simple(steps_per_epoch: int = 1, *, target_bits: float = PAPER_TARGET_BITS) 
     return staircase([(b, n * spe) for b, n in _shifted(SIMPLE_STAGES, target_bits)], name="simple")
 
 
+def nested_width(target_bits: float, k: int) -> float:
+    """The width whose symmetric grid has ``2^k`` times the target's levels per side:
+    ``qmax(w) = 2^k * qmax(target_bits)`` with ``qmax(b) = 2^(b-1) - 1``, so every point of the
+    target grid (same scale ``max|w| / qmax``) is a point of this one: its code is ``2^k`` times
+    the target code. ``nested_width(4, 1)`` = 4.91. The width carries 1e-3 of a level more than the
+    exact ``1 + log2(qmax + 1)``: the bit-width is a float32 in training, and ``2^(w-1)`` rounded
+    just below an integer would lose the top code (``floor(2^(w-1)) - 1``) and move the largest
+    weights; the margin moves the scale by 1e-3 / qmax, far less than a step of either grid."""
+    t = _check_bits_value(target_bits, "target_bits")
+    return 1.0 + math.log2((2.0 ** (t - 1.0) - 1.0) * 2.0 ** int(k) + 1.0 + NESTED_MARGIN)
+
+
+def _nested_stages(target_bits, last_epochs):
+    t = float(target_bits)
+    return [(min(nested_width(t, k), MAX_BITS), n) for k, n in ((4, 2), (3, 3), (2, 3), (1, 3))] + [(t, last_epochs)]
+
+
+def nested(steps_per_epoch: int = 1, *, target_bits: float = PAPER_TARGET_BITS) -> Schedule:
+    """Widths ``nested_width(target, k)`` for k = 4, 3, 2, 1 (7.82, 6.83, 5.86, 4.91 bits above a
+    4-bit target) for 2, 3, 3, 3 epochs, then 14 at the target: the integer staircase's lengths."""
+    spe = _check_steps(steps_per_epoch, "steps_per_epoch")
+    _check_bits_value(target_bits, "target_bits")
+    return staircase([(b, n * spe) for b, n in _nested_stages(target_bits, 14)], name="nested")
+
+
+def early(steps_per_epoch: int = 1, *, target_bits: float = PAPER_TARGET_BITS) -> Schedule:
+    """FraQAT's stages above the target (11 epochs), then 81 at the target: the target is reached
+    after 12% of the steps instead of 44%."""
+    spe = _check_steps(steps_per_epoch, "steps_per_epoch")
+    above = _shifted(FRAQAT_STAGES[:-1], target_bits)
+    return staircase([(b, n * spe) for b, n in above + [(float(target_bits), EARLY_TARGET_EPOCHS)]], name="early")
+
+
+def nested_early(steps_per_epoch: int = 1, *, target_bits: float = PAPER_TARGET_BITS) -> Schedule:
+    """:func:`nested`'s widths and lengths above the target (11 epochs), then 81 at the target."""
+    spe = _check_steps(steps_per_epoch, "steps_per_epoch")
+    _check_bits_value(target_bits, "target_bits")
+    stages = _nested_stages(target_bits, EARLY_TARGET_EPOCHS)
+    return staircase([(b, n * spe) for b, n in stages], name="nested_early")
+
+
 def constant(bits: float = PAPER_TARGET_BITS, num_steps: int = 1) -> Schedule:
     """Vanilla QAT: ``bits`` at every step (``num_steps`` only sets ``total_steps``)."""
     return staircase([(bits, num_steps)], name="constant")
@@ -204,16 +257,15 @@ def by_name(name: str, total_steps: int, *, target_bits: float = PAPER_TARGET_BI
             start_bits: float = 8.0) -> Schedule:
     """A named schedule over ``total_steps`` steps ending at ``target_bits``.
 
-    Names: ``fraqat``, ``integer``, ``simple`` (the paper's staircases, scaled), ``constant``
-    (vanilla QAT at ``target_bits``), ``linear`` and ``cosine`` (from ``start_bits``).
+    Names: ``fraqat``, ``integer``, ``simple`` (the paper's staircases, scaled), ``nested``,
+    ``early``, ``nested_early`` (candidates, scaled), ``constant`` (vanilla QAT at
+    ``target_bits``), ``linear`` and ``cosine`` (from ``start_bits``).
     """
     total = _check_steps(total_steps, "total_steps")
-    if name == "fraqat":
-        return scale_to(fraqat(target_bits=target_bits), total)
-    if name == "integer":
-        return scale_to(integer(target_bits=target_bits), total)
-    if name == "simple":
-        return scale_to(simple(target_bits=target_bits), total)
+    staircases = {"fraqat": fraqat, "integer": integer, "simple": simple, "nested": nested, "early": early,
+                  "nested_early": nested_early}
+    if name in staircases:
+        return scale_to(staircases[name](target_bits=target_bits), total)
     if name == "constant":
         return constant(target_bits, total)
     if name == "linear":

@@ -103,3 +103,39 @@ def test_inside_jit_compiles_once():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("target", [3.0, 4.0])
+def test_nested_widths_keep_target_grid_points(target):
+    """A weight on a target-grid point keeps its place at every stage of ``nested``: with the
+    library's quantizer (float32 bit-widths, as in training) its code is exactly 2^k times the
+    target code; the numpy definition of the grid (qmax = 2^(b-1) - 1) gives the widths."""
+    from fraqat_jax.quant import quantize_codes
+
+    qmax_t = 2.0 ** (target - 1) - 1
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-qmax_t, qmax_t + 1, size=(64, 32)).astype(np.float32)
+    codes[0, 0] = qmax_t  # the tensor's max |w| sits on the grid's end, as after 4-bit training
+    w = jnp.asarray(codes * np.float32(0.37 / qmax_t))
+    widths = [b for b, _ in S.nested(target_bits=target).stages]
+    assert widths[-1] == target and np.all(np.diff(widths) < 0)
+    np.testing.assert_array_equal(np.asarray(quantize_codes(w, target)[0]), codes)
+    for k, b in zip((4, 3, 2, 1), widths[:-1]):
+        np.testing.assert_allclose(2.0 ** (b - 1) - 1, qmax_t * 2**k, rtol=0, atol=2e-3)  # the margin
+        got, scale, _ = quantize_codes(w, jnp.float32(b))
+        np.testing.assert_array_equal(np.asarray(got), codes * 2**k)
+        np.testing.assert_allclose(np.asarray(got * scale), np.asarray(w), rtol=S.NESTED_MARGIN / (qmax_t * 2**k) + 1e-6)
+    # A width off the nested set moves some of them (here FraQAT's target + 0.5).
+    got, scale, _ = quantize_codes(w, jnp.float32(target + 0.5))
+    assert np.abs(np.asarray(got * scale) - np.asarray(w)).max() > 1e-3
+
+
+def test_early_schedules_reach_the_target_after_12_percent():
+    for name, above in (("early", S.FRAQAT_STAGES[:-1]), ("nested_early", None)):
+        s = S.by_name(name, 920)
+        v = s.values()
+        first = int(np.argmax(v == 4.0))
+        assert first == 110, (name, first)  # 11 of 92 epochs above the target
+        if above is not None:
+            assert [b for b, _ in s.stages[:-1]] == [b for b, _ in above]
+    assert [b for b, _ in S.by_name("nested_early", 920).stages] == [b for b, _ in S.nested().stages]

@@ -10,6 +10,8 @@ from typing import Any, Iterable, Mapping
 
 import ml_collections
 
+from fraqat_jax import schedules
+
 __all__ = ["ConfigError", "HELP", "get_config", "load_config", "validate"]
 
 
@@ -26,7 +28,7 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "data_dir": ("", "TFDS data_dir (empty: TFDS default)"),
     "image_size": (0, "resize TFDS images to this size (0: the teacher's sample_size)"),
     "steps": (225, "total optimizer updates; the bit schedule is scaled to them"),
-    "schedule": ("fraqat", "bit-width schedule: fraqat | integer | simple | constant | linear | cosine"),
+    "schedule": ("fraqat", "bit-width schedule: " + " | ".join(schedules.NAMES) + " (fraqat_jax.schedules)"),
     "target_bits": (4.0, "final weight bit-width of the schedule"),
     "start_bits": (8.0, "first bit-width of the linear / cosine schedules"),
     "act_bits": (8.0, "activation bit-width"),
@@ -42,7 +44,8 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "batch_size": (64, "global batch size (examples per optimizer update)"),
     "grad_accum": (1, "micro-batches per update (the global batch is split into this many)"),
     "lr": (3e-4, "peak learning rate (paper: SD3.5-M 1e-6, Sana 1e-7, PixArt-Sigma 1e-6)"),
-    "lr_schedule": ("cosine", "learning-rate schedule: cosine (linear warmup, cosine decay) | constant (warmup, then flat)"),
+    "lr_schedule": ("cosine", "learning-rate schedule: cosine (linear warmup, cosine decay) | constant (warmup, then "
+                    "flat) | restart (warmup, then a cosine decay that restarts at the peak at each change of bits)"),
     "warmup_steps": (10, "learning-rate warmup updates"),
     "end_lr_fraction": (0.1, "cosine decay ends at lr * this"),
     "b1": (0.9, "AdamW beta1"),
@@ -76,8 +79,8 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
 HELP = {k: h for k, (_, h) in _DEFAULTS.items()}
 
 _CHOICES = {
-    "schedule": ("fraqat", "integer", "simple", "constant", "linear", "cosine"),
-    "lr_schedule": ("cosine", "constant"),
+    "schedule": schedules.NAMES,
+    "lr_schedule": ("cosine", "constant", "restart"),
     "quant_rules": ("paper", "none"),
     "act_quant": ("dynamic", "static"),
     "attention": ("auto", "xla", "flash"),
@@ -177,6 +180,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parse_keep(cfg.keep)
     if not cfg.lr > 0:
         raise ConfigError(f"lr={cfg.lr!r} is not allowed: use a positive number")
+    if cfg.lr_schedule == "restart" and cfg.schedule in schedules.SMOOTH:
+        raise ConfigError(f"lr_schedule='restart' restarts at each change of bits, which needs a staircase: "
+                          f"schedule={cfg.schedule!r} is not allowed with it; use one of "
+                          f"{', '.join(n for n in schedules.NAMES if n not in schedules.SMOOTH)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay={cfg.ema_decay!r} is not allowed: use a number in [0, 1)")
     if cfg.warmup_steps < 0 or cfg.clip_norm < 0 or cfg.weight_decay < 0:

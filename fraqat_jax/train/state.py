@@ -25,15 +25,9 @@ from fraqat_jax.diffusion import family_of
 from fraqat_jax.train import mesh as mesh_lib
 from fraqat_jax.train.config import ConfigError
 from fraqat_jax.train.models import abstract_models, load_teacher, make_student
-from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_train_step
+from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_schedule, make_train_step
 
 __all__ = ["TrainSetup", "build", "make_schedule", "state_shardings"]
-
-
-def make_schedule(cfg) -> schedules.Schedule:
-    """The run's weight bit-width schedule, scaled to ``cfg.steps``."""
-    return schedules.by_name(cfg.schedule, int(cfg.steps), target_bits=float(cfg.target_bits),
-                             start_bits=float(cfg.start_bits))
 
 
 def state_shardings(state, mesh: Mesh) -> dict:

@@ -2,7 +2,8 @@
 
 ``make_train_step`` returns ``step_fn(train_state, teacher_state, student_rest, batch) ->
 (train_state, metrics)``, a ``jax.jit`` of a pure function (NNX used functionally: the graph
-definitions are split once, ``nnx.merge`` runs inside the step). Inside one call:
+definitions are split once, ``nnx.merge`` runs inside the step; the seed is an argument, not a
+compiled-in constant, see :class:`SeededStep`). Inside one call:
 
 1. ``bits = schedule(step)`` (a traced scalar: no recompilation when it changes), set on the student;
 2. the family's training inputs are drawn from ``fold_in(key(seed), step)``: DDPM noise and
@@ -21,23 +22,49 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from fraqat_jax import schedules
 from fraqat_jax.diffusion import apply_model, diffusion_inputs
 from fraqat_jax.nn import prequantized, set_bits
 
-__all__ = ["make_lr_schedule", "make_optimizer", "make_train_step", "training_inputs"]
+__all__ = ["SeededStep", "make_lr_schedule", "make_optimizer", "make_schedule", "make_train_step", "training_inputs"]
+
+
+def make_schedule(cfg) -> schedules.Schedule:
+    """The run's weight bit-width schedule, scaled to ``cfg.steps``."""
+    return schedules.by_name(cfg.schedule, int(cfg.steps), target_bits=float(cfg.target_bits),
+                             start_bits=float(cfg.start_bits))
+
+
+def _warmup_cosine(cfg, steps: int, warm: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0 if warm else cfg.lr, cfg.lr, warm, max(steps, warm + 1),
+                                              end_value=cfg.lr * cfg.end_lr_fraction)
 
 
 def make_lr_schedule(cfg) -> optax.Schedule:
-    warm = min(int(cfg.warmup_steps), int(cfg.steps) - 1) if cfg.steps > 1 else 0
+    """``cfg.lr_schedule``: ``cosine`` (linear warmup over ``warmup_steps``, cosine decay to
+    ``lr * end_lr_fraction`` at the last step), ``constant`` (warmup, then ``lr``), or ``restart``:
+    one cosine decay per stage of the bit schedule (a staircase), the first after the warmup, each
+    later one starting again at ``lr`` when the bits change (SGDR-style warm restarts; Adam's
+    moments carry over). Vanilla QAT's one stage makes ``restart`` the same as ``cosine``."""
+    total = int(cfg.steps)
+    warm = min(int(cfg.warmup_steps), total - 1) if total > 1 else 0
     if cfg.lr_schedule == "constant":
         if warm == 0:
             return optax.constant_schedule(cfg.lr)
         return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), optax.constant_schedule(cfg.lr)], [warm])
-    return optax.warmup_cosine_decay_schedule(0.0 if warm else cfg.lr, cfg.lr, warm, max(int(cfg.steps), warm + 1),
-                                              end_value=cfg.lr * cfg.end_lr_fraction)
+    if cfg.lr_schedule == "restart":
+        stages = make_schedule(cfg).stages
+        if stages is None:  # config.validate refuses this combination
+            raise ValueError(f"lr_schedule='restart' needs a staircase bit schedule, not schedule={cfg.schedule!r}")
+        lengths = [n for _, n in stages]
+        lengths[-1] = max(total - sum(lengths[:-1]), 1)
+        parts = [_warmup_cosine(cfg, n, min(warm, n - 1) if i == 0 else 0) for i, n in enumerate(lengths)]
+        return optax.join_schedules(parts, [int(b) for b in np.cumsum(lengths[:-1])])
+    return _warmup_cosine(cfg, total, warm)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -57,7 +84,7 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
                     lr_schedule: Callable, shardings=None, donate: bool = True):
     """Builds the jitted step (see the module docstring). ``shardings``: optional
     ``(train_state, teacher_state, student_rest, batch)`` in-shardings; outputs keep the state's."""
-    base_key = jax.random.key(cfg.seed)
+    seed = np.uint32(cfg.seed)
     accum = int(cfg.grad_accum)
     ema_decay = float(cfg.ema_decay)
 
@@ -74,10 +101,10 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
 
     grad_fn = jax.value_and_grad(make_micro_loss(student_graph))
 
-    def step_fn(train_state, teacher_state, student_rest, batch):
+    def step_fn(train_state, teacher_state, student_rest, batch, seed):
         step = train_state["step"]
         bits = schedule(step)
-        key = jax.random.fold_in(base_key, step)
+        key = jax.random.fold_in(jax.random.key(seed), step)
         latents = batch["latents"]
         cond = {k: v for k, v in batch.items() if k != "latents"}
         x_t, t = training_inputs(family, key, latents, cfg)
@@ -121,6 +148,29 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
 
     kwargs = {"donate_argnums": (0,)} if donate else {}
     if shardings is not None:
-        kwargs["in_shardings"] = shardings
+        kwargs["in_shardings"] = (*shardings, None)
         kwargs["out_shardings"] = (shardings[0], None)
-    return jax.jit(step_fn, **kwargs)
+    return SeededStep(jax.jit(step_fn, **kwargs), seed)
+
+
+class SeededStep:
+    """The jitted step with the run's seed passed as an argument rather than baked in as a constant,
+    so runs that differ only in seed (``compare``'s paired seeds) share one compiled program, in
+    memory and in JAX's persistent compilation cache. It is called, lowered and compiled like the
+    jitted function, with the first four arguments; ``lower(...).compile()`` gives a callable that
+    also keeps the compiled object's attributes (``memory_analysis``, ``cost_analysis``, ...)."""
+
+    def __init__(self, inner, seed):
+        self.inner, self.seed = inner, seed
+
+    def __call__(self, *args):
+        return self.inner(*args, self.seed)
+
+    def lower(self, *args):
+        return SeededStep(self.inner.lower(*args, self.seed), self.seed)
+
+    def compile(self, *args, **kwargs):
+        return SeededStep(self.inner.compile(*args, **kwargs), self.seed)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

@@ -3,7 +3,6 @@ and a transformer block written the diffusers way (attn.to_q/k/v, attn.to_out.0,
 ff.net.2)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

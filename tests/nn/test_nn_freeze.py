@@ -7,7 +7,6 @@ import pytest
 from nn_models import MLP
 from flax import nnx
 
-import fraqat_jax
 from fraqat_jax.nn import (Codes, FrozenConv, FrozenLinear, QuantLinear, Rule, calibrate, freeze,
                            quantize_model, set_bits)
 from fraqat_jax.nn.freeze import unpack_nibbles

@@ -1,13 +1,12 @@
 """quantize_model / Rule / set_bits / apply_schedules on a tiny MLP and a tiny transformer."""
 
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from nn_models import MLP, TRANSFORMER_LINEARS, Transformer, np_sym_quant, np_token_quant
+from nn_models import MLP, TRANSFORMER_LINEARS, np_sym_quant, np_token_quant
 from flax import nnx
 
 import fraqat_jax

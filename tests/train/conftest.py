@@ -32,26 +32,6 @@ def write_tiny_teacher(directory: str, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_compile_cache"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _persistent_compile_cache(compile_cache):
-    """Runs rebuild the same jitted step; XLA's persistent cache saves recompiling it (restored after)."""
-    import jax
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    for k, v in zip(keys, (compile_cache, 0, 0)):
-        jax.config.update(k, v)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
-@pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     return write_tiny_teacher(str(tmp_path_factory.mktemp("tiny_teacher")))
 
@@ -76,10 +56,9 @@ def base(tiny_teacher):
 
 
 @pytest.fixture
-def sub_env(compile_cache):
-    """Environment for subprocess runs: CPU, sharing the tests' compilation cache."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": compile_cache,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def sub_env():
+    """Environment for subprocess runs: CPU, sharing the suite's compilation cache (tests/conftest.py)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture

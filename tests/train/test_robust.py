@@ -169,22 +169,21 @@ def test_pure_data_parallelism_reproduces_one_device_and_fsdp_agrees_statistical
     then amplifies, so a FSDP run is only checked statistically: the mean loss of its last 10 of 30
     updates within 25% of the one-device run's."""
     env = {**sub_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    short, long = {**base, "steps": 3}, {**base, "steps": 30}
+    # Both 8-device runs in one subprocess: JAX starts once.
     script = ("import json, sys; from fraqat_jax.train import run; "
-              "r = run(json.loads(sys.argv[1]), workdir=sys.argv[2]); "
-              "print('LOSSES', json.dumps([m['loss'] for m in r.metrics]))")
+              "cfgs = json.loads(sys.argv[1]); "
+              "print('LOSSES', json.dumps([[m['loss'] for m in run(c, workdir=f'{sys.argv[2]}/{i}').metrics] "
+              "for i, c in enumerate(cfgs)]))")
+    r = subprocess.run([sys.executable, "-c", script, json.dumps([{**short, "mesh": "data=8"},
+                                                                  {**long, "mesh": "data=4,fsdp=2"}]),
+                        str(tmp_path / "eight")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("LOSSES")][-1]
+    data8, fsdp = (np.asarray(v) for v in json.loads(line[len("LOSSES "):]))
 
-    def losses(cfg, name):
-        r = subprocess.run([sys.executable, "-c", script, json.dumps(cfg), str(tmp_path / name)], env=env,
-                           capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        line = [ln for ln in r.stdout.splitlines() if ln.startswith("LOSSES")][-1]
-        return np.asarray(json.loads(line[len("LOSSES "):]))
-
-    short = {**base, "steps": 3}
     one = [m["loss"] for m in run(short, workdir=str(tmp_path / "one_short")).metrics]
-    np.testing.assert_allclose(losses({**short, "mesh": "data=8"}, "data8"), one, rtol=1e-5)
-    long = {**base, "steps": 30}
+    np.testing.assert_allclose(data8, one, rtol=1e-5)
     one = np.asarray([m["loss"] for m in run(long, workdir=str(tmp_path / "one_long")).metrics])
-    fsdp = losses({**long, "mesh": "data=4,fsdp=2"}, "fsdp")
     late_one, late_fsdp = one[-10:].mean(), fsdp[-10:].mean()
     assert abs(late_fsdp / late_one - 1) <= 0.25, (late_fsdp, late_one)

@@ -127,3 +127,37 @@ def test_lr_schedules():
     np.testing.assert_allclose(float(lr(100)), 1e-4, rtol=1e-5)
     const = make_lr_schedule(load_config(base={"steps": 100, "lr": 1e-3, "warmup_steps": 10, "lr_schedule": "constant"}))
     np.testing.assert_allclose([float(const(s)) for s in (5, 10, 99)], [5e-4, 1e-3, 1e-3], rtol=1e-6)
+
+
+def test_lr_restart_follows_the_bit_stages():
+    """``lr_schedule=restart``: warmup, then one cosine per stage of the bit schedule, each from the
+    peak down to lr * end_lr_fraction at the stage's end (numpy formula of optax's cosine)."""
+    cfg = load_config(base={"steps": 50, "lr": 1e-3, "warmup_steps": 2, "end_lr_fraction": 0.1,
+                            "schedule": "simple", "lr_schedule": "restart"})
+    lr = make_lr_schedule(cfg)
+    stages = make_schedule(cfg).stages  # simple: 16, 8, 4 bits for 10, 12, 28 steps
+    assert [n for _, n in stages] == [10, 12, 28]
+
+    def cosine(i, n):
+        return 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * min(i, n) / n))
+
+    want = [0.0, 5e-4] + [cosine(i - 2, 8) for i in range(2, 10)]
+    want += [cosine(i, 12) for i in range(12)] + [cosine(i, 28) for i in range(28)]
+    np.testing.assert_allclose([float(lr(i)) for i in range(50)], want, rtol=1e-5, atol=1e-9)
+    # vanilla QAT has one stage: restart is the cosine schedule
+    flat = {"steps": 50, "lr": 1e-3, "warmup_steps": 2, "schedule": "constant"}
+    a = make_lr_schedule(load_config(base={**flat, "lr_schedule": "restart"}))
+    b = make_lr_schedule(load_config(base=flat))
+    np.testing.assert_array_equal([float(a(i)) for i in range(50)], [float(b(i)) for i in range(50)])
+
+
+def test_seed_is_an_argument_not_a_constant(base):
+    """Runs that differ only in seed share one program (compare's paired seeds compile once) and
+    still draw different noise."""
+    _, _, step_a, state, ts, rest, _ = _setup(base, steps=4, seed=1)
+    _, _, step_b, _, _, _, _ = _setup(base, steps=4, seed=2)
+    args = (state, ts, rest, _batch())
+    assert step_a.lower(*args).as_text() == step_b.lower(*args).as_text()
+    loss_a = float(step_a(*args)[1]["loss"])
+    assert loss_a != float(step_b(*args)[1]["loss"])
+    assert loss_a == float(step_a.lower(*args).compile()(*args)[1]["loss"])
