@@ -17,7 +17,7 @@ from fraqat_jax.models import (  # noqa: E402
 from fraqat_jax.models.autoencoder_dc import DC_PRESETS  # noqa: E402
 from fraqat_jax.models.autoencoder_kl import KL_PRESETS  # noqa: E402
 from fraqat_jax.models.vae import NotAVAEError, images_to_uint8  # noqa: E402
-from parity_utils import assert_close  # noqa: E402
+from parity_utils import assert_close, randomize  # noqa: E402
 
 _KL_TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32)
@@ -58,12 +58,8 @@ DC_SHUFFLE = dict(
 def _randomize(module: torch.nn.Module, seed: int) -> None:
     """Every parameter random (norm scales and biases included) and BatchNorm statistics off
     their defaults, so a parameter loaded into the wrong place shows up."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = randomize(module, seed)
     with torch.no_grad():
-        for param in module.parameters():
-            fan_in = param[0].numel() if param.ndim >= 2 else 1
-            std = fan_in**-0.5 if param.ndim >= 2 else 0.5
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
         for name, buf in module.named_buffers():
             if name.endswith("running_mean"):
                 buf.copy_(torch.randn(buf.shape, generator=gen) * 0.2)

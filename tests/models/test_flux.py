@@ -9,17 +9,7 @@ from flax import nnx
 diffusers = pytest.importorskip("diffusers")
 
 from fraqat_jax.models import MODEL_CLASSES, PRESETS, from_diffusers  # noqa: E402
-from parity_utils import assert_close, preset_count  # noqa: E402
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (qk RMSNorm scales and adaLN projections included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            fan_in = param[0].numel() if param.ndim >= 2 else 1
-            std = fan_in**-0.5 if param.ndim >= 2 else 0.5
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+from parity_utils import assert_close, preset_count, randomize  # noqa: E402
 
 
 _FORWARD = nnx.jit(lambda model, kwargs: model(**kwargs))
@@ -78,7 +68,7 @@ def _torch_forward(model, inputs):
                          ids=["schnell", "dev", "schnell_scan"])
 def test_parity_against_diffusers(tmp_path, config, seed, shape, scan_layers):
     ref_model = diffusers.FluxTransformer2DModel(**config).eval()
-    _randomize(ref_model, seed)
+    randomize(ref_model, seed)
     ref_model.save_pretrained(tmp_path)
     # remat: same forward values; scan: both block lists (2 double, 2 single blocks) under lax.scan
     model = from_diffusers(tmp_path, remat=config["guidance_embeds"], scan_layers=scan_layers)
@@ -93,7 +83,7 @@ def test_parity_against_diffusers(tmp_path, config, seed, shape, scan_layers):
 
 def _saved_random(config, seed, path):
     ref_model = diffusers.FluxTransformer2DModel(**config).eval()
-    _randomize(ref_model, seed)
+    randomize(ref_model, seed)
     ref_model.save_pretrained(path)
     return ref_model
 

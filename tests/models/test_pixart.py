@@ -9,22 +9,12 @@ from flax import nnx
 diffusers = pytest.importorskip("diffusers")
 
 from fraqat_jax.models import MODEL_CLASSES, PRESETS, from_diffusers  # noqa: E402
-from parity_utils import assert_close, preset_count  # noqa: E402
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (adaLN tables and zero-init projections included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            fan_in = param[0].numel() if param.ndim >= 2 else 1
-            std = fan_in**-0.5 if param.ndim >= 2 else 0.5
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+from parity_utils import assert_close, preset_count, randomize  # noqa: E402
 
 
 def _save_random(config: dict, tmp_path, seed: int):
     model = diffusers.PixArtTransformer2DModel(**config).eval()
-    _randomize(model, seed)
+    randomize(model, seed)
     model.save_pretrained(tmp_path)
     return model
 

@@ -10,17 +10,7 @@ from flax import nnx
 diffusers = pytest.importorskip("diffusers")
 
 from fraqat_jax.models import MODEL_CLASSES, PRESETS, from_diffusers  # noqa: E402
-from parity_utils import assert_close, preset_count  # noqa: E402
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (adaLN tables, norms and the depthwise conv included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            fan_in = param[0].numel() if param.ndim >= 2 else 1
-            std = fan_in**-0.5 if param.ndim >= 2 else 0.5
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+from parity_utils import assert_close, preset_count, randomize  # noqa: E402
 
 
 def _run(model, **inputs):
@@ -54,7 +44,7 @@ def _torch_forward(model, x, captions, t, **extra):
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
 def test_parity_linear_attention_mask_non_square(scan_layers, tmp_path):
     ref_model = diffusers.SanaTransformer2DModel(**PLAIN).eval()
-    _randomize(ref_model, 0)
+    randomize(ref_model, 0)
     ref_model.save_pretrained(tmp_path)
     model = from_diffusers(tmp_path, scan_layers=scan_layers)
     assert type(model).__name__ == "SanaTransformer2DModel"
@@ -76,7 +66,7 @@ def test_parity_linear_attention_mask_non_square(scan_layers, tmp_path):
 
 def test_parity_guidance_pos_embed_qk_norm(tmp_path):
     ref_model = diffusers.SanaTransformer2DModel(**GUIDED).eval()
-    _randomize(ref_model, 1)
+    randomize(ref_model, 1)
     ref_model.save_pretrained(tmp_path)
     model = from_diffusers(tmp_path)
     rng = np.random.default_rng(1)
@@ -97,7 +87,7 @@ def test_parity_guidance_pos_embed_qk_norm(tmp_path):
 
 def test_bf16_stays_close_and_remat_gradients_match_diffusers(tmp_path):
     ref_model = diffusers.SanaTransformer2DModel(**PLAIN).eval()
-    _randomize(ref_model, 2)
+    randomize(ref_model, 2)
     ref_model.save_pretrained(tmp_path)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
