@@ -51,7 +51,9 @@ Writes to ``--workdir`` (default ``runs/compare``):
   ``val_loss_ratio`` / ``fd_ratio`` (mean of the per-seed ratios to vanilla QAT) with
   ``val_loss_ratio_ci`` / ``fd_ratio_ci`` (``[low, high]``, 95%), per-seed ``val_loss_ratios``,
   differences ``val_loss_diff`` (+ ``_ci``), ``verdict``, ``diagnostics`` and the validation curve;
-- ``compare.md``: the same as a table, with the run's settings; ``compare.png``: the curves.
+- ``compare.md``: the same as a table, with the run's settings; ``compare.png``: the curves;
+- ``xla_cache/``: JAX's persistent compilation cache (unless ``JAX_COMPILATION_CACHE_DIR`` or
+  ``jax_compilation_cache_dir`` names another), so seeds after the first reuse the compiled step.
 
 Bad input (unknown method, bad config key, a config file that is missing, a bad ``--grid`` or
 ``--tune``) exits with status 2 and one line on stderr.
