@@ -1,4 +1,5 @@
-"""One tiny comparison shared by the compare, eval and export tests (trained once per process).
+"""One tiny comparison shared by the compare, eval and export tests (trained once per test run:
+under xdist the first worker to need it trains it, under a file lock, and the others read it).
 
 A 1-block random DiT teacher (adaLN-Zero's zero init replaced by random weights, so teacher and
 student outputs are not trivially zero); ``compare`` trains vanilla QAT and FraQAT for 6 steps
@@ -7,11 +8,14 @@ with 2 paired seeds at a 3-bit target, and its run folders double as trained stu
 """
 
 import functools
+import json
+import os
 import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from filelock import FileLock
 from flax import nnx
 
 TINY_DIT = {"sample_size": 8, "patch_size": 2, "in_channels": 1, "out_channels": 2, "num_layers": 1,
@@ -31,21 +35,34 @@ def write_tiny_teacher(directory) -> str:
     return save_builtin_teacher(model, str(directory))
 
 
-@functools.cache
-def tiny_compare():
-    """``(workdir, compare.json rows)``; ``workdir/fraqat/seed_0`` is a trained run."""
+def _run_tiny_compare(root: Path):
     from fraqat_jax import compare
 
-    root = Path(tempfile.mkdtemp(prefix="fraqat_eval_tests_"))
     teacher = write_tiny_teacher(root / "teacher")
-    workdir = root / "compare"
-    rows = compare.main([
-        "--workdir", str(workdir), "--steps", str(STEPS), "--seeds", str(SEEDS), "--methods", "ptq,qat,fraqat",
+    return compare.main([
+        "--workdir", str(root / "compare"), "--steps", str(STEPS), "--seeds", str(SEEDS), "--methods", "ptq,qat,fraqat",
         "--eval-points", "2", "--num-samples", str(NUM_SAMPLES), "--num-val", str(NUM_VAL),
         "--target-bits", str(TARGET_BITS),
         "--set", f"teacher={teacher}", "--set", "batch_size=16", "--set", "warmup_steps=1",
     ])
-    return workdir, rows
+
+
+@functools.cache
+def tiny_compare():
+    """``(workdir, compare.json rows)``; ``workdir/fraqat/seed_0`` is a trained run. Tests read it
+    and write elsewhere."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:  # one process: its own folder
+        root = Path(tempfile.mkdtemp(prefix="fraqat_eval_tests_"))
+        return root / "compare", _run_tiny_compare(root)
+    root = Path(tempfile.gettempdir()) / f"fraqat_eval_tests_{run_id}"
+    done = root / "done"
+    with FileLock(f"{root}.lock"):
+        if not done.exists():
+            root.mkdir(exist_ok=True)
+            _run_tiny_compare(root)
+            done.touch()
+    return root / "compare", json.loads((root / "compare" / "compare.json").read_text())
 
 
 def trained_run() -> str:
