@@ -139,3 +139,13 @@ def test_early_schedules_reach_the_target_after_12_percent():
         if above is not None:
             assert [b for b, _ in s.stages[:-1]] == [b for b, _ in above]
     assert [b for b, _ in S.by_name("nested_early", 920).stages] == [b for b, _ in S.nested().stages]
+
+
+def test_every_schedule_name_is_a_trainer_choice_and_in_the_cli_help():
+    from fraqat_jax.train import load_config
+    from fraqat_jax.train.__main__ import build_parser
+
+    help_text = build_parser().format_help()
+    for name in S.NAMES:
+        assert load_config(base={"schedule": name}).schedule == name
+        assert name in help_text

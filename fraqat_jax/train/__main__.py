@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", metavar="DIR", default=os.path.join("runs", "default"),
                    help="outputs and checkpoints; an existing checkpoint there is resumed (default: runs/default)")
     p.add_argument("--steps", type=int, metavar="N", help="total optimizer updates (schedule scaled to them)")
-    p.add_argument("--schedule", metavar="NAME", help="fraqat | integer | simple | constant | linear | cosine")
+    p.add_argument("--schedule", metavar="NAME",
+                   help="fraqat | integer | simple | constant | linear | cosine | nested | early | nested_early")
     p.add_argument("--mesh", metavar="SPEC", help="e.g. data=4,fsdp=2,tensor=1 (product = device count)")
     p.add_argument("--log-every", type=int, metavar="K", help="metrics row every K updates")
     p.add_argument("--seed", type=int, metavar="S", help="random seed")
