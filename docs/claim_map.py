@@ -4,7 +4,10 @@ heatmap (``claim_cpu_grid.png``), using the comparison's own cell and plot funct
     python docs/claim_map.py RUNS_DIR [--out docs]
 
 ``RUNS_DIR`` holds one ``python -m fraqat_jax.compare`` workdir per cell, named as in
-:data:`CELLS` (the commands are in docs/claim.md). Cells that are missing are left out.
+:data:`CELLS` (the commands are in docs/claim.md); a cell may be several workdirs with other seeds
+(``restart`` + ``restart_b``), whose per-seed values are pooled before the paired statistics
+(a method missing from one of them counts as missing at its seeds). Cells that are missing are
+left out.
 """
 import argparse
 import json
@@ -12,16 +15,33 @@ import os
 
 from fraqat_jax import compare_stats
 
-# folder -> what differs from the default (built-in teacher, W4A8, lr 3e-4 cosine, 225 steps)
+# what differs from the default (built-in teacher, W4A8, lr 3e-4 cosine, 225 steps) -> folders
 CELLS = {
-    "default": "default",
-    "restart": "lr restart per stage",
-    "lr1e-4": "lr 1e-4",
-    "lr1e-3": "lr 1e-3",
-    "bits3": "W3A8",
-    "steps900": "900 steps",
-    "size_m": "builtin:m teacher",
+    "default": ("default",),
+    "lr restart per stage": ("restart", "restart_b"),
+    "lr 1e-4": ("lr1e-4",),
+    "lr 1e-3": ("lr1e-3",),
+    "W3A8": ("bits3",),
+    "900 steps": ("steps900",),
+    "builtin:m teacher": ("size_m",),
 }
+
+
+def pooled(row_sets):
+    """One list of compare rows from several comparisons of the same cell on other seeds."""
+    methods = list(dict.fromkeys(r["method"] for rows in row_sets for r in rows))
+    out = []
+    for method in methods:
+        seeds, per_seed = [], {"val_loss": [], "fd": []}
+        for rows in row_sets:
+            ref = next(r for r in rows if r["method"] == "qat")
+            row = next((r for r in rows if r["method"] == method), None)
+            seeds += ref["seeds"]
+            for k in per_seed:
+                per_seed[k] += row["per_seed"][k] if row else [None] * len(ref["seeds"])
+        out.append({"method": method, "seeds": seeds, "per_seed": per_seed})
+    compare_stats.add_paired(out)
+    return out
 
 
 def main(argv=None):
@@ -29,26 +49,34 @@ def main(argv=None):
     p.add_argument("runs")
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     a = p.parse_args(argv)
-    cells, names = [], []
-    for folder, name in CELLS.items():
-        path = os.path.join(a.runs, folder, "compare.json")
-        if not os.path.isfile(path):
+    cells, names, lines = [], [], []
+    for name, folders in CELLS.items():
+        paths = [os.path.join(a.runs, f, "compare.json") for f in folders]
+        paths = [p for p in paths if os.path.isfile(p)]
+        if not paths:
             continue
-        with open(path) as f:
-            rows = json.load(f)
-        cells.append(compare_stats.cell({"cell": name}, rows, folder))
+        row_sets = []
+        for path in paths:
+            with open(path) as f:
+                row_sets.append(json.load(f))
+        rows = row_sets[0] if len(row_sets) == 1 else pooled(row_sets)
+        cells.append(compare_stats.cell({"cell": name}, rows, ",".join(folders)))
         names.append(name)
+        for r in rows:
+            if r["method"] in ("qat", "ptq") or "val_loss_ratio_ci" not in r:
+                continue
+            ratios = r["val_loss_ratios"]
+            (lo, hi), (flo, fhi) = r["val_loss_ratio_ci"], r["fd_ratio_ci"]
+            lines.append(f"| {name} | {len(ratios)} | {r['method']} | **{r['val_loss_ratio']:.3f}** [{lo:.3f}, {hi:.3f}] | "
+                         f"{r['fd_ratio']:.2f} [{flo:.2f}, {fhi:.2f}] | {r['verdict']} (better on "
+                         f"{sum(x < 1 for x in ratios)} of {len(ratios)}) |")
     grid = {"axes": {"cell": names}, "cells": cells}
     with open(os.path.join(a.out, "claim_cpu_grid.json"), "w") as f:
         json.dump(grid, f, indent=1)
     compare_stats.plot_grid(grid, os.path.join(a.out, "claim_cpu_grid.png"))
-    for c in cells:
-        for method, m in c["methods"].items():
-            if "val_loss_ratio_ci" in m and method != "qat":
-                lo, hi = m["val_loss_ratio_ci"]
-                flo, fhi = m.get("fd_ratio_ci") or (float("nan"), float("nan"))
-                print(f"| {c['point']['cell']} | {len(m['seeds'])} | {method} | {m['val_loss_ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
-                      f" | {m['fd_ratio']:.2f} [{flo:.2f}, {fhi:.2f}] | {m['verdict']} |")
+    print("| cell | seeds | method | val loss / QAT [95% CI] | FD / QAT [95% CI] | verdict |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
