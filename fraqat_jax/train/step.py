@@ -84,7 +84,8 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
                     lr_schedule: Callable, shardings=None, donate: bool = True):
     """Builds the jitted step (see the module docstring). ``shardings``: optional
     ``(train_state, teacher_state, student_rest, batch)`` in-shardings; outputs keep the state's."""
-    seed = np.uint32(cfg.seed)
+    # The key's raw data (uint32[2]) as an argument: any int seed, the same key as key(cfg.seed).
+    seed = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
     accum = int(cfg.grad_accum)
     ema_decay = float(cfg.ema_decay)
 
@@ -104,7 +105,7 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
     def step_fn(train_state, teacher_state, student_rest, batch, seed):
         step = train_state["step"]
         bits = schedule(step)
-        key = jax.random.fold_in(jax.random.key(seed), step)
+        key = jax.random.fold_in(jax.random.wrap_key_data(seed), step)
         latents = batch["latents"]
         cond = {k: v for k, v in batch.items() if k != "latents"}
         x_t, t = training_inputs(family, key, latents, cfg)
@@ -154,11 +155,11 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
 
 
 class SeededStep:
-    """The jitted step with the run's seed passed as an argument rather than baked in as a constant,
-    so runs that differ only in seed (``compare``'s paired seeds) share one compiled program, in
-    memory and in JAX's persistent compilation cache. It is called, lowered and compiled like the
-    jitted function, with the first four arguments; ``lower(...).compile()`` gives a callable that
-    also keeps the compiled object's attributes (``memory_analysis``, ``cost_analysis``, ...)."""
+    """The jitted step with the run's seed (its key's data) passed as an argument rather than baked
+    in as a constant, so runs that differ only in seed (``compare``'s paired seeds) lower to the
+    same program and share it through JAX's persistent compilation cache. It is called, lowered
+    and compiled like the jitted function, with the first four arguments; ``lower(...).compile()``
+    gives a callable that keeps the compiled object's attributes (``memory_analysis``, ...)."""
 
     def __init__(self, inner, seed):
         self.inner, self.seed = inner, seed

@@ -161,3 +161,12 @@ def test_seed_is_an_argument_not_a_constant(base):
     loss_a = float(step_a(*args)[1]["loss"])
     assert loss_a != float(step_b(*args)[1]["loss"])
     assert loss_a == float(step_a.lower(*args).compile()(*args)[1]["loss"])
+
+
+def test_any_int_seed_gives_the_key_it_always_gave(base):
+    """The key passed into the step is ``key(seed)``'s data, for negative and 64-bit seeds too."""
+    for seed in (-3, 2**40 + 5):
+        cfg, _, step, state, ts, rest, _ = _setup(base, steps=4, seed=seed)
+        want = jax.random.key_data(jax.random.key(seed))
+        np.testing.assert_array_equal(jax.random.key_data(jax.random.wrap_key_data(step.seed)), want)
+        assert np.isfinite(float(step(state, ts, rest, _batch())[1]["loss"]))
