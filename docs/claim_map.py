@@ -4,10 +4,10 @@ heatmap (``claim_cpu_grid.png``), using the comparison's own cell and plot funct
     python docs/claim_map.py RUNS_DIR [--out docs]
 
 ``RUNS_DIR`` holds one ``python -m fraqat_jax.compare`` workdir per cell, named as in
-:data:`CELLS` (the commands are in docs/claim.md); a cell may be several workdirs with other seeds
-(``restart`` + ``restart_b``), whose per-seed values are pooled before the paired statistics
-(a method missing from one of them counts as missing at its seeds). Cells that are missing are
-left out.
+:data:`CELLS` (the commands are in docs/claim.md); a cell may be several workdirs run on other
+seeds (``restart``, ``restart_b``, ``restart_c``), whose per-seed values are pooled before the
+paired statistics (a method missing from one of them counts as missing at its seeds). Cells that
+are missing are left out.
 """
 import argparse
 import json
@@ -18,11 +18,11 @@ from fraqat_jax import compare_stats
 # what differs from the default (built-in teacher, W4A8, lr 3e-4 cosine, 225 steps) -> folders
 CELLS = {
     "default": ("default",),
-    "lr restart per stage": ("restart", "restart_b"),
+    "lr restart per stage": ("restart", "restart_b", "restart_c"),
     "lr 1e-4": ("lr1e-4",),
     "lr 1e-3": ("lr1e-3",),
     "W3A8": ("bits3",),
-    "900 steps": ("steps900",),
+    "900 steps": ("steps900", "steps900_b"),
     "builtin:m teacher": ("size_m",),
 }
 
