@@ -96,10 +96,14 @@ def schedule_of(method: str) -> str:
 
     if method in SCHEDULE_OF:
         return SCHEDULE_OF[method]
-    if method != "ptq" and method in schedules.NAMES and method != "constant":
-        return method
+    if method not in ("ptq", "constant"):
+        try:
+            schedules.parse_name(method)
+            return method
+        except ValueError:
+            pass
     allowed = list(METHODS) + [n for n in schedules.NAMES if n not in METHODS and n != "constant"]
-    raise ValueError(f"unknown method {method!r}; allowed: {', '.join(allowed)}")
+    raise ValueError(f"unknown method {method!r}; allowed: {', '.join(allowed)}, linear:F, cosine:F")
 
 
 def _mean_std(values):

@@ -23,7 +23,11 @@ Candidates beyond the paper (``docs/claim.md`` measures them against vanilla QAT
 * :func:`early` and :func:`nested_early`: the above-target stages of ``fraqat`` / ``nested``
   squeezed into the first 12% of the steps (11 of 92 epochs), so most steps train at the target.
 
-Smooth schedules, beyond the paper: :func:`linear` and :func:`cosine`.
+Smooth schedules, beyond the paper: :func:`linear` and :func:`cosine`. By name, ``linear`` and
+``cosine`` descend over the whole run and reach the target only at its last step; the form
+``linear:F`` / ``cosine:F`` (``F`` in (0, 1]) descends over the first fraction ``F`` of the steps and
+then holds the target, so ``linear:0.44`` comes down over the same span as the paper's staircase
+(its first 11 of 25 epochs; ``linear:`` with no fraction means that span, :data:`STAIRCASE_SPAN`).
 
 :func:`scale_to` stretches or shrinks any schedule to a given number of steps keeping its stage
 proportions; :func:`by_name` builds a named schedule of a given length and target bit-width.
@@ -50,6 +54,38 @@ EARLY_TARGET_EPOCHS = 81  # 11 epochs above the target are 12% of 92
 
 NAMES = ("fraqat", "integer", "simple", "constant", "linear", "cosine", "nested", "early", "nested_early")
 SMOOTH = ("linear", "cosine")  # the names whose Schedule has no stages
+STAIRCASE_SPAN = 11 / 25  # fraqat's epochs above the target / all its epochs
+
+
+def parse_name(name: str) -> tuple[str, float | None]:
+    """``"linear:0.44"`` -> ``("linear", 0.44)``; ``"fraqat"`` -> ``("fraqat", None)``.
+
+    Raises ValueError naming the bad name and the allowed forms."""
+    if not isinstance(name, str):
+        raise ValueError(f"schedule {name!r} is not a name: use one of {', '.join(NAMES)}")
+    base, sep, tail = name.partition(":")
+    if base not in NAMES:
+        raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(NAMES)}, or linear:F / cosine:F "
+                         "(F in (0, 1]: the fraction of the run over which the bits descend)")
+    if not sep:
+        return base, None
+    if base not in SMOOTH:
+        raise ValueError(f"schedule {name!r}: only {' and '.join(SMOOTH)} take a fraction (e.g. linear:0.44)")
+    if not tail:
+        return base, STAIRCASE_SPAN
+    try:
+        frac = float(tail)
+    except ValueError:
+        frac = float("nan")
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"schedule {name!r}: the fraction {tail!r} is not allowed: use a number in (0, 1], "
+                         f"e.g. {base}:0.44 (the staircase's span)")
+    return base, frac
+
+
+def is_smooth(name: str) -> bool:
+    """Whether the named schedule is continuous (no stages): ``linear``, ``cosine`` and their ``:F`` forms."""
+    return parse_name(name)[0] in SMOOTH
 
 
 class Schedule:
@@ -218,27 +254,41 @@ def constant(bits: float = PAPER_TARGET_BITS, num_steps: int = 1) -> Schedule:
     return staircase([(bits, num_steps)], name="constant")
 
 
-def _smooth(name, start, end, num_steps, shape):
+def _smooth(name, start, end, num_steps, shape, fraction=None):
+    """``fraction`` None: the descent ends at the last step (``num_steps - 1``); else at step
+    ``round(fraction * num_steps)`` (at least 1), after which ``end`` holds."""
     start = _check_bits_value(start, "start")
     end = _check_bits_value(end, "end")
     n = _check_steps(num_steps, "num_steps")
-    denom = float(max(n - 1, 1))
+    denom = float(max(n - 1, 1)) if fraction is None else float(max(int(math.floor(fraction * n + 0.5)), 1))
 
     def fn(step):
         t = jnp.clip(jnp.asarray(step, jnp.float32) / denom, 0.0, 1.0)
         return start + (end - start) * shape(t)
 
-    return Schedule(name, n, fn, rescale=lambda total: _smooth(name, start, end, total, shape))
+    full = name if fraction is None else f"{name}:{fraction:g}"
+    return Schedule(full, n, fn, rescale=lambda total: _smooth(name, start, end, total, shape, fraction))
 
 
-def linear(start: float, end: float, num_steps: int) -> Schedule:
-    """Bits move linearly from ``start`` (step 0) to ``end`` (step ``num_steps - 1``), then hold."""
-    return _smooth("linear", start, end, num_steps, lambda t: t)
+def _check_fraction(fraction):
+    if fraction is None:
+        return None
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r} is not allowed: use a number in (0, 1] or None (the whole run)")
+    return float(fraction)
 
 
-def cosine(start: float, end: float, num_steps: int) -> Schedule:
-    """Half-cosine from ``start`` (step 0) to ``end`` (step ``num_steps - 1``), then hold."""
-    return _smooth("cosine", start, end, num_steps, lambda t: 0.5 * (1.0 - jnp.cos(math.pi * t)))
+def linear(start: float, end: float, num_steps: int, fraction: float | None = None) -> Schedule:
+    """Bits move linearly from ``start`` (step 0) to ``end`` (step ``num_steps - 1``, or step
+    ``round(fraction * num_steps)`` when ``fraction`` is given), then hold."""
+    return _smooth("linear", start, end, num_steps, lambda t: t, _check_fraction(fraction))
+
+
+def cosine(start: float, end: float, num_steps: int, fraction: float | None = None) -> Schedule:
+    """Half-cosine from ``start`` (step 0) to ``end`` (step ``num_steps - 1``, or step
+    ``round(fraction * num_steps)`` when ``fraction`` is given), then hold."""
+    return _smooth("cosine", start, end, num_steps, lambda t: 0.5 * (1.0 - jnp.cos(math.pi * t)),
+                   _check_fraction(fraction))
 
 
 def scale_to(schedule: Schedule, total_steps: int) -> Schedule:
@@ -259,9 +309,11 @@ def by_name(name: str, total_steps: int, *, target_bits: float = PAPER_TARGET_BI
 
     Names: ``fraqat``, ``integer``, ``simple`` (the paper's staircases, scaled), ``nested``,
     ``early``, ``nested_early`` (candidates, scaled), ``constant`` (vanilla QAT at
-    ``target_bits``), ``linear`` and ``cosine`` (from ``start_bits``).
+    ``target_bits``), ``linear`` and ``cosine`` (from ``start_bits``, over the whole run), and
+    ``linear:F`` / ``cosine:F`` (over the first fraction ``F`` of it, then ``target_bits``).
     """
     total = _check_steps(total_steps, "total_steps")
+    name, fraction = parse_name(name)
     staircases = {"fraqat": fraqat, "integer": integer, "simple": simple, "nested": nested, "early": early,
                   "nested_early": nested_early}
     if name in staircases:
@@ -269,7 +321,5 @@ def by_name(name: str, total_steps: int, *, target_bits: float = PAPER_TARGET_BI
     if name == "constant":
         return constant(target_bits, total)
     if name == "linear":
-        return linear(start_bits, target_bits, total)
-    if name == "cosine":
-        return cosine(start_bits, target_bits, total)
-    raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(NAMES)}")
+        return linear(start_bits, target_bits, total, fraction)
+    return cosine(start_bits, target_bits, total, fraction)

@@ -149,3 +149,36 @@ def test_every_schedule_name_is_a_trainer_choice_and_in_the_cli_help():
     for name in S.NAMES:
         assert load_config(base={"schedule": name}).schedule == name
         assert name in help_text
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_early_ending_smooth_schedules(shape):
+    """``linear:F`` / ``cosine:F`` descend over the first ``round(F * total)`` steps (numpy closed
+    form), reach the target exactly where the paper's staircase does at F = 11/25, then hold it."""
+    total = 225
+    s = S.by_name(f"{shape}:0.44", total)
+    span = int(np.floor(0.44 * total + 0.5))
+    t = np.clip(np.arange(total) / span, 0.0, 1.0)
+    ref = 8 - 4 * t if shape == "linear" else 4 + 4 * (1 + np.cos(np.pi * t)) / 2
+    np.testing.assert_allclose(s.values(), ref, rtol=1e-6)
+    first = int(np.argmax(s.values() == 4.0))
+    assert first == int(np.argmax(S.by_name("fraqat", total).values() == 4.0)) == 99
+    assert s.name == f"{shape}:0.44" and S.by_name(f"{shape}:", total).name == f"{shape}:0.44"
+    np.testing.assert_allclose(S.scale_to(s, 2000).values()[880:], 4.0)  # the fraction survives rescaling
+    assert S.is_smooth(f"{shape}:0.44") and not S.is_smooth("fraqat")
+    from fraqat_jax.train import load_config
+
+    assert load_config(base={"schedule": f"{shape}:0.44"}).schedule == f"{shape}:0.44"
+
+
+@pytest.mark.parametrize("name,match", [("linear:0", r"\(0, 1\]"), ("linear:1.5", r"\(0, 1\]"),
+                                        ("cosine:x", "'x'"), ("fraqat:0.5", "only linear and cosine"),
+                                        ("lin:0.4", "unknown schedule")])
+def test_early_ending_bad_names(name, match):
+    with pytest.raises(ValueError, match=match):
+        S.by_name(name, 100)
+    from fraqat_jax.train import load_config
+    from fraqat_jax.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(base={"schedule": name})

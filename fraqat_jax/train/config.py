@@ -28,7 +28,9 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "data_dir": ("", "TFDS data_dir (empty: TFDS default)"),
     "image_size": (0, "resize TFDS images to this size (0: the teacher's sample_size)"),
     "steps": (225, "total optimizer updates; the bit schedule is scaled to them"),
-    "schedule": ("fraqat", "bit-width schedule: " + " | ".join(schedules.NAMES) + " (fraqat_jax.schedules)"),
+    "schedule": ("fraqat", "bit-width schedule: " + " | ".join(schedules.NAMES) + " (fraqat_jax.schedules); "
+                 "linear:F / cosine:F descend over the first fraction F of the steps, then hold target_bits "
+                 "(linear:0.44 spans the staircase's 11 of 25 epochs)"),
     "target_bits": (4.0, "final weight bit-width of the schedule"),
     "start_bits": (8.0, "first bit-width of the linear / cosine schedules"),
     "act_bits": (8.0, "activation bit-width"),
@@ -79,7 +81,6 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
 HELP = {k: h for k, (_, h) in _DEFAULTS.items()}
 
 _CHOICES = {
-    "schedule": schedules.NAMES,
     "lr_schedule": ("cosine", "constant", "restart"),
     "quant_rules": ("paper", "none"),
     "act_quant": ("dynamic", "static"),
@@ -164,6 +165,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, allowed in _CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not allowed: choose one of {', '.join(allowed)}")
+    try:
+        schedules.parse_name(cfg.schedule)
+    except ValueError as e:
+        raise ConfigError(f"schedule: {e}") from None
     positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
                 "num_train_timesteps", "num_samples", "sample_steps")
     for key in positive:
@@ -180,7 +185,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parse_keep(cfg.keep)
     if not cfg.lr > 0:
         raise ConfigError(f"lr={cfg.lr!r} is not allowed: use a positive number")
-    if cfg.lr_schedule == "restart" and cfg.schedule in schedules.SMOOTH:
+    if cfg.lr_schedule == "restart" and schedules.is_smooth(cfg.schedule):
         raise ConfigError(f"lr_schedule='restart' restarts at each change of bits, which needs a staircase: "
                           f"schedule={cfg.schedule!r} is not allowed with it; use one of "
                           f"{', '.join(n for n in schedules.NAMES if n not in schedules.SMOOTH)}")
