@@ -74,7 +74,7 @@ def test_default_model_export_is_at_most_030_of_bf16():
     # dtype (trained equals exported), which the tiny digits DiT's ratio feels: 0.285 measured.
     teacher, student = train.build_models(train.get_config())
     fraqat_jax.set_bits(student, 4.0)
-    tree = export._stored_tree(fraqat_jax.freeze(student))
+    tree = export.orbax._stored_tree(fraqat_jax.freeze(student))
     stored = sum(x.nbytes for x in jax.tree.leaves(tree))
     bf16 = 2 * sum(x.size for x in jax.tree.leaves(nnx.state(teacher, nnx.Param)))
     assert stored / bf16 <= 0.30

@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 
 import fraqat_jax  # noqa: E402
 from fraqat_jax.diffusion import model_kwargs  # noqa: E402
-from fraqat_jax.export_onnx import (OnnxExportError, export_onnx, export_onnx_run, frozen_layers,  # noqa: E402
+from fraqat_jax.export.onnx import (OnnxExportError, export_onnx, export_onnx_run, frozen_layers,  # noqa: E402
                                     frozen_output, run_onnx, static_view, summary)
 from fraqat_jax.models import MODEL_CLASSES  # noqa: E402
 from fraqat_jax.nn import quantized_layers  # noqa: E402

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from fraqat_jax import flops, plan, plan_topology
+from fraqat_jax import plan
+from fraqat_jax.plan import flops
+from fraqat_jax.plan import topology as plan_topology
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install 'fraqat_jax[tpu]')")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import fraqat_jax
 from fraqat_jax import pretrain
 from fraqat_jax.data import digits
 from fraqat_jax.models import DiTTransformer2DModel, count_params
@@ -42,7 +43,7 @@ def test_shipped_teacher_denoises_digits(name, config, params):
     assert dict(model.config).items() >= config.items()
     lo, hi = params
     assert lo < count_params(model) < hi
-    folder = os.path.join(os.path.dirname(pretrain.__file__), "assets", BUILTIN_TEACHERS[name])
+    folder = os.path.join(os.path.dirname(fraqat_jax.__file__), "assets", BUILTIN_TEACHERS[name])
     assert os.path.getsize(os.path.join(folder, "diffusion_pytorch_model.safetensors")) < 20 * 2**20
     # predicting zero noise scores 1.0; an untrained model of the same shape about as badly
     mse = _denoising_mse(model)

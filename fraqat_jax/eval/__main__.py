@@ -1,6 +1,6 @@
 """``python -m fraqat_jax.eval --workdir DIR``: scores a trained student against its teacher.
 
-Loads the run's teacher and final (or ``--step``) student with ``fraqat_jax.train.load_run``, samples
+Loads the run's teacher and final (or ``--step``) student with ``fraqat_jax.runs.load_run``, samples
 both from the same noise and writes ``DIR/eval.json`` (see :mod:`fraqat_jax.eval.evaluate` for the
 metrics). Text-to-image runs: ``--prompts CACHE --vae DIR`` samples both on the prompts of a prompt
 cache (``scripts/cache_latents.py --prompts``) with the pipeline's sampler settings, decodes them with
@@ -76,12 +76,12 @@ def main(argv=None) -> dict:
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         fail(f"cannot write {out_path!r}: {out_dir!r} is not a writable directory")
 
-    from fraqat_jax import train
+    from fraqat_jax import runs
     from fraqat_jax.eval.evaluate import Evaluator
     from fraqat_jax.nn import bits_of
 
     try:
-        teacher, student, cfg = train.load_run(args.workdir, step=args.step, ema=args.ema)
+        teacher, student, cfg = runs.load_run(args.workdir, step=args.step, ema=args.ema)
     except (ValueError, FileNotFoundError) as e:
         fail(f"no trained student in {args.workdir!r}: {e}")
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def _evaluate_t2i(args, teacher, student, cfg, out_path: str) -> dict:
     from fraqat_jax.diffusion import family_of
     from fraqat_jax.eval import t2i
     from fraqat_jax.models import load_vae
-    from fraqat_jax.train import mesh as mesh_lib
+    from fraqat_jax.parallel import mesh as mesh_lib
 
     family, teacher_name = family_of(teacher), repr(cfg.teacher)
     try:
@@ -167,9 +167,10 @@ def _evaluate_t2i(args, teacher, student, cfg, out_path: str) -> dict:
 
 
 def _latest_step(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
-    return max(steps) if steps else None
+    from fraqat_jax.runs import checkpoint_steps
+
+    steps = checkpoint_steps(workdir)
+    return steps[-1] if steps else None
 
 
 def _bits(student, bits_of):

@@ -55,8 +55,8 @@ def __getattr__(name):
         from fraqat_jax.train import loop as _loop
 
         return getattr(_loop, name)
-    if name == "load_run":
-        from fraqat_jax.train import restore as _restore
+    if name == "load_run":  # reading a finished run lives in fraqat_jax.runs
+        from fraqat_jax.runs import load as _load
 
-        return _restore.load_run
+        return _load.load_run
     raise AttributeError(f"module 'fraqat_jax.train' has no attribute {name!r}")

@@ -34,8 +34,8 @@ from flax import nnx
 from fraqat_jax import data
 from fraqat_jax.diffusion import apply_model, heldout_inputs, model_sampler, sampling_inputs, teacher_examples
 from fraqat_jax.nn import calibrate, set_bits
-from fraqat_jax.train import checkpoint as ckpt_lib
-from fraqat_jax.train import mesh as mesh_lib
+from fraqat_jax.parallel import mesh as mesh_lib
+from fraqat_jax.runs import checkpoint as ckpt_lib
 from fraqat_jax.train import state as state_lib
 from fraqat_jax.train.config import ConfigError, get_config, load_config
 from fraqat_jax.train.models import load_teacher, make_student

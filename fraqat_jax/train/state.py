@@ -2,7 +2,7 @@
 
 :func:`build` turns a config and a mesh into a :class:`TrainSetup`: the teacher and the quantized
 student split into graph definitions and pure-dict states (``nnx.split`` once, ``nnx.merge`` inside
-the jitted step), each leaf placed by its logical axis names (``mesh.param_spec``), the optimizer
+the jitted step), each leaf placed by its logical axis names (``parallel.param_spec``), the optimizer
 state sharded like the parameters, and the jitted step. With ``abstract=True`` every array is a
 ``jax.ShapeDtypeStruct`` carrying its sharding and nothing is loaded or allocated, so the same
 program can be compiled ahead of time for a topology that is not present (``fraqat_jax.plan``).
@@ -15,49 +15,18 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from fraqat_jax import schedules
 from fraqat_jax.diffusion import family_of
-from fraqat_jax.train import mesh as mesh_lib
+from fraqat_jax.parallel import mesh as mesh_lib
 from fraqat_jax.train.config import ConfigError
 from fraqat_jax.train.models import abstract_models, load_teacher, make_student
 from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_schedule, make_train_step
 
-__all__ = ["TrainSetup", "build", "make_schedule", "state_shardings"]
-
-
-def state_shardings(state, mesh: Mesh) -> dict:
-    """A pure dict (like ``nnx.to_pure_dict(state)``) of NamedShardings by logical-axis rules."""
-    flat = {}
-    for path, v in nnx.to_flat_state(state):
-        value = v.get_value() if hasattr(v, "get_value") else v.value
-        flat[path] = NamedSharding(mesh, mesh_lib.param_spec(np.shape(value), mesh_lib.names_of(v), mesh))
-    return _nest(flat)
-
-
-def _nest(flat: Mapping[tuple, Any]) -> dict:
-    root: dict = {}
-    for path, value in flat.items():
-        node = root
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return root
-
-
-def _put(tree, shardings, abstract: bool):
-    """Global arrays (or their ShapeDtypeStructs) from host values identical on every process."""
-    def one(x, s):
-        if abstract:
-            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-    return jax.tree.map(one, tree, shardings)
+__all__ = ["TrainSetup", "build"]
 
 
 @dataclasses.dataclass
@@ -121,10 +90,10 @@ def build(cfg, mesh: Mesh, *, abstract: bool = False) -> TrainSetup:
     model_config = dict(teacher.config)
     teacher_graph, teacher_v = nnx.split(teacher)
     student_graph, params_v, rest_v = nnx.split(student, nnx.Param, ...)
-    teacher_sh, params_sh, rest_sh = (state_shardings(v, mesh) for v in (teacher_v, params_v, rest_v))
-    teacher_state = _put(nnx.to_pure_dict(teacher_v), teacher_sh, abstract)
-    params = _put(nnx.to_pure_dict(params_v), params_sh, abstract)
-    rest = _put(nnx.to_pure_dict(rest_v), rest_sh, abstract)
+    teacher_sh, params_sh, rest_sh = (mesh_lib.state_shardings(v, mesh) for v in (teacher_v, params_v, rest_v))
+    teacher_state = mesh_lib.place(nnx.to_pure_dict(teacher_v), teacher_sh, abstract=abstract)
+    params = mesh_lib.place(nnx.to_pure_dict(params_v), params_sh, abstract=abstract)
+    rest = mesh_lib.place(nnx.to_pure_dict(rest_v), rest_sh, abstract=abstract)
     del teacher, student, teacher_v, params_v, rest_v
 
     tx = make_optimizer(cfg)

@@ -134,7 +134,7 @@ def test_unwritable_workdir_exits_2_before_training(base, tmp_path, capsys):
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(base, tmp_path, monkeypatch):
-    from fraqat_jax.train import checkpoint
+    from fraqat_jax.runs import checkpoint
 
     workdir = str(tmp_path / "w")
     original = checkpoint.Checkpointer.save

@@ -8,7 +8,7 @@ from flax import nnx
 
 from fraqat_jax import nn as fq_nn
 from fraqat_jax.train import load_config
-from fraqat_jax.train.state import make_schedule
+from fraqat_jax.train.step import make_schedule
 from fraqat_jax.train.models import load_teacher, make_student
 from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_train_step, training_inputs
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "fingerprint"]
+__all__ = ["Checkpointer", "abstract_like", "checkpoint_steps", "fingerprint"]
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -24,6 +24,12 @@ _TMP_MARK = ".orbax-checkpoint-tmp"
 def fingerprint(config: Mapping[str, Any]) -> str:
     """sha256 of the config as canonical JSON (sorted keys): equal configs, equal fingerprints."""
     return hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the finished checkpoints in ``workdir/checkpoints``, ascending (``[]`` when none)."""
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 class Checkpointer:

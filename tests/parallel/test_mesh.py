@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fraqat_jax.train.mesh import MeshError, param_spec, parse_mesh
+from fraqat_jax.parallel import MeshError, param_spec, parse_mesh
 
 
 @pytest.mark.parametrize("spec, n, expected", [

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "LOGICAL_RULES", "MeshError", "batch_sharding", "build_mesh", "param_spec", "parse_mesh",
-           "names_of", "replicated", "shard_params"]
+           "names_of", "place", "replicated", "shard_params", "state_shardings", "variable_sharding"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -145,11 +145,36 @@ def names_of(variable) -> tuple | None:
     return None
 
 
+def variable_sharding(variable, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> NamedSharding:
+    """The NamedSharding of one ``nnx.Variable`` from its shape and logical axis names."""
+    value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+    return NamedSharding(mesh, param_spec(np.shape(value), names_of(variable), mesh, rules))
+
+
 def shard_params(state, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
     """NamedShardings for an ``nnx.State`` (a pytree of the same structure, leaves NamedSharding)."""
+    return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-    def one(v):
-        value = v.get_value() if hasattr(v, "get_value") else v.value
-        return NamedSharding(mesh, param_spec(np.shape(value), names_of(v), mesh, rules))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def state_shardings(state, mesh: Mesh) -> dict:
+    """A pure dict (like ``nnx.to_pure_dict(state)``) of NamedShardings by logical-axis rules."""
+    root: dict = {}
+    for path, v in nnx.to_flat_state(state):
+        node = root
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = variable_sharding(v, mesh)
+    return root
+
+
+def place(tree, shardings, *, abstract: bool = False):
+    """Global arrays (or, ``abstract``, their ShapeDtypeStructs) from host values identical on every
+    process, laid out by ``shardings`` (a pytree of NamedShardings of the same structure)."""
+    def one(x, s):
+        if abstract:
+            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)

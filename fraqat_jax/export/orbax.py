@@ -1,48 +1,18 @@
-"""Ship a trained student: a frozen W4A8 orbax checkpoint, or dequantized weights for diffusers.
+"""The orbax export: a run's student frozen to integer codes, checked, written and loaded back.
 
-``python -m fraqat_jax.export --workdir DIR --out PATH [--format orbax|diffusers]``
-
-``--format orbax`` (default) writes the serving form, the model that was trained:
-
-1. the run's final student (``fraqat_jax.train.load_run``), at its final bit-width, with the
-   activation quantization it was trained with: dynamic per-token int8 ranges for
-   ``act_quant=dynamic``, the calibrated ranges from its checkpoint for ``act_quant=static``;
-2. for a dynamically trained student, static ranges are also calibrated and stored (100
-   training-style inputs, mean +/- 3 std, integer zero points; ``fraqat_jax.calibrate``) for
-   runtimes that support only static quantization (the ONNX export); the JAX model does not use them;
-3. ``fraqat_jax.freeze``: integer weight codes (two 4-bit codes per byte at <= 4 bits), float32
-   scales, the activation ranges;
-4. an orbax checkpoint at ``PATH`` with two items: ``state`` (the frozen model's arrays, each in the
-   dtype it was trained in; the per-output sums of the codes, derived data, are recomputed at load)
-   and ``meta`` (model class, diffusers config, quantization rules, each layer's bits and activation
-   granularity, sizes and the measured agreement).
-
-:func:`load` rebuilds the frozen model from ``PATH``; it runs and samples like the port. Trained
-equals exported: before writing, its output is checked against the fake-quant student on held-out
-training-style inputs (the run's data, noise and timesteps), within ``TOLERANCE`` of the student's
-max abs output (the two differ only by float32 rounding order). The export prints the measured
-figure and the size ratio: the bytes of every stored array over the bytes of the same model's
-parameters in bfloat16.
-
-``--format onnx`` writes an ONNX QDQ graph (``fraqat_jax.export_onnx``).
-
-``--format diffusers`` writes ``PATH/config.json`` and ``PATH/diffusion_pytorch_model.safetensors``:
-the student's fake-quantized weights (dequantized, bfloat16) in diffusers' layout, so diffusers
-pipelines and :func:`fraqat_jax.models.from_diffusers` load the QAT'd model (full-precision
-activations).
-
-Errors (no trained student in the workdir, an output path that cannot be written, an existing
-output that is not an export): one line on stderr, exit status 2.
+:func:`export_orbax` calibrates static ranges for a dynamically trained student, freezes it
+(``fraqat_jax.freeze``), checks the frozen model against the fake-quant student on held-out
+training-style inputs within :data:`TOLERANCE` of its max abs output, and writes an orbax
+checkpoint with two items, ``state`` (the frozen arrays in their trained dtypes) and ``meta``.
+:func:`load` rebuilds the frozen model. :func:`export_diffusers` writes dequantized bfloat16
+weights in diffusers' layout. See :mod:`fraqat_jax.export` for the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import shutil
-import sys
 import warnings
 from typing import Any
 
@@ -54,7 +24,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import fraqat_jax
-from fraqat_jax import data, train
+from fraqat_jax import data
 from fraqat_jax.diffusion import apply_model, family_of, heldout_inputs, model_sampler
 from fraqat_jax.models import MODEL_CLASSES, to_diffusers_state_dict
 from fraqat_jax.nn import FrozenLinear, quantized_layers
@@ -101,14 +71,14 @@ def calibration_batches(teacher, cfg, *, num_samples: int = CALIBRATION_SAMPLES,
     ]
 
 
-def _forward(family):
+def model_forward(family):
     """``forward(model, (x_t, t, cond))`` -> the model's output (``calibrate``'s ``forward``)."""
     return lambda model, batch: apply_model(model, family, *batch)
 
 
 def _max_rel_diff(model, reference, batches, family) -> float:
     """max |model - reference| / max |reference| over ``batches`` (each model jitted once)."""
-    forward = _forward(family)
+    forward = model_forward(family)
 
     def outputs(m):
         graphdef, state = nnx.split(m)
@@ -196,7 +166,7 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
 def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRATION_SAMPLES) -> dict:
     """Freezes and saves ``student`` to ``out`` (see the module docstring); returns the metadata."""
     family = family_of(teacher)
-    forward = _forward(family)
+    forward = model_forward(family)
     layers = quantized_layers(student)
     uncalibrated = [p for p, layer in layers if layer.act_granularity == "static" and layer.act_bits is not None
                     and not bool(jnp.isfinite(layer.act_range[...]).all())]
@@ -326,108 +296,3 @@ def export_diffusers(student, out: str) -> dict:
         json.dump(config, f, indent=1, sort_keys=True)
     n_bytes = int(sum(v.nbytes for v in tensors.values()))
     return {"tensors": len(tensors), "bytes": n_bytes}
-
-
-def _export_onnx(teacher, student, cfg, args) -> dict:
-    """``--format onnx``: static input ranges (the trained ones, or calibrated for a dynamically
-    trained student), then the QDQ graph checked by onnxruntime against the frozen JAX model."""
-    try:
-        from fraqat_jax.export_onnx import OnnxExportError, export_onnx_run, summary
-    except ImportError as e:
-        raise ExportError(f"--format onnx needs the onnx extra: pip install 'fraqat_jax[onnx]' ({e})") from None
-    family = family_of(teacher)
-    if any(layer.act_bits is not None and not bool(jnp.isfinite(layer.act_range[...]).all())
-           for _, layer in quantized_layers(student)):
-        print("note: the student was trained with dynamic activation ranges; the ONNX graph uses static ranges "
-              "calibrated now (train with --set act_quant=static for a phone model that is the trained one)")
-        fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=args.calibration_samples),
-                             forward=_forward(family), switch_to_static=False)
-    held_out = calibration_batches(teacher, cfg, num_samples=6, batch_size=6, seed=1)[0]
-    try:
-        report = export_onnx_run(student, family, held_out, args.out)
-    except OnnxExportError as e:
-        raise ExportError(str(e)) from None
-    print(summary(report))
-    return report
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fraqat_jax.export", description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="a run directory written by python -m fraqat_jax.train")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", choices=("orbax", "diffusers", "onnx"), default="orbax",
-                   help="orbax: frozen W4A8 checkpoint (load with fraqat_jax.export.load); diffusers: dequantized "
-                        "bf16 folder; onnx: one QDQ .onnx file (INT4 weights, static uint8 inputs) for phone "
-                        "runtimes (needs the onnx extra)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights")
-    p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
-                   help=f"inputs for the static activation ranges (default {CALIBRATION_SAMPLES}, the paper's)")
-    return p
-
-
-def _check_out(out: str, fmt: str) -> None:
-    out = os.path.abspath(out)
-    if fmt == "onnx":
-        if os.path.isdir(out):
-            raise ExportError(f"--out {out!r} is a directory; --format onnx writes one .onnx file")
-        parent = os.path.dirname(out) or "."
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise ExportError(f"cannot write --out {out!r}: {parent!r} is not a writable directory")
-        return
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise ExportError(f"--out {out!r} exists and is not a directory")
-        ours = os.path.isdir(os.path.join(out, "meta")) if fmt == "orbax" else os.path.isfile(os.path.join(out, "config.json"))
-        if os.listdir(out) and not ours:
-            raise ExportError(f"--out {out!r} exists, is not empty and is not an earlier {fmt} export; "
-                              "choose a new path")
-        if not os.access(out, os.W_OK):
-            raise ExportError(f"--out {out!r} is not writable")
-        return
-    parent = os.path.dirname(out)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ExportError(f"cannot create --out {out!r}: {parent!r} is not a writable directory")
-
-
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.calibration_samples < 1:
-            raise ExportError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
-        _check_out(args.out, args.format)
-        if not os.path.isdir(args.workdir):
-            raise ExportError(f"--workdir {args.workdir!r} does not exist")
-        try:
-            teacher, student, cfg = train.load_run(args.workdir, step=args.step, ema=args.ema, unscan=True,
-                                                  attention="xla")
-        except (ValueError, FileNotFoundError) as e:
-            raise ExportError(f"no trained student in {args.workdir!r}: {e}") from None
-        if args.format == "onnx":
-            return _export_onnx(teacher, student, cfg, args)
-        if args.format == "diffusers":
-            info = export_diffusers(student, args.out)
-            print(f"wrote {info['tensors']} tensors ({info['bytes']} bytes, bfloat16, fake-quantized weights) "
-                  f"and config.json to {args.out}")
-            return info
-        if os.path.isdir(args.out):
-            shutil.rmtree(args.out)  # an earlier export (checked above): orbax writes a fresh directory
-        meta = export_orbax(teacher, student, cfg, args.out, num_samples=args.calibration_samples)
-    except (ExportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    bits = sorted({s["bits"] for s in meta["layers"].values() if s["bits"] is not None})
-    print(f"exported W{'/'.join(f'{b:g}' for b in bits)}A8 model to {args.out}: {meta['stored_bytes']} bytes = "
-          f"{meta['bytes_ratio_vs_bf16']:.3f} x the bf16 weights ({meta['bf16_bytes']} bytes); "
-          f"max |exported - fake-quant| / max |fake-quant| = {meta['max_rel_diff_vs_fake_quant']:.2e} "
-          f"(tolerance {TOLERANCE:g})")
-    return meta
-
-
-if __name__ == "__main__":
-    main()

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fraqat_jax import flops as flops_lib
+from fraqat_jax.plan import flops as flops_lib
 from fraqat_jax.diffusion import FAMILIES, apply_model
 from fraqat_jax.nn import set_bits
-from fraqat_jax.plan_topology import (
+from fraqat_jax.plan.topology import (
     GENERATIONS,
     VAE_FACTOR,
     PlanError,
@@ -32,7 +32,7 @@ from fraqat_jax.plan_topology import (
     tokens_of,
     topology_devices,
 )
-from fraqat_jax.train import mesh as mesh_lib
+from fraqat_jax.parallel import mesh as mesh_lib
 from fraqat_jax.train.config import HELP, ConfigError, load_config
 from fraqat_jax.train.models import teacher_spec
 from fraqat_jax.train.state import build as build_state

@@ -1,23 +1,4 @@
-"""``python -m fraqat_jax.plan``: compile the real FraQAT train step for a TPU topology that is not here.
-
-::
-
-    python -m fraqat_jax.plan --config FILE --topology NAME [--batch-size N] [--mesh SPEC]
-                              [--set KEY=VALUE ...] [--mfu F] [--json PATH] [--run K]
-
-It builds what ``python -m fraqat_jax.train`` runs for the config (frozen teacher, quantized student,
-AdamW state, mesh and shardings, the same jitted step) from shapes alone (no weights, no data) and
-compiles it ahead of time with libtpu for ``NAME`` (``v5e:2x2``, ``v5p:2x2x1``, ``v6e:2x4``, ...;
-see :data:`GENERATIONS`), the way MaxText's ``train_compile.py`` does. ``local`` compiles for this
-machine's devices instead, and ``--run K`` then runs K steps on random inputs.
-
-Input shapes: ``--set resolution=PIXELS`` gives the latent size through the family's VAE factor
-(8, Sana's DC-AE 32; pixel data such as the built-in digits: 1); text lengths are the diffusers
-pipelines' defaults (:data:`TEXT_TOKENS`). Without ``resolution`` the teacher's ``sample_size`` is
-used, as the trainer does.
-
-Exit status: 0 compiled and fits; 1 does not fit (the compiler's RESOURCE_EXHAUSTED); 2 bad input.
-"""
+"""``python -m fraqat_jax.plan``: the command line of :mod:`fraqat_jax.plan` (see there)."""
 
 from __future__ import annotations
 
@@ -26,10 +7,12 @@ import json
 import os
 import sys
 
-from fraqat_jax.plan_topology import (GENERATIONS, PlanError, Topology, prepare_environment, input_spec,
-                                      known_topologies, parse_topology, print_table, require_libtpu)
+from fraqat_jax.plan.topology import (PlanError, known_topologies, parse_topology, prepare_environment, print_table,
+                                      require_libtpu)
 
-__all__ = ["GENERATIONS", "PlanError", "Topology", "input_spec", "main", "parse_topology", "plan"]
+__all__ = ["build_parser", "main"]
+
+DESCRIPTION = "compile the real FraQAT train step for a TPU topology that is not here."
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
@@ -37,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fraqat_jax.plan", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="python -m fraqat_jax.plan", description=DESCRIPTION,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="known topologies: " + ", ".join(known_topologies()))
     p.add_argument("--config", metavar="FILE", help="trainer config file (default: the built-in default run)")
@@ -63,6 +46,8 @@ def main(argv=None) -> int:
             raise PlanError(f"--mfu {args.mfu} is not allowed: use a fraction in (0, 1]")
         require_libtpu(top)
         prepare_environment(top)
+        from fraqat_jax.plan.build import plan  # JAX must start after prepare_environment
+
         report = plan(args.config, top, overrides=args.set, batch_size=args.batch_size, mesh=args.mesh,
                       mfu=args.mfu, run_steps=args.run or 0)
     except PlanError as e:
@@ -77,13 +62,6 @@ def main(argv=None) -> int:
         print(f"does not fit: {report['oom']}", file=sys.stderr)
         return 1
     return 0
-
-
-def plan(*args, **kwargs):
-    """See :func:`fraqat_jax.plan_build.plan` (imported lazily: JAX must start after the environment)."""
-    from fraqat_jax.plan_build import plan as _plan
-
-    return _plan(*args, **kwargs)
 
 
 if __name__ == "__main__":

@@ -1,85 +1,25 @@
-"""``python -m fraqat_jax.compare``: the paper's comparison (Table 1, Fig. 7) at small scale, paired.
-
-On one teacher, one data source and one budget of optimizer steps, for each of ``--seeds`` seeds
-(default 5):
-
-========  ==============================================================================
-method    what it is
-========  ==============================================================================
-ptq       dynamic post-training quantization at W(B)A8: the teacher's weights, no training
-qat       vanilla QAT: constant B bits for the whole run (trainer schedule ``constant``)
-integer   the paper's integer staircase 8, 7, 6, 5, 4 (ending at B)
-simple    the paper's 16, 8, 4 staircase (ending at B)
-fraqat    FraQAT: 8, 7, 6, 5.5, 5, 4.75, 4.5, 4.25, 4 (ending at B)
-linear    bits falling linearly from ``start_bits`` to B (beyond the paper)
-cosine    bits falling along a half cosine from ``start_bits`` to B (beyond the paper)
-========  ==============================================================================
-
-(Any other schedule name of :data:`fraqat_jax.schedules.NAMES` that the trainer accepts is a
-method too, named as the schedule.)
-
-**Paired seeds.** Every trained method uses the trainer (``fraqat_jax.train.run``) with the same
-config apart from the schedule and the seed; seed ``k`` of K is ``config.seed + k``. The trainer
-draws the data order from the seed (``fraqat_jax.data``: one permutation per epoch of
-``(seed, epoch)``) and the diffusion noise and timesteps of step ``i`` from
-``fold_in(key(seed), i)``, so at seed ``k`` every method sees exactly the same batches, noise and
-timesteps, and differs only in how the bit-width comes down. Results are therefore compared per
-seed against vanilla QAT: ratios ``method / qat`` per seed, their mean, and a 95% **paired
-Student-t** confidence interval (``scipy.stats.t``; see :mod:`fraqat_jax.compare_stats`). Only the
-CI decides: ``better`` if it lies below 1, ``worse`` above, else a ``tie``.
-
-Each run is scored by :class:`fraqat_jax.eval.evaluate.Evaluator` on the same held-out inputs and
-sampling noise: validation loss at ``--eval-points`` checkpoints and at the end, then ``fd``,
-``mse``, ``psnr`` and ``accuracy`` of the final student's samples against the teacher's.
-Diagnostics per run (``diagnostics`` in ``compare.json``): the training loss at the first step at
-the target bits against PTQ's validation loss, the loss jump at each change of bits (last loss of
-the old width -> first of the new) and the share of quantized weights whose target-bit code differs
-from the teacher's (PTQ's) at the end.
-
-``--tune KEY=V1,V2,...`` (e.g. ``lr=1e-4,3e-4,1e-3``) first picks, per method, the value with the
-lowest mean validation loss on ``--tune-seeds`` seeds (``config.seed + 1000 + k``) scored on a
-separate set of validation inputs, then reports on the fresh seeds ``config.seed + k`` as above.
-
-``--grid KEY=V1,V2,...`` (repeatable, any trainer config key) runs the whole comparison at every
-combination of values, in ``workdir/<key=value,...>/``, and writes ``grid.json`` (every cell's
-paired ratios and CIs) and ``grid.png`` (heatmap of the FraQAT / QAT ratio, CI in each cell).
-
-Writes to ``--workdir`` (default ``runs/compare``):
-
-- ``compare.json``: one object per method: ``method``, ``schedule``, ``final_bits``, ``seeds``
-  (the seed values), each metric's mean over seeds with ``<metric>_std``, ``per_seed`` values,
-  ``val_loss_ratio`` / ``fd_ratio`` (mean of the per-seed ratios to vanilla QAT) with
-  ``val_loss_ratio_ci`` / ``fd_ratio_ci`` (``[low, high]``, 95%), per-seed ``val_loss_ratios``,
-  differences ``val_loss_diff`` (+ ``_ci``), ``verdict``, ``diagnostics`` and the validation curve;
-- ``compare.md``: the same as a table, with the run's settings; ``compare.png``: the curves;
-- ``xla_cache/``: JAX's persistent compilation cache (unless ``JAX_COMPILATION_CACHE_DIR`` or
-  ``jax_compilation_cache_dir`` names another), so seeds after the first reuse the compiled step.
-
-Bad input (unknown method, bad config key, a config file that is missing, a bad ``--grid`` or
-``--tune``) exits with status 2 and one line on stderr.
-"""
+"""The comparison's runs: each method trained and scored on paired seeds, the PTQ baseline, tuning,
+the regime-map grid and the diagnostics (see :mod:`fraqat_jax.compare` for the whole design)."""
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from fraqat_jax import compare_stats, schedules, train
-from fraqat_jax.compare_stats import markdown, plot, write_outputs  # noqa: F401  (public here too)
+from fraqat_jax import schedules, train
+from fraqat_jax.compare import stats as compare_stats
 from fraqat_jax.eval.evaluate import Evaluator
 from fraqat_jax.nn import quantized_layers, set_bits
 from fraqat_jax.quant import quantize_codes
-from fraqat_jax.train.restore import StudentReader
+from fraqat_jax.runs import StudentReader, checkpoint_steps
 
 METHODS = ("ptq", "qat", "integer", "simple", "fraqat", "linear", "cosine")
 SCHEDULE_OF = {"qat": "constant", "integer": "integer", "simple": "simple", "fraqat": "fraqat",
@@ -114,11 +54,6 @@ def _mean_std(values):
     if len(arr) == 1 or np.all(arr == arr[0]):
         return float(arr[0]), 0.0
     return float(arr.mean()), float(arr.std(ddof=1))
-
-
-def _checkpoint_steps(workdir: str) -> list[int]:
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -285,7 +220,7 @@ def run_compare(
             run_dir = os.path.join(workdir, method, f"seed_{s}")
             t_train = runner.train(method, seed, run_dir, overrides)
             curve = []
-            for step in _checkpoint_steps(run_dir):
+            for step in checkpoint_steps(run_dir):
                 bits = float(bits_table[step - 1])
                 student = runner.student(run_dir, step, bits)
                 if step == steps:
@@ -373,87 +308,3 @@ def run_grid(load, axes: dict[str, list[str]], *, workdir: str, log=print, **kwa
         method = "fraqat" if "fraqat" in others else next((m for m in others if m != "ptq"), others[0])
         compare_stats.plot_grid(grid, os.path.join(workdir, "grid.png"), method)
     return grid
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fraqat_jax.compare", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="trainer config file (a Python file with get_config())")
-    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"output directory (default {DEFAULT_WORKDIR})")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
-    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"paired seeds per method (default {DEFAULT_SEEDS})")
-    p.add_argument("--target-bits", type=float, default=None, help="final weight bits (default: the config's, 4)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--eval-points", type=int, default=8, help="validation-loss checkpoints per run (default 8)")
-    p.add_argument("--num-samples", type=int, default=500, help="samples per model for FD/MSE/accuracy")
-    p.add_argument("--num-val", type=int, default=512, help="held-out validation inputs")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any trainer config key")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="run the comparison at every value (repeatable: every combination); writes grid.json/png")
-    p.add_argument("--tune", default=None, metavar="KEY=V1,V2,...",
-                   help="pick each method's value (e.g. lr=1e-4,3e-4,1e-3) on separate seeds, report on fresh ones")
-    p.add_argument("--tune-seeds", type=int, default=2, help="seeds per value when tuning (default 2)")
-    return p
-
-
-def _check_args(args, methods, overrides):
-    cfg = train.load_config(args.config, overrides)
-    for m in methods:
-        if m != "ptq":
-            schedule_of(m)
-    for name, v, low in (("--seeds", args.seeds, 1), ("--eval-points", args.eval_points, 1),
-                         ("--num-samples", args.num_samples, 2), ("--num-val", args.num_val, 1),
-                         ("--tune-seeds", args.tune_seeds, 1)):
-        if v < low:
-            raise ValueError(f"{name}={v} is not allowed: use an integer >= {low}")
-    axes = compare_stats.parse_grid(args.grid)
-    tune = compare_stats.parse_grid([args.tune]) if args.tune else None
-    if tune and set(tune) & set(axes):
-        raise ValueError(f"--tune key {next(iter(tune))!r} is also a --grid axis")
-    for point in compare_stats.grid_points(axes) if axes else []:  # every grid value must load
-        train.load_config(args.config, overrides + [f"{k}={v}" for k, v in point.items()])
-    for key, values in (tune or {}).items():  # typed values; a bad one raises ConfigError here
-        tune = {key: [train.load_config(args.config, overrides + [f"{key}={v}"])[key] for v in values]}
-    os.makedirs(args.workdir, exist_ok=True)
-    if not os.access(args.workdir, os.W_OK):
-        raise ValueError(f"--workdir {args.workdir!r} is not writable")
-    return cfg, axes, tune
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-
-    overrides = list(args.set)
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    if args.target_bits is not None:
-        overrides.append(f"target_bits={args.target_bits}")
-    overrides.append("progress=none")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    try:
-        cfg, axes, tune = _check_args(args, methods, overrides)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    if jax.config.jax_compilation_cache_dir is None:
-        # Runs that differ only in seed compile the same programs: JAX's persistent cache compiles once.
-        jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
-    kwargs = {"seeds": args.seeds, "methods": methods, "eval_points": args.eval_points,
-              "num_samples": args.num_samples, "num_val": args.num_val, "tune": tune, "tune_seeds": args.tune_seeds}
-
-    def log(message):
-        print(message, flush=True)
-
-    if axes:
-        grid = run_grid(lambda extra: train.load_config(args.config, overrides + extra), axes,
-                        workdir=args.workdir, log=log, **kwargs)
-        print(f"wrote {os.path.join(args.workdir, 'grid.json')}, grid.png")
-        return grid
-    results = run_compare(cfg, workdir=args.workdir, log=log, **kwargs)
-    with open(os.path.join(args.workdir, "compare.md")) as f:
-        print(f.read())
-    print(f"wrote {os.path.join(args.workdir, 'compare.json')}, compare.md, compare.png")
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -24,7 +24,7 @@ output is ``sample``, and axis 0 of every input except those in ``batch_free`` (
 
 How the graph is made: the model's float forward is traced with ``jax.make_jaxpr`` at a symbolic
 batch size, each quantized layer wrapped in a ``jit`` named after it, and converted by
-:mod:`fraqat_jax.jaxpr_onnx`, our own converter (why not ``jax2onnx``: see there). At each marked
+:mod:`fraqat_jax.export.jaxpr_onnx`, our own converter (why not ``jax2onnx``: see there). At each marked
 layer the converter emits the QDQ pattern above instead of the layer's fake quantizers.
 
 Agreement: the integer grid of a static range is exact only when ``-lo / scale`` is an integer
@@ -54,9 +54,9 @@ import numpy as np
 from flax import nnx
 
 import fraqat_jax
-from fraqat_jax import jaxpr_onnx
+from fraqat_jax.export import jaxpr_onnx
 from fraqat_jax.diffusion import model_kwargs
-from fraqat_jax.jaxpr_onnx import onnx_dtype
+from fraqat_jax.export.jaxpr_onnx import onnx_dtype
 from fraqat_jax.nn import (
     FrozenConv,
     FrozenLinear,

@@ -12,10 +12,7 @@ classifier-free guidance), AdamW, EMA of the weights (the EMA is what is saved).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from importlib.resources import files
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +23,6 @@ from flax import nnx
 from fraqat_jax.data import digits
 from fraqat_jax.diffusion import ddpm_alphas_cumprod
 from fraqat_jax.models import DiTTransformer2DModel
-from fraqat_jax.train.models import BUILTIN_TEACHERS, save_builtin_teacher
 
 TEACHER_CONFIG = {
     "sample_size": 8,
@@ -92,32 +88,3 @@ def pretrain(steps: int = 6000, *, batch_size: int = 128, lr: float = 1e-3, seed
                   f"{(i + 1) / (time.perf_counter() - t0):.1f} it/s", flush=True)
     return nnx.merge(graph, ema, rest)
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fraqat_jax.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="s", help="s (builtin, default) or m (builtin:m, ~10x larger)")
-    parser.add_argument("--steps", type=int, default=None, help="default 6000 (s) / 4000 (m)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=None, help="default 1e-3 (s) / 5e-4 (m)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output directory (default: the package's assets)")
-    args = parser.parse_args(argv)
-    if args.size not in SIZES:
-        print(f"error: --size {args.size!r} is not allowed: choose one of {', '.join(SIZES)}", file=sys.stderr)
-        return 2
-    config, name, default_steps, default_lr = SIZES[args.size]
-    args.steps = default_steps if args.steps is None else args.steps
-    args.lr = default_lr if args.lr is None else args.lr
-    if args.steps < 1 or args.batch_size < 1:
-        print(f"error: --steps and --batch-size must be positive, got {args.steps}, {args.batch_size}", file=sys.stderr)
-        return 2
-    model = pretrain(args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, config=config)
-    out = args.out or (None if name == "builtin" else str(files("fraqat_jax") / "assets" / BUILTIN_TEACHERS[name]))
-    path = save_builtin_teacher(model, out)
-    print(f"saved the teacher to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,124 @@
+"""``python -m fraqat_jax.export``: the command line of :mod:`fraqat_jax.export` (see there)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+import jax.numpy as jnp
+
+import fraqat_jax
+from fraqat_jax import runs
+from fraqat_jax.diffusion import family_of
+from fraqat_jax.export.orbax import (CALIBRATION_SAMPLES, TOLERANCE, ExportError, calibration_batches,
+                                     export_diffusers, export_orbax, model_forward)
+from fraqat_jax.nn import quantized_layers
+
+
+def _export_onnx(teacher, student, cfg, args) -> dict:
+    """``--format onnx``: static input ranges (the trained ones, or calibrated for a dynamically
+    trained student), then the QDQ graph checked by onnxruntime against the frozen JAX model."""
+    try:
+        from fraqat_jax.export.onnx import OnnxExportError, export_onnx_run, summary
+    except ImportError as e:
+        raise ExportError(f"--format onnx needs the onnx extra: pip install 'fraqat_jax[onnx]' ({e})") from None
+    family = family_of(teacher)
+    if any(layer.act_bits is not None and not bool(jnp.isfinite(layer.act_range[...]).all())
+           for _, layer in quantized_layers(student)):
+        print("note: the student was trained with dynamic activation ranges; the ONNX graph uses static ranges "
+              "calibrated now (train with --set act_quant=static for a phone model that is the trained one)")
+        fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=args.calibration_samples),
+                             forward=model_forward(family), switch_to_static=False)
+    held_out = calibration_batches(teacher, cfg, num_samples=6, batch_size=6, seed=1)[0]
+    try:
+        report = export_onnx_run(student, family, held_out, args.out)
+    except OnnxExportError as e:
+        raise ExportError(str(e)) from None
+    print(summary(report))
+    return report
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fraqat_jax.export",
+                                description="Ship a trained student: a frozen W4A8 orbax checkpoint, dequantized "
+                                            "weights for diffusers, or an ONNX QDQ graph.")
+    p.add_argument("--workdir", required=True, help="a run directory written by python -m fraqat_jax.train")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", choices=("orbax", "diffusers", "onnx"), default="orbax",
+                   help="orbax: frozen W4A8 checkpoint (load with fraqat_jax.export.load); diffusers: dequantized "
+                        "bf16 folder; onnx: one QDQ .onnx file (INT4 weights, static uint8 inputs) for phone "
+                        "runtimes (needs the onnx extra)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
+                   help=f"inputs for the static activation ranges (default {CALIBRATION_SAMPLES}, the paper's)")
+    return p
+
+
+def _check_out(out: str, fmt: str) -> None:
+    out = os.path.abspath(out)
+    if fmt == "onnx":
+        if os.path.isdir(out):
+            raise ExportError(f"--out {out!r} is a directory; --format onnx writes one .onnx file")
+        parent = os.path.dirname(out) or "."
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ExportError(f"cannot write --out {out!r}: {parent!r} is not a writable directory")
+        return
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise ExportError(f"--out {out!r} exists and is not a directory")
+        ours = os.path.isdir(os.path.join(out, "meta")) if fmt == "orbax" else os.path.isfile(os.path.join(out, "config.json"))
+        if os.listdir(out) and not ours:
+            raise ExportError(f"--out {out!r} exists, is not empty and is not an earlier {fmt} export; "
+                              "choose a new path")
+        if not os.access(out, os.W_OK):
+            raise ExportError(f"--out {out!r} is not writable")
+        return
+    parent = os.path.dirname(out)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot create --out {out!r}: {parent!r} is not a writable directory")
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.calibration_samples < 1:
+            raise ExportError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+        _check_out(args.out, args.format)
+        if not os.path.isdir(args.workdir):
+            raise ExportError(f"--workdir {args.workdir!r} does not exist")
+        try:
+            teacher, student, cfg = runs.load_run(args.workdir, step=args.step, ema=args.ema, unscan=True,
+                                                  attention="xla")
+        except (ValueError, FileNotFoundError) as e:
+            raise ExportError(f"no trained student in {args.workdir!r}: {e}") from None
+        if args.format == "onnx":
+            return _export_onnx(teacher, student, cfg, args)
+        if args.format == "diffusers":
+            info = export_diffusers(student, args.out)
+            print(f"wrote {info['tensors']} tensors ({info['bytes']} bytes, bfloat16, fake-quantized weights) "
+                  f"and config.json to {args.out}")
+            return info
+        if os.path.isdir(args.out):
+            shutil.rmtree(args.out)  # an earlier export (checked above): orbax writes a fresh directory
+        meta = export_orbax(teacher, student, cfg, args.out, num_samples=args.calibration_samples)
+    except (ExportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    bits = sorted({s["bits"] for s in meta["layers"].values() if s["bits"] is not None})
+    print(f"exported W{'/'.join(f'{b:g}' for b in bits)}A8 model to {args.out}: {meta['stored_bytes']} bytes = "
+          f"{meta['bytes_ratio_vs_bf16']:.3f} x the bf16 weights ({meta['bf16_bytes']} bytes); "
+          f"max |exported - fake-quant| / max |fake-quant| = {meta['max_rel_diff_vs_fake_quant']:.2e} "
+          f"(tolerance {TOLERANCE:g})")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
