@@ -1,4 +1,5 @@
-"""The registry of ports: diffusers ``_class_name`` -> port class, and loading a diffusers folder.
+"""The registry of ports: diffusers ``_class_name`` (or transformers architecture) -> port class, and
+loading a diffusers folder (transformers folders: ``models.transformers_folder``).
 
 A port is built as ``Cls(config, *, rngs, dtype=None, param_dtype=jnp.float32, remat=False)``
 (transformers also take ``scan_layers`` and ``attention``); its class name equals the diffusers one.
@@ -17,6 +18,7 @@ from fraqat_jax.models.autoencoder_kl import AutoencoderKL
 from fraqat_jax.models.convert import load_checkpoint, load_state_dict, read_config, resolve_model_dir
 from fraqat_jax.models.dit import DiTTransformer2DModel
 from fraqat_jax.models.flux import FluxTransformer2DModel
+from fraqat_jax.models.gemma2 import Gemma2ForCausalLM
 from fraqat_jax.models.mmdit import SD3Transformer2DModel
 from fraqat_jax.models.pixart import PixArtTransformer2DModel
 from fraqat_jax.models.sana import SanaTransformer2DModel
@@ -26,7 +28,7 @@ __all__ = ["MODEL_CLASSES", "from_diffusers", "port_class"]
 MODEL_CLASSES: dict[str, type] = {
     cls.__name__: cls
     for cls in (DiTTransformer2DModel, SD3Transformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel,
-                FluxTransformer2DModel, AutoencoderKL, AutoencoderDC)
+                FluxTransformer2DModel, AutoencoderKL, AutoencoderDC, Gemma2ForCausalLM)
 }
 
 
