@@ -1,0 +1,392 @@
+"""Text evaluation: multiple-choice accuracy with lm-evaluation-harness's rule, perplexity, KL.
+
+A *causal LM* here is any NNX module called as ``model(input_ids, attention_mask=mask) -> logits``
+(``[B, T]`` int32 ids and 0/1 mask -> ``[B, T, vocab]``; the Gemma-2 port, its quantized student,
+its frozen form). A *tokenizer* is a ``tokenizers.Tokenizer`` (the teacher folder's
+``tokenizer.json``); ``tokenizer.encode(text).ids`` adds BOS when its post-processor says so, as
+transformers' tokenizers and lm-eval do.
+
+Multiple choice (lm-eval's ``multiple_choice`` output type, zero-shot):
+
+- a choice's score is the sum of the log-probabilities of its continuation tokens given the context;
+  the continuation is ``delimiter + choice`` (``" "`` for BoolQ and CommonsenseQA, ``""`` for ``mc``);
+- its tokens are those of ``encode(context + continuation)`` after the first ``len(encode(context))``
+  ones; whitespace at the end of the context is moved to the start of the continuation first;
+- ``acc``: the argmax of the scores equals ``gold``; ``acc_norm``: the argmax of score / ``len(choice)``
+  (characters of the choice, without the delimiter) equals ``gold``. Ties go to the first choice.
+
+Task specs (:func:`read_task`): ``mc:FILE`` (JSONL ``{"context", "choices", "gold"}``), ``boolq:FILE``
+(super_glue BoolQ rows ``question``, ``passage``, ``label``; prompt ``"{passage}\\nQuestion:
+{question}?\\nAnswer:"``, choices ``no``/``yes``), ``commonsense_qa:FILE`` (``question``, ``choices``
+with ``label``/``text``, ``answerKey``; prompt ``"Question: {question}\\nA. ...\\nE. ...\\nAnswer:"``,
+choices ``A``..``E``). ``FILE`` is JSONL, or a JSON list of rows.
+
+Perplexity: exp of the mean negative log-likelihood over every predicted token (every real token
+after the first) of every sequence. KL: the mean over the same positions of
+``KL(teacher || student) = sum_v p_t(v) (log p_t(v) - log p_s(v))`` of the next-token distributions.
+
+Batches are right-padded (``attention_mask`` 0 on padding) to a few fixed shapes (``batch_size`` rows,
+lengths rounded up to a multiple of ``length_multiple``), sorted by length, so a model compiles once
+per length bucket; only per-token values ever leave the device, never ``[B, T, vocab]`` logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["TASK_KINDS", "McItem", "TaskError", "TokenScorer", "encode_pair", "kl_divergence", "mc_accuracy",
+           "perplexity", "read_boolq", "read_commonsense_qa", "read_lines", "read_mc", "read_task", "task_names"]
+
+TASK_KINDS = ("mc", "boolq", "commonsense_qa")
+BOOLQ_CHOICES = ("no", "yes")
+CSQA_LABELS = ("A", "B", "C", "D", "E")
+
+
+class TaskError(ValueError):
+    """A task spec or file that cannot be read (the message names it and what is allowed)."""
+
+
+@dataclass(frozen=True)
+class McItem:
+    """One multiple-choice question: ``context``, the ``choices`` (scored as ``delimiter + choice``)
+    and the index ``gold`` of the right one."""
+
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+    delimiter: str = ""
+
+    @property
+    def continuations(self) -> list[str]:
+        return [self.delimiter + c for c in self.choices]
+
+
+# ----------------------------------------------------------------------------- task files
+
+
+def _rows(path: str, spec: str) -> list[dict]:
+    """The rows of a JSONL file (or of a JSON list)."""
+    if not os.path.isfile(path):
+        raise TaskError(f"task {spec!r}: {path!r} is not a file; give a JSONL file of rows")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaskError(f"task {spec!r}: cannot read {path!r} ({e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"task {spec!r}: {path!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        numbered = list(enumerate(rows, 1))
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise TaskError(f"task {spec!r}: {path!r} line {number} is not JSON ({e.msg})") from None
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise TaskError(f"task {spec!r}: {path!r} row {number} is not a JSON object")
+    if not numbered:
+        raise TaskError(f"task {spec!r}: {path!r} holds no rows")
+    return [dict(row, _row=number) for number, row in numbered]
+
+
+def _field(row: dict, name: str, kind, spec: str, path: str):
+    value = row.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise TaskError(f"task {spec!r}: {path!r} row {row['_row']} has no {name!r} of type "
+                        f"{getattr(kind, '__name__', kind)} (got {value!r})")
+    return value
+
+
+def read_mc(path: str, spec: str | None = None) -> list[McItem]:
+    """``mc:FILE``: rows ``{"context": str, "choices": [str, ...], "gold": int}``; a choice is scored
+    as written (no delimiter is added: put the space in the choice, ``" yes"``)."""
+    spec = spec or f"mc:{path}"
+    items = []
+    for row in _rows(path, spec):
+        context = _field(row, "context", str, spec, path)
+        choices = _field(row, "choices", list, spec, path)
+        gold = _field(row, "gold", int, spec, path)
+        if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise TaskError(f"task {spec!r}: {path!r} row {row['_row']}: 'choices' must be >= 2 non-empty strings")
+        if not 0 <= gold < len(choices):
+            raise TaskError(f"task {spec!r}: {path!r} row {row['_row']}: gold={gold} is not in [0, {len(choices)})")
+        if not context:
+            raise TaskError(f"task {spec!r}: {path!r} row {row['_row']}: 'context' is empty; give a non-empty context")
+        items.append(McItem(context, tuple(choices), gold))
+    return items
+
+
+def boolq_prompt(passage: str, question: str) -> str:
+    """lm-eval's ``boolq`` prompt (super_glue, v2)."""
+    return f"{passage}\nQuestion: {question}?\nAnswer:"
+
+
+def read_boolq(path: str, spec: str | None = None) -> list[McItem]:
+    """``boolq:FILE``: super_glue BoolQ rows (``question``, ``passage``, ``label`` 0 = no, 1 = yes)."""
+    spec = spec or f"boolq:{path}"
+    items = []
+    for row in _rows(path, spec):
+        label = row.get("label")
+        if isinstance(label, bool):
+            label = int(label)
+        if label not in (0, 1):
+            raise TaskError(f"task {spec!r}: {path!r} row {row['_row']}: 'label' must be 0 (no) or 1 (yes), got {label!r}")
+        prompt = boolq_prompt(_field(row, "passage", str, spec, path), _field(row, "question", str, spec, path))
+        items.append(McItem(prompt, BOOLQ_CHOICES, int(label), " "))
+    return items
+
+
+def commonsense_qa_prompt(question: str, texts: Sequence[str]) -> str:
+    """lm-eval's ``commonsense_qa`` prompt: the question and the five lettered options."""
+    options = "".join(f"\n{label}. {text}" for label, text in zip(CSQA_LABELS, texts))
+    return f"Question: {question.strip()}{options}\nAnswer:"
+
+
+def read_commonsense_qa(path: str, spec: str | None = None) -> list[McItem]:
+    """``commonsense_qa:FILE``: CommonsenseQA rows (``question``, ``choices`` = ``{"label": [...],
+    "text": [...]}`` with five options, ``answerKey`` in A..E)."""
+    spec = spec or f"commonsense_qa:{path}"
+    items = []
+    for row in _rows(path, spec):
+        choices = _field(row, "choices", dict, spec, path)
+        texts = choices.get("text")
+        if not isinstance(texts, list) or len(texts) != len(CSQA_LABELS) or not all(isinstance(t, str) for t in texts):
+            raise TaskError(f"task {spec!r}: {path!r} row {row['_row']}: 'choices' must hold 'text', a list of "
+                            f"{len(CSQA_LABELS)} strings")
+        key = row.get("answerKey")
+        if key not in CSQA_LABELS:
+            raise TaskError(f"task {spec!r}: {path!r} row {row['_row']}: 'answerKey' must be one of "
+                            f"{', '.join(CSQA_LABELS)}, got {key!r}")
+        prompt = commonsense_qa_prompt(_field(row, "question", str, spec, path), texts)
+        items.append(McItem(prompt, CSQA_LABELS, CSQA_LABELS.index(key), " "))
+    return items
+
+
+_READERS: dict[str, Callable[[str, str], list[McItem]]] = {
+    "mc": read_mc, "boolq": read_boolq, "commonsense_qa": read_commonsense_qa}
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in _READERS or not path:
+        raise TaskError(f"task spec {spec!r} is not KIND:FILE with KIND one of {', '.join(TASK_KINDS)} "
+                        "(e.g. boolq:boolq_validation.jsonl)")
+    return kind, path
+
+
+def task_names(specs: Sequence[str]) -> list[str]:
+    """The name each spec gets in ``eval.json``: its kind (``mc``, ``boolq``, ``commonsense_qa``);
+    when a kind appears more than once, ``KIND:STEM`` with the file's name without its suffix."""
+    kinds = [_split_spec(s)[0] for s in specs]
+    names = []
+    for spec, kind in zip(specs, kinds):
+        stem = os.path.splitext(os.path.basename(_split_spec(spec)[1]))[0]
+        names.append(kind if kinds.count(kind) == 1 else f"{kind}:{stem}")
+    if len(set(names)) != len(names):
+        raise TaskError(f"task specs {', '.join(specs)} give the same name twice; use files with different names")
+    return names
+
+
+def read_task(spec: str) -> list[McItem]:
+    """The items of a task spec ``KIND:FILE`` (see the module docstring)."""
+    kind, path = _split_spec(spec)
+    return _READERS[kind](path, spec)
+
+
+def read_lines(path: str) -> list[str]:
+    """The non-blank lines of a text file (one sequence each, without the newline)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaskError(f"--text {path!r} cannot be read ({e}); give a UTF-8 text file, one sequence per line") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise TaskError(f"--text {path!r} holds no text; give a UTF-8 text file, one sequence per line")
+    return lines
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split of a (context, continuation) pair into token ids (see the module docstring)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation).ids
+    context_ids = tokenizer.encode(context).ids
+    return list(whole[: len(context_ids)]), list(whole[len(context_ids):])
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _token_logprobs(logits, input_ids):
+    """log p(input_ids[:, 1:] | prefix) from ``[B, T, V]`` logits, float32 ``[B, T-1]``."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def _token_kl(teacher_logits, student_logits):
+    """KL(teacher || student) of each position's next-token distribution, float32 ``[B, T-1]``."""
+    lt = jax.nn.log_softmax(teacher_logits[:, :-1].astype(jnp.float32), axis=-1)
+    ls = jax.nn.log_softmax(student_logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
+
+
+class TokenScorer:
+    """Per-token log-probabilities of a causal LM over right-padded batches of id sequences.
+
+    Args:
+      model: the causal LM (``model(input_ids, attention_mask=mask) -> logits``).
+      pad_id: the id written on padding (masked out; any valid id).
+      batch_size: rows per forward pass (the last batch is filled with dummy rows).
+      length_multiple: padded lengths are rounded up to a multiple of this (one compile per length).
+      max_length: sequences longer than this keep their last ``max_length`` tokens (lm-eval's left
+        truncation); None keeps them whole.
+    """
+
+    def __init__(self, model, *, pad_id: int = 0, batch_size: int = 8, length_multiple: int = 32,
+                 max_length: int | None = None):
+        if batch_size < 1 or length_multiple < 1:
+            raise ValueError(f"batch_size and length_multiple must be >= 1, got {batch_size} and {length_multiple}")
+        self.graphdef, self.state = nnx.split(model)
+        self.pad_id, self.batch_size, self.length_multiple = int(pad_id), int(batch_size), int(length_multiple)
+        self.max_length = max_length
+        graphdef = self.graphdef
+
+        def logits(state, ids, mask):
+            return nnx.merge(graphdef, state)(ids, attention_mask=mask)
+
+        def scores(state, ids, mask):
+            out = logits(state, ids, mask)
+            return _token_logprobs(out, ids), jnp.argmax(out[:, :-1], axis=-1) == ids[:, 1:]
+
+        self.logits = logits
+        self._scores = jax.jit(scores)
+
+    def batches(self, sequences: Sequence[Sequence[int]]):
+        """``(indices, ids, mask)`` per padded batch, sequences grouped by length (longest first)."""
+        seqs = [list(s)[-self.max_length:] if self.max_length else list(s) for s in sequences]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            length = _round_up(max(len(seqs[i]) for i in idx), self.length_multiple)
+            ids = np.full((self.batch_size, length), self.pad_id, np.int32)
+            mask = np.zeros((self.batch_size, length), np.int32)
+            mask[:, 0] = 1  # dummy rows see one token, so no row is all padding
+            for row, i in enumerate(idx):
+                ids[row, : len(seqs[i])] = seqs[i]
+                mask[row, : len(seqs[i])] = 1
+            yield idx, ids, mask, [len(seqs[i]) for i in idx]
+
+    def logprobs(self, sequences: Sequence[Sequence[int]], *, greedy: bool = False):
+        """For each sequence of ``n`` ids, the ``n - 1`` log-probabilities of ids 1.. given the ones
+        before (float32; after ``max_length`` truncation). With ``greedy``, also whether each of those
+        ids is the model's argmax there (bool, same shape)."""
+        lps: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
+        hits: list[np.ndarray] = [np.zeros(0, bool)] * len(sequences)
+        for idx, ids, mask, lengths in self.batches(sequences):
+            lp, hit = jax.device_get(self._scores(self.state, jnp.asarray(ids), jnp.asarray(mask)))
+            for row, (i, n) in enumerate(zip(idx, lengths)):
+                lps[i], hits[i] = lp[row, : n - 1], hit[row, : n - 1]
+        return (lps, hits) if greedy else lps
+
+    def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        """lm-eval's ``loglikelihood`` on token ids: for each ``(context_ids, continuation_ids)``, the
+        summed log-probability of the continuation (float64 sum) and whether every continuation token
+        is the greedy one."""
+        lps, hits = self.logprobs([list(c) + list(k) for c, k in pairs], greedy=True)
+        out = []
+        for (_, k), lp, hit in zip(pairs, lps, hits):
+            k = min(len(k), len(lp))
+            out.append((float(np.sum(lp[len(lp) - k:], dtype=np.float64)), bool(hit[len(hit) - k:].all())))
+        return out
+
+
+def mc_scores(scorer: TokenScorer, tokenizer, items: Sequence[McItem]) -> list[np.ndarray]:
+    """Each item's choice scores (summed continuation log-probabilities, float64)."""
+    pairs, owners = [], []
+    for n, item in enumerate(items):
+        for cont in item.continuations:
+            ctx, cont_ids = encode_pair(tokenizer, item.context, cont)
+            if not cont_ids:
+                raise TaskError(f"item {n}: choice {cont!r} encodes to no token after its context")
+            pairs.append((ctx, cont_ids))
+            owners.append(n)
+    scores: list[list[float]] = [[] for _ in items]
+    for (score, _), n in zip(scorer.loglikelihoods(pairs), owners):
+        scores[n].append(score)
+    return [np.asarray(s, np.float64) for s in scores]
+
+
+def mc_accuracy(scorer: TokenScorer, tokenizer, items: Sequence[McItem]) -> dict:
+    """``{"acc", "acc_norm", "n"}`` of a task's items (see the module docstring)."""
+    scores = mc_scores(scorer, tokenizer, items)
+    acc = [int(np.argmax(s)) == it.gold for s, it in zip(scores, items)]
+    norm = [int(np.argmax(s / np.array([len(c) for c in it.choices], np.float64))) == it.gold
+            for s, it in zip(scores, items)]
+    n = len(items)
+    return {"acc": float(np.mean(acc)) if n else math.nan, "acc_norm": float(np.mean(norm)) if n else math.nan, "n": n}
+
+
+def _as_sequences(sequences) -> list[list[int]]:
+    """Id lists from a list of id lists or from ``{"input_ids", "attention_mask"}`` arrays (real tokens
+    are those with mask 1, a prefix of each row)."""
+    if isinstance(sequences, dict):
+        ids, mask = np.asarray(sequences["input_ids"]), np.asarray(sequences["attention_mask"])
+        return [list(row[: int(m.sum())]) for row, m in zip(ids, mask)]
+    return [list(s) for s in sequences]
+
+
+def encode_lines(tokenizer, lines: Iterable[str]) -> list[list[int]]:
+    """Each line's ids as the tokenizer encodes it (BOS when it adds one)."""
+    return [list(tokenizer.encode(line).ids) for line in lines]
+
+
+def perplexity(scorer: TokenScorer, sequences) -> float:
+    """exp of the mean negative log-likelihood over every predicted token of every sequence
+    (``sequences``: id lists, or ``{"input_ids", "attention_mask"}`` arrays)."""
+    lps = scorer.logprobs(_as_sequences(sequences))
+    total = sum(float(-np.sum(lp, dtype=np.float64)) for lp in lps)
+    count = sum(len(lp) for lp in lps)
+    if count == 0:
+        raise TaskError("no token to predict: every sequence holds a single token")
+    return math.exp(total / count)
+
+
+def kl_divergence(teacher: TokenScorer, student: TokenScorer, sequences) -> float:
+    """Mean per-token KL(teacher || student) over every predicted position of every sequence (the
+    two scorers must pad alike: same ``batch_size``, ``length_multiple``, ``max_length``)."""
+    seqs = _as_sequences(sequences)
+    fn = jax.jit(lambda ts, ss, ids, mask: _token_kl(teacher.logits(ts, ids, mask), student.logits(ss, ids, mask)))
+    total, count = 0.0, 0
+    for idx, ids, mask, lengths in teacher.batches(seqs):
+        kl = np.asarray(fn(teacher.state, student.state, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+        for row, n in enumerate(lengths):
+            total += float(kl[row, : n - 1].sum())
+            count += n - 1
+    if count == 0:
+        raise TaskError("no token to predict: every sequence holds a single token")
+    return total / count
