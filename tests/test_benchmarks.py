@@ -117,3 +117,69 @@ def test_gpu_script_rejects_an_unknown_argument():
                           cwd=ROOT, timeout=60)
     assert proc.returncode == 2
     assert "--bogus" in proc.stderr
+
+
+def _load_path(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_claim_gpu_smoke_writes_paired_per_seed_json(tmp_path):
+    """benchmarks/claim_gpu.sh --smoke runs its two cells through the real comparison and writes the
+    per-seed JSON that docs/claim_map.py pools (the keys the GPU call and the map rely on)."""
+    out = tmp_path / "claim.json"
+    proc = subprocess.run(["bash", os.path.join(BENCH, "claim_gpu.sh"), "--smoke", "--out", str(out),
+                           "--workdir", str(tmp_path / "runs")], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("device", "host", "smoke", "budget_seconds", "parallel", "cells", "unfinished", "seconds"):
+        assert key in result, key
+    assert result["smoke"] is True and result["unfinished"] == []
+    assert set(result["cells"]) == {"paper", "continuous"}
+    for name, cell in result["cells"].items():
+        assert set(cell) >= {"what", "args", "methods", "seeds_wanted", "seeds", "stats"}
+        assert list(cell["seeds"]) == ["1234"]
+        per_method = cell["seeds"]["1234"]
+        assert set(per_method) == set(cell["methods"])
+        for m, v in per_method.items():
+            assert _finite_positive(v["val_loss"]) and _finite_positive(v["fd"])
+            if m != "ptq":
+                assert v["diagnostics"]["ptq_val_loss"] > 0
+        other = next(m for m in cell["methods"] if m not in ("qat", "ptq"))
+        st = cell["stats"][other]
+        ratio = per_method[other]["val_loss"] / per_method["qat"]["val_loss"]
+        assert st["seeds"] == [1234] and st["val_loss_ratio"] == pytest.approx(ratio, rel=1e-9)
+        assert st["val_loss_ratio_ci"] is None and st["verdict"] == "tie"  # one seed: no interval
+
+
+def test_claim_map_pools_seed_files_with_a_paired_t_interval(tmp_path):
+    """docs/claim_map.py --json pools the seeds of a cell across files (per device) and recomputes
+    the paired-t interval: checked against scipy on the pooled per-seed ratios."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    files = []
+    vals = {}
+    for part, seeds in enumerate(([1234, 1235, 1236], [1237, 1238])):
+        cell = {"seeds": {}}
+        for s in seeds:
+            q, f = rng.uniform(1e-3, 2e-3), rng.uniform(1e-3, 2e-3)
+            vals[s] = f / q
+            cell["seeds"][str(s)] = {m: {"val_loss": v, "fd": 1.0, "diagnostics": {"first_target_vs_ptq": 0.8}}
+                                     for m, v in (("qat", q), ("fraqat", f))}
+        path = tmp_path / f"p{part}.json"
+        path.write_text(json.dumps({"device": "cpu test", "cells": {"paper": cell}}))
+        files.append(str(path))
+    claim_map = _load_path(os.path.join(ROOT, "docs", "claim_map.py"), "_claim_map")
+    claim_map.main(["--json", *files, "--out", str(tmp_path), "--name", "m"])
+    grid = json.loads((tmp_path / "m.json").read_text())
+    st = grid["pooled"]["cpu test"]["paper"]["stats"]["fraqat"]
+    r = np.array([vals[s] for s in sorted(vals)])
+    lo, hi = stats.t.interval(0.95, len(r) - 1, loc=r.mean(), scale=stats.sem(r))
+    assert st["seeds"] == sorted(vals)
+    np.testing.assert_allclose([st["val_loss_ratio"], *st["val_loss_ratio_ci"]], [r.mean(), lo, hi], rtol=1e-9)
+    assert st["better_on"] == int((r < 1).sum()) and st["first_target_vs_ptq_median"] == pytest.approx(0.8)
+    assert (tmp_path / "m.png").stat().st_size > 0
