@@ -242,29 +242,33 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def _token_logprobs(logits, input_ids):
-    """log p(input_ids[:, 1:] | prefix) from ``[B, T, V]`` logits, float32 ``[B, T-1]``."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+def _token_logprobs(logits, targets):
+    """log p(targets | inputs) from ``[B, L, V]`` logits of ``L`` inputs, float32 ``[B, L]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
 
 
 def _token_kl(teacher_logits, student_logits):
-    """KL(teacher || student) of each position's next-token distribution, float32 ``[B, T-1]``."""
-    lt = jax.nn.log_softmax(teacher_logits[:, :-1].astype(jnp.float32), axis=-1)
-    ls = jax.nn.log_softmax(student_logits[:, :-1].astype(jnp.float32), axis=-1)
+    """KL(teacher || student) of each position's next-token distribution, float32 ``[B, L]``."""
+    lt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    ls = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     return jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
 
 
 class TokenScorer:
     """Per-token log-probabilities of a causal LM over right-padded batches of id sequences.
 
+    A sequence of ``n`` ids is fed as its first ``n - 1`` (the inputs) and scored on its last
+    ``n - 1`` (the targets), as the harness feeds ``(context + continuation)[:-1]``.
+
     Args:
       model: the causal LM (``model(input_ids, attention_mask=mask) -> logits``).
       pad_id: the id written on padding (masked out; any valid id).
       batch_size: rows per forward pass (the last batch is filled with dummy rows).
-      length_multiple: padded lengths are rounded up to a multiple of this (one compile per length).
-      max_length: sequences longer than this keep their last ``max_length`` tokens (lm-eval's left
-        truncation); None keeps them whole.
+      length_multiple: padded input lengths are rounded up to a multiple of this (one compile per
+        length).
+      max_length: the most inputs fed at once: a longer sequence keeps its last ``max_length + 1``
+        ids (the harness's left truncation); None keeps it whole.
     """
 
     def __init__(self, model, *, pad_id: int = 0, batch_size: int = 8, length_multiple: int = 32,
@@ -279,27 +283,30 @@ class TokenScorer:
         def logits(state, ids, mask):
             return nnx.merge(graphdef, state)(ids, attention_mask=mask)
 
-        def scores(state, ids, mask):
+        def scores(state, ids, mask, targets):
             out = logits(state, ids, mask)
-            return _token_logprobs(out, ids), jnp.argmax(out[:, :-1], axis=-1) == ids[:, 1:]
+            return _token_logprobs(out, targets), jnp.argmax(out, axis=-1) == targets
 
         self.logits = logits
         self._scores = jax.jit(scores)
 
     def batches(self, sequences: Sequence[Sequence[int]]):
-        """``(indices, ids, mask)`` per padded batch, sequences grouped by length (longest first)."""
-        seqs = [list(s)[-self.max_length:] if self.max_length else list(s) for s in sequences]
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        """``(indices, inputs, mask, targets, counts)`` per padded batch: ``counts[j]`` real inputs in
+        row ``j``; sequences grouped by length (longest first); sequences of one id are skipped."""
+        keep = None if self.max_length is None else self.max_length + 1
+        seqs = [list(s)[-keep:] if keep else list(s) for s in sequences]
+        order = sorted((i for i in range(len(seqs)) if len(seqs[i]) > 1), key=lambda i: -len(seqs[i]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            length = _round_up(max(len(seqs[i]) for i in idx), self.length_multiple)
+            length = _round_up(max(len(seqs[i]) - 1 for i in idx), self.length_multiple)
             ids = np.full((self.batch_size, length), self.pad_id, np.int32)
+            targets = np.full((self.batch_size, length), self.pad_id, np.int32)
             mask = np.zeros((self.batch_size, length), np.int32)
             mask[:, 0] = 1  # dummy rows see one token, so no row is all padding
             for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = seqs[i]
-                mask[row, : len(seqs[i])] = 1
-            yield idx, ids, mask, [len(seqs[i]) for i in idx]
+                n = len(seqs[i]) - 1
+                ids[row, :n], targets[row, :n], mask[row, :n] = seqs[i][:-1], seqs[i][1:], 1
+            yield idx, ids, mask, targets, [len(seqs[i]) - 1 for i in idx]
 
     def logprobs(self, sequences: Sequence[Sequence[int]], *, greedy: bool = False):
         """For each sequence of ``n`` ids, the ``n - 1`` log-probabilities of ids 1.. given the ones
@@ -307,10 +314,10 @@ class TokenScorer:
         ids is the model's argmax there (bool, same shape)."""
         lps: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
         hits: list[np.ndarray] = [np.zeros(0, bool)] * len(sequences)
-        for idx, ids, mask, lengths in self.batches(sequences):
-            lp, hit = jax.device_get(self._scores(self.state, jnp.asarray(ids), jnp.asarray(mask)))
-            for row, (i, n) in enumerate(zip(idx, lengths)):
-                lps[i], hits[i] = lp[row, : n - 1], hit[row, : n - 1]
+        for idx, ids, mask, targets, counts in self.batches(sequences):
+            lp, hit = jax.device_get(self._scores(self.state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(targets)))
+            for row, (i, n) in enumerate(zip(idx, counts)):
+                lps[i], hits[i] = lp[row, :n], hit[row, :n]
         return (lps, hits) if greedy else lps
 
     def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
@@ -382,11 +389,11 @@ def kl_divergence(teacher: TokenScorer, student: TokenScorer, sequences) -> floa
     seqs = _as_sequences(sequences)
     fn = jax.jit(lambda ts, ss, ids, mask: _token_kl(teacher.logits(ts, ids, mask), student.logits(ss, ids, mask)))
     total, count = 0.0, 0
-    for idx, ids, mask, lengths in teacher.batches(seqs):
+    for _, ids, mask, _, counts in teacher.batches(seqs):
         kl = np.asarray(fn(teacher.state, student.state, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
-        for row, n in enumerate(lengths):
-            total += float(kl[row, : n - 1].sum())
-            count += n - 1
+        for row, n in enumerate(counts):
+            total += float(kl[row, :n].sum())
+            count += n
     if count == 0:
         raise TaskError("no token to predict: every sequence holds a single token")
     return total / count
