@@ -1,0 +1,32 @@
+"""Text samples at each change of bit-width: the teacher's and the student's greedy continuations of
+fixed prompts, written as ``samples/step_{step:06d}_bits_{bits:g}.txt``."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+__all__ = ["format_samples", "sample_path", "write_samples"]
+
+
+def sample_path(workdir: str, step: int, bits: float) -> str:
+    return os.path.join(workdir, "samples", f"step_{step:06d}_bits_{bits:g}.txt")
+
+
+def format_samples(step: int, bits: float, prompts: Sequence[str], teacher: Sequence[str],
+                   student: Sequence[str]) -> str:
+    """One block per prompt: the prompt, then the teacher's and the student's continuations."""
+    lines = [f"step {step}, student weight bits {bits:g}: greedy continuations of {len(prompts)} fixed prompts "
+             "(the first tokens of held-out windows)", ""]
+    for i, (p, t, s) in enumerate(zip(prompts, teacher, student), 1):
+        lines += [f"=== prompt {i} ===", p, "--- teacher ---", t, f"--- student ({bits:g}-bit weights) ---", s, ""]
+    return "\n".join(lines)
+
+
+def write_samples(workdir: str, step: int, bits: float, prompts: Sequence[str], teacher: Sequence[str],
+                  student: Sequence[str]) -> str:
+    path = sample_path(workdir, step, bits)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(format_samples(step, bits, prompts, teacher, student))
+    return path
