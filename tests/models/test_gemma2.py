@@ -4,6 +4,10 @@
 padding and sequences longer than the sliding window."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +19,8 @@ from parity_utils import randomize
 from safetensors.numpy import load_file, save_file
 
 import fraqat_jax
-from fraqat_jax.models import (CheckpointMismatchError, Gemma2ForCausalLM, from_transformers, positions_from_mask,
-                               save_transformers, to_transformers_state_dict)
+from fraqat_jax.models import (PRESETS, CheckpointMismatchError, Gemma2ForCausalLM, count_params, from_transformers,
+                               positions_from_mask, save_transformers, to_transformers_state_dict)
 from fraqat_jax.models.gemma2 import _splash_attention, _xla_attention
 from fraqat_jax.models.scan import ScannedBlocks
 from fraqat_jax.nn.graph import quantized_layers
@@ -240,3 +244,61 @@ def test_bad_configs_name_the_value():
                           rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="attention='fast' is not allowed"):
         Gemma2ForCausalLM(CONFIGS["A"], rngs=nnx.Rngs(0), attention="fast")
+
+
+def test_presets_have_the_published_sizes():
+    """Parameter counts of the presets against transformers' model of the same config (on the meta
+    device: no memory spent)."""
+    for name in ("gemma-2-2b", "gemma-2-27b"):
+        _, config = PRESETS[name]
+        ours = count_params(nnx.eval_shape(lambda: Gemma2ForCausalLM(config, rngs=nnx.Rngs(0))))
+        with torch.device("meta"):
+            reference = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**config))
+        assert ours == sum(p.numel() for p in reference.parameters()), name
+    assert ours == 27_227_128_320  # gemma-2-27b
+
+
+_TPU_SCRIPT = textwrap.dedent(r"""
+    import json, os
+    os.environ.update(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
+                      ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from jax.experimental.topologies import get_topology_desc
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from fraqat_jax.models import Gemma2ForCausalLM
+
+    devices = get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+                                chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False)).devices
+    mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "tensor"))
+    config = dict(vocab_size=300, hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=128, query_pre_attn_scalar=128, sliding_window=256)
+    model = nnx.eval_shape(lambda: Gemma2ForCausalLM(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat=True,
+                                                      scan_layers=True, attention="flash"))
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), state)
+    tokens = jax.ShapeDtypeStruct((4, 384), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+
+    def loss(s, ids, mask):
+        logits = nnx.merge(graphdef, s)(ids, attention_mask=mask)
+        return jnp.mean(jnp.square(logits.astype(jnp.float32)))
+
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.grad(loss)).lower(state, tokens, tokens).compile().as_text()
+    print("RESULT " + json.dumps([text.count("tpu_custom_call"), text.replace(" ", "").count("384,384]")]))
+""")
+
+
+@pytest.mark.slow
+def test_splash_kernel_compiles_ahead_of_time_for_a_tpu_topology():
+    """attention='flash' on a TPU program (v5e 2x2, batch over data, heads over tensor, scanned and
+    rematerialised layers of both kinds, padding mask): the splash kernels (causal and local,
+    forward and backward) are in the program and no [L, L] score array is."""
+    pytest.importorskip("libtpu", reason="the TPU AOT compiler ships in libtpu (pip install 'fraqat_jax[tpu]')")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", _TPU_SCRIPT], capture_output=True, text=True, env=env, timeout=900,
+                          check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    kernels, score_arrays = json.loads(lines[-1][len("RESULT "):])
+    assert kernels >= 6 and score_arrays == 0
