@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["TASK_KINDS", "McItem", "TaskError", "TokenScorer", "encode_pair", "kl_divergence", "mc_accuracy",
-           "perplexity", "read_boolq", "read_commonsense_qa", "read_lines", "read_mc", "read_task", "task_names"]
+__all__ = ["MODELS", "TASK_KINDS", "McItem", "TaskError", "TokenScorer", "encode_lines", "encode_pair",
+           "evaluate_models", "kl_divergence", "mc_accuracy", "mc_scores", "perplexity", "read_boolq",
+           "read_commonsense_qa", "read_lines", "read_mc", "read_task", "task_names"]
 
 TASK_KINDS = ("mc", "boolq", "commonsense_qa")
 BOOLQ_CHOICES = ("no", "yes")
@@ -397,3 +398,24 @@ def kl_divergence(teacher: TokenScorer, student: TokenScorer, sequences) -> floa
     if count == 0:
         raise TaskError("no token to predict: every sequence holds a single token")
     return total / count
+
+
+# ----------------------------------------------------------------------------- a run's three models
+
+MODELS = ("teacher", "student", "student_frozen")
+
+
+def evaluate_models(models: dict, tokenizer, *, tasks: dict[str, Sequence[McItem]], sequences, batch_size: int = 8,
+                    pad_id: int = 0, max_length: int | None = None, length_multiple: int = 32) -> dict:
+    """``eval.json``'s text content for ``models`` (``{"teacher", "student", "student_frozen"}`` ->
+    causal LM; any subset holding ``teacher``): ``tasks`` (task name -> model -> ``{"acc",
+    "acc_norm", "n"}``), ``perplexity`` (model -> float, on ``sequences``) and ``kl`` (mean per-token
+    KL(teacher || student) on ``sequences``, None without a student)."""
+    scorers = {name: TokenScorer(m, pad_id=pad_id, batch_size=batch_size, length_multiple=length_multiple,
+                                 max_length=max_length) for name, m in models.items()}
+    seqs = _as_sequences(sequences)
+    out = {"tasks": {task: {name: mc_accuracy(s, tokenizer, items) for name, s in scorers.items()}
+                     for task, items in tasks.items()},
+           "perplexity": {name: perplexity(s, seqs) for name, s in scorers.items()},
+           "kl": kl_divergence(scorers["teacher"], scorers["student"], seqs) if "student" in scorers else None}
+    return out

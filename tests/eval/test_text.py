@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fraqat_jax.eval import text as text_eval  # noqa: E402
-from fraqat_jax.models.transformers_folder import from_transformers  # noqa: E402
+from fraqat_jax.models import from_transformers  # noqa: E402
 from text_fixtures import load_torch_model, write_tasks, write_tiny_gemma2  # noqa: E402
 
 
@@ -136,3 +136,26 @@ def test_task_specs_and_names(tmp_path):
         text_eval.read_task(f"mc:{tmp_path / 'missing.jsonl'}")
     assert text_eval.task_names(["boolq:a/b.jsonl", "mc:x.jsonl"]) == ["boolq", "mc"]
     assert text_eval.task_names(["mc:a/x.jsonl", "mc:y.json"]) == ["mc:x", "mc:y"]
+
+
+def test_evaluate_models_three_models(tiny):
+    """teacher / student (W4A8 fake quant) / student_frozen: the eval.json text content; the frozen
+    model scores as the fake-quant one (to float rounding), the student differs from the teacher."""
+    import fraqat_jax
+
+    student = fraqat_jax.quantize_model(from_transformers(tiny["folder"]), [fraqat_jax.Rule(
+        r".*", weight_bits=4, act_bits=8, layer_types=("Linear",))])
+    models = {"teacher": tiny["jax"], "student": student, "student_frozen": fraqat_jax.freeze(student)}
+    tasks = {"mc": text_eval.read_task(f"mc:{tiny['tasks']['mc']}")}
+    seqs = text_eval.encode_lines(tiny["tokenizer"], ["The cat sat on the mat.", "Water boils at one hundred."])
+    out = text_eval.evaluate_models(models, tiny["tokenizer"], tasks=tasks, sequences=seqs, batch_size=4,
+                                    length_multiple=16)
+    assert set(out) == {"tasks", "perplexity", "kl"}
+    assert set(out["tasks"]["mc"]) == set(out["perplexity"]) == {"teacher", "student", "student_frozen"}
+    assert all(set(v) == {"acc", "acc_norm", "n"} for v in out["tasks"]["mc"].values())
+    ppl = out["perplexity"]
+    assert ppl["student_frozen"] == pytest.approx(ppl["student"], rel=1e-5)
+    assert ppl["student"] != pytest.approx(ppl["teacher"], rel=1e-4)
+    lp_t = text_eval.TokenScorer(models["teacher"], batch_size=2).logprobs(seqs)
+    assert ppl["teacher"] == pytest.approx(math.exp(-np.mean(np.concatenate(lp_t))), rel=1e-6)
+    assert out["kl"] > 0
