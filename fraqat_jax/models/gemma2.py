@@ -75,7 +75,8 @@ __all__ = [
     "positions_from_mask",
 ]
 
-#: transformers' ``Gemma2Config`` defaults (the 2B model's sizes); a config.json overrides them.
+#: transformers' ``Gemma2Config`` defaults (the 2B model's sizes); a config.json overrides them. The
+#: rotary base is read from ``rope_parameters`` or ``rope_theta`` (default 10000, see ``rope_theta``).
 GEMMA2_DEFAULTS: dict[str, Any] = {
     "vocab_size": 256000,
     "hidden_size": 2304,
@@ -92,7 +93,6 @@ GEMMA2_DEFAULTS: dict[str, Any] = {
     "eos_token_id": 1,
     "bos_token_id": 2,
     "tie_word_embeddings": True,
-    "rope_theta": 10000.0,
     "attention_bias": False,
     "attention_dropout": 0.0,
     "query_pre_attn_scalar": 256,

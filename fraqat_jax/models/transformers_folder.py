@@ -120,7 +120,8 @@ def save_transformers(model: nnx.Module, path: str | Path, *, tokenizer_from: st
     if name not in TRANSFORMERS_CLASSES:
         raise ValueError(f"{name} is not a transformers port; supported: {', '.join(sorted(TRANSFORMERS_CLASSES))}")
     model_type = {v: k for k, v in _MODEL_TYPES.items()}[name]
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    # "torch_dtype" is transformers 4's name for "dtype": drop it rather than contradict it
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "torch_dtype"}
     kinds = {np.dtype(v.dtype) for v in tensors.values()}
     stored = "bfloat16" if np.dtype(ml_dtypes.bfloat16) in kinds else str(max(kinds, key=lambda d: d.itemsize))
     config.update(architectures=[name], model_type=model_type, dtype=stored)
