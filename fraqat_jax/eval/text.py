@@ -419,3 +419,104 @@ def evaluate_models(models: dict, tokenizer, *, tasks: dict[str, Sequence[McItem
            "perplexity": {name: perplexity(s, seqs) for name, s in scorers.items()},
            "kl": kl_divergence(scorers["teacher"], scorers["student"], seqs) if "student" in scorers else None}
     return out
+
+
+class TextEvaluator:
+    """Students of one text run scored against its teacher on held-out token windows: the validation
+    loss is the mean per-token KL(teacher || student) (the text family's training loss, ``loss=kl``),
+    and ``ppl`` the student's perplexity on the same windows.
+
+    ``sequences``: the windows (id lists or ``{"input_ids", "attention_mask"}``); by default the first
+    ``num_val`` held-out windows of the run's data (``cfg.data`` through the family's data source),
+    the same for every seed and method of a comparison.
+    """
+
+    def __init__(self, teacher, cfg=None, *, num_val: int = 64, batch_size: int = 8, sequences=None, **unused):
+        if sequences is None:
+            sequences = heldout_windows(teacher, cfg, num_val)
+        self.sequences = _as_sequences(sequences)
+        self.num_val, self.batch_size = len(self.sequences), int(batch_size)
+        self.pad_id = int(teacher.config.get("pad_token_id") or 0)
+        self.teacher = self._scorer(teacher)
+        self.teacher_ppl = perplexity(self.teacher, self.sequences)
+
+    def _scorer(self, model) -> TokenScorer:
+        return TokenScorer(model, pad_id=self.pad_id, batch_size=self.batch_size)
+
+    def val_loss(self, student) -> float:
+        return kl_divergence(self.teacher, self._scorer(student), self.sequences)
+
+    def evaluate(self, student) -> dict:
+        """``{"val_loss": held-out KL, "ppl": the student's held-out perplexity}``."""
+        scorer = self._scorer(student)
+        return {"val_loss": kl_divergence(self.teacher, scorer, self.sequences), "ppl": perplexity(scorer, self.sequences)}
+
+    def settings(self) -> dict:
+        return {"num_val": self.num_val, "val_loss": "held-out KL(teacher || student) per token",
+                "teacher_ppl": self.teacher_ppl,
+                "val_tokens": int(sum(len(s) - 1 for s in self.sequences))}
+
+
+def heldout_windows(teacher, cfg, num: int | None = None) -> dict:
+    """The first ``num`` held-out windows (all when None) of the run's data source, from the teacher's
+    family (``{"input_ids", "attention_mask"}`` arrays)."""
+    from fraqat_jax.family import family_for_model
+
+    source = family_for_model(teacher).make_source(cfg, dict(teacher.config))
+    return source.heldout(num)
+
+
+# ----------------------------------------------------------------------------- python -m fraqat_jax.eval (text runs)
+
+
+def is_text_model(model) -> bool:
+    """Whether ``model`` is a language-model port (a transformers-named causal LM)."""
+    from fraqat_jax.models.transformers_folder import TRANSFORMERS_CLASSES
+
+    return type(model).__name__ in TRANSFORMERS_CLASSES
+
+
+def teacher_folder(cfg) -> str:
+    """The transformers folder of a text run's teacher (its tokenizer lives there)."""
+    from fraqat_jax.family import families
+
+    for family in families().values():
+        find = getattr(family, "teacher_folder", None)
+        if find is not None:
+            try:
+                folder = find(cfg)
+            except Exception:  # another family's teacher forms
+                continue
+            if folder:
+                return str(folder)
+    if isinstance(cfg.teacher, str) and os.path.isdir(cfg.teacher):
+        return cfg.teacher
+    raise TaskError(f"the run's teacher {cfg.teacher!r} is not a transformers folder; its tokenizer cannot be found")
+
+
+def parse_specs(text: str) -> list[str]:
+    """``SPEC[,SPEC...]`` -> the specs, each checked for its form (the files are read later)."""
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if not specs:
+        raise TaskError(f"--tasks {text!r} names no task; use KIND:FILE[,KIND:FILE...] with KIND one of "
+                        f"{', '.join(TASK_KINDS)}")
+    task_names(specs)
+    return specs
+
+
+def evaluate_run(teacher, student, cfg, *, specs: Sequence[str] = (), text: str | None = None, batch_size: int = 8,
+                 num_val: int | None = None) -> dict:
+    """``eval.json`` of a text run: the student as trained, its frozen integer form and the teacher on
+    the ``specs`` tasks, their perplexity on ``text`` (one sequence per line; default: the run's
+    held-out windows) and the student's KL to the teacher there."""
+    from fraqat_jax.data.text import load_tokenizer
+    from fraqat_jax.nn import freeze
+
+    tasks = {name: read_task(spec) for name, spec in zip(task_names(list(specs)), specs)} if specs else {}
+    tokenizer = load_tokenizer(teacher_folder(cfg), "the run's teacher")
+    sequences = encode_lines(tokenizer, read_lines(text)) if text else heldout_windows(teacher, cfg, num_val)
+    config = dict(teacher.config)
+    models = {"teacher": teacher, "student": student, "student_frozen": freeze(student)}
+    return evaluate_models(models, tokenizer, tasks=tasks, sequences=sequences, batch_size=batch_size,
+                           pad_id=int(config.get("pad_token_id") or 0),
+                           max_length=config.get("max_position_embeddings"))
