@@ -8,6 +8,13 @@ the pipeline's VAE in JAX and writes the teacher-above-student PNGs next to ``ev
 :mod:`fraqat_jax.eval.t2i`), sharded over ``--mesh``. Bad input (no run in DIR, no checkpoint, a
 missing Inception weights file, an unwritable output, a prompt cache or VAE that does not fit the
 teacher) exits with status 2 and one line on stderr.
+
+Language-model runs (a Gemma-2 teacher): ``--tasks SPEC[,SPEC...] [--text FILE]`` scores the teacher,
+the student as trained (W4A8 fake quant) and its frozen integer form on multiple-choice tasks with
+lm-eval's rule, and their perplexity and the student's KL to the teacher on ``--text`` (one sequence
+per line; default: the run's held-out windows). ``eval.json`` then holds exactly ``tasks`` (task ->
+model -> ``acc``, ``acc_norm``, ``n``), ``perplexity`` (model -> value) and ``kl``; see
+:mod:`fraqat_jax.eval.text`. A bad task spec or file exits 2 before the run is loaded.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the PNGs and captions.jsonl go (default: OUT without .json plus _images, e.g. WORKDIR/eval_images)")
     t.add_argument("--save-arrays", action="store_true",
                    help="also write the latents and decoded images of both models to IMAGES_DIR/arrays.npz")
+    x = p.add_argument_group("text (language-model runs: Gemma-2 teachers)")
+    x.add_argument("--tasks", metavar="SPEC[,SPEC...]", default=None,
+                   help="multiple-choice tasks scored with lm-eval's rule: mc:FILE (JSONL context/choices/gold), "
+                        "boolq:FILE (super_glue BoolQ rows), commonsense_qa:FILE (CommonsenseQA rows)")
+    x.add_argument("--text", metavar="FILE", default=None,
+                   help="perplexity and KL on this text, one sequence per line (default: the run's held-out windows)")
     return p
 
 
@@ -76,6 +89,18 @@ def main(argv=None) -> dict:
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         fail(f"cannot write {out_path!r}: {out_dir!r} is not a writable directory")
 
+    if args.tasks is not None or args.text is not None:
+        from fraqat_jax.eval.text import TaskError, parse_specs, read_lines, read_task
+
+        try:
+            specs = parse_specs(args.tasks) if args.tasks is not None else []
+            for spec in specs:
+                read_task(spec)
+            if args.text is not None:
+                read_lines(args.text)
+        except TaskError as e:
+            fail(str(e))
+
     from fraqat_jax import runs
     from fraqat_jax.eval.evaluate import Evaluator
     from fraqat_jax.nn import bits_of
@@ -86,6 +111,12 @@ def main(argv=None) -> dict:
         fail(f"no trained student in {args.workdir!r}: {e}")
     t0 = time.perf_counter()
     from fraqat_jax.data import DataSourceError
+    from fraqat_jax.eval.text import is_text_model
+
+    if is_text_model(teacher):
+        return _evaluate_text(args, teacher, student, cfg, out_path, t0)
+    if args.tasks is not None or args.text is not None:
+        fail(f"--tasks and --text apply to language-model runs; {args.workdir!r} distils {type(teacher).__name__}")
 
     if args.prompts is not None:
         result = {"workdir": os.path.abspath(args.workdir), "step": args.step or _latest_step(args.workdir),
@@ -111,6 +142,26 @@ def _write(result: dict, out_path: str, t0: float, shown_keys) -> dict:
         json.dump(result, f, indent=1)
     shown = {k: result[k] for k in shown_keys if isinstance(result.get(k), (int, float))}
     print(" ".join(f"{k}={v:.6g}" for k, v in shown.items()) + f" -> {out_path}")
+    return result
+
+
+def _evaluate_text(args, teacher, student, cfg, out_path: str, t0: float) -> dict:
+    """A language-model run: ``tasks``, ``perplexity`` and ``kl`` (see :mod:`fraqat_jax.eval.text`)."""
+    from fraqat_jax.data import DataSourceError
+    from fraqat_jax.eval.text import TaskError, evaluate_run, parse_specs
+
+    try:
+        result = evaluate_run(teacher, student, cfg, specs=parse_specs(args.tasks) if args.tasks else [],
+                              text=args.text, batch_size=args.batch_size)
+    except (TaskError, DataSourceError) as e:
+        fail(str(e))
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    ppl = result["perplexity"]
+    shown = [f"{name}: " + " ".join(f"{m}={v['acc']:.3f}" for m, v in row.items()) for name, row in result["tasks"].items()]
+    print("; ".join(shown + [f"perplexity teacher={ppl['teacher']:.4g} student={ppl['student']:.4g} "
+                             f"student_frozen={ppl['student_frozen']:.4g}", f"kl={result['kl']:.4g}"])
+          + f" ({time.perf_counter() - t0:.0f}s) -> {out_path}")
     return result
 
 
