@@ -24,7 +24,7 @@ from fraqat_jax.runs import StudentReader, checkpoint_steps
 METHODS = ("ptq", "qat", "integer", "simple", "fraqat", "linear", "cosine")
 SCHEDULE_OF = {"qat": "constant", "integer": "integer", "simple": "simple", "fraqat": "fraqat",
                "linear": "linear", "cosine": "cosine"}
-METRICS = ("val_loss", "fd", "mse", "psnr", "accuracy")
+METRICS = ("val_loss", "fd", "mse", "psnr", "accuracy", "ppl")  # ppl: text runs (held-out perplexity)
 DEFAULT_WORKDIR = os.path.join("runs", "compare")
 DEFAULT_SEEDS = 5
 TUNE_SEED_OFFSET = 1000  # tuning seeds never overlap the reported ones
@@ -135,11 +135,19 @@ class _Runner:
         return student
 
 
+def _evaluator(teacher, cfg, **kwargs):
+    """The image :class:`Evaluator`, or for a language model the text one (held-out KL as the
+    validation loss, perplexity; no samples, so no FD)."""
+    from fraqat_jax.eval.text import TextEvaluator, is_text_model
+
+    return TextEvaluator(teacher, cfg, **kwargs) if is_text_model(teacher) else Evaluator(teacher, cfg, **kwargs)
+
+
 def _tune(runner, methods, tune, tune_seeds, num_val, log):
     """``{method: {"key": KEY, "value": best, "scores": {value: mean val loss}}}`` (see module doc)."""
 
     (key, values), = tune.items()
-    ev = Evaluator(runner.teacher, runner.cfg, num_samples=2, num_val=num_val, seed=TUNE_VAL_SEED)
+    ev = _evaluator(runner.teacher, runner.cfg, num_samples=2, num_val=num_val, seed=TUNE_VAL_SEED)
     out = {}
     for method in methods:
         if method == "ptq":
@@ -195,7 +203,7 @@ def run_compare(
     target, steps = float(cfg.target_bits), runner.steps
     tuned = _tune(runner, methods, tune, tune_seeds, num_val, log) if tune else {}
     log(f"compare: scoring setup (teacher samples, {num_val} validation inputs)")
-    ev = Evaluator(runner.teacher, cfg, num_samples=num_samples, num_val=num_val)
+    ev = _evaluator(runner.teacher, cfg, num_samples=num_samples, num_val=num_val)
     ptq_scores = ev.evaluate(runner.ptq_student)
     seed_values = [int(cfg.seed) + s for s in range(seeds)]
 

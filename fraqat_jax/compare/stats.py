@@ -82,13 +82,14 @@ def paired(values: Sequence[float | None], reference: Sequence[float | None]) ->
 def add_paired(results: list[dict[str, Any]], reference: str = "qat") -> None:
     """Adds, in place, to every row the paired keys against the ``reference`` method's row:
     ``val_loss_ratio``, ``val_loss_ratio_ci``, ``val_loss_diff``, ``val_loss_diff_ci``,
-    ``val_loss_ratios`` (per seed), the same for ``fd``, and ``verdict`` (from the val-loss CI)
-    and ``fd_verdict``. Nothing is added when there is no reference row."""
+    ``val_loss_ratios`` (per seed), the same for ``fd`` and (text runs) ``ppl``, and ``verdict``
+    (from the val-loss CI) and ``fd_verdict`` (runs with an FD). Nothing is added when there is no
+    reference row."""
     ref = next((r for r in results if r["method"] == reference), None)
     if ref is None:
         return
     for row in results:
-        for metric in ("val_loss", "fd"):
+        for metric in ("val_loss", "fd", "ppl"):
             p = paired(row["per_seed"].get(metric, []), ref["per_seed"].get(metric, []))
             if p is None or "ratio" not in p:
                 continue
@@ -96,7 +97,8 @@ def add_paired(results: list[dict[str, Any]], reference: str = "qat") -> None:
             row[f"{metric}_ratios"] = p["ratios"]
             row[f"{metric}_diff"], row[f"{metric}_diff_ci"] = p["diff"], p["diff_ci"]
         row["verdict"] = verdict(row.get("val_loss_ratio_ci")) if row is not ref else "reference"
-        row["fd_verdict"] = verdict(row.get("fd_ratio_ci")) if row is not ref else "reference"
+        if "fd" in ref["per_seed"]:
+            row["fd_verdict"] = verdict(row.get("fd_ratio_ci")) if row is not ref else "reference"
 
 
 def fmt_ratio(row: dict[str, Any], metric: str = "val_loss") -> str:
@@ -215,7 +217,35 @@ def _diag_brief(row) -> str:
     return (f"{np.mean(first):.3g}" if first else "–") + f" / {100 * codes:.1f}%"
 
 
+def _markdown_text(results, settings) -> str:
+    """compare.md of a language-model comparison: held-out KL and perplexity, no samples."""
+    lines = [
+        (f"Teacher-student comparison of a language model at W{settings['target_bits']:g}A{settings['act_bits']:g}: "
+         f"{settings['steps']} steps, {settings['seeds']} seeds ({', '.join(map(str, settings['seed_values']))}), "
+         "mean ± standard deviation over seeds; ratios to vanilla QAT are means of paired per-seed ratios "
+         "with their 95% paired-t CI; a CI that contains 1 is a tie."),
+        "",
+        ("| method | final bits | val loss (KL) | perplexity | val loss / QAT [95% CI] | perplexity / QAT [95% CI] "
+         "| verdict | first loss at target / PTQ, codes changed |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['final_bits']:g} | {_fmt(r, 'val_loss', 3)} | {_fmt(r, 'ppl', 4)} | "
+                     f"{fmt_ratio(r)} | {fmt_ratio(r, 'ppl')} | {r.get('verdict', '–')} | {_diag_brief(r)} |")
+    lines += [
+        "",
+        f"Settings: teacher `{settings['teacher']}`, data `{settings['data']}`, batch {settings['batch_size']}, "
+        f"lr {settings['lr']:g} ({settings['lr_schedule']}, {settings['warmup_steps']} warmup). Val loss: mean "
+        f"per-token KL(teacher || student) on {settings['num_val']} held-out windows ({settings['val_tokens']} "
+        f"predicted tokens), perplexity on the same (teacher: {settings['teacher_ppl']:.4g}). Total time "
+        f"{settings['seconds'] / 60:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results, settings) -> str:
+    if "teacher_ppl" in settings:
+        return _markdown_text(results, settings)
     lines = [
         (f"Teacher-student comparison at W{settings['target_bits']:g}A{settings['act_bits']:g}: "
          f"{settings['steps']} steps, {settings['seeds']} seeds ({', '.join(map(str, settings['seed_values']))}), "
@@ -276,7 +306,7 @@ def plot(results, settings, path: str) -> None:
             if r["method"] == "fraqat":
                 ax.axvline(s, color=color, lw=0.5, ls=":", alpha=0.7)
     ax.set_yscale("log")
-    ax.set_ylabel("validation loss (teacher-student MSE)")
+    ax.set_ylabel("validation loss (held-out KL)" if "teacher_ppl" in settings else "validation loss (teacher-student MSE)")
     ax.set_title(f"W{settings['target_bits']:g}A{settings['act_bits']:g}, {settings['steps']} steps, "
                  f"{settings['seeds']} seeds (mean, ±1 std shaded; dotted: FraQAT bit changes)")
     ax.legend(fontsize=8, ncol=2)

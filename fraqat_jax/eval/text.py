@@ -458,12 +458,13 @@ class TextEvaluator:
 
 
 def heldout_windows(teacher, cfg, num: int | None = None) -> dict:
-    """The first ``num`` held-out windows (all when None) of the run's data source, from the teacher's
-    family (``{"input_ids", "attention_mask"}`` arrays)."""
+    """The first ``num`` held-out windows (all when None or when fewer are held out) of the run's data
+    source, from the teacher's family (``{"input_ids", "attention_mask"}`` arrays)."""
     from fraqat_jax.family import family_for_model
 
     source = family_for_model(teacher).make_source(cfg, dict(teacher.config))
-    return source.heldout(num)
+    windows = source.heldout(None)  # all of them, each once (heldout(num) would repeat a short set)
+    return {k: v[:num] for k, v in windows.items()} if num else windows
 
 
 # ----------------------------------------------------------------------------- python -m fraqat_jax.eval (text runs)
