@@ -43,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["MODELS", "TASK_KINDS", "McItem", "TaskError", "TokenScorer", "encode_lines", "encode_pair",
-           "evaluate_models", "kl_divergence", "mc_accuracy", "mc_scores", "perplexity", "read_boolq",
-           "read_commonsense_qa", "read_lines", "read_mc", "read_task", "task_names"]
+__all__ = ["MODELS", "TASK_KINDS", "McItem", "TaskError", "TextEvaluator", "TextRun", "TokenScorer", "encode_lines",
+           "encode_pair", "evaluate_models", "evaluate_run", "heldout_windows", "is_text_model", "kl_divergence",
+           "load_text_run", "mc_accuracy", "mc_scores", "parse_specs", "perplexity", "read_boolq",
+           "read_commonsense_qa", "read_lines", "read_mc", "read_task", "task_names", "teacher_folder"]
 
 TASK_KINDS = ("mc", "boolq", "commonsense_qa")
 BOOLQ_CHOICES = ("no", "yes")
@@ -521,3 +522,33 @@ def evaluate_run(teacher, student, cfg, *, specs: Sequence[str] = (), text: str 
     return evaluate_models(models, tokenizer, tasks=tasks, sequences=sequences, batch_size=batch_size,
                            pad_id=int(config.get("pad_token_id") or 0),
                            max_length=config.get("max_position_embeddings"))
+
+
+@dataclass
+class TextRun:
+    """A finished text run read back: its config, tokenizer and models by name (``teacher``,
+    ``student``, ``student_frozen`` when asked for)."""
+
+    cfg: object
+    tokenizer: object
+    models: dict
+
+    @property
+    def teacher(self):
+        return self.models["teacher"]
+
+
+def load_text_run(workdir: str, *, step: int | None = None, frozen: bool = True) -> TextRun:
+    """The teacher, the student of checkpoint ``step`` (default the latest) and, with ``frozen``, its
+    frozen integer form, with the teacher folder's tokenizer (``fraqat_jax.runs.load_run``)."""
+    from fraqat_jax import runs
+    from fraqat_jax.data.text import load_tokenizer
+    from fraqat_jax.nn import freeze
+
+    teacher, student, cfg = runs.load_run(workdir, step=step)
+    if not is_text_model(teacher):
+        raise TaskError(f"{workdir!r} distils {type(teacher).__name__}, not a language model")
+    models = {"teacher": teacher, "student": student}
+    if frozen:
+        models["student_frozen"] = freeze(student)
+    return TextRun(cfg, load_tokenizer(teacher_folder(cfg), "the run's teacher"), models)
