@@ -163,22 +163,22 @@ def staircase(stages: Sequence[tuple[float, int]], *, name: str = "staircase") -
 
 
 def _rescale_stages(stages, total: int):
-    """Stages over ``total`` steps with the same proportions (boundaries rounded half up).
-
-    Stages that round to no step at all are dropped, except the last, which keeps at least one.
-    """
-    lengths = np.asarray([n for _, n in stages], np.float64)
+    """Stages over ``total`` steps with the same proportions (boundaries rounded half up), every
+    stage keeping at least one step. A budget shorter than the stage count keeps the staircase's
+    order from its start and still ends at the target: its first ``total - 1`` stages, then the
+    last, one step each (fraqat over 5 steps: 8, 7, 6, 5.5, 4 bits)."""
+    n = len(stages)
+    if total < n:
+        return [(b, 1) for b, _ in stages[:total - 1]] + [(stages[-1][0], 1)]
+    lengths = np.asarray([s for _, s in stages], np.float64)
     cum = np.cumsum(lengths) / lengths.sum() * total
     ends = np.floor(cum + 0.5).astype(int)
     ends[-1] = total
-    out, start = [], 0
-    for (b, _), end in zip(stages, ends):
-        if end > start:
-            out.append((b, int(end - start)))
-            start = end
-    if not out:
-        out = [(stages[-1][0], total)]
-    return out
+    ends = np.clip(ends, np.arange(1, n + 1), total - np.arange(n - 1, -1, -1))
+    for i in range(1, n):  # at least one step each: push a boundary that did not move
+        ends[i] = max(ends[i], ends[i - 1] + 1)
+    starts = np.concatenate([[0], ends[:-1]])
+    return [(b, int(e - s)) for (b, _), s, e in zip(stages, starts, ends)]
 
 
 def _shifted(stages, target_bits):
@@ -296,7 +296,9 @@ def scale_to(schedule: Schedule, total_steps: int) -> Schedule:
 
     Stage boundaries fall at ``round(total_steps * cumulative_fraction)``, so 25 steps of
     ``fraqat()`` visit 8, 7, 6, 5.5, 5, 4.75, 4.75, 4.5, 4.5, 4.25, 4.25, 4, ... and 2500 steps
-    give 100 steps per epoch. Smooth schedules are stretched to end at ``total_steps - 1``.
+    give 100 steps per epoch. Every stage keeps at least one step; fewer steps than stages keep the
+    first stages and the last (9-stage ``fraqat()`` over 5 steps: 8, 7, 6, 5.5, 4). Smooth schedules
+    are stretched to end at ``total_steps - 1``.
     """
     if not isinstance(schedule, Schedule):
         raise ValueError(f"scale_to needs a Schedule, got {type(schedule).__name__}")

@@ -25,7 +25,7 @@ STEPS, SEEDS, TARGET_BITS, NUM_SAMPLES, NUM_VAL = 6, 2, 3.0, 24, 16
 
 def write_tiny_teacher(directory) -> str:
     from fraqat_jax.models import DiTTransformer2DModel
-    from fraqat_jax.train.models import save_builtin_teacher
+    from fraqat_jax.diffusion.teachers import save_builtin_teacher
 
     model = DiTTransformer2DModel(TINY_DIT, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)

@@ -1,9 +1,12 @@
 """The layout's rules, read from the source with ``ast`` (imports at any level, function-level included).
 
-- ``quant/`` and ``schedules.py`` import nothing of Flax and nothing of the package but ``quant/``;
-- ``models/`` imports no other part but ``quant/``; ``nn/`` only ``quant/`` and ``schedules.py``;
-- ``diffusion/`` only ``models/``, ``quant/``, ``schedules.py``; ``data/`` no ``train/`` or ``eval/``;
-- ``train/`` and ``eval/`` never import each other (their ``__main__`` command lines may use any part);
+- the package root holds ``__init__.py``, ``schedules.py`` and packages, nothing else;
+- every part has a rule (:data:`ALLOWED`): ``quant/`` and ``schedules.py`` import nothing of Flax and
+  nothing of the package but ``quant/``; ``models/`` only ``quant/``; ``nn/`` only ``quant/`` and
+  ``schedules.py``; a family package (``diffusion/``, ``text/``) only the interface, data and the layers
+  below; ``train/`` names no family (no import of a family package, no family name in its code);
+- ``train/`` and ``eval/`` never import each other, their command lines (``__main__``) included;
+- a command line may import any other part;
 - no private name (``_x``) is imported from another module of the package;
 - no import circle between modules;
 - no source module over 500 lines and no function over 100 lines, unless a ``# long: <reason>``
@@ -21,14 +24,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "fraqat_jax"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 100
 
+BELOW = {"quant", "schedules", "models", "nn"}
+FAMILY_PACKAGES = {"diffusion", "text"}
+APPS = {"export", "plan", "compare", "pretrain"}
 ALLOWED = {  # part -> parts it may import (itself always allowed)
     "quant": set(),
     "schedules": {"quant"},
     "models": {"quant"},
     "nn": {"quant", "schedules"},
-    "diffusion": {"models", "quant", "schedules"},
+    "parallel": set(),
+    "data": {"models", "quant"},
+    "family": {"nn", "quant", "schedules"},
+    "diffusion": {"family", "data", *BELOW},
+    "text": {"family", "data", *BELOW},
+    "train": {"family", "data", "parallel", "runs", *BELOW},
+    "runs": {"train", "family", "parallel", *BELOW},
+    "eval": {"family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
+    "export": {"family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
+    "plan": {"train", "family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
+    "compare": {"train", "eval", "export", "family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
+    "pretrain": {"family", "data", *FAMILY_PACKAGES, *BELOW},
 }
-FORBIDDEN = {"data": {"train", "eval"}, "train": {"eval"}, "eval": {"train"}}
+FORBIDDEN = {"train": {"eval", *FAMILY_PACKAGES}, "eval": {"train"}}  # command lines included
+ROOT_MODULES = {"__init__.py", "schedules.py"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -86,7 +104,7 @@ def test_parts_import_only_the_layers_below_them():
     bad = []
     for name, path in MODULES.items():
         part = _part(name)
-        if part is None or _is_command_line(name):
+        if part is None:
             continue
         for mod, _ in _imports(name, path):
             if part in ("quant", "schedules") and mod.split(".")[0] == "flax":
@@ -94,10 +112,54 @@ def test_parts_import_only_the_layers_below_them():
             target = _part(mod)
             if target is None or target == part:
                 continue
-            if part in ALLOWED and target not in ALLOWED[part]:
-                bad.append(f"{name} imports {mod} ({part}/ may import only {sorted(ALLOWED[part]) or 'nothing'})")
             if target in FORBIDDEN.get(part, ()):
-                bad.append(f"{name} imports {mod} ({part}/ never imports {target}/)")
+                bad.append(f"{name} imports {mod} ({part}/ never imports {target}/, its command line neither)")
+            elif not _is_command_line(name) and target not in ALLOWED.get(part, ()):
+                bad.append(f"{name} imports {mod} ({part}/ may import only {sorted(ALLOWED[part]) or 'nothing'})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_root_holds_only_init_schedules_and_packages():
+    files = {p.name for p in ROOT.iterdir() if p.is_file() and p.suffix == ".py"}
+    assert files == ROOT_MODULES, f"modules at the package root besides {sorted(ROOT_MODULES)}: {sorted(files - ROOT_MODULES)}"
+
+
+def _parts() -> set[str]:
+    return {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+
+
+def test_every_part_has_a_rule():
+    parts = _parts() | {"schedules"}
+    assert parts <= set(ALLOWED), f"parts without an import rule: {sorted(parts - set(ALLOWED))}"
+
+
+def _family_words() -> set[str]:
+    from fraqat_jax.family import families
+
+    words = set()
+    for family in families().values():
+        words.add(family.name)
+        words.update(family.model_classes)
+    return words
+
+
+def test_train_names_no_family():
+    """``train/`` asks the family interface: no import of a family package, no family or model class
+    name as a value in its code, no noise or DDPM (help texts and docstrings may name examples)."""
+    words, bad = _family_words(), []
+    for name, path in MODULES.items():
+        if _part(name) != "train":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in words:
+                bad.append(f"{name}:{node.lineno} uses the family name {node.value!r}")
+            ident = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if ident and any(w in ident.lower() for w in ("noise", "ddpm", "diffusion", "latent")):
+                bad.append(f"{name}:{node.lineno} names {ident!r}")
+        for mod, _ in _imports(name, path):
+            if _part(mod) in FAMILY_PACKAGES:
+                bad.append(f"{name} imports {mod}")
     assert not bad, "\n".join(bad)
 
 
@@ -158,10 +220,22 @@ def test_module_and_function_sizes():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("part", ["quant", "nn", "models", "diffusion", "data", "train", "eval"])
+@pytest.mark.parametrize("part", sorted(_parts()))
 def test_each_part_says_what_it_holds_and_may_import(part):
     doc = ast.get_docstring(ast.parse((ROOT / part / "__init__.py").read_text()))
     assert doc and len(doc) > 80, f"fraqat_jax/{part}/__init__.py needs a docstring: what it holds, what it imports"
+
+
+README = ROOT.parent / "README.md"
+
+
+@pytest.mark.parametrize("part", sorted(_parts()) + ["schedules.py"])
+def test_the_readme_layout_map_lists_every_part(part):
+    text = README.read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[: layout.index("\n## ", 1)]
+    entry = part if part.endswith(".py") else f"{part}/"
+    assert f"`{entry}`" in layout, f"the README's layout map does not list {entry}"
 
 
 def test_the_rules_catch_a_violation(tmp_path, monkeypatch):

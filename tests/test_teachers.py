@@ -15,7 +15,7 @@ import fraqat_jax
 from fraqat_jax import pretrain
 from fraqat_jax.data import digits
 from fraqat_jax.models import DiTTransformer2DModel, count_params
-from fraqat_jax.train.models import BUILTIN_TEACHERS, load_builtin_teacher
+from fraqat_jax.diffusion.teachers import BUILTIN_TEACHERS, load_builtin_teacher
 
 
 def _denoising_mse(model, n=256, seed=0):

@@ -1,5 +1,10 @@
-"""What training, evaluation, export, pretraining and data-free data share; imports only ``models/``,
-``quant/`` and ``schedules.py``.
+"""diffusion/: the diffusion model family, what training, evaluation, export, pretraining and
+data-free data share. Imports ``family/`` (the interface it implements), ``models/``, ``nn/``,
+``data/``, ``quant/`` and ``schedules.py``.
+
+``family``: :class:`~fraqat_jax.diffusion.family.DiffusionFamily`, the five families (DiT, PixArt,
+SD3, Sana, Flux) behind ``fraqat_jax.family.Family``, registered on import. ``teachers``: the
+built-in digits DiTs, presets and diffusers folders as teachers. ``grids``: PNG sample grids.
 
 ``families``: which port is which family, how each is called (``apply_model``, Flux's 2x2 packing
 and ids) and its timestep convention. ``noise``: DDPM and rectified-flow schedules and the training
@@ -14,8 +19,12 @@ from fraqat_jax.diffusion.noise import (ddim_timesteps, ddpm_alphas_cumprod, dif
                                         logit_normal_sigmas)
 from fraqat_jax.diffusion.samplers import (ddim_sample, ddpm_sample, euler_sample, make_noise, make_sampler,
                                            model_sampler, sample)
+from fraqat_jax.diffusion.family import DiffusionFamily  # registers the five families
+from fraqat_jax.diffusion.teachers import BUILTIN_TEACHERS, load_builtin_teacher, save_builtin_teacher
 
 __all__ = [
+    "BUILTIN_TEACHERS",
+    "DiffusionFamily",
     "FAMILIES",
     "apply_model",
     "ddim_sample",
@@ -27,6 +36,7 @@ __all__ = [
     "family_of",
     "flow_sigmas",
     "heldout_inputs",
+    "load_builtin_teacher",
     "logit_normal_sigmas",
     "make_noise",
     "make_sampler",
@@ -39,6 +49,7 @@ __all__ = [
     "sample",
     "sampler_of",
     "sampling_inputs",
+    "save_builtin_teacher",
     "teacher_examples",
     "unpack_2x2",
 ]

@@ -24,8 +24,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import fraqat_jax
-from fraqat_jax import data
-from fraqat_jax.diffusion import apply_model, family_of, heldout_inputs, model_sampler
+from fraqat_jax.data.streams import stream
+from fraqat_jax.family import families, family_for_model
 from fraqat_jax.models import MODEL_CLASSES, to_diffusers_state_dict
 from fraqat_jax.nn import FrozenLinear, quantized_layers
 from fraqat_jax.nn.freeze import code_sums
@@ -44,36 +44,28 @@ class ExportError(ValueError):
 
 
 def calibration_batches(teacher, cfg, *, num_samples: int = CALIBRATION_SAMPLES, batch_size: int = 25, seed: int = 0):
-    """``num_samples`` training-style inputs ``(x_t, t, cond)`` of the run's family, in batches.
-
-    Clean examples come from the run's data (for a data-free run: the teacher's own samples, as the
-    trainer draws them), noised as training noises them (``diffusion.heldout_inputs``).
-    """
-    family = family_of(teacher)
-    size = int(cfg.image_size or teacher.config.get("sample_size", 8))
-    shape = (int(teacher.config.get("in_channels", 4)), size, size)
+    """``num_samples`` training-style inputs of the run's family (diffusion: ``(x_t, t, cond)``), in
+    batches: the family's :meth:`~fraqat_jax.family.Family.calibration_inputs` on the run's data (for
+    a data-free run: the teacher's own samples, as the trainer draws them), from the ``export``
+    random stream of ``seed``."""
+    family = family_for_model(teacher)
+    config = dict(teacher.config)
+    graphdef, state = nnx.split(teacher)
+    sampler = family.teacher_sampler(cfg, lambda st: nnx.merge(graphdef, st), guidance_scale=1.0)
     rows = None
     if cfg.data != "datafree":
-        src = data.make_source(cfg.data, seed=int(cfg.seed) + seed + 7919, image_size=size,
-                               data_dir=cfg.data_dir or None)
-        rows = dict(src.batch(0, num_samples))
-    graphdef, state = nnx.split(teacher)
-    sampler = model_sampler(lambda st: nnx.merge(graphdef, st), family, num_steps=int(cfg.sample_steps))
-    n_cls = teacher.config.get("num_embeds_ada_norm")
-    x_t, t, cond = heldout_inputs(
-        family, jax.random.key(seed + 7919), rows=rows, sample_clean=lambda n, c, k: sampler(state, n, c, k),
-        num=num_samples, sample_shape=shape, num_classes=int(n_cls) if n_cls else None,
-        num_train_timesteps=int(cfg.num_train_timesteps), logit_mean=float(cfg.logit_mean),
-        logit_std=float(cfg.logit_std))
-    return [
-        (x_t[i : i + batch_size], t[i : i + batch_size], jax.tree.map(lambda a: a[i : i + batch_size], cond))
-        for i in range(0, num_samples, batch_size)
-    ]
+        source = family.make_source(cfg, config, seed=stream(int(cfg.seed) + seed, "export"))
+        rows = dict(source.batch(0, num_samples))
+    return family.calibration_inputs(cfg, config, rows, jax.random.key(stream(seed, "export")), num_samples,
+                                     batch_size, lambda prompts: sampler(state, prompts))
 
 
 def model_forward(family):
-    """``forward(model, (x_t, t, cond))`` -> the model's output (``calibrate``'s ``forward``)."""
-    return lambda model, batch: apply_model(model, family, *batch)
+    """``forward(model, inputs)`` -> the model's output (``calibrate``'s ``forward``); ``family`` a
+    family name or :class:`fraqat_jax.family.Family`."""
+    if isinstance(family, str):
+        family = families()[family]
+    return family.apply
 
 
 def _max_rel_diff(model, reference, batches, family) -> float:
@@ -165,7 +157,7 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
 
 def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRATION_SAMPLES) -> dict:
     """Freezes and saves ``student`` to ``out`` (see the module docstring); returns the metadata."""
-    family = family_of(teacher)
+    family = family_for_model(teacher).name
     forward = model_forward(family)
     layers = quantized_layers(student)
     uncalibrated = [p for p, layer in layers if layer.act_granularity == "static" and layer.act_bits is not None

@@ -29,7 +29,7 @@ from flax import nnx
 
 from fraqat_jax.nn.graph import find_layers, path_string, quantized_layers, replace_child, walk_to
 from fraqat_jax.nn.layers import ACT_GRANULARITIES, QUANTIZED_TYPES, Bits, kind_of
-from fraqat_jax.quant import check_bits, validate_bits
+from fraqat_jax.quant import MAX_BITS, MIN_BITS, check_bits, validate_bits
 
 LAYER_TYPES = ("Linear", "Conv", "Einsum")
 
@@ -265,3 +265,65 @@ def _bits_value(bits):
     """A float; a layer stacked over blocks (``models.scan``) whose blocks differ gives a list."""
     values = [float(b) for b in jnp.ravel(bits)]
     return values[0] if len(set(values)) == 1 else values
+
+
+# ----------------------------------------------------------------------------- rules from a run's config
+
+
+def parse_weight_granularity(text: str) -> tuple[int | None, int | None]:
+    """``weight_granularity`` -> ``(channel_axis, group_size)`` of ``fraqat_jax.quantize``:
+    ``tensor`` -> (None, None), ``channel`` -> (-1, None), ``group:N`` -> (-1, N). ``ValueError``
+    naming the value otherwise."""
+    if text == "tensor":
+        return None, None
+    if text == "channel":
+        return -1, None
+    if text.startswith("group:"):
+        size = text[len("group:"):]
+        if size.isdigit() and int(size) >= 1:
+            return -1, int(size)
+    raise ValueError(f"weight_granularity={text!r} is not allowed: use tensor, channel or group:N (N a positive "
+                     "integer, e.g. group:128)")
+
+
+def parse_keep(text: str) -> list[tuple[str, float | None]]:
+    """``keep`` (``REGEX[:BITS]`` entries separated by ``;``) -> ``[(regex, weight_bits or None)]``.
+    ``ValueError`` naming the entry for a bad regular expression or bit-width."""
+    out = []
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        pattern, bits = entry, None
+        head, sep, tail = entry.rpartition(":")
+        if sep and head:
+            try:
+                bits = float(tail)
+                pattern = head
+            except ValueError:
+                pass  # a ':' inside the regular expression
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"keep entry {entry!r}: {pattern!r} is not a valid regular expression ({e})") from None
+        if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"keep entry {entry!r}: bits {tail!r} is not allowed: use a bit-width in "
+                             f"[{MIN_BITS:g}, {MAX_BITS:g}]")
+        out.append((pattern, bits))
+    return out
+
+
+def config_rules(cfg, layer_types: Sequence[str] = ("Linear",)) -> list[Rule]:
+    """A run's rules from its config, first match wins: each ``keep`` entry (input unquantized,
+    weights following the schedule or pinned at its bits), then the paper's rule: every layer of
+    ``layer_types``, weights from 8 bits down (the schedule sets them each step), activations at
+    ``act_bits`` (8: A8), ranges per ``act_quant`` (dynamic per token, or static), weight scales per
+    ``weight_granularity``."""
+    from fraqat_jax import schedules
+
+    channel_axis, group_size = parse_weight_granularity(cfg.weight_granularity)
+    weights = dict(channel_axis=channel_axis, group_size=group_size, layer_types=tuple(layer_types))
+    rules = [Rule(pattern, weight_bits=8.0 if bits is None else schedules.constant(bits), act_bits=None, **weights)
+             for pattern, bits in parse_keep(cfg.keep)]
+    act = "static" if cfg.act_quant == "static" else None
+    rules.append(Rule(r".*", weight_bits=8.0, act_bits=float(cfg.act_bits), act_granularity=act, **weights))
+    return rules

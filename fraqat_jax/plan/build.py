@@ -103,7 +103,7 @@ def _model_flops(setup, args) -> tuple[int, int]:
     """Analytic forward FLOPs of teacher and student on the whole global batch."""
     _, teacher_abs, rest_abs, batch_abs = (_plain(a) for a in args)
     params_abs = _plain(args[0]["params"])
-    family, tg, sg = setup.family, setup.teacher_graph, setup.student_graph
+    family, tg, sg = setup.family.name, setup.teacher_graph, setup.student_graph
     x = batch_abs["latents"]
     t = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
     cond = {k: v for k, v in batch_abs.items() if k != "latents"}

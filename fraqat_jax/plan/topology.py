@@ -38,7 +38,6 @@ GENERATIONS: dict[str, Generation] = {
 # Default text-encoder tokens of each family's diffusers pipeline: SD3 joins 77 CLIP tokens and
 # max_sequence_length=256 T5 tokens; PixArt-Sigma and Sana pad to 300; FLUX.1-dev to 512 T5
 # tokens, FLUX.1-schnell (no guidance embedding) to 256 (its model card and max allowed).
-TEXT_TOKENS = {"sd3": 333, "pixart": 300, "sana": 300, "flux_dev": 512, "flux_schnell": 256}
 VAE_FACTOR = {"dit": 8, "pixart": 8, "sd3": 8, "flux": 8, "sana": 32}
 
 
@@ -115,29 +114,11 @@ def prepare_environment(top: Topology) -> None:
 
 
 def input_spec(family: str, model_config, *, latent_size: int, pixel_data: bool = False) -> dict:
-    """Per-example batch fields ``{name: (shape, dtype name)}`` the trainer's data source yields.
+    """Per-example batch fields ``{name: (shape, dtype name)}`` the trainer's data source yields:
+    the family's ``example_batch`` (``fraqat_jax.family``) at latent height = width ``latent_size``."""
+    from fraqat_jax.family import families
 
-    ``latent_size``: latent height = width. Text-to-image families read cached text embeddings
-    (``fraqat_jax.data.latents``): ``encoder_hidden_states [L, D]`` and, for SD3 and Flux,
-    ``pooled_projections [D']``; the class-conditional DiT reads ``class_labels``.
-    """
-    c = model_config
-    s = int(latent_size)
-    if family == "dit":
-        return {"latents": ((int(c.get("in_channels", 4)), s, s), "float32"), "class_labels": ((), "int32")}
-    if family == "flux":
-        channels = int(c.get("in_channels", 64)) // 4  # 2x2 packing: 64 packed = 16 latent channels
-        length = TEXT_TOKENS["flux_dev" if c.get("guidance_embeds") else "flux_schnell"]
-        width = int(c.get("joint_attention_dim", 4096))
-    elif family == "sd3":
-        channels, length, width = int(c.get("in_channels", 16)), TEXT_TOKENS["sd3"], int(c.get("joint_attention_dim", 4096))
-    else:  # pixart, sana
-        channels, length = int(c.get("in_channels", 4)), TEXT_TOKENS[family]
-        width = int(c.get("caption_channels", 4096 if family == "pixart" else 2304))
-    spec = {"latents": ((channels, s, s), "float32"), "encoder_hidden_states": ((length, width), "float32")}
-    if family in ("sd3", "flux"):
-        spec["pooled_projections"] = ((int(c.get("pooled_projection_dim", 2048)),), "float32")
-    return spec
+    return families()[family].example_batch(model_config, latent_size=latent_size)
 
 
 def tokens_of(family: str, model_config, spec: dict) -> tuple[int, int]:

@@ -10,8 +10,8 @@ classifier-free guidance), AdamW, EMA of the weights (the EMA is what is saved).
 (``--size m``: ``digits_dit_m``) or ``--out``.
 
 ``teachers.py`` holds the recipe (:func:`pretrain`, :data:`TEACHER_CONFIG`, :data:`TEACHER_CONFIG_M`),
-``__main__.py`` the command line. The part imports ``data/``, ``diffusion/``, ``models/`` and the
-trainer's teacher presets (``train.models``); nothing imports it but its own command line.
+``__main__.py`` the command line. The part imports ``data/``, ``diffusion/`` (its teacher folders) and
+``models/``; nothing imports it but its own command line.
 """
 
 from fraqat_jax.pretrain.teachers import SIZES, TEACHER_CONFIG, TEACHER_CONFIG_M, pretrain

@@ -8,7 +8,7 @@ from importlib.resources import files
 
 from fraqat_jax.pretrain import teachers
 from fraqat_jax.pretrain.teachers import SIZES, pretrain
-from fraqat_jax.train.models import BUILTIN_TEACHERS, save_builtin_teacher
+from fraqat_jax.diffusion.teachers import BUILTIN_TEACHERS, save_builtin_teacher
 
 
 def main(argv=None) -> int:

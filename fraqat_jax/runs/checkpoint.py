@@ -1,4 +1,5 @@
-"""orbax checkpoints of the train state: student params, optimizer state, EMA, step, data position, config.
+"""orbax checkpoints of the train state: student params, optimizer state, EMA, step, data position, config,
+and the student's other state (bit-widths at the saved step, activation ranges).
 
 orbax writes each checkpoint into ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only
 once every file is written, so a process killed mid-save leaves a temporary folder and never a
@@ -7,23 +8,16 @@ half-written ``<step>``. :class:`Checkpointer` lists such leftovers in ``partial
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "abstract_like", "checkpoint_steps", "fingerprint"]
+__all__ = ["Checkpointer", "abstract_like", "checkpoint_steps"]
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-def fingerprint(config: Mapping[str, Any]) -> str:
-    """sha256 of the config as canonical JSON (sorted keys): equal configs, equal fingerprints."""
-    return hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -56,17 +50,20 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, rest: Any, meta: dict) -> None:
         """``state``: the train state; ``rest``: the student's other state (bit-widths, activation
-        ranges: a static run's calibrated ranges travel with its weights)."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        rest=ocp.args.StandardSave(rest),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        ranges: a static run's calibrated ranges travel with its weights). An unquantized student has
+        no such state: an empty ``rest`` is not written (orbax refuses empty items)."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if jax.tree.leaves(rest):
+            items["rest"] = ocp.args.StandardSave(rest)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any, abstract_rest: Any) -> tuple[Any, Any, dict]:
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 rest=ocp.args.StandardRestore(abstract_rest),
-                                                                 meta=ocp.args.JsonRestore()))
-        return out["state"], out["rest"], out["meta"]
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if jax.tree.leaves(abstract_rest):
+            items["rest"] = ocp.args.StandardRestore(abstract_rest)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], out["rest"] if "rest" in items else abstract_rest, out["meta"]
 
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -1,22 +1,25 @@
-"""Run configuration: the built-in default, config files, ``KEY=VALUE`` overrides, validation."""
+"""Run configuration: the built-in default, config files, ``KEY=VALUE`` overrides, validation.
+
+The trainer's keys are listed here; each model family adds its own (``Family.config_keys``: image
+size and timesteps for diffusion, sequence length and loss for text), and the family of the
+run's teacher validates them and the ``data`` forms it reads.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import sys
 from typing import Any, Iterable, Mapping
 
 import ml_collections
 
 from fraqat_jax import schedules
+from fraqat_jax.family import ConfigError, FamilyError, all_config_keys, family_for_teacher
+from fraqat_jax.nn.rules import parse_keep as _parse_keep
+from fraqat_jax.nn.rules import parse_weight_granularity as _parse_weight_granularity
 
-__all__ = ["ConfigError", "HELP", "get_config", "load_config", "validate"]
-
-
-class ConfigError(ValueError):
-    """A bad config file, key or value (the message names it and what is allowed)."""
+__all__ = ["ConfigError", "HELP", "get_config", "load_config", "parse_keep", "parse_weight_granularity", "validate"]
 
 
 # key: (default, help). The default run: the shipped digits DiT distilled on the shipped digits.
@@ -26,7 +29,6 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "teacher_config": ("", "JSON object overriding keys of the teacher's diffusers config (preset teachers)"),
     "data": ("digits", "data source: digits | tfds:NAME[:SPLIT] | latents:DIR | datafree"),
     "data_dir": ("", "TFDS data_dir (empty: TFDS default)"),
-    "image_size": (0, "resize TFDS images to this size (0: the teacher's sample_size)"),
     "steps": (225, "total optimizer updates; the bit schedule is scaled to them"),
     "schedule": ("fraqat", "bit-width schedule: " + " | ".join(schedules.NAMES) + " (fraqat_jax.schedules); "
                  "linear:F / cosine:F descend over the first fraction F of the steps, then hold target_bits "
@@ -61,13 +63,8 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "log_every": (10, "write a metrics row every K updates"),
     "checkpoint_every": (100, "save a checkpoint every N updates (and at the end)"),
     "keep_checkpoints": (2, "how many recent checkpoints to keep"),
-    "num_train_timesteps": (1000, "DDPM training timesteps (DiT, PixArt)"),
-    "logit_mean": (0.0, "rectified flow: mean of the logit-normal timestep density"),
-    "logit_std": (1.0, "rectified flow: std of the logit-normal timestep density"),
     "sample_grids": (True, "write a PNG grid of teacher/student samples at each change of bit-width"),
     "num_samples": (10, "samples per grid row"),
-    "sample_steps": (20, "sampler steps for the PNG grids and the data-free source"),
-    "guidance_scale": (1.0, "classifier-free guidance for the PNG grids (1: none)"),
     "dtype": ("float32", "compute dtype: float32 | bfloat16"),
     "param_dtype": ("float32", "parameter dtype: float32 | bfloat16"),
     "remat": (False, "rematerialize transformer blocks (saves memory)"),
@@ -78,6 +75,7 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "progress": ("auto", "progress display: auto (bar on a terminal) | bar | log | none"),
 }
 
+_DEFAULTS.update({k: v for k, v in all_config_keys().items() if k not in _DEFAULTS})
 HELP = {k: h for k, (_, h) in _DEFAULTS.items()}
 
 _CHOICES = {
@@ -120,41 +118,19 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
 
 
 def parse_weight_granularity(text: str) -> tuple[int | None, int | None]:
-    """``weight_granularity`` -> ``(channel_axis, group_size)`` of ``fraqat_jax.quantize``."""
-    if text == "tensor":
-        return None, None
-    if text == "channel":
-        return -1, None
-    if text.startswith("group:"):
-        size = text[len("group:"):]
-        if size.isdigit() and int(size) >= 1:
-            return -1, int(size)
-    raise ConfigError(f"weight_granularity={text!r} is not allowed: use tensor, channel or group:N (N a positive "
-                      "integer, e.g. group:128)")
+    """``weight_granularity`` -> ``(channel_axis, group_size)`` (``fraqat_jax.nn.rules``), ``ConfigError`` if bad."""
+    try:
+        return _parse_weight_granularity(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_keep(text: str) -> list[tuple[str, float | None]]:
-    """``keep`` -> ``[(regex, weight_bits or None)]`` (see the key's help)."""
-    out = []
-    for entry in (e.strip() for e in text.split(";")):
-        if not entry:
-            continue
-        pattern, bits = entry, None
-        head, sep, tail = entry.rpartition(":")
-        if sep and head:
-            try:
-                bits = float(tail)
-                pattern = head
-            except ValueError:
-                pass  # a ':' inside the regular expression
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"keep entry {entry!r}: {pattern!r} is not a valid regular expression ({e})") from None
-        if bits is not None and not 2.0 <= bits <= 16.0:
-            raise ConfigError(f"keep entry {entry!r}: bits {tail!r} is not allowed: use a bit-width in [2, 16]")
-        out.append((pattern, bits))
-    return out
+    """``keep`` -> ``[(regex, weight_bits or None)]`` (``fraqat_jax.nn.rules``), ``ConfigError`` if bad."""
+    try:
+        return _parse_keep(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -170,7 +146,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     except ValueError as e:
         raise ConfigError(f"schedule: {e}") from None
     positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
-                "num_train_timesteps", "num_samples", "sample_steps")
+                "num_samples")
     for key in positive:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a positive integer")
@@ -194,15 +170,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if cfg.warmup_steps < 0 or cfg.clip_norm < 0 or cfg.weight_decay < 0:
         raise ConfigError("warmup_steps, clip_norm and weight_decay must be >= 0, got "
                           f"{cfg.warmup_steps}, {cfg.clip_norm}, {cfg.weight_decay}")
-    data = cfg.data
-    if not (data in ("digits", "datafree") or data.startswith("tfds:") or data.startswith("latents:")):
-        raise ConfigError(f"data={data!r} is not allowed: use digits, datafree, tfds:NAME[:SPLIT] or latents:DIR")
-    if data.startswith("latents:") and not os.path.isdir(data[len("latents:"):]):
-        raise ConfigError(f"data={data!r}: latents directory {data[len('latents:'):]!r} does not exist")
     t = cfg.teacher
-    if not (t in ("builtin", "builtin:m") or t.startswith("preset:") or os.path.exists(t)):
-        raise ConfigError(f"teacher={t!r} does not exist: use 'builtin', 'builtin:m', 'preset:NAME' or a diffusers "
-                          "model directory / safetensors file")
+    try:
+        family = family_for_teacher(t)
+    except FamilyError:
+        if not os.path.exists(t):
+            raise ConfigError(f"teacher={t!r} does not exist: use 'builtin', 'builtin:m', 'preset:NAME' or a "
+                              "diffusers model directory / safetensors file") from None
+        raise
+    family.validate_config(cfg)
     return cfg
 
 

@@ -31,15 +31,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fraqat_jax import data
-from fraqat_jax.diffusion import apply_model, heldout_inputs, model_sampler, sampling_inputs, teacher_examples
+from fraqat_jax.data.streams import stream
 from fraqat_jax.nn import calibrate, set_bits
 from fraqat_jax.parallel import mesh as mesh_lib
 from fraqat_jax.runs import checkpoint as ckpt_lib
 from fraqat_jax.train import state as state_lib
 from fraqat_jax.train.config import ConfigError, get_config, load_config
 from fraqat_jax.train.models import load_teacher, make_student
-from fraqat_jax.train.report import MetricsLog, Progress, save_grid
+from fraqat_jax.train.report import MetricsLog, Progress
 
 __all__ = ["CheckpointWriteError", "RunResult", "SAFE_ON_RESUME", "TrainingDiverged", "build_models", "run"]
 
@@ -179,8 +178,8 @@ class _Run:
 
     def _samplers(self):
         s, cfg = self.setup, self.cfg
-        kw = dict(num_steps=int(cfg.sample_steps), guidance_scale=float(cfg.guidance_scale), out_shardings=self.repl)
-        self.teacher_sample = model_sampler(lambda st: nnx.merge(s.teacher_graph, st), s.family, **kw)
+        self.teacher_sample = s.family.teacher_sampler(cfg, lambda st: nnx.merge(s.teacher_graph, st),
+                                                       out_shardings=self.repl)
 
         def student(p):
             params, rest, bits = p
@@ -188,28 +187,12 @@ class _Run:
             set_bits(model, bits)
             return model
 
-        self.student_sample = model_sampler(student, s.family, **kw)
-        cls = s.model_config.get("num_embeds_ada_norm")
-        self.num_classes = int(cls) if cls and s.family == "dit" else None
+        self.student_sample = s.family.teacher_sampler(cfg, student, out_shardings=self.repl)
 
     def _data(self):
-        s, cfg = self.setup, self.cfg
-        if cfg.data != "datafree":
-            source = data.make_source(cfg.data, seed=cfg.seed, image_size=s.image_size, data_dir=cfg.data_dir or None)
-            # before anything compiles: a size or channel count the teacher cannot take, named here
-            data.check_fits_teacher(cfg.data, source.element_spec, s.model_config, family=s.family)
-            return source
-        if s.family != "dit":
-            raise ConfigError(f"data=datafree needs a class-conditional DiT teacher, got a {s.family} teacher "
-                              "(text-to-image teachers need cached text embeddings: data=latents:DIR)")
-
-        def generate(key, n):
-            return teacher_examples(key, n, (s.in_channels, s.image_size, s.image_size), self.num_classes,
-                                    lambda noise, cond, k: self.teacher_sample(s.teacher_state, noise, cond, k))
-
-        spec = {"latents": ((s.in_channels, s.image_size, s.image_size), np.dtype(np.float32)),
-                "class_labels": ((), np.dtype(np.int32))}
-        return data.DataFreeSource(generate, spec, seed=cfg.seed + 1)
+        s = self.setup
+        return s.family.make_source(self.cfg, s.model_config,
+                                    lambda prompts: self.teacher_sample(s.teacher_state, prompts))
 
     def _check_batch(self):
         cfg, hosts = self.cfg, jax.process_count()
@@ -260,54 +243,54 @@ class _Run:
 
     def calibrate(self, log_event) -> None:
         """Static activation ranges before the first step: ``CALIBRATION_SAMPLES`` examples of the run's
-        data, noised as training noises them, through the student at the schedule's first bit-width."""
+        data as training feeds them (``Family.calibration_inputs``), through the student at the
+        schedule's first bit-width."""
         s, cfg = self.setup, self.cfg
         rows = self.source.batch(0, CALIBRATION_SAMPLES)
-        x_t, t, cond = heldout_inputs(s.family, jax.random.key(cfg.seed + 3), rows=rows,
-                                      num_train_timesteps=int(cfg.num_train_timesteps),
-                                      logit_mean=float(cfg.logit_mean), logit_std=float(cfg.logit_std))
-        batches = [jax.tree.map(lambda a: a[i:i + 25], (x_t, t, cond)) for i in range(0, CALIBRATION_SAMPLES, 25)]
+        batches = s.family.calibration_inputs(cfg, s.model_config, rows, jax.random.key(stream(cfg.seed, "calibration")),
+                                              CALIBRATION_SAMPLES, 25)
         student = s.student(s.train_state["params"])
         set_bits(student, float(self.bits_values[0]))
-        calibrate(student, batches, forward=lambda m, b: apply_model(m, s.family, *b))
+        calibrate(student, batches, forward=s.family.apply)
         _, _, rest = nnx.split(student, nnx.Param, ...)
         s.rest = jax.device_put(nnx.to_pure_dict(rest), s.rest_sh)
         log_event(None, f"calibrated static activation ranges on {CALIBRATION_SAMPLES} examples (mean +/- 3 std, "
                         "integer zero points)")
 
+    def saved_rest(self, step_done: int) -> dict:
+        """The student's non-trainable state as the checkpoint stores it: its bit-widths those the
+        schedule gave the last trained step (the step sets them on a copy inside ``jit``)."""
+        s = self.setup
+        student = s.student(s.train_state["params"])
+        set_bits(student, float(self.bits_values[max(step_done - 1, 0)]))
+        return nnx.to_pure_dict(nnx.split(student, nnx.Param, ...)[2])
+
     def save(self, step_done: int, position: int) -> None:
-        meta = {"step": step_done, "data_position": position, "config": self.cfg.to_dict(),
-                "config_fingerprint": ckpt_lib.fingerprint(self.cfg.to_dict()),
-                "bits": float(self.bits_values[step_done - 1]) if step_done else None}
+        meta = {"step": step_done, "data_position": position, "config": self.cfg.to_dict()}
         try:
-            self.ckpt.save(step_done, self.setup.train_state, self.setup.rest, meta)
+            self.ckpt.save(step_done, self.setup.train_state, self.saved_rest(step_done), meta)
         except Exception as e:  # disk full, permissions, ...: the previous checkpoint stays
-            raise CheckpointWriteError(
-                f"could not write checkpoint {step_done} to {self.ckpt.directory} ({type(e).__name__}: {e}); "
-                f"the previous checkpoint (step {self.ckpt.latest_step()}) is kept") from None
+            latest = self.ckpt.latest_step()
+            kept = f"the previous checkpoint (step {latest}) is kept" if latest is not None else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"could not write checkpoint {step_done} to {self.ckpt.directory} "
+                                       f"({type(e).__name__}: {' '.join(str(e).split())}); {kept}") from None
 
     # -- samples --------------------------------------------------------------------------------
 
-    def grid_inputs(self):
-        s, cfg = self.setup, self.cfg
-        n = int(cfg.num_samples)
-        rows = None if s.family == "dit" else self.source.batch(0, n)
-        noise, key, cond, null = sampling_inputs(s.family, cfg.seed + 2, n, (s.in_channels, s.image_size, s.image_size),
-                                                 num_classes=self.num_classes, cond_rows=rows)
-        return jax.device_put(noise, self.repl), key, jax.device_put(cond, self.repl), null
-
     def sample_grid(self, done: int, bits: float, log: MetricsLog) -> None:
-        if not hasattr(self, "_grid"):
-            self._grid = self.grid_inputs()
-            noise, key, cond, null = self._grid
-            self._teacher_grid = np.asarray(self.teacher_sample(self.setup.teacher_state, noise, cond, key, null))
-        noise, key, cond, null = self._grid
+        """The family's samples of teacher and student from the same prompts, at a change of bit-width."""
         s = self.setup
-        student = np.asarray(self.student_sample((s.train_state["params"], s.rest, jnp.float32(bits)), noise, cond,
-                                                 key, null))
+        if not hasattr(self, "_prompts"):
+            prompts = s.family.sample_prompts(self.cfg, s.model_config, self.source, int(self.cfg.num_samples))
+            self._prompts = jax.device_put(prompts, self.repl)
+            self._teacher_samples = jax.device_get(self.teacher_sample(s.teacher_state, self._prompts))
+        student = jax.device_get(self.student_sample((s.train_state["params"], s.rest, jnp.float32(bits)),
+                                                     self._prompts))
         if self.is_main:
-            path = os.path.join(self.workdir, "samples", f"step_{done:06d}_bits_{bits:g}.png")
-            log.add_image("samples/teacher_top_student_bottom", save_grid(path, [self._teacher_grid, student]), done)
+            stem = os.path.join(self.workdir, "samples", f"step_{done:06d}_bits_{bits:g}")
+            _, image = s.family.write_samples(stem, self._teacher_samples, student)
+            if image is not None:
+                log.add_image("samples/teacher_top_student_bottom", image, done)
 
 
 def _cache_size(fn) -> int:

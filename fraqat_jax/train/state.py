@@ -20,10 +20,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from fraqat_jax import schedules
-from fraqat_jax.diffusion import family_of
 from fraqat_jax.parallel import mesh as mesh_lib
-from fraqat_jax.train.config import ConfigError
-from fraqat_jax.train.models import abstract_models, load_teacher, make_student
+from fraqat_jax.family import Family
+from fraqat_jax.train.models import abstract_models, family_of_run, load_teacher, make_student
 from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_schedule, make_train_step
 
 __all__ = ["TrainSetup", "build"]
@@ -39,7 +38,7 @@ class TrainSetup:
 
     cfg: Any
     mesh: Mesh
-    family: str
+    family: Family
     model_config: Mapping[str, Any]
     schedule: schedules.Schedule
     tx: optax.GradientTransformation
@@ -52,14 +51,6 @@ class TrainSetup:
     teacher_sh: dict
     rest_sh: dict
     state_sh: dict
-
-    @property
-    def image_size(self) -> int:
-        return int(self.cfg.image_size or self.model_config.get("sample_size", 8))
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.model_config.get("in_channels", 4))
 
     def step_fn(self, *, donate: bool = True):
         """The jitted ``step(train_state, teacher_state, rest, batch) -> (train_state, metrics)``."""
@@ -83,10 +74,7 @@ def build(cfg, mesh: Mesh, *, abstract: bool = False) -> TrainSetup:
     else:
         teacher = load_teacher(cfg)
         student = make_student(teacher, cfg)
-    try:
-        family = family_of(teacher)
-    except ValueError as e:  # e.g. a VAE folder given as the teacher
-        raise ConfigError(f"teacher={cfg.teacher!r}: {e}") from None
+    family = family_of_run(cfg)
     model_config = dict(teacher.config)
     teacher_graph, teacher_v = nnx.split(teacher)
     student_graph, params_v, rest_v = nnx.split(student, nnx.Param, ...)

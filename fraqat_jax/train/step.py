@@ -6,11 +6,10 @@ definitions are split once, ``nnx.merge`` runs inside the step; the seed is an a
 compiled-in constant, see :class:`SeededStep`). Inside one call:
 
 1. ``bits = schedule(step)`` (a traced scalar: no recompilation when it changes), set on the student;
-2. the family's training inputs are drawn from ``fold_in(key(seed), step)``: DDPM noise and
-   uniform timesteps (DiT, PixArt) or rectified-flow interpolants with logit-normal ``sigma``
-   (SD3, Sana, Flux), so a resumed run sees the same noise as an uninterrupted one;
-3. the teacher's output under ``stop_gradient``, the student's output, loss = mean squared error
-   over every output channel (epsilon and variance for DiT/PixArt);
+2. the family's training inputs (``Family.training_inputs``) are drawn from ``fold_in(key(seed),
+   step)``, so a resumed run sees the same inputs as an uninterrupted one;
+3. the teacher's output under ``stop_gradient``, the student's output (``Family.apply``), and the
+   family's distillation loss (``Family.loss``);
 4. gradients (averaged over ``grad_accum`` micro-batches by ``lax.scan``), clipping, AdamW, EMA.
 
 ``train_state`` is a dict ``{"params", "opt_state", "ema", "step"}``; ``step`` counts updates done.
@@ -27,10 +26,10 @@ import optax
 from flax import nnx
 
 from fraqat_jax import schedules
-from fraqat_jax.diffusion import apply_model, diffusion_inputs
+from fraqat_jax.family import families
 from fraqat_jax.nn import prequantized, set_bits
 
-__all__ = ["SeededStep", "make_lr_schedule", "make_optimizer", "make_schedule", "make_train_step", "training_inputs"]
+__all__ = ["SeededStep", "make_lr_schedule", "make_optimizer", "make_schedule", "make_train_step"]
 
 
 def make_schedule(cfg) -> schedules.Schedule:
@@ -73,30 +72,25 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def training_inputs(family: str, key, latents, cfg):
-    """``diffusion.diffusion_inputs`` with the run's timestep settings (``num_train_timesteps``,
-    ``logit_mean``, ``logit_std``)."""
-    return diffusion_inputs(family, key, latents, num_train_timesteps=int(cfg.num_train_timesteps),
-                            logit_mean=float(cfg.logit_mean), logit_std=float(cfg.logit_std))
-
-
-def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str, tx: optax.GradientTransformation,
+def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family, tx: optax.GradientTransformation,
                     lr_schedule: Callable, shardings=None, donate: bool = True):
-    """Builds the jitted step (see the module docstring). ``shardings``: optional
+    """Builds the jitted step (see the module docstring). ``family``: the run's
+    :class:`fraqat_jax.family.Family` (or its name). ``shardings``: optional
     ``(train_state, teacher_state, student_rest, batch)`` in-shardings; outputs keep the state's."""
+    if isinstance(family, str):  # a family's name: "dit", "sd3", ...
+        family = families()[family]
     # The key's raw data (uint32[2]) as an argument: any int seed, the same key as key(cfg.seed).
     seed = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
     accum = int(cfg.grad_accum)
     ema_decay = float(cfg.ema_decay)
 
     def make_micro_loss(graph):
-        def micro_loss(params, rest, teacher_state, bits, x_t, t, cond):
+        def micro_loss(params, rest, teacher_state, bits, inputs):
             teacher = nnx.merge(teacher_graph, teacher_state)
-            target = jax.lax.stop_gradient(apply_model(teacher, family, x_t, t, cond).astype(jnp.float32))
+            target = jax.lax.stop_gradient(family.apply(teacher, inputs))
             student = nnx.merge(graph, params, rest)
             set_bits(student, bits)
-            pred = apply_model(student, family, x_t, t, cond).astype(jnp.float32)
-            return jnp.mean(jnp.square(pred - target))
+            return family.loss(family.apply(student, inputs), target, inputs)
 
         return micro_loss
 
@@ -106,19 +100,17 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
         step = train_state["step"]
         bits = schedule(step)
         key = jax.random.fold_in(jax.random.wrap_key_data(seed), step)
-        latents = batch["latents"]
-        cond = {k: v for k, v in batch.items() if k != "latents"}
-        x_t, t = training_inputs(family, key, latents, cfg)
+        inputs = family.training_inputs(key, batch, cfg)
         params = train_state["params"]
         if accum == 1:
-            loss, grads = grad_fn(params, student_rest, teacher_state, bits, x_t, t, cond)
+            loss, grads = grad_fn(params, student_rest, teacher_state, bits, inputs)
         else:
             # Micro-batch a takes rows a, a + accum, ...: each device keeps its own rows.
             def split(v):
                 v = v.reshape(v.shape[0] // accum, accum, *v.shape[1:])
                 return jnp.moveaxis(v, 1, 0)
 
-            micro = jax.tree.map(split, (x_t, t, cond))
+            micro = jax.tree.map(split, inputs)
             # The weights are fake-quantized once per step, not once per micro-batch: the gradient
             # with respect to a quantized kernel is the kernel's (straight-through estimator).
             student = nnx.merge(student_graph, params, student_rest)
@@ -129,7 +121,7 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family: str,
 
             def body(carry, mb):
                 loss_sum, grad_sum = carry
-                l, g = q_grad_fn(q_params, q_rest, teacher_state, bits, *mb)
+                l, g = q_grad_fn(q_params, q_rest, teacher_state, bits, mb)
                 return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, q_params)

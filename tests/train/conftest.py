@@ -20,7 +20,7 @@ def write_tiny_teacher(directory: str, seed: int = 0) -> str:
     from flax import nnx
 
     from fraqat_jax.models import DiTTransformer2DModel
-    from fraqat_jax.train.models import save_builtin_teacher
+    from fraqat_jax.diffusion.teachers import save_builtin_teacher
 
     model = nnx.eval_shape(lambda: DiTTransformer2DModel(TINY_DIT, rngs=nnx.Rngs(seed)))  # no init compute
     rng = np.random.default_rng(seed)

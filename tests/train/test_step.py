@@ -10,7 +10,8 @@ from fraqat_jax import nn as fq_nn
 from fraqat_jax.train import load_config
 from fraqat_jax.train.step import make_schedule
 from fraqat_jax.train.models import load_teacher, make_student
-from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_train_step, training_inputs
+from fraqat_jax.family import families
+from fraqat_jax.train.step import make_lr_schedule, make_optimizer, make_train_step
 
 
 
@@ -105,14 +106,14 @@ def test_rectified_flow_inputs_match_formula():
     cfg = load_config(base={"logit_mean": 0.5, "logit_std": 0.8})
     key = jax.random.key(7)
     x0 = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4, 4, 4)), jnp.float32)
-    x_t, t = training_inputs("sd3", key, x0, cfg)
+    x_t, t, _ = families()["sd3"].training_inputs(key, {"latents": x0}, cfg)
     k_t, k_noise = jax.random.split(key)
     sigma = 1 / (1 + np.exp(-(0.5 + 0.8 * np.asarray(jax.random.normal(k_t, (6,))))))
     noise = np.asarray(jax.random.normal(k_noise, x0.shape))
     s = sigma[:, None, None, None]
     np.testing.assert_allclose(np.asarray(x_t), (1 - s) * np.asarray(x0) + s * noise, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(t), 1000 * sigma, rtol=1e-5)
-    _, t_flux = training_inputs("flux", key, x0, cfg)
+    _, t_flux, _ = families()["flux"].training_inputs(key, {"latents": x0}, cfg)
     np.testing.assert_allclose(np.asarray(t_flux), sigma, rtol=1e-5)
 
 
