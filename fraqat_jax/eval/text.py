@@ -478,22 +478,15 @@ def is_text_model(model) -> bool:
     return type(model).__name__ in TRANSFORMERS_CLASSES
 
 
-def teacher_folder(cfg) -> str:
-    """The transformers folder of a text run's teacher (its tokenizer lives there)."""
-    from fraqat_jax.family import families
+def teacher_folder(teacher, cfg) -> str:
+    """The transformers folder of a text run's teacher (its tokenizer lives there), from its family."""
+    from fraqat_jax.family import family_for_model
 
-    for family in families().values():
-        find = getattr(family, "teacher_folder", None)
-        if find is not None:
-            try:
-                folder = find(cfg)
-            except Exception:  # another family's teacher forms
-                continue
-            if folder:
-                return str(folder)
-    if isinstance(cfg.teacher, str) and os.path.isdir(cfg.teacher):
-        return cfg.teacher
-    raise TaskError(f"the run's teacher {cfg.teacher!r} is not a transformers folder; its tokenizer cannot be found")
+    folder = family_for_model(teacher).teacher_folder(cfg)
+    if not folder:
+        raise TaskError(f"the run's teacher {cfg.teacher!r} has no transformers folder, so no tokenizer: "
+                        "evaluate a run whose teacher is a folder (or builtin:lm)")
+    return str(folder)
 
 
 def parse_specs(text: str) -> list[str]:
@@ -515,7 +508,7 @@ def evaluate_run(teacher, student, cfg, *, specs: Sequence[str] = (), text: str 
     from fraqat_jax.nn import freeze
 
     tasks = {name: read_task(spec) for name, spec in zip(task_names(list(specs)), specs)} if specs else {}
-    tokenizer = load_tokenizer(teacher_folder(cfg), "the run's teacher")
+    tokenizer = load_tokenizer(teacher_folder(teacher, cfg), "the run's teacher")
     sequences = encode_lines(tokenizer, read_lines(text)) if text else heldout_windows(teacher, cfg, num_val)
     config = dict(teacher.config)
     models = {"teacher": teacher, "student": student, "student_frozen": freeze(student)}
@@ -551,4 +544,4 @@ def load_text_run(workdir: str, *, step: int | None = None, frozen: bool = True)
     models = {"teacher": teacher, "student": student}
     if frozen:
         models["student_frozen"] = freeze(student)
-    return TextRun(cfg, load_tokenizer(teacher_folder(cfg), "the run's teacher"), models)
+    return TextRun(cfg, load_tokenizer(teacher_folder(teacher, cfg), "the run's teacher"), models)
