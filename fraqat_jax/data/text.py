@@ -164,7 +164,8 @@ def _heldout_count(n: int) -> int:
 class TextSource(Source):
     """In-memory token windows (``[N, seq_len]`` int32) with the last ones held out."""
 
-    def __init__(self, windows: np.ndarray, *, seed: int = 0, source: str = "text"):
+    def __init__(self, windows: np.ndarray, *, seed: int = 0, source: str = "text", tokenizer=None):
+        self.tokenizer = tokenizer  # the tokenizer that made the windows (for decoding), if known
         windows = np.asarray(windows, np.int32)
         if windows.ndim != 2 or len(windows) < 2:
             raise DataSourceError(source, f"gives {len(windows)} window(s) of {windows.shape[-1]} tokens; at least 2 "
@@ -247,5 +248,5 @@ def make_text_source(spec: str, *, tokenizer_dir: str, teacher_config: dict, seq
         return TfdsTextSource(name, split or "train", tokenizer, tokens, int(seq_len), seed=seed, data_dir=data_dir)
     docs = read_documents(spec[len("text:"):], spec)
     windows = pack_windows(tokenize_documents(tokenizer, docs), int(seq_len), tokens)
-    return TextSource(windows, seed=seed, source=spec)
+    return TextSource(windows, seed=seed, source=spec, tokenizer=tokenizer)
 

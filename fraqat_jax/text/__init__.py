@@ -1,7 +1,18 @@
-"""text/: the text family (language models: Gemma-2), token windows, forward-KL distillation,
-greedy text samples and LLM-QAT's data-free sequences, behind the family interface.
+"""text/: the text family (causal language models: Gemma-2) behind the family interface, registered
+as ``gemma2`` on import: token windows as training inputs, forward KL(teacher || student) over the
+next-token distributions as the distillation loss, held-out windows, LLM-QAT's data-free
+sequences, greedy text samples at each change of bit-width.
 
-``loss``: the distillation losses over next-token distributions (``kl``, ``mse``). ``generate``:
-greedy continuations and data-free sequences with a fixed-shape buffer. ``samples``: the text
-sample files a run writes at each change of bit-width.
+``family``: :class:`TextFamily` (teachers, data, inputs, loss, samples). ``loss``: ``kl`` and
+``mse`` over logits. ``generate``: greedy continuations and data-free sequences with a fixed-shape
+buffer. ``samples``: the text sample files. Imports ``data/``, ``models/`` and ``family/``.
 """
+
+from fraqat_jax.text.family import (BUILTIN_TEACHER, CONFIG_KEYS, LOSS_NAMES, PROMPT_TOKENS, TextFamily,
+                                   builtin_teacher_dir)
+from fraqat_jax.text.generate import continue_tokens, datafree_sequences, greedy_continue
+from fraqat_jax.text.loss import LOSSES, logits_mse, next_token_kl
+
+__all__ = ["BUILTIN_TEACHER", "CONFIG_KEYS", "LOSSES", "LOSS_NAMES", "PROMPT_TOKENS", "TextFamily",
+           "builtin_teacher_dir", "continue_tokens", "datafree_sequences", "greedy_continue", "logits_mse",
+           "next_token_kl"]
