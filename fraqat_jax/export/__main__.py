@@ -21,22 +21,58 @@ def _export_onnx(teacher, student, cfg, args) -> dict:
     """``--format onnx``: static input ranges (the trained ones, or calibrated for a dynamically
     trained student), then the QDQ graph checked by onnxruntime against the frozen JAX model."""
     try:
+        from fraqat_jax.export.onnx import TOLERANCE as TOLERANCE_ONNX
         from fraqat_jax.export.onnx import OnnxExportError, export_onnx_run, summary
     except ImportError as e:
         raise ExportError(f"--format onnx needs the onnx extra: pip install 'fraqat_jax[onnx]' ({e})") from None
     family = family_of(teacher)
-    if any(layer.act_bits is not None and not bool(jnp.isfinite(layer.act_range[...]).all())
-           for _, layer in quantized_layers(student)):
-        print("note: the student was trained with dynamic activation ranges; the ONNX graph uses static ranges "
-              "calibrated now (train with --set act_quant=static for a phone model that is the trained one)")
-        fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=args.calibration_samples),
-                             forward=model_forward(family), switch_to_static=False)
+    student = _static_student(teacher, student, cfg, args)
     held_out = calibration_batches(teacher, cfg, num_samples=6, batch_size=6, seed=1)[0]
     try:
         report = export_onnx_run(student, family, held_out, args.out)
     except OnnxExportError as e:
         raise ExportError(str(e)) from None
     print(summary(report))
+    if report["max_rel_diff"] > TOLERANCE_ONNX:
+        print(f"error: onnxruntime disagrees with the frozen JAX model by {report['max_rel_diff']:.2e} x max|out|, "
+              f"above the export's tolerance {TOLERANCE_ONNX:g}", file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
+def _static_student(teacher, student, cfg, args):
+    """The student with static input ranges: the trained ones, or calibrated now (a dynamically
+    trained student; a note says so)."""
+    family = family_of(teacher)
+    if any(layer.act_bits is not None and not bool(jnp.isfinite(layer.act_range[...]).all())
+           for _, layer in quantized_layers(student)):
+        print("note: the student was trained with dynamic activation ranges; the graph uses static ranges "
+              "calibrated now (train with --set act_quant=static for a phone model that is the trained one)")
+        fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=args.calibration_samples),
+                             forward=model_forward(family), switch_to_static=False)
+    return student
+
+
+def _export_qnn(teacher, student, cfg, args) -> dict:
+    """``--format qnn``: the QNN HTP form in the folder ``--out`` (see fraqat_jax.export.qnn); exit 1
+    when HTP does not take the whole graph or an agreement fails."""
+    from fraqat_jax.export import qnn
+
+    student = _static_student(teacher, student, cfg, args)
+    try:
+        report = qnn.export_qnn(teacher, student, cfg, args.out, soc=args.soc, batch_size=args.batch_size,
+                                calibration_samples=args.calibration_samples)
+    except qnn.OnnxExportError as e:
+        raise ExportError(str(e)) from None
+    print(qnn.summary(report))
+    if not report["ok"]:
+        if not report.get("refused"):
+            print(f"error: agreement outside the tolerances (QNN vs onnxruntime {qnn.TOL_ORT:g}, vs the JAX student "
+                  f"{qnn.TOL_STUDENT:g}, EPContext {qnn.TOL_CONTEXT:g})", file=sys.stderr)
+        else:
+            print(f"error: QNN HTP refused {len(report['refused'])} node(s): {', '.join(report['refused'][:20])}",
+                  file=sys.stderr)
+        raise SystemExit(1)
     return report
 
 
@@ -49,10 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                                             "weights for diffusers, or an ONNX QDQ graph.")
     p.add_argument("--workdir", required=True, help="a run directory written by python -m fraqat_jax.train")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", choices=("orbax", "diffusers", "onnx"), default="orbax",
+    p.add_argument("--format", choices=("orbax", "diffusers", "onnx", "qnn"), default="orbax",
                    help="orbax: frozen W4A8 checkpoint (load with fraqat_jax.export.load); diffusers: dequantized "
                         "bf16 folder; onnx: one QDQ .onnx file (INT4 weights, static uint8 inputs) for phone "
-                        "runtimes (needs the onnx extra)")
+                        "runtimes (needs the onnx extra); qnn: a folder with model.onnx in the form Qualcomm's QNN "
+                        "HTP runs whole, its compiled HTP context (model_ctx.onnx) and qnn.json, checked on the "
+                        "QNN HTP simulator (needs the qnn extra)")
+    p.add_argument("--soc", default="sm8750", type=str.lower,
+                   help="--format qnn: the Snapdragon SoC the HTP context is compiled for: sm8750 (HTP v79, "
+                        "Snapdragon 8 Elite, default), sm8650 (v75), sm8550 (v73), sm8850 (v81)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="--format qnn: the graph's fixed batch size (QNN HTP needs static shapes; default 1)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
@@ -72,7 +115,8 @@ def _check_out(out: str, fmt: str) -> None:
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise ExportError(f"--out {out!r} exists and is not a directory")
-        ours = os.path.isdir(os.path.join(out, "meta")) if fmt == "orbax" else os.path.isfile(os.path.join(out, "config.json"))
+        marker = {"orbax": "meta", "diffusers": "config.json", "qnn": "qnn.json"}[fmt]
+        ours = os.path.isdir(os.path.join(out, marker)) if fmt == "orbax" else os.path.isfile(os.path.join(out, marker))
         if os.listdir(out) and not ours:
             raise ExportError(f"--out {out!r} exists, is not empty and is not an earlier {fmt} export; "
                               "choose a new path")
@@ -91,6 +135,19 @@ def main(argv=None) -> dict:
     try:
         if args.calibration_samples < 1:
             raise ExportError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+        if args.format == "qnn":
+            from fraqat_jax.export import qnn
+
+            if args.soc not in qnn.SOCS:
+                raise ExportError(f"unknown --soc {args.soc!r}; allowed: {', '.join(qnn.SOCS)}")
+            if args.batch_size < 1:
+                raise ExportError(f"--batch-size must be >= 1, got {args.batch_size}")
+            try:
+                qnn.qnn_module()
+            except qnn.QnnUnavailable as e:
+                raise ExportError(str(e)) from None
+        elif args.soc != "sm8750" or args.batch_size != 1:
+            raise ExportError(f"--soc and --batch-size apply to --format qnn, not --format {args.format}")
         _check_out(args.out, args.format)
         if not os.path.isdir(args.workdir):
             raise ExportError(f"--workdir {args.workdir!r} does not exist")
@@ -101,6 +158,8 @@ def main(argv=None) -> dict:
             raise ExportError(f"no trained student in {args.workdir!r}: {e}") from None
         if args.format == "onnx":
             return _export_onnx(teacher, student, cfg, args)
+        if args.format == "qnn":
+            return _export_qnn(teacher, student, cfg, args)
         if args.format == "diffusers":
             info = export_diffusers(student, args.out)
             print(f"wrote {info['tensors']} tensors ({info['bytes']} bytes, bfloat16, fake-quantized weights) "

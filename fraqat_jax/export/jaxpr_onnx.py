@@ -25,6 +25,8 @@ Opset 21.
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Callable
 
 import jax
@@ -349,18 +351,22 @@ def _dot_general(c, eqn, lhs, rhs, *, dimension_numbers, **_):
         if rperm != list(range(rhs_rank)):
             rhs = c.node("Transpose", [rhs], perm=rperm)
         return c.node("MatMul", [lhs, rhs])
-    letters = iter("abcdefghijklmnopqrstuvwxyz")
-    ls, rs = [None] * lhs_rank, [None] * rhs_rank
-    for i, j in zip(lb, rb):
-        ls[i] = rs[j] = next(letters)
-    for i, j in zip(lc, rc):
-        ls[i] = rs[j] = next(letters)
-    for i in lf:
-        ls[i] = next(letters)
-    for j in rf:
-        rs[j] = next(letters)
-    out = "".join(ls[i] for i in lb) + "".join(ls[i] for i in lf) + "".join(rs[j] for j in rf)
-    return c.node("Einsum", [lhs, rhs], equation=f"{''.join(ls)},{''.join(rs)}->{out}")
+    # Any other contraction: [batch.., free.., contracted..] x [batch.., contracted.., free..] as
+    # one batched MatMul on flattened axes (no Einsum: QNN HTP refuses it, see export/qnn.py).
+    lshape, rshape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    lperm, rperm = list(lb) + lf + list(lc), list(rb) + list(rc) + rf
+    if lperm != list(range(lhs_rank)):
+        lhs = c.node("Transpose", [lhs], perm=lperm)
+    if rperm != list(range(rhs_rank)):
+        rhs = c.node("Transpose", [rhs], perm=rperm)
+    batch = [lshape[i] for i in lb]
+    size = lambda dims: int(np.prod(dims)) if all(isinstance(d, (int, np.integer)) for d in dims) else (  # noqa: E731
+        functools.reduce(operator.mul, dims, 1))
+    m, k, n = size([lshape[i] for i in lf]), size([lshape[i] for i in lc]), size([rshape[j] for j in rf])
+    lhs = c.node("Reshape", [lhs, c.shape(batch + [m, k])])
+    rhs = c.node("Reshape", [rhs, c.shape(batch + [k, n])])
+    out = c.node("MatMul", [lhs, rhs])
+    return c.node("Reshape", [out, c.shape(list(_out_aval(eqn).shape))])
 
 
 def _conv(c, eqn, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,

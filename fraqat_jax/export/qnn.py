@@ -1,0 +1,828 @@
+"""QNN HTP form of the ONNX export: the W4A8 student as Qualcomm's NPU runtime executes it whole.
+
+``python -m fraqat_jax.export --workdir RUN --out DIR --format qnn [--soc sm8750] [--batch-size N]``
+writes into the folder ``DIR``:
+
+* ``model.onnx``: the QDQ graph of :mod:`fraqat_jax.export.onnx` at a fixed batch size ``N``
+  (default 1), rewritten into the form below, which the QNN execution provider's HTP backend takes
+  whole with CPU fallback disabled;
+* ``model_ctx.onnx``: the EPContext model, the HTP context binary compiled for ``--soc``
+  (embedded), which a phone app loads without compiling;
+* ``prologue.onnx``: the host part (float32, onnxruntime's CPU provider): the sinusoidal features
+  of the timestep (and of guidance, sizes, position ids), which are ``model.onnx``'s extra inputs;
+* ``qnn.json``: ``soc``, ``htp_arch``, ``nodes`` (of ``model.onnx``), ``nodes_on_qnn``,
+  ``max_rel_diff_ort``, ``max_rel_diff_student``, ``context_bytes`` and ``weight_bytes``.
+
+The HTP here is the ``onnxruntime-qnn`` wheel's ``libQnnHtp.so`` on x86-64: Qualcomm's simulator of
+the NPU, the same backend and graph compiler a phone uses, and no timing of a phone.
+
+The rules of the graph (each found from the backend's answers and checked in
+``tests/test_export_qnn.py``):
+
+1. **Static shapes.** The provider refuses a dynamic batch ("Dynamic shape is not supported yet"):
+   the graph is traced at batch ``N`` (``to_onnx(batch_size=N)``), every Reshape a constant.
+2. **Explicit zero points** on every INT4/INT8 weight ``DequantizeLinear`` (the ONNX export writes
+   them; 0, as ``freeze``'s codes are symmetric). Without one HTP misreads INT4 weights.
+3. **Quantized products are whole QDQ node units**: ``DQ(activation) -> MatMul/Conv <-
+   DQ(weight)`` followed by ``QuantizeLinear`` of the product. A weight ``DequantizeLinear`` with
+   per-channel scales that does not feed such a unit is refused ("standalone DQ op with per-channel
+   quantization"); with a per-tensor scale it is taken but computed in fp16 (5e-2 x max|out| on the
+   digits DiT). HTP's MatMul takes an 8-bit activation only with an 8-bit output, so a W4A8
+   layer's product is re-quantized to uint8 with a calibrated range (min/max over the calibration
+   inputs); a layer without input quantization (the W4A16 ``keep`` rule) gets uint16 input and
+   output ranges from calibration (16-bit tensors must use their whole range: an 8-bit grid carried
+   in uint16 gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so onnxruntime's
+   MatMul+Add fusion into ``Gemm`` (``.../MatMulAddFusion``) never sees an INT4 weight.
+4. **MatMul, not Einsum** (refused): the converter writes every contraction as Transpose/Reshape
+   and one batched MatMul.
+5. **Rank <= 5**: a Reshape -> Transpose -> Reshape through a rank-6 tensor (unpatchify) is
+   rewritten as moves of one axis at a time on merged axes (rank <= 4 each).
+6. **Everything else in fp16**: norms, softmax, GELU/SiLU, residual adds and modulation run as
+   float32 ONNX ops, which HTP executes in fp16 (``enable_htp_fp16_precision``, its default). Why
+   not uint16 QDQ: it needs a calibrated range for every tensor, and a residual stream or attention
+   logit range calibrated on 100 inputs clips on others; fp16's relative 1e-3 needs no ranges.
+   The one place fp16 fails is ``sin``/``cos`` of large arguments (a timestep of 999 times a
+   frequency near 1 is off by up to 0.5 rad in fp16, giving 0.14 x max|out| on the digits DiT), so
+   those nodes and everything they depend on form the host prologue (``prologue.onnx``).
+
+Agreement (``--format qnn`` exits 1 when one fails): on held-out training-style inputs, QNN HTP
+against onnxruntime's CPU provider on ``model.onnx``: ``<= TOL_ORT`` x max|out|; against the
+exported student served in JAX (``fraqat_jax.export.load``): ``<= TOL_STUDENT``; the EPContext
+model against the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A 10-step sampling run from the
+same noise gives the PSNR of the QNN samples against the JAX student's.
+
+Requires the ``qnn`` extra (``pip install 'fraqat_jax[qnn]'``: ``onnxruntime-qnn``, a plugin
+execution provider for the standard ``onnxruntime`` package, which it leaves in place).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fraqat_jax.export.onnx import OUTPUT_NAME, OnnxExportError
+
+EP_NAME = "QNNExecutionProvider"
+TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out| (issue 21)
+TOL_STUDENT = 5e-2  # QNN HTP vs the exported JAX student, x max|out|
+TOL_CONTEXT = 1e-5  # the EPContext model vs the QNN run of model.onnx, x max|out|
+EXTRA = "pip install 'fraqat_jax[qnn]'"
+MODEL_FILE, CONTEXT_FILE, PROLOGUE_FILE, REPORT_FILE = "model.onnx", "model_ctx.onnx", "prologue.onnx", "qnn.json"
+_LAYOUT = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
+
+
+@dataclass(frozen=True)
+class Soc:
+    name: str
+    soc_model: int  # QNN's SoC id (the provider's ``soc_model``)
+    htp_arch: int  # Hexagon tensor processor version (``htp_arch``)
+    phone: str
+
+
+# soc_model ids and their HTP versions as the wheel's backend names them: with soc_model=43 / 57 /
+# 69 / 87 its log says "soc SM8550 / SM8650 / SM8750 / SM8850" and "arch associated with SoC ..
+# will overwrite it to 73 / 75 / 79 / 81" (onnxruntime-qnn 2.7.0, QAIRT 2.51).
+SOCS = {
+    "sm8750": Soc("sm8750", 69, 79, "Snapdragon 8 Elite (Galaxy S25 Ultra, the paper's phone)"),
+    "sm8650": Soc("sm8650", 57, 75, "Snapdragon 8 Gen 3"),
+    "sm8550": Soc("sm8550", 43, 73, "Snapdragon 8 Gen 2"),
+    "sm8850": Soc("sm8850", 87, 81, "SM8850"),
+}
+DEFAULT_SOC = "sm8750"
+
+
+class QnnUnavailable(ImportError):
+    """``onnxruntime-qnn`` is not installed (the message names the extra)."""
+
+
+class QnnRefused(RuntimeError):
+    """QNN HTP did not take the whole graph, or failed to compile it (the message names the nodes)."""
+
+
+def soc_of(name: str) -> Soc:
+    key = str(name).strip().lower()
+    if key not in SOCS:
+        raise ValueError(f"unknown --soc {name!r}; allowed: {', '.join(SOCS)}")
+    return SOCS[key]
+
+
+def qnn_module():
+    """The ``onnxruntime_qnn`` package, registered with onnxruntime once."""
+    try:
+        import onnxruntime as ort
+        import onnxruntime_qnn
+    except ImportError as e:
+        raise QnnUnavailable(f"--format qnn needs onnxruntime-qnn (Qualcomm's QNN execution provider): {EXTRA} ({e})") from None
+    if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
+    return onnxruntime_qnn
+
+
+def qnn_session(path: str, soc: str = DEFAULT_SOC, *, fallback: bool = False, context_path: str | None = None,
+                log_level: int = 3):
+    """An onnxruntime session of ``path`` on QNN HTP (``libQnnHtp.so`` of the wheel) for ``soc``.
+
+    ``fallback=False`` sets ``session.disable_cpu_ep_fallback``: creation fails unless every node
+    runs on HTP. ``context_path``: also write the EPContext model there (``ep.context_enable``,
+    the context binary embedded, ``ep.context_embed_mode=1``)."""
+    import onnxruntime as ort
+
+    qnn = qnn_module()
+    chip = soc_of(soc)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    options = ort.SessionOptions()
+    options.log_severity_level = log_level
+    # Basic optimizations only: the graph runs as written (no CPU-side fusions before partitioning).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if not fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if context_path is not None:
+        options.add_session_config_entry("ep.context_enable", "1")
+        options.add_session_config_entry("ep.context_embed_mode", "1")
+        options.add_session_config_entry("ep.context_file_path", context_path)
+    # offload_graph_io_quantization=0: a QuantizeLinear of a graph input (a layer reading an input
+    # directly) runs on HTP too; by default the provider leaves it to the CPU.
+    options.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), "htp_arch": str(chip.htp_arch),
+                                               "soc_model": str(chip.soc_model),
+                                               "offload_graph_io_quantization": "0"})
+    return ort.InferenceSession(path, options)
+
+
+def cpu_session(path_or_bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- graph surgery
+
+
+def _graph_maps(graph):
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
+def _prune(model, outputs: Sequence[str] | None = None) -> None:
+    """Drops nodes, initializers and graph inputs that no output needs."""
+    g = model.graph
+    need = set(outputs if outputs is not None else [o.name for o in g.output])
+    kept = []
+    for n in reversed(list(g.node)):
+        if any(o in need for o in n.output):
+            kept.append(n)
+            need.update(i for i in n.input if i)
+    del g.node[:]
+    g.node.extend(kept[::-1])
+    for field in (g.initializer, g.input):
+        keep = [t for t in field if t.name in need]
+        del field[:]
+        field.extend(keep)
+
+
+def split_prologue(model):
+    """``(main, prologue)``: ``prologue`` computes every ``Sin``/``Cos`` of ``model`` from its graph
+    inputs (float32, for the CPU); ``main`` takes their outputs as inputs instead. ``prologue`` is
+    None when the graph has no Sin/Cos."""
+    import onnx
+    from onnx import helper, shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    info = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    producer, _ = _graph_maps(model.graph)
+    cut = [o for n in model.graph.node if n.op_type in ("Sin", "Cos") for o in n.output]
+    if not cut:
+        return model, None
+    # The prologue: the ancestors of the cut tensors (checked to be cheap: no products).
+    prologue = onnx.ModelProto()
+    prologue.CopyFrom(model)
+    del prologue.graph.output[:]
+    prologue.graph.output.extend([info[o] for o in cut])
+    _prune(prologue)
+    heavy = sorted({n.op_type for n in prologue.graph.node if n.op_type in ("MatMul", "Conv", "Gemm", "DequantizeLinear")})
+    if heavy:
+        raise OnnxExportError(f"the sin/cos features depend on {', '.join(heavy)} nodes; the host prologue "
+                              "would not be cheap")
+    main = onnx.ModelProto()
+    main.CopyFrom(model)
+    g = main.graph
+    keep = [n for n in g.node if not (n.output and n.output[0] in cut)]
+    del g.node[:]
+    g.node.extend(keep)
+    g.input.extend([helper.make_tensor_value_info(o, info[o].type.tensor_type.elem_type,
+                                                  [d.dim_value for d in info[o].type.tensor_type.shape.dim])
+                    for o in cut])
+    _prune(main)
+    del g.value_info[:]
+    return main, prologue
+
+
+def _static_shapes(model) -> dict[str, list[int]]:
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    out = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            out[v.name] = [d.dim_value for d in dims]
+    for t in model.graph.initializer:
+        out[t.name] = list(t.dims)
+    return out
+
+
+def lower_rank(model, max_rank: int = 5) -> int:
+    """Rewrites each ``Reshape -> Transpose -> Reshape`` whose middle tensors have rank >
+    ``max_rank`` (unpatchify's ``[B, h, w, p, q, C] -> [B, C, h, p, w, q]``) so that no tensor
+    exceeds ``max_rank``: size-1 axes are dropped, then each axis is moved to its place by a
+    Reshape to ``[before, axis, between, after]`` and a 4-D Transpose. Returns the number of
+    rewritten chains."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    shapes = _static_shapes(model)
+    producer, consumers = _graph_maps(g)
+    count = 0
+    for t in [n for n in g.node if n.op_type == "Transpose"]:
+        x, y = t.input[0], t.output[0]
+        if len(shapes.get(x, [])) <= max_rank:
+            continue
+        first, users = producer.get(x), consumers.get(y, [])
+        if first is None or first.op_type != "Reshape" or len(users) != 1 or users[0].op_type != "Reshape":
+            continue
+        src, last = first.input[0], users[0]
+        if len(shapes.get(src, [])) > max_rank or len(shapes.get(last.output[0], [])) > max_rank:
+            continue
+        dims = shapes[x]
+        perm = list(next(a.ints for a in t.attribute if a.name == "perm"))
+        live = [a for a in range(len(dims)) if dims[a] != 1]
+        order = [a for a in perm if dims[a] != 1]  # target order of the non-unit axes
+        cur = list(live)
+        nodes, value, k = [], src, 0
+        for pos, axis in enumerate(order):
+            at = cur.index(axis)
+            if at == pos:
+                continue
+            sizes = [dims[a] for a in cur]
+            before, between = int(np.prod(sizes[:pos])), int(np.prod(sizes[pos:at]))
+            after = int(np.prod(sizes[at + 1:]))
+            shape_name = f"{t.name}_lower_shape_{k}"
+            g.initializer.append(numpy_helper.from_array(np.asarray([before, between, dims[axis], after], np.int64),
+                                                         shape_name))
+            r, tt = f"{t.name}_lower_r{k}", f"{t.name}_lower_t{k}"
+            nodes += [helper.make_node("Reshape", [value, shape_name], [r], name=r),
+                      helper.make_node("Transpose", [r], [tt], perm=[0, 2, 1, 3], name=tt)]
+            value, k = tt, k + 1
+            cur = cur[:pos] + [axis] + cur[pos:at] + cur[at + 1:]
+        if not nodes:
+            nodes = [helper.make_node("Identity", [src], [f"{t.name}_lower_id"], name=f"{t.name}_lower_id")]
+            value = nodes[0].output[0]
+        last.input[0] = value
+        index = list(g.node).index(first)
+        for node in (first, t):
+            g.node.remove(node)
+        for j, node in enumerate(nodes):
+            g.node.insert(index + j, node)
+        count += 1
+    _prune(model)
+    return count
+
+
+def fold_weight_transposes(model, weight_outputs: Mapping[str, str]) -> int:
+    """A dequantized weight that only feeds a ``Transpose`` (a Conv kernel, HWIO -> OIHW) is stored
+    transposed instead (codes, scales and zero points; the DequantizeLinear's axis follows), so
+    the ``Conv`` reads the ``DequantizeLinear`` directly, as a QDQ node unit must. Returns the count."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    _, consumers = _graph_maps(g)
+    count = 0
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] in weight_outputs]:
+        users = consumers.get(dq.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Transpose":
+            continue
+        tr = users[0]
+        perm = list(next(a.ints for a in tr.attribute if a.name == "perm"))
+        codes = numpy_helper.to_array(inits[dq.input[0]])
+        attrs = {a.name: a for a in dq.attribute}
+        for name in dq.input[:3]:
+            arr = numpy_helper.to_array(inits[name])
+            if arr.ndim == codes.ndim:  # codes, and block-wise scales / zero points
+                arr = np.ascontiguousarray(np.transpose(arr, perm))
+            new = numpy_helper.from_array(arr, name)
+            inits[name].CopyFrom(new)
+        if "axis" in attrs and numpy_helper.to_array(inits[dq.input[1]]).ndim > 0:
+            attrs["axis"].i = perm.index(attrs["axis"].i % codes.ndim)
+        for user in consumers.get(tr.output[0], []):
+            for j, i in enumerate(user.input):
+                if i == tr.output[0]:
+                    user.input[j] = dq.output[0]
+        g.node.remove(tr)
+        count += 1
+    return count
+
+
+def bool_ands_as_products(model) -> int:
+    """``And(a, b)`` -> ``Greater(Cast(a) * Cast(b), 0.5)`` in float: QNN HTP fails to add a boolean
+    And (attention masks), and onnxruntime's CPU has no boolean Where to write it with."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    ands = [n for n in g.node if n.op_type == "And"]
+    if ands:
+        g.initializer.append(numpy_helper.from_array(np.asarray(np.float32(0.5)), "qnn_half"))
+    for n in ands:
+        index = list(g.node).index(n)
+        g.node.remove(n)
+        a, b, m = (f"{n.name}_{k}" for k in ("a", "b", "m"))
+        for j, node in enumerate([helper.make_node("Cast", [n.input[0]], [a], to=TensorProto.FLOAT, name=a),
+                                  helper.make_node("Cast", [n.input[1]], [b], to=TensorProto.FLOAT, name=b),
+                                  helper.make_node("Mul", [a, b], [m], name=m),
+                                  helper.make_node("Greater", [m, "qnn_half"], list(n.output), name=n.name)]):
+            g.node.insert(index + j, node)
+    return len(ands)
+
+
+def bool_layout_as_float(model) -> int:
+    """Layout ops (Unsqueeze, Transpose, Reshape, ...) of boolean tensors (attention masks) run on
+    float copies: HTP holds a boolean as uint8 and fails to prepare a rank-5 uint8 Reshape
+    ("could not create op: q::ForceFormat_Crouton"); a Cast back to bool follows, and Cast pairs
+    that cancel are removed. Returns the number of layout ops moved to float."""
+    from onnx import TensorProto, helper, shape_inference
+
+    g = model.graph
+    inferred = shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    moved = 0
+    for n in list(g.node):
+        if n.op_type not in _LAYOUT + ("Expand",) or types.get(n.input[0]) != TensorProto.BOOL:
+            continue
+        index = list(g.node).index(n)
+        f_in, f_out, out = f"{n.name}_f_in", f"{n.name}_f_out", n.output[0]
+        g.node.insert(index, helper.make_node("Cast", [n.input[0]], [f_in], to=TensorProto.FLOAT, name=f_in))
+        n.input[0], n.output[0] = f_in, f_out
+        g.node.insert(index + 2, helper.make_node("Cast", [f_out], [out], to=TensorProto.BOOL, name=f"{n.name}_b_out"))
+        moved += 1
+    # Cast(bool) -> Cast(float): the float value itself (exact, 0 / 1).
+    producer, consumers = _graph_maps(g)
+    for n in list(g.node):
+        src = producer.get(n.input[0]) if n.op_type == "Cast" else None
+        if (src is None or src.op_type != "Cast" or next(a.i for a in n.attribute if a.name == "to") != TensorProto.FLOAT
+                or next(a.i for a in src.attribute if a.name == "to") != TensorProto.BOOL):
+            continue
+        for user in consumers.get(n.output[0], []):
+            for j, i in enumerate(user.input):
+                if i == n.output[0]:
+                    user.input[j] = src.input[0]
+        g.node.remove(n)
+    _prune(model)
+    return moved
+
+
+def _scalar(model, name):
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)
+
+
+@dataclass
+class _Product:
+    node: Any  # the MatMul / Conv
+    act: str  # its activation input
+    act_grid: tuple | None  # (scale name, zero name) of an uint8 DQ upstream (A8), else None (A16)
+    direct: bool  # the activation input is that DQ's output
+
+
+def _products(model, weight_outputs: Mapping[str, str]) -> list[_Product]:
+    """The MatMul/Conv nodes that consume a dequantized INT4/INT8 weight, with their activations."""
+    producer, _ = _graph_maps(model.graph)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    from onnx import TensorProto
+
+    found = []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Conv") or not any(i in weight_outputs for i in n.input[:2]):
+            continue
+        act = n.input[1] if n.input[0] in weight_outputs else n.input[0]
+        v, direct, grid = act, True, None
+        while v in producer:
+            p = producer[v]
+            if p.op_type == "DequantizeLinear":
+                if types.get(p.input[2] if len(p.input) > 2 else "", None) == TensorProto.UINT8:
+                    grid = (p.input[1], p.input[2])
+                break
+            if p.op_type not in _LAYOUT:
+                break
+            v, direct = p.input[0], False
+        found.append(_Product(n, act, grid, direct and grid is not None))
+    return found
+
+
+OUTPUT_MARGIN = 0.25  # calibrated product ranges are widened by this share of their width on each side
+
+
+def _range_qdq(lo: float, hi: float, bits: int, margin: float = 0.0):
+    """Scale and integer zero point of an unsigned ``bits`` grid covering ``[lo, hi]`` widened by
+    ``margin`` x its width on each side, and 0."""
+    width = float(hi) - float(lo)
+    lo, hi = float(lo) - margin * width, float(hi) + margin * width
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    top = 2**bits - 1
+    scale = max(hi - lo, 1e-8) / top
+    zero = int(np.clip(np.round(-lo / scale), 0, top))
+    return np.float32(scale), (np.uint8 if bits == 8 else np.uint16)(zero)
+
+
+def quantize_products(model, weight_outputs: Mapping[str, str], calibration: Sequence[Mapping[str, np.ndarray]]) -> dict:
+    """Makes each quantized product a whole QDQ node unit (rule 3): an 8-bit activation DQ right
+    before it (a copy of the layer's trained grid where layout ops sit between), or a calibrated
+    uint16 one for a layer without input quantization; a calibrated QuantizeLinear -> Dequantize
+    after it (uint8 / uint16 like the input). ``calibration``: feeds of the graph (min/max over
+    them). Returns counts."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    products = _products(model, weight_outputs)
+    wanted = sorted({p.node.output[0] for p in products} | {p.act for p in products if p.act_grid is None})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend([helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted])
+    session = cpu_session(probe.SerializeToString())
+    lo = {n: np.inf for n in wanted}
+    hi = {n: -np.inf for n in wanted}
+    for feeds in calibration:
+        for name, value in zip(wanted, session.run(wanted, dict(feeds))):
+            lo[name], hi[name] = min(lo[name], float(value.min())), max(hi[name], float(value.max()))
+    _, consumers = _graph_maps(g)
+    counts = Counter()
+
+    def qdq(value: str, scale, zero, tag: str) -> str:
+        s, z = f"{tag}.qnn_scale", f"{tag}.qnn_zero"
+        g.initializer.extend([numpy_helper.from_array(np.asarray(scale), s), numpy_helper.from_array(np.asarray(zero), z)])
+        q, d = f"{tag}.qnn_q", f"{tag}.qnn_dq"
+        return [helper.make_node("QuantizeLinear", [value, s, z], [q], name=q),
+                helper.make_node("DequantizeLinear", [q, s, z], [d], name=d)], d
+
+    for p in products:
+        node = p.node
+        tag = node.name or node.output[0]
+        new_before, new_after = [], []
+        if p.act_grid is not None:
+            bits = 8
+            if not p.direct:  # re-quantize the layout ops' output on the same (trained) grid: exact
+                s, z = p.act_grid
+                q, d = f"{tag}.act_q", f"{tag}.act_dq"
+                new_before = [helper.make_node("QuantizeLinear", [p.act, s, z], [q], name=q),
+                              helper.make_node("DequantizeLinear", [q, s, z], [d], name=d)]
+                counts["act8_requantized"] += 1
+                node.input[list(node.input).index(p.act)] = d
+        else:
+            bits = 16
+            scale, zero = _range_qdq(lo[p.act], hi[p.act], 16, OUTPUT_MARGIN)
+            new_before, d = qdq(p.act, scale, zero, f"{tag}.act")
+            node.input[list(node.input).index(p.act)] = d
+            counts["act16"] += 1
+        y = node.output[0]
+        scale, zero = _range_qdq(lo[y], hi[y], bits, OUTPUT_MARGIN)
+        new_after, d = qdq(y, scale, zero, f"{tag}.out")
+        for user in consumers.get(y, []):
+            for j, i in enumerate(user.input):
+                if i == y:
+                    user.input[j] = d
+        for o in g.output:
+            if o.name == y:
+                raise OnnxExportError(f"the product {tag} is the graph output")
+        index = list(g.node).index(node)
+        for j, n in enumerate(new_before):
+            g.node.insert(index + j, n)
+        index = list(g.node).index(node)
+        for j, n in enumerate(new_after):
+            g.node.insert(index + 1 + j, n)
+        counts[f"out{bits}"] += 1
+    counts["products"] = len(products)
+    return dict(counts)
+
+
+def to_qnn(proto, weight_outputs: Mapping[str, str], calibration: Sequence[Mapping[str, np.ndarray]]):
+    """``(model, prologue, counts)``: the ONNX QDQ export ``proto`` (static batch) in QNN HTP form
+    (rules 3-6 of the module doc; 1, 2 and 4 are the exporter's ``batch_size`` and zero points).
+    ``calibration``: feeds of ``proto``'s inputs for the product ranges."""
+    main, prologue = split_prologue(proto)
+    feeds = [dict(f) for f in calibration]
+    if prologue is not None:
+        pro = cpu_session(prologue.SerializeToString())
+        names = [o.name for o in prologue.graph.output]
+        for f in feeds:
+            f.update(zip(names, pro.run(names, {i.name: f[i.name] for i in prologue.graph.input})))
+    counts = {"lowered_rank": lower_rank(main), "weight_transposes": fold_weight_transposes(main, weight_outputs),
+              "and_as_product": bool_ands_as_products(main)}
+    counts["bool_layout"] = bool_layout_as_float(main)
+    wanted = {i.name for i in main.graph.input}
+    counts.update(quantize_products(main, weight_outputs, [{k: v for k, v in f.items() if k in wanted} for f in feeds]))
+    return main, prologue, counts
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class QnnModel:
+    """``prologue.onnx`` on the CPU, then ``model.onnx`` (or the EPContext model) on a session:
+    call with the flat feeds of the exported model's original inputs."""
+
+    def __init__(self, session, prologue_path: str | None):
+        self.session = session
+        self.prologue = cpu_session(prologue_path) if prologue_path else None
+        self.inputs = [i.name for i in session.get_inputs()]
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        feeds = dict(feeds)
+        if self.prologue is not None:
+            names = [o.name for o in self.prologue.get_outputs()]
+            pro_in = {i.name: feeds[i.name] for i in self.prologue.get_inputs()}
+            feeds.update(zip(names, self.prologue.run(names, pro_in)))
+        return self.session.run([OUTPUT_NAME], {k: feeds[k] for k in self.inputs})[0]
+
+
+def refused_nodes(model_path: str, soc: str, scratch: str) -> list[str]:
+    """``op_type name`` of each node of ``model_path`` that QNN HTP does not take: the nodes left
+    outside the EPContext nodes when the graph is compiled with CPU fallback allowed."""
+    import onnx
+
+    ctx = os.path.join(scratch, "refused_ctx.onnx")
+    qnn_session(model_path, soc, fallback=True, context_path=ctx)
+    left = [n for n in onnx.load(ctx).graph.node if n.op_type != "EPContext"]
+    return [f"{n.op_type} {n.name}" for n in left]
+
+
+def context_bytes(ctx_path: str) -> int:
+    """Size of the HTP context binary(ies) in an EPContext model (embedded or beside it)."""
+    import onnx
+
+    total = 0
+    for n in onnx.load(ctx_path).graph.node:
+        if n.op_type != "EPContext":
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        embed = attrs["embed_mode"].i if "embed_mode" in attrs else 1
+        blob = attrs["ep_cache_context"].s
+        total += len(blob) if embed else os.path.getsize(os.path.join(os.path.dirname(ctx_path), blob.decode()))
+    return total
+
+
+def rel_diff(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+
+
+def node_census(model) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def write_qnn(model, example: Mapping[str, Any], calibration: Sequence[Mapping[str, np.ndarray]], out_dir: str,
+              *, frozen=None) -> dict:
+    """Writes ``out_dir/model.onnx`` (and ``prologue.onnx`` when there are sin/cos features) for
+    ``model`` (quantized, static input ranges) called as ``model(**example)``; the batch size is
+    ``example``'s. ``calibration``: flat feeds (``onnx._flat_inputs`` names) of the same shapes, for
+    the product ranges. Returns ``model`` / ``prologue`` (protos), ``paths``, the exporter's
+    ``counts``, the QNN rewrite's ``qdq`` counts and ``seconds`` (trace, rewrite)."""
+    import onnx
+
+    import fraqat_jax
+    from fraqat_jax.export import onnx as eo
+
+    start = time.perf_counter()
+    flat, _ = eo._flat_inputs(example)  # noqa: SLF001 (same package)
+    batch = next(a.shape[0] for name, a in flat if name not in eo.BATCH_FREE)
+    emitters: list = []
+    frozen = fraqat_jax.freeze(eo.static_view(model)) if frozen is None else frozen
+    proto, counts = eo.to_onnx(model, example, frozen=frozen, batch_size=int(batch), emitter_out=emitters)
+    traced = time.perf_counter() - start
+    main, prologue, qcounts = to_qnn(proto, emitters[0].weight_outputs, calibration)
+    paths = {"model": os.path.join(out_dir, MODEL_FILE)}
+    onnx.save(main, paths["model"])
+    onnx.checker.check_model(paths["model"], full_check=True)
+    if prologue is not None:
+        paths["prologue"] = os.path.join(out_dir, PROLOGUE_FILE)
+        onnx.save(prologue, paths["prologue"])
+    return {"model": main, "prologue": prologue, "paths": paths, "counts": counts, "qdq": qcounts,
+            "seconds": (round(traced, 2), round(time.perf_counter() - start - traced, 2))}
+
+
+SAMPLING_STEPS = 10
+
+
+def _feeds(family: str, batch) -> dict[str, np.ndarray]:
+    import jax
+
+    from fraqat_jax.diffusion import model_kwargs
+    from fraqat_jax.export.onnx import _flat_inputs  # noqa: PLC2701 (same package)
+
+    x_t, t, cond = batch
+    return dict(_flat_inputs(jax.tree.map(np.asarray, model_kwargs(family, x_t, t, cond)))[0])
+
+
+def sampling_psnr(family: str, student_model, run_qnn, out_shape, batch, *, num_steps: int = SAMPLING_STEPS,
+                  seed: int = 0) -> float:
+    """PSNR (peak-to-peak 2) of ``num_steps``-step samples of ``run_qnn`` (flat feeds -> output)
+    against the JAX ``student_model``'s, from the same noise and conditioning (``batch``'s)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fraqat_jax.diffusion import model_kwargs
+    from fraqat_jax.diffusion.families import model_time, sampler_of, unpack_2x2
+    from fraqat_jax.diffusion.heldout import sampling_inputs
+    from fraqat_jax.diffusion.samplers import model_sampler, sample
+    from fraqat_jax.export.onnx import _flat_inputs  # noqa: PLC2701
+
+    x_t, _, cond = batch
+    n_cls = getattr(student_model, "config", {}).get("num_embeds_ada_norm")
+    noise, key, cond, _ = sampling_inputs(family, seed, x_t.shape[0], tuple(x_t.shape[1:]),
+                                          num_classes=int(n_cls) if n_cls else None, cond_rows=cond)
+    graphdef, state = nnx.split(student_model)
+    ref = model_sampler(lambda st: nnx.merge(graphdef, st), family, num_steps=num_steps)(state, noise, cond, key)
+    kind = sampler_of(family)
+
+    def fn(x, t, c):
+        kw = model_kwargs(family, x, model_time(family, t), c)
+
+        def host(kw):
+            return np.asarray(run_qnn(dict(_flat_inputs(jax.tree.map(np.asarray, kw))[0])), np.float32)
+
+        out = jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), kw)
+        return unpack_2x2(out, x.shape) if family == "flux" else out
+
+    got = sample(kind, fn, noise, cond, key=key if kind != "euler" else None, num_steps=num_steps)
+    mse = float(np.mean((np.asarray(got, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, batch_size: int = 1,
+               calibration_samples: int = 100, heldout_samples: int = 4, sampling: bool = True,
+               log=print) -> dict:
+    """Writes ``model.onnx``, ``prologue.onnx``, ``model_ctx.onnx`` and ``qnn.json`` into ``out_dir``
+    (see the module doc) for a student with static input ranges; returns the report (``qnn.json``'s
+    keys, ``ok``, ``refused``, ``max_rel_diff_context``, ``psnr_sampling``, times and sizes).
+
+    Raises :class:`QnnUnavailable` without ``onnxruntime-qnn``; a graph that HTP does not take whole
+    is reported (``ok`` False, ``refused`` naming the nodes), not raised."""
+    import tempfile
+
+    import onnx
+
+    import fraqat_jax
+    from fraqat_jax.diffusion import family_of
+    from fraqat_jax.export import onnx as eo
+    from fraqat_jax.export.orbax import calibration_batches, export_orbax, load
+
+    qnn_module()
+    chip = soc_of(soc)
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    family = family_of(teacher)
+    n = int(batch_size)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f) for k, f in
+             (("model", MODEL_FILE), ("ctx", CONTEXT_FILE), ("prologue", PROLOGUE_FILE), ("json", REPORT_FILE))}
+    for p in paths.values():
+        if os.path.exists(p):
+            os.remove(p)
+    report: dict[str, Any] = {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model}
+    start = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def lap(name):
+        stages[name] = round(time.perf_counter() - start - sum(stages.values()), 2)
+
+    held = calibration_batches(teacher, cfg, num_samples=n * -(-heldout_samples // n), batch_size=n, seed=1)
+    calib = calibration_batches(teacher, cfg, num_samples=n * -(-calibration_samples // n), batch_size=n, seed=0)
+    lap("inputs")
+    model = eo.static_view(student)
+    written = write_qnn(model, _unflat(_feeds(family, held[0])), [_feeds(family, b) for b in calib], out_dir)
+    counts, qcounts, main, prologue = written["counts"], written["qdq"], written["model"], written["prologue"]
+    stages["onnx"], stages["qnn_form"] = written["seconds"]
+    report.update(nodes=len(main.graph.node), weight_bytes=int(counts["weight_bytes"]),
+                  weight_bytes_bf16=int(counts["weight_bytes_bf16"]), bf16_bytes=int(counts["bf16_bytes"]),
+                  quantized_layers=counts["quantized_layers"], batch_size=n, qdq=qcounts,
+                  export_seconds=time.perf_counter() - start, model_bytes=os.path.getsize(paths["model"]))
+    log(f"wrote {paths['model']}: {report['nodes']} nodes, batch {n}, {qcounts.get('products', 0)} QDQ products "
+        f"({qcounts.get('out8', 0)} uint8, {qcounts.get('out16', 0)} uint16 outputs), "
+        f"{report['export_seconds']:.1f} s")
+    pro_path = paths["prologue"] if prologue is not None else None
+    held_feeds = [_feeds(family, b) for b in held]
+    cpu = QnnModel(cpu_session(paths["model"]), pro_path)
+    ref_ort = [cpu(f) for f in held_feeds]
+    lap("ort_cpu")
+    # The HTP compile, with CPU fallback disabled; it also writes the EPContext model.
+    try:
+        session, build = timed(qnn_session, paths["model"], chip.name, context_path=paths["ctx"])
+    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own Fail/RuntimeException types)
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                refused = refused_nodes(paths["model"], chip.name, scratch)
+            except Exception as inner:  # noqa: BLE001
+                refused = [f"(compile failed: {str(inner).splitlines()[0][:300]})"]
+        report.update(ok=False, refused=refused or [f"(compile failed: {str(e).splitlines()[0][:300]})"],
+                      nodes_on_qnn=report["nodes"] - sum(1 for r in refused if not r.startswith("(")),
+                      max_rel_diff_ort=None, max_rel_diff_student=None, context_bytes=0)
+        _write_json(paths["json"], report)
+        return report
+    report.update(context_build_seconds=build, nodes_on_qnn=report["nodes"], refused=[])
+    htp = QnnModel(session, pro_path)
+    got = [htp(f) for f in held_feeds]
+    scale = max(float(np.abs(r).max()) for r in ref_ort)
+    report["max_rel_diff_ort"] = max(float(np.abs(g - r).max()) for g, r in zip(got, ref_ort)) / scale
+    lap("htp")
+    # The exported student served in JAX, as export.load gives it (static input ranges).
+    with tempfile.TemporaryDirectory() as tmp:
+        export_orbax(teacher, student, cfg, os.path.join(tmp, "student"), num_samples=calibration_samples)
+        served = load(os.path.join(tmp, "student"), static=True)
+    ref_jax = [eo.frozen_output(served, _unflat(f)) for f in held_feeds]
+    scale = max(float(np.abs(r).max()) for r in ref_jax)
+    report["max_rel_diff_student"] = max(float(np.abs(g - r).max()) for g, r in zip(got, ref_jax)) / scale
+    lap("student")
+    # The EPContext model: loads the compiled binary, no compile.
+    ctx_session, load_s = timed(qnn_session, paths["ctx"], chip.name)
+    ctx = QnnModel(ctx_session, pro_path)
+    got_ctx = [ctx(f) for f in held_feeds]
+    scale = max(float(np.abs(r).max()) for r in got)
+    report.update(context_load_seconds=load_s, context_bytes=context_bytes(paths["ctx"]),
+                  context_file_bytes=os.path.getsize(paths["ctx"]),
+                  max_rel_diff_context=max(float(np.abs(a - b).max()) for a, b in zip(got_ctx, got)) / scale)
+    lap("context")
+    if sampling:
+        report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0])
+        report["sampling_steps"] = SAMPLING_STEPS
+        lap("sampling")
+    report["stage_seconds"] = stages
+    report["ok"] = (report["max_rel_diff_ort"] <= TOL_ORT and report["max_rel_diff_student"] <= TOL_STUDENT
+                    and report["max_rel_diff_context"] <= TOL_CONTEXT)
+    _write_json(paths["json"], report)
+    return report
+
+
+def _unflat(feeds: Mapping[str, np.ndarray]) -> dict:
+    """The model's keyword arguments from flat feeds (``a.b`` names rebuild nested dicts)."""
+    out: dict[str, Any] = {}
+    for name, value in feeds.items():
+        head, _, rest = name.partition(".")
+        if rest:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[name] = value
+    return out
+
+
+REPORT_KEYS = ("soc", "htp_arch", "nodes", "nodes_on_qnn", "max_rel_diff_ort", "max_rel_diff_student",
+               "context_bytes", "weight_bytes")
+
+
+def _write_json(path: str, report: dict) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump({k: report.get(k) for k in REPORT_KEYS}, f, indent=2)
+        f.write("\n")
+
+
+def summary(report: dict) -> str:
+    """Lines for the command line."""
+    if not report.get("ok") and report.get("refused"):
+        return (f"QNN HTP ({report['soc']}, v{report['htp_arch']}) did not take the whole graph: "
+                f"{report['nodes_on_qnn']} of {report['nodes']} nodes; refused: {', '.join(report['refused'][:20])}")
+    lines = [
+        f"QNN HTP simulator ({report['soc']}, HTP v{report['htp_arch']}): all {report['nodes']} nodes with CPU "
+        f"fallback disabled; context binary {report['context_bytes']} bytes (built in "
+        f"{report.get('context_build_seconds', 0):.1f} s), INT4/INT8 weights {report['weight_bytes']} bytes",
+        f"max |QNN - onnxruntime CPU| / max|out| = {report['max_rel_diff_ort']:.2e} (tolerance {TOL_ORT:g}); "
+        f"vs the exported JAX student {report['max_rel_diff_student']:.2e} ({TOL_STUDENT:g}); EPContext vs "
+        f"model.onnx {report['max_rel_diff_context']:.2e} ({TOL_CONTEXT:g})",
+    ]
+    if "psnr_sampling" in report:
+        lines.append(f"{report['sampling_steps']}-step samples, QNN vs JAX student from the same noise: "
+                     f"PSNR {report['psnr_sampling']:.1f} dB")
+    return "\n".join(lines)
