@@ -34,10 +34,11 @@ Options (as on the diffusers ports): ``dtype`` (compute) / ``param_dtype`` (stor
 a window size per layer, picked from a table by a layer counter carried through the scan), so the
 whole stack is one ``jax.lax.scan`` over ``num_hidden_layers`` layers whatever ``layer_types``
 holds, and checkpoints keep per-layer names (``model.layers.{i}``); ``attention``: ``"xla"``
-(scores materialised, float32 softmax), ``"auto"`` / ``"flash"`` (on TPU the Pallas *splash*
-kernel, which takes the local window, the soft cap, grouped heads and padding as segment ids;
-chosen when the program is lowered, so an ahead-of-time TPU compile on a CPU host gets it; on CPU
-XLA runs; on GPU ``"auto"`` runs XLA and ``"flash"`` raises, as no GPU kernel takes a soft cap).
+(scores materialised, float32 softmax), ``"auto"`` / ``"flash"`` (``models.softcap_attention``:
+on TPU the Pallas *splash* kernel, which takes the local window, the soft cap, grouped heads and
+padding as segment ids; chosen when the program is lowered, so an ahead-of-time TPU compile on a
+CPU host gets it; on CPU XLA runs; on GPU ``"auto"`` runs XLA and ``"flash"`` raises, as no GPU
+kernel takes a soft cap).
 
 Quantization. The seven projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
 ``gate_proj``, ``up_proj``, ``down_proj``) are plain ``nnx.Linear`` (what ``quantize_model``
@@ -218,7 +219,7 @@ class Gemma2Attention(nnx.Module):
     """transformers ``Gemma2Attention``: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
 
     Call ``(x [B, L, hidden], cos, sin [B or 1, L, head_dim], key_valid [B, L] | None, window)``
-    -> ``[B, L, hidden]``; see :func:`gemma2_attention` for ``window``."""
+    -> ``[B, L, hidden]``; see ``models.softcap_attention.gemma2_attention`` for ``window``."""
 
     def __init__(self, config: Mapping[str, Any], *, rngs, dtype=None, param_dtype=jnp.float32):
         self.implementation = "xla"  # see Gemma2ForCausalLM(attention=...)
