@@ -360,7 +360,7 @@ class Gemma2ForCausalLM(nnx.Module):
     ):
         cfg = merge_config(GEMMA2_DEFAULTS, config, "Gemma2ForCausalLM")
         if cfg.get("use_bidirectional_attention"):
-            raise ValueError("Gemma2ForCausalLM supports causal attention only (use_bidirectional_attention=True given)")
+            raise ValueError("Gemma2ForCausalLM supports causal attention only, got use_bidirectional_attention=True")
         layer_types(cfg)
         rope_theta(cfg)
         self.config = cfg
