@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ArraySource", "DataSourceError", "Source", "TfdsSource", "digits", "epoch_permutation",
-           "global_indices", "host_rows"]
+           "global_indices", "host_rows", "open_tfds"]
 
 
 class DataSourceError(ValueError):
@@ -120,7 +120,7 @@ class TfdsSource(Source):
     def __init__(self, name: str, split: str = "train", *, seed: int = 0, image_size: int | None = None,
                  image_key: str = "image", label_key: str = "label", data_dir: str | None = None):
         self.name, self.split = name, split
-        self.ds = _open_tfds(name, split, data_dir)
+        self.ds = open_tfds(name, split, data_dir)
         self.seed = int(seed)
         self.num_examples = len(self.ds)
         self.image_key, self.label_key = image_key, label_key
@@ -151,7 +151,7 @@ class TfdsSource(Source):
         return out
 
 
-def _open_tfds(name: str, split: str, data_dir: str | None):
+def open_tfds(name: str, split: str, data_dir: str | None):
     """``tfds.data_source`` of a dataset already prepared (as array_record) in ``data_dir``; nothing is
     downloaded: on a pod every host would prepare it at once. Failures become one-line
     ``DataSourceError``s that say how to prepare the dataset."""

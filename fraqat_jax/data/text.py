@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fraqat_jax.data.sources import DataSourceError, Source, _open_tfds
+from fraqat_jax.data.sources import DataSourceError, Source, open_tfds
 
 __all__ = ["HELDOUT_FRACTION", "MAX_HELDOUT", "TEXT_SUFFIXES", "SpecialTokens", "TextSource", "TfdsTextSource",
            "check_seq_len", "load_tokenizer", "make_text_source", "pack_windows", "read_documents",
@@ -195,7 +195,7 @@ class TfdsTextSource(Source):
     def __init__(self, name: str, split: str, tokenizer, tokens: SpecialTokens, seq_len: int, *, seed: int = 0,
                  data_dir: str | None = None, text_key: str = "text"):
         spec = f"tfds:{name}:{split}"
-        self.ds = _open_tfds(name, split, data_dir)
+        self.ds = open_tfds(name, split, data_dir)
         self.tokenizer, self.tokens, self.seq_len, self.text_key = tokenizer, tokens, int(seq_len), text_key
         self.seed = int(seed)
         total = len(self.ds)
