@@ -33,6 +33,7 @@ ALLOWED = {  # part -> parts it may import (itself always allowed)
     "models": {"quant"},
     "nn": {"quant", "schedules"},
     "parallel": set(),
+    "cli": set(),
     "data": {"models", "quant"},
     "family": {"nn", "quant", "schedules"},
     "diffusion": {"family", "data", *BELOW},

@@ -131,8 +131,8 @@ def test_errors_exit_2_with_a_clear_message(run_dir, tmp_path, capsys):
         export.load(str(tmp_path / "busy"))
 
 
-@pytest.mark.parametrize("act_quant", ["dynamic", "static"])
-def test_trained_equals_exported_on_training_inputs(act_quant, tmp_path):
+@pytest.mark.parametrize("act_ranges", ["dynamic", "static"])
+def test_trained_equals_exported_on_training_inputs(act_ranges, tmp_path):
     """A student trained with dynamic or static activations exports as itself: on inputs drawn as
     training draws them, export.load agrees with train.load_run's student within 1e-4 x max|out|."""
     from eval_shared import write_tiny_teacher
@@ -140,17 +140,17 @@ def test_trained_equals_exported_on_training_inputs(act_quant, tmp_path):
     teacher_dir = write_tiny_teacher(tmp_path / "teacher")
     workdir = str(tmp_path / "run")
     train.run({"teacher": teacher_dir, "steps": 4, "batch_size": 16, "sample_grids": False, "progress": "none",
-               "warmup_steps": 1, "act_quant": act_quant, "weight_granularity": "channel"}, workdir=workdir)
+               "warmup_steps": 1, "act_ranges": act_ranges, "weight_granularity": "channel"}, workdir=workdir)
     teacher, student, cfg = train.load_run(workdir)
     layers = dict(fraqat_jax.nn.quantized_layers(student))
-    if act_quant == "static":  # the calibrated ranges travelled with the checkpoint, zero on the grid
+    if act_ranges == "static":  # the calibrated ranges travelled with the checkpoint, zero on the grid
         for layer in layers.values():
             lo, hi = np.asarray(layer.act_range[...], np.float64)
             zp = -lo / ((hi - lo) / 255)
-            assert layer.act_granularity == "static" and abs(zp - round(zp)) < 1e-3
+            assert layer.act_ranges == "static" and abs(zp - round(zp)) < 1e-3
     out = tmp_path / "export"
     meta = export.main(["--workdir", workdir, "--out", str(out)])
-    assert meta["act_quant"] == act_quant
+    assert meta["act_ranges"] == act_ranges
     loaded = export.load(str(out))
     x_t, t, cond = export.calibration_batches(teacher, cfg, num_samples=8, batch_size=8, seed=5)[0]
     kw = dict(hidden_states=x_t, timestep=t, **cond)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import jax
 
 from fraqat_jax import train
+from fraqat_jax.cli import Parser, fail
 from fraqat_jax.compare import stats as compare_stats
 from fraqat_jax.compare.run import DEFAULT_SEEDS, DEFAULT_WORKDIR, METHODS, run_compare, run_grid, schedule_of
 
@@ -16,7 +16,7 @@ DESCRIPTION = "the paper's comparison (Table 1, Fig. 7) at small scale, paired."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fraqat_jax.compare", description=DESCRIPTION)
+    p = Parser(prog="python -m fraqat_jax.compare", description=DESCRIPTION)
     p.add_argument("--config", default=None, help="trainer config file (a Python file with get_config())")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"output directory (default {DEFAULT_WORKDIR})")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
@@ -72,8 +72,7 @@ def main(argv=None):
     try:
         cfg, axes, tune = _check_args(args, methods, overrides)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(e)
     if jax.config.jax_compilation_cache_dir is None:
         # Runs that differ only in seed compile the same programs: JAX's persistent cache compiles once.
         jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))

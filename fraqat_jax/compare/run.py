@@ -11,7 +11,6 @@ import shutil
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
 from fraqat_jax import schedules, train

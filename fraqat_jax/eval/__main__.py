@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+
+from fraqat_jax.cli import Parser, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fraqat_jax.eval", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m fraqat_jax.eval", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a run directory written by python -m fraqat_jax.train")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to score (default: the latest)")
     p.add_argument("--ema", action="store_true", help="score the EMA weights (if the run kept them)")
@@ -63,11 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--text", metavar="FILE", default=None,
                    help="perplexity and KL on this text, one sequence per line (default: the run's held-out windows)")
     return p
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def main(argv=None) -> dict:

@@ -12,7 +12,7 @@ nothing imports it but command lines and ``compare/``.
 
 1. the run's final student (``fraqat_jax.runs.load_run``), at its final bit-width, with the
    activation quantization it was trained with: dynamic per-token int8 ranges for
-   ``act_quant=dynamic``, the calibrated ranges from its checkpoint for ``act_quant=static``;
+   ``act_ranges=dynamic``, the calibrated ranges from its checkpoint for ``act_ranges=static``;
 2. for a dynamically trained student, static ranges are also calibrated and stored (100
    training-style inputs, mean +/- 3 std, integer zero points; ``fraqat_jax.calibrate``) for
    runtimes that support only static quantization (the ONNX export); the JAX model does not use them;

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +90,9 @@ def _layer_settings(student) -> dict[str, dict[str, Any]]:
     for path, layer in quantized_layers(student):
         axis = layer.channel_axis
         out[path] = {
-            "bits": None if layer.bits is None else float(layer.bits[...]),
+            "bits": None if layer.bits is None else float(layer.bits[...]),  # the weights' (file format 2)
             "act_bits": layer.act_bits,
+            "act_ranges": layer.act_ranges,
             "act_granularity": layer.act_granularity,
             "symmetric": layer.weight_symmetric,
             "channel_axis": list(axis) if isinstance(axis, tuple) else axis,
@@ -100,14 +101,27 @@ def _layer_settings(student) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _layer_entry(s: Mapping[str, Any]) -> dict[str, Any]:
+    """A layer's export settings in today's words: the file says ``bits`` for ``weight_bits``, and
+    exports written before ``act_ranges`` existed say ``act_granularity="static"`` for static ranges."""
+    s = dict(s)
+    if "weight_bits" not in s:
+        s["weight_bits"] = s.pop("bits", None)
+    if s.get("act_granularity") == "static":
+        s["act_ranges"], s["act_granularity"] = "static", None
+    s.setdefault("act_ranges", "dynamic")
+    return s
+
+
 def _rules_for(layers: dict) -> list:
     """One exact-path rule per quantized layer of an export (any rules the run used are reproduced),
     and a last rule that leaves every other layer as it is."""
-    rules = [fraqat_jax.Rule(re.escape(path), weight_bits=8.0 if s["bits"] is not None else None,
+    rules = [fraqat_jax.Rule(re.escape(path), weight_bits=8.0 if s["weight_bits"] is not None else None,
                              act_bits=s["act_bits"], symmetric=s.get("symmetric", True),
                              channel_axis=tuple(s["channel_axis"]) if isinstance(s.get("channel_axis"), list)
                              else s.get("channel_axis"), group_size=s.get("group_size"),
-                             act_granularity=s["act_granularity"] if s["act_bits"] is not None else None)
+                             act_granularity=s["act_granularity"] if s["act_bits"] is not None else None,
+                             act_ranges=s["act_ranges"] if s["act_bits"] is not None else "dynamic")
              for path, s in layers.items()]
     return rules + [fraqat_jax.Rule(".*", weight_bits=None, act_bits=None)]
 
@@ -148,8 +162,7 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
             raise ExportError(f"export metadata lacks quantized layer {path!r}")
         s = layers[path]
         if layer.bits is not None:
-            layer.bits[...] = jnp.float32(s["bits"])
-        layer.act_granularity = s["act_granularity"]
+            layer.bits[...] = jnp.float32(s["weight_bits"])
         if layer.act_range is not None:
             layer.act_range[...] = jnp.zeros((2,), jnp.float32)  # placeholder, restored below
     return fraqat_jax.freeze(model, integer=integer)
@@ -160,12 +173,12 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
     family = family_for_model(teacher).name
     forward = model_forward(family)
     layers = quantized_layers(student)
-    uncalibrated = [p for p, layer in layers if layer.act_granularity == "static" and layer.act_bits is not None
+    uncalibrated = [p for p, layer in layers if layer.act_ranges == "static" and layer.act_bits is not None
                     and not bool(jnp.isfinite(layer.act_range[...]).all())]
     if uncalibrated:
         raise ExportError(f"static student without calibrated input ranges (layers {uncalibrated[:3]}...): "
-                          "train with act_quant=static, which calibrates before the first step")
-    dynamic = any(layer.act_bits is not None and layer.act_granularity != "static" for _, layer in layers)
+                          "train with act_ranges=static, which calibrates before the first step")
+    dynamic = any(layer.act_bits is not None and layer.act_ranges != "static" for _, layer in layers)
     if dynamic:  # ranges for static-only runtimes; the served JAX model keeps its trained ranges
         fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=num_samples), forward=forward,
                              switch_to_static=False)
@@ -182,7 +195,7 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
         "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype,
         "layers": _layer_settings(student),
-        "act_quant": "dynamic" if dynamic else "static",
+        "act_ranges": "dynamic" if dynamic else "static",
         "calibration": {"samples": num_samples if dynamic else None,
                         "range": "mean +/- 3 std of each quantized layer's input, integer zero point",
                         "used_by": "static runtimes (onnx)" if dynamic else "the served model (trained ranges)"},
@@ -229,9 +242,9 @@ def load(path: str, *, integer: bool = False, static: bool = False) -> nnx.Modul
     meta = load_metadata(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path!r} has export format {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-    layers = meta["layers"]
+    layers = {p: _layer_entry(s) for p, s in meta["layers"].items()}
     if static:
-        layers = {p: {**s, "act_granularity": "static"} if s["act_bits"] is not None else s for p, s in layers.items()}
+        layers = {p: {**s, "act_ranges": "static"} if s["act_bits"] is not None else s for p, s in layers.items()}
     frozen = _build_frozen(meta["model_class"], meta["config"], meta["quant_rules"], layers, meta.get("dtype"),
                            meta.get("param_dtype"), integer=integer)
     template = _stored_tree(frozen)

@@ -54,7 +54,7 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | 
     Every calibrated layer gets ``act_range = [mu - 3 sigma, mu + 3 sigma]`` (see the module
     docstring), nudged so that zero is a code (``fraqat_jax.quant.nudge_range``: an integer zero
     point, as ONNX and phone runtimes store it; each end moves by at most half a step when the range
-    contains zero), and switches to ``act_granularity = "static"``. Layers with ``act_bits=None`` are
+    contains zero), and switches to ``act_ranges = "static"``. Layers with ``act_bits=None`` are
     skipped. Raises ``ValueError`` if ``batches`` is empty or a layer received no input.
     """
     forward = forward or _default_forward
@@ -87,5 +87,5 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, forward: Callable | 
         lo, hi = nudge_range(*st.range(), layer.act_bits)
         layer.act_range[...] = jnp.asarray([lo, hi], jnp.float32)
         if switch_to_static:
-            layer.act_granularity = "static"
+            layer.act_ranges = "static"
     return model

@@ -123,6 +123,7 @@ class _Frozen(nnx.Module):
         self.bias = layer.bias
         self.act_bits = layer.act_bits
         self.act_granularity = layer.act_granularity
+        self.act_ranges = layer.act_ranges
         self.act_range = layer.act_range
         self.dtype = layer.dtype
         self.param_dtype = layer.param_dtype

@@ -14,17 +14,20 @@ State added to each quantized layer (not ``nnx.Param``, so optimizers and gradie
   A rule's per-layer schedule travels as the variable's ``schedule`` metadata.
 * ``act_range``: :class:`ActRange`, the static activation range ``[lo, hi]`` (float32, shape (2,))
   on every layer whose input is quantized (None otherwise); NaN until :func:`fraqat_jax.calibrate`
-  sets it, used only when ``act_granularity == "static"``.
+  sets it, used only when ``act_ranges == "static"``.
 
 Activation quantization (input of the layer, ``act_bits``, asymmetric min/max as the paper's
-dynamic quantization, scale ``(hi - lo) / (2**act_bits - 1)``, see ``fraqat_jax.quant``):
+dynamic quantization, scale ``(hi - lo) / (2**act_bits - 1)``, see ``fraqat_jax.quant``). How a
+range is found, ``act_ranges``:
 
-* ``"token"``: dynamic, one range per token (min/max over the last, feature axis, per index of all
-  leading axes). The default for linear layers: a GPU/TPU computes it on the fly, and it is exact
-  for an integer matmul because the scale factors out of the contraction.
-* ``"tensor"``: dynamic, one range for the whole input tensor (the paper's per-tensor form).
-  Conv and einsum layers accept only ``"tensor"`` or ``"static"``: their contraction mixes tokens,
-  so a per-token scale would not factor out of an integer convolution.
+* ``"dynamic"``: min/max of the input at run time, per ``act_granularity``:
+
+  * ``"token"``: one range per token (min/max over the last, feature axis, per index of all
+    leading axes). The default for linear layers: a GPU/TPU computes it on the fly, and it is
+    exact for an integer matmul because the scale factors out of the contraction.
+  * ``"tensor"``: one range for the whole input tensor (the paper's per-tensor form). Conv and
+    einsum layers accept only ``"tensor"``: their contraction mixes tokens, so a per-token scale
+    would not factor out of an integer convolution.
 * ``"static"``: the fixed range in ``act_range`` (``[lo, hi]`` from calibration); values outside
   it clip and get zero gradient, inside it the gradient is straight-through.
 """
@@ -40,7 +43,8 @@ from flax import nnx
 from fraqat_jax.nn.stats import record
 from fraqat_jax.quant import check_bits, quantize, quantize_codes, static_codes, static_fake_quant
 
-ACT_GRANULARITIES = ("token", "tensor", "static")
+ACT_GRANULARITIES = ("token", "tensor")
+ACT_RANGES = ("dynamic", "static")
 
 
 class Bits(nnx.Variable):
@@ -85,8 +89,15 @@ class QuantMixin:
     # Per token needs the contraction to leave tokens apart, which only a Linear layer guarantees.
     DEFAULT_ACT_GRANULARITY = "tensor"
 
+    def __setattr__(self, name, value):
+        # The old word, kept for callers not yet moved to act_ranges (the ONNX export's static view):
+        # "static" is how a range is found, not a granularity.
+        if name == "act_granularity" and value == "static":
+            name = "act_ranges"
+        super().__setattr__(name, value)
+
     def __init__(self, layer, *, weight_bits=8.0, schedule=None, act_bits=8.0, symmetric=True,
-                 channel_axis=None, group_size=None, act_granularity=None):
+                 channel_axis=None, group_size=None, act_granularity=None, act_ranges="dynamic"):
         """Builds the quantized form of an ``nnx.Linear``, ``nnx.Conv`` or ``nnx.Einsum`` layer.
 
         Args:
@@ -95,24 +106,30 @@ class QuantMixin:
           schedule: the layer's own bit-width schedule (stored as ``Bits`` metadata) or None.
           act_bits: input bit-width, or None to leave the input unquantized.
           symmetric, channel_axis, group_size: weight quantizer options of ``fraqat_jax.quantize``.
-          act_granularity: 'token', 'tensor' or 'static' (see the module docstring); None takes
-            the layer kind's ``DEFAULT_ACT_GRANULARITY`` (per token for Linear, else per tensor).
+          act_granularity: 'token' or 'tensor', the granularity of dynamic ranges (see the module
+            docstring); None takes the layer kind's ``DEFAULT_ACT_GRANULARITY`` (per token for
+            Linear, else per tensor).
+          act_ranges: 'dynamic' (min/max at run time) or 'static' (the calibrated ``act_range``).
         """
         self._take_over(layer, weight_bits=weight_bits, schedule=schedule, act_bits=act_bits,
                         symmetric=symmetric, channel_axis=channel_axis, group_size=group_size,
-                        act_granularity=act_granularity or self.DEFAULT_ACT_GRANULARITY)
+                        act_granularity=act_granularity or self.DEFAULT_ACT_GRANULARITY, act_ranges=act_ranges)
 
     def _take_over(self, layer, *, weight_bits, schedule, act_bits, symmetric, channel_axis,
-                   group_size, act_granularity):
+                   group_size, act_granularity, act_ranges):
         nodes = layer._pytree__nodes
         for name, value in vars(layer).items():
             if name.startswith("_pytree__"):
                 continue
             setattr(self, name, nnx.data(value) if nodes.get(name, False) else nnx.static(value))
+        if act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"act_granularity={act_granularity!r} is not allowed: use one of {ACT_GRANULARITIES}")
+        if act_ranges not in ACT_RANGES:
+            raise ValueError(f"act_ranges={act_ranges!r} is not allowed: use one of {ACT_RANGES}")
         if act_bits is not None and act_granularity == "token" and self.KIND != "Linear":
             raise ValueError(
                 f"act_granularity='token' is not allowed for a {self.KIND} layer (its contraction "
-                "mixes tokens); use 'tensor' or 'static'"
+                "mixes tokens); use 'tensor', or static ranges (act_ranges='static')"
             )
         kernel = self.kernel
         stack = self.stack_shape()
@@ -126,6 +143,7 @@ class QuantMixin:
         self.group_size = group_size
         self.act_bits = None if act_bits is None else float(act_bits)
         self.act_granularity = act_granularity
+        self.act_ranges = act_ranges
         if weight_bits is None:
             self.bits = None
         else:
@@ -174,7 +192,7 @@ class QuantMixin:
             return x
         if self.act_bits is None:
             return x
-        if self.act_granularity == "static":
+        if self.act_ranges == "static":
             lo_hi = self.act_range[...]
             if not isinstance(lo_hi, jax.core.Tracer) and bool(jnp.isnan(lo_hi).any()):
                 raise RuntimeError(
@@ -187,7 +205,7 @@ class QuantMixin:
 
     def input_codes(self, x):
         """Activation codes for the integer path: ``(codes, scale, zero)``, float32, asymmetric."""
-        if self.act_granularity == "static":
+        if self.act_ranges == "static":
             lo_hi = self.act_range[...]
             return static_codes(x, lo_hi[0], lo_hi[1], self.act_bits)
         axes = token_axes(x.ndim) if self.act_granularity == "token" else None

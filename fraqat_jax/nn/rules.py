@@ -5,7 +5,8 @@ A module's *path* is the attribute names (and list indices) from the root joined
 expression that must match the *whole* path (``re.fullmatch``): ``r".*\\.attn\\..*"`` picks every
 attention projection, ``r"proj_out"`` only the root's ``proj_out``.
 
-Bit-widths over training. The trainer drives every layer with one schedule::
+Bit-widths over training. The trainer (``fraqat_jax.train.step``) drives every layer with one
+schedule, and the layers whose rule gave their own (config key ``layer_schedules``) with theirs::
 
     bits = schedule(step)                   # float32, may be traced
     model = set_bits(model, bits)           # or state = set_bits(state, bits)
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fraqat_jax.nn.graph import find_layers, path_string, quantized_layers, replace_child, walk_to
-from fraqat_jax.nn.layers import ACT_GRANULARITIES, QUANTIZED_TYPES, Bits, kind_of
-from fraqat_jax.quant import MAX_BITS, MIN_BITS, check_bits, validate_bits
+from fraqat_jax.nn.layers import ACT_GRANULARITIES, ACT_RANGES, QUANTIZED_TYPES, Bits, kind_of
+from fraqat_jax.quant import MAX_ACT_BITS, MAX_BITS, MIN_BITS, check_bits, validate_bits
 
 LAYER_TYPES = ("Linear", "Conv", "Einsum")
 
@@ -52,9 +53,10 @@ class Rule:
         unquantized (e.g. the paper's W4A16 last layer).
       symmetric, channel_axis, group_size: weight quantizer options of ``fraqat_jax.quantize``
         (``channel_axis=-1`` is per output channel for Linear and Conv kernels).
-      act_granularity: ``"token"`` (dynamic per token; Linear only), ``"tensor"`` (dynamic per
-        tensor) or ``"static"`` (calibrated range); None picks ``"token"`` for Linear layers and
-        ``"tensor"`` for Conv and Einsum layers.
+      act_ranges: how an input range is found: ``"dynamic"`` (min/max at run time, the default)
+        or ``"static"`` (a range calibrated once, ``fraqat_jax.calibrate``).
+      act_granularity: the granularity of dynamic ranges: ``"token"`` (per token; Linear only) or
+        ``"tensor"``; None picks ``"token"`` for Linear layers and ``"tensor"`` for Conv and Einsum.
       layer_types: restricts the rule to these kinds among ``"Linear"``, ``"Conv"``, ``"Einsum"``
         (``nnx.Linear``, ``nnx.Conv``, ``nnx.Einsum``); None admits all three.
 
@@ -70,6 +72,7 @@ class Rule:
     channel_axis: int | tuple[int, ...] | None = None
     group_size: int | None = None
     act_granularity: str | None = None
+    act_ranges: str = "dynamic"
     layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self):
@@ -88,11 +91,16 @@ class Rule:
             validate_bits(wb, name=f"weight_bits of rule {self.pattern!r}")
         if self.act_bits is not None:
             validate_bits(self.act_bits, name=f"act_bits of rule {self.pattern!r}")
-            if float(self.act_bits) > 8:
+            if float(self.act_bits) > MAX_ACT_BITS:
                 raise ValueError(
                     f"act_bits={self.act_bits!r} of rule {self.pattern!r} is not allowed: use a value in "
-                    "[2, 8] (activations run as int8 codes) or None for an unquantized input"
+                    f"[{MIN_BITS:g}, {MAX_ACT_BITS:g}] (activations run as int8 codes) or None for an unquantized input"
                 )
+        if self.act_granularity == "static":
+            raise ValueError("act_granularity='static' was renamed: use act_ranges='static' (act_granularity is "
+                             f"token or tensor); rule {self.pattern!r}")
+        if self.act_ranges not in ACT_RANGES:
+            raise ValueError(f"act_ranges={self.act_ranges!r} is not allowed: use one of {ACT_RANGES}")
         if self.act_granularity is not None and self.act_granularity not in ACT_GRANULARITIES:
             raise ValueError(
                 f"act_granularity={self.act_granularity!r} is not allowed: use one of {ACT_GRANULARITIES} or None"
@@ -162,7 +170,7 @@ def quantize_model(model: nnx.Module, rules: Sequence[Rule] | Rule | None = None
             new = QUANTIZED_TYPES[type(layer)](
                 layer, weight_bits=init_bits, schedule=schedule, act_bits=rule.act_bits,
                 symmetric=rule.symmetric, channel_axis=rule.channel_axis, group_size=rule.group_size,
-                act_granularity=rule.act_granularity)
+                act_granularity=rule.act_granularity, act_ranges=rule.act_ranges)
         except ValueError as e:
             raise ValueError(f"rule {rule.pattern!r} cannot quantize layer {name!r}: {e}") from None
         if not path:
@@ -312,18 +320,47 @@ def parse_keep(text: str) -> list[tuple[str, float | None]]:
     return out
 
 
+def parse_layer_schedules(text: str) -> list[tuple[str, str]]:
+    """``layer_schedules`` (``REGEX=SCHEDULE`` entries separated by ``;``, ``SCHEDULE`` a name of
+    ``fraqat_jax.schedules.by_name``) -> ``[(regex, schedule name)]``. ``ValueError`` naming a bad entry."""
+    from fraqat_jax import schedules
+
+    out = []
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        pattern, sep, name = entry.rpartition("=")
+        if not sep or not pattern:
+            raise ValueError(f"layer_schedules entry {entry!r} is not REGEX=SCHEDULE (e.g. 'proj_out=constant')")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"layer_schedules entry {entry!r}: {pattern!r} is not a valid regular expression "
+                             f"({e})") from None
+        try:
+            schedules.parse_name(name.strip())
+        except ValueError as e:
+            raise ValueError(f"layer_schedules entry {entry!r}: {e}") from None
+        out.append((pattern, name.strip()))
+    return out
+
+
 def config_rules(cfg, layer_types: Sequence[str] = ("Linear",)) -> list[Rule]:
     """A run's rules from its config, first match wins: each ``keep`` entry (input unquantized,
-    weights following the schedule or pinned at its bits), then the paper's rule: every layer of
+    weights following the schedule or pinned at its bits), each ``layer_schedules`` entry (weights
+    following their own schedule through :func:`apply_schedules`), then the paper's rule: every layer of
     ``layer_types``, weights from 8 bits down (the schedule sets them each step), activations at
-    ``act_bits`` (8: A8), ranges per ``act_quant`` (dynamic per token, or static), weight scales per
-    ``weight_granularity``."""
+    ``act_bits`` (8: A8), ranges per ``act_ranges`` (dynamic or static) and ``act_granularity``,
+    weight scales per ``weight_granularity``."""
     from fraqat_jax import schedules
 
     channel_axis, group_size = parse_weight_granularity(cfg.weight_granularity)
     weights = dict(channel_axis=channel_axis, group_size=group_size, layer_types=tuple(layer_types))
+    acts = dict(act_bits=float(cfg.act_bits), act_ranges=cfg.act_ranges, act_granularity=cfg.act_granularity)
     rules = [Rule(pattern, weight_bits=8.0 if bits is None else schedules.constant(bits), act_bits=None, **weights)
              for pattern, bits in parse_keep(cfg.keep)]
-    act = "static" if cfg.act_quant == "static" else None
-    rules.append(Rule(r".*", weight_bits=8.0, act_bits=float(cfg.act_bits), act_granularity=act, **weights))
+    rules += [Rule(pattern, weight_bits=schedules.by_name(name, int(cfg.steps), target_bits=float(cfg.target_bits),
+                                                          start_bits=float(cfg.start_bits)), **acts, **weights)
+              for pattern, name in parse_layer_schedules(cfg.layer_schedules)]
+    rules.append(Rule(r".*", weight_bits=8.0, **acts, **weights))
     return rules

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from fraqat_jax.cli import Parser, error_line
+
 from fraqat_jax.plan.topology import (PlanError, known_topologies, parse_topology, prepare_environment, print_table,
                                       require_libtpu)
 
@@ -14,13 +16,8 @@ __all__ = ["build_parser", "main"]
 
 DESCRIPTION = "compile the real FraQAT train step for a TPU topology that is not here."
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fraqat_jax.plan", description=DESCRIPTION,
+    p = Parser(prog="python -m fraqat_jax.plan", description=DESCRIPTION,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="known topologies: " + ", ".join(known_topologies()))
     p.add_argument("--config", metavar="FILE", help="trainer config file (default: the built-in default run)")
@@ -51,7 +48,7 @@ def main(argv=None) -> int:
         report = plan(args.config, top, overrides=args.set, batch_size=args.batch_size, mesh=args.mesh,
                       mfu=args.mfu, run_steps=args.run or 0)
     except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     print_table(report)
     if args.json:

@@ -6,13 +6,14 @@ import argparse
 import sys
 from importlib.resources import files
 
+from fraqat_jax.cli import Parser, error_line
 from fraqat_jax.pretrain import teachers
 from fraqat_jax.pretrain.teachers import SIZES, pretrain
 from fraqat_jax.diffusion.teachers import BUILTIN_TEACHERS, save_builtin_teacher
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fraqat_jax.pretrain", description=teachers.__doc__,
+    parser = Parser(prog="python -m fraqat_jax.pretrain", description=teachers.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="s", help="s (builtin, default) or m (builtin:m, ~10x larger)")
     parser.add_argument("--steps", type=int, default=None, help="default 6000 (s) / 4000 (m)")
@@ -22,13 +23,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output directory (default: the package's assets)")
     args = parser.parse_args(argv)
     if args.size not in SIZES:
-        print(f"error: --size {args.size!r} is not allowed: choose one of {', '.join(SIZES)}", file=sys.stderr)
+        print(error_line(f"--size {args.size!r} is not allowed: choose one of {', '.join(SIZES)}"), file=sys.stderr)
         return 2
     config, name, default_steps, default_lr = SIZES[args.size]
     args.steps = default_steps if args.steps is None else args.steps
     args.lr = default_lr if args.lr is None else args.lr
     if args.steps < 1 or args.batch_size < 1:
-        print(f"error: --steps and --batch-size must be positive, got {args.steps}, {args.batch_size}", file=sys.stderr)
+        print(error_line(f"--steps and --batch-size must be positive, got {args.steps}, {args.batch_size}"),
+              file=sys.stderr)
         return 2
     model = pretrain(args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, config=config)
     out = args.out or (None if name == "builtin" else str(files("fraqat_jax") / "assets" / BUILTIN_TEACHERS[name]))

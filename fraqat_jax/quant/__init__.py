@@ -6,6 +6,7 @@ fixed, calibrated range. ``nn/`` wraps these in layers; nothing else computes co
 """
 
 from fraqat_jax.quant.fake import (
+    MAX_ACT_BITS,
     MAX_BITS,
     MIN_BITS,
     check_bits,
@@ -17,5 +18,5 @@ from fraqat_jax.quant.fake import (
 )
 from fraqat_jax.quant.static import nudge_range, static_codes, static_fake_quant, zero_point
 
-__all__ = ["MAX_BITS", "MIN_BITS", "check_bits", "dequantize", "quantize", "quantize_codes", "range_codes",
+__all__ = ["MAX_ACT_BITS", "MAX_BITS", "MIN_BITS", "check_bits", "dequantize", "quantize", "quantize_codes", "range_codes",
            "nudge_range", "static_codes", "static_fake_quant", "validate_bits", "zero_point"]

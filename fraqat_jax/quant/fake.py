@@ -47,6 +47,7 @@ import numpy as np
 
 MIN_BITS = 2.0
 MAX_BITS = 16.0
+MAX_ACT_BITS = 8.0  # activations run as int8 (uint8) codes
 
 Axis = int | Sequence[int] | None
 

@@ -12,9 +12,9 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax.models.scan import unstack_flat
-from fraqat_jax.nn import quantized_layers, set_bits
+from fraqat_jax.nn import apply_schedules, quantized_layers, set_bits
 from fraqat_jax.runs import checkpoint as ckpt_lib
-from fraqat_jax.train.config import load_config
+from fraqat_jax.train.config import load_config, upgrade_saved
 from fraqat_jax.train.models import abstract_models, load_teacher, make_student
 from fraqat_jax.train.step import make_optimizer, make_schedule
 
@@ -80,7 +80,7 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan
     if not os.path.isfile(path):
         raise ValueError(f"{workdir!r} is not a run directory (no config.json)")
     with open(path) as f:
-        cfg = load_config(base=json.load(f))
+        cfg = load_config(base=upgrade_saved(json.load(f)))
     cfg.unlock()
     cfg.mesh = ""
     if attention is not None:
@@ -92,9 +92,10 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = False, unscan
     if ema and state["ema"] is None:
         raise ValueError(f"run {workdir!r} kept no EMA (ema_decay=0)")
     student = nnx.merge(reader.graph, state["ema"] if ema else state["params"], rest)
-    bits = float(make_schedule(cfg)(max(int(meta["step"]) - 1, 0)))
+    last = max(int(meta["step"]) - 1, 0)
     if cfg.quant_rules != "none":
-        set_bits(student, bits)
+        set_bits(student, float(make_schedule(cfg)(last)))
+        apply_schedules(student, last)
     if unscan:
         teacher, student = unscanned(teacher, cfg), unscanned(student, cfg)
     return teacher, student, cfg

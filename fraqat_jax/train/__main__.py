@@ -6,10 +6,7 @@ import argparse
 import os
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2, no usage dump
-        self.exit(2, f"error: {message}\n")
+from fraqat_jax.cli import Parser, error_line
 
 
 def _epilog() -> str:
@@ -25,8 +22,9 @@ def _epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fraqat_jax.train",
-                description="Distil a full-precision diffusion transformer into a W4A8 student with the "
+    p = Parser(prog="python -m fraqat_jax.train",
+                description="Distil a full-precision transformer (a diffusion or a language model) into a W4A8 "
+                            "student with the "
                             "FraQAT fractional bit-width schedule. No arguments: the built-in digits DiT.",
                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="Python config file defining get_config()")
@@ -87,7 +85,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     _compilation_cache()
     from fraqat_jax.data import DataSourceError
@@ -97,10 +95,10 @@ def main(argv=None) -> int:
     try:
         result = run(cfg, workdir=args.workdir, force_resume=args.force_resume)
     except (ConfigError, DataSourceError, CheckpointFileError) as e:  # bad input: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except (TrainingDiverged, CheckpointWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     import jax
 

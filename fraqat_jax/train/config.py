@@ -15,11 +15,14 @@ from typing import Any, Iterable, Mapping
 import ml_collections
 
 from fraqat_jax import schedules
+from fraqat_jax.quant import MAX_ACT_BITS, MAX_BITS, MIN_BITS
 from fraqat_jax.family import ConfigError, FamilyError, all_config_keys, family_for_teacher
 from fraqat_jax.nn.rules import parse_keep as _parse_keep
+from fraqat_jax.nn.rules import parse_layer_schedules as _parse_layer_schedules
 from fraqat_jax.nn.rules import parse_weight_granularity as _parse_weight_granularity
 
-__all__ = ["ConfigError", "HELP", "get_config", "load_config", "parse_keep", "parse_weight_granularity", "validate"]
+__all__ = ["ConfigError", "HELP", "RENAMED", "get_config", "load_config", "parse_keep", "parse_weight_granularity",
+           "upgrade_saved", "validate"]
 
 
 # key: (default, help). The default run: the shipped digits DiT distilled on the shipped digits.
@@ -37,14 +40,20 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "start_bits": (8.0, "first bit-width of the linear / cosine schedules"),
     "act_bits": (8.0, "activation bit-width"),
     "quant_rules": ("paper", "which layers to quantize: 'paper' (every linear layer) or 'none' (FP student)"),
-    "act_quant": ("dynamic", "activation ranges: dynamic (min/max of each token at run time, GPU/TPU) | static (each "
-                  "layer's input range calibrated once before the first step on 100 samples of the run's data at "
-                  "mean +/- 3 std with an integer zero point, then fixed through training and export: phones)"),
+    "act_ranges": ("dynamic", "how activation ranges are found: dynamic (min/max at run time, per act_granularity: "
+                   "GPU/TPU) | static (each layer's input range calibrated once before the first step on 100 samples "
+                   "of the run's data at mean +/- 3 std with an integer zero point, then fixed through training and "
+                   "export: phones)"),
+    "act_granularity": ("token", "granularity of dynamic activation ranges: token (one range per token) | tensor "
+                        "(one per input tensor)"),
     "weight_granularity": ("tensor", "weight scales: tensor (one per layer, the paper's) | channel (one per output "
                            "channel) | group:N (one per output channel and group of N input rows)"),
     "keep": ("", "layers kept at higher precision, by module path: REGEX[:BITS] entries separated by ';'. A "
              "matching layer's input stays unquantized (A16; e.g. 'proj_out' gives the paper's W4A16 last layer on "
              "the phone); with :BITS its weights also stay at BITS bits instead of following the schedule"),
+    "layer_schedules": ("", "layers with their own bit-width schedule, by module path: REGEX=SCHEDULE entries "
+                        "separated by ';' (SCHEDULE as for schedule=, scaled to the run's steps and target_bits), "
+                        "e.g. 'proj_out=constant' or 'transformer_blocks\\.0\\..*=integer'; the rest follow schedule"),
     "batch_size": (64, "global batch size (examples per optimizer update)"),
     "grad_accum": (1, "micro-batches per update (the global batch is split into this many)"),
     "lr": (3e-4, "peak learning rate (paper: SD3.5-M 1e-6, Sana 1e-7, PixArt-Sigma 1e-6)"),
@@ -78,10 +87,30 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
 _DEFAULTS.update({k: v for k, v in all_config_keys().items() if k not in _DEFAULTS})
 HELP = {k: h for k, (_, h) in _DEFAULTS.items()}
 
+#: Config keys that were renamed: old name -> new name. Given by a user they exit 2 naming the new
+#: key; in a saved config (a checkpoint's, a run's config.json) they are read as the new key.
+RENAMED = {"act_quant": "act_ranges"}
+
+
+def upgrade_saved(config: Mapping[str, Any]) -> dict:
+    """A config saved by an earlier version in today's keys (see :data:`RENAMED`)."""
+    out = dict(config)
+    for old, new in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
+def _renamed(key: str, where: str) -> ConfigError:
+    return ConfigError(f"config key {key!r} in {where} was renamed: use {RENAMED[key]}= "
+                       f"({' | '.join(_CHOICES.get(RENAMED[key], ()))})")
+
 _CHOICES = {
     "lr_schedule": ("cosine", "constant", "restart"),
     "quant_rules": ("paper", "none"),
-    "act_quant": ("dynamic", "static"),
+    "act_ranges": ("dynamic", "static"),
+    "act_granularity": ("token", "tensor"),
     "attention": ("auto", "xla", "flash"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
@@ -136,8 +165,13 @@ def parse_keep(text: str) -> list[tuple[str, float | None]]:
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every key and value; raises ConfigError naming the first bad one."""
     unknown = sorted(set(cfg.keys()) - set(_DEFAULTS))
+    if unknown and unknown[0] in RENAMED:
+        raise _renamed(unknown[0], "the config")
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(_DEFAULTS)}")
+    if cfg.act_granularity == "static":
+        raise ConfigError("act_granularity='static' is not allowed: static ranges are act_ranges=static "
+                          "(act_granularity is token or tensor)")
     for key, allowed in _CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not allowed: choose one of {', '.join(allowed)}")
@@ -153,12 +187,16 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum}")
     for key in ("target_bits", "start_bits"):
-        if not 2.0 <= float(cfg[key]) <= 16.0:
-            raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a bit-width in [2, 16]")
-    if not 2.0 <= float(cfg.act_bits) <= 8.0:
-        raise ConfigError(f"act_bits={cfg.act_bits!r} is not allowed: use a bit-width in [2, 8]")
+        if not MIN_BITS <= float(cfg[key]) <= MAX_BITS:
+            raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a bit-width in [{MIN_BITS:g}, {MAX_BITS:g}]")
+    if not MIN_BITS <= float(cfg.act_bits) <= MAX_ACT_BITS:
+        raise ConfigError(f"act_bits={cfg.act_bits!r} is not allowed: use a bit-width in [{MIN_BITS:g}, {MAX_ACT_BITS:g}]")
     parse_weight_granularity(cfg.weight_granularity)
     parse_keep(cfg.keep)
+    try:
+        _parse_layer_schedules(cfg.layer_schedules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not cfg.lr > 0:
         raise ConfigError(f"lr={cfg.lr!r} is not allowed: use a positive number")
     if cfg.lr_schedule == "restart" and schedules.is_smooth(cfg.schedule):
@@ -215,6 +253,8 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), *,
 
     def update(values: Mapping, where: str):
         for k, v in dict(values).items():
+            if k in RENAMED:
+                raise _renamed(k, where)
             if k not in _DEFAULTS:
                 raise ConfigError(f"unknown config key {k!r} in {where}; allowed keys: {', '.join(_DEFAULTS)}")
             default = _DEFAULTS[k][0]
@@ -234,6 +274,8 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), *,
             raise ConfigError(f"--set {item!r} is not KEY=VALUE")
         k, text = item.split("=", 1)
         k = k.strip()
+        if k in RENAMED:
+            raise _renamed(k, "--set")
         if k not in _DEFAULTS:
             raise ConfigError(f"unknown config key {k!r} in --set; allowed keys: {', '.join(_DEFAULTS)}")
         cfg[k] = _parse_value(k, text, _DEFAULTS[k][0])

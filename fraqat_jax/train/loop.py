@@ -32,11 +32,11 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax.data.streams import stream
-from fraqat_jax.nn import calibrate, set_bits
+from fraqat_jax.nn import apply_schedules, calibrate, set_bits
 from fraqat_jax.parallel import mesh as mesh_lib
 from fraqat_jax.runs import checkpoint as ckpt_lib
 from fraqat_jax.train import state as state_lib
-from fraqat_jax.train.config import ConfigError, get_config, load_config
+from fraqat_jax.train.config import ConfigError, get_config, load_config, upgrade_saved
 from fraqat_jax.train.models import load_teacher, make_student
 from fraqat_jax.train.report import MetricsLog, Progress
 
@@ -182,9 +182,10 @@ class _Run:
                                                        out_shardings=self.repl)
 
         def student(p):
-            params, rest, bits = p
+            params, rest, bits, step = p
             model = nnx.merge(s.student_graph, params, rest)
             set_bits(model, bits)
+            apply_schedules(model, step)
             return model
 
         self.student_sample = s.family.teacher_sampler(cfg, student, out_shardings=self.repl)
@@ -226,11 +227,11 @@ class _Run:
             log_event(None, f"skipped an incomplete checkpoint (interrupted save), removed it: {path}")
         latest = self.ckpt.latest_step()
         if latest is None:
-            if self.cfg.act_quant == "static" and self.cfg.quant_rules != "none":
+            if self.cfg.act_ranges == "static" and self.cfg.quant_rules != "none":
                 self.calibrate(log_event)
             return 0, 0
         meta = self.ckpt.restore_meta(latest)
-        changes = check_resume(meta.get("config", {}), self.cfg.to_dict(), int(meta["step"]), force=self.force_resume)
+        changes = check_resume(upgrade_saved(meta.get("config", {})), self.cfg.to_dict(), int(meta["step"]), force=self.force_resume)
         if changes:
             kind = "force_resume" if self.force_resume else "config_changed"
             log_event({"event": kind, "step": int(meta["step"]), "changes": {k: list(v) for k, v in changes.items()}},
@@ -251,6 +252,7 @@ class _Run:
                                               CALIBRATION_SAMPLES, 25)
         student = s.student(s.train_state["params"])
         set_bits(student, float(self.bits_values[0]))
+        apply_schedules(student, 0)
         calibrate(student, batches, forward=s.family.apply)
         _, _, rest = nnx.split(student, nnx.Param, ...)
         s.rest = jax.device_put(nnx.to_pure_dict(rest), s.rest_sh)
@@ -263,6 +265,7 @@ class _Run:
         s = self.setup
         student = s.student(s.train_state["params"])
         set_bits(student, float(self.bits_values[max(step_done - 1, 0)]))
+        apply_schedules(student, max(step_done - 1, 0))
         return nnx.to_pure_dict(nnx.split(student, nnx.Param, ...)[2])
 
     def save(self, step_done: int, position: int) -> None:
@@ -284,8 +287,8 @@ class _Run:
             prompts = s.family.sample_prompts(self.cfg, s.model_config, self.source, int(self.cfg.num_samples))
             self._prompts = jax.device_put(prompts, self.repl)
             self._teacher_samples = jax.device_get(self.teacher_sample(s.teacher_state, self._prompts))
-        student = jax.device_get(self.student_sample((s.train_state["params"], s.rest, jnp.float32(bits)),
-                                                     self._prompts))
+        student = jax.device_get(self.student_sample(
+            (s.train_state["params"], s.rest, jnp.float32(bits), jnp.int32(done - 1)), self._prompts))
         if self.is_main:
             stem = os.path.join(self.workdir, "samples", f"step_{done:06d}_bits_{bits:g}")
             _, image = s.family.write_samples(stem, self._teacher_samples, student)

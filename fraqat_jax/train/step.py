@@ -5,7 +5,9 @@
 definitions are split once, ``nnx.merge`` runs inside the step; the seed is an argument, not a
 compiled-in constant, see :class:`SeededStep`). Inside one call:
 
-1. ``bits = schedule(step)`` (a traced scalar: no recompilation when it changes), set on the student;
+1. ``bits = schedule(step)`` (a traced scalar: no recompilation when it changes), set on the student
+   (``set_bits``), and the layers with their own schedule (``layer_schedules``) at theirs
+   (``apply_schedules``);
 2. the family's training inputs (``Family.training_inputs``) are drawn from ``fold_in(key(seed),
    step)``, so a resumed run sees the same inputs as an uninterrupted one;
 3. the teacher's output under ``stop_gradient``, the student's output (``Family.apply``), and the
@@ -27,7 +29,7 @@ from flax import nnx
 
 from fraqat_jax import schedules
 from fraqat_jax.family import families
-from fraqat_jax.nn import prequantized, set_bits
+from fraqat_jax.nn import apply_schedules, prequantized, set_bits
 
 __all__ = ["SeededStep", "make_lr_schedule", "make_optimizer", "make_schedule", "make_train_step"]
 
@@ -85,11 +87,12 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family, tx: 
     ema_decay = float(cfg.ema_decay)
 
     def make_micro_loss(graph):
-        def micro_loss(params, rest, teacher_state, bits, inputs):
+        def micro_loss(params, rest, teacher_state, bits, step, inputs):
             teacher = nnx.merge(teacher_graph, teacher_state)
             target = jax.lax.stop_gradient(family.apply(teacher, inputs))
             student = nnx.merge(graph, params, rest)
             set_bits(student, bits)
+            apply_schedules(student, step)
             return family.loss(family.apply(student, inputs), target, inputs)
 
         return micro_loss
@@ -103,7 +106,7 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family, tx: 
         inputs = family.training_inputs(key, batch, cfg)
         params = train_state["params"]
         if accum == 1:
-            loss, grads = grad_fn(params, student_rest, teacher_state, bits, inputs)
+            loss, grads = grad_fn(params, student_rest, teacher_state, bits, step, inputs)
         else:
             # Micro-batch a takes rows a, a + accum, ...: each device keeps its own rows.
             def split(v):
@@ -115,13 +118,14 @@ def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family, tx: 
             # with respect to a quantized kernel is the kernel's (straight-through estimator).
             student = nnx.merge(student_graph, params, student_rest)
             set_bits(student, bits)
+            apply_schedules(student, step)
             q_graph, q_params, q_rest = nnx.split(prequantized(student), nnx.Param, ...)
             q_params, q_rest = nnx.to_pure_dict(q_params), nnx.to_pure_dict(q_rest)
             q_grad_fn = jax.value_and_grad(make_micro_loss(q_graph))
 
             def body(carry, mb):
                 loss_sum, grad_sum = carry
-                l, g = q_grad_fn(q_params, q_rest, teacher_state, bits, mb)
+                l, g = q_grad_fn(q_params, q_rest, teacher_state, bits, step, mb)
                 return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, q_params)

@@ -38,7 +38,7 @@ def test_calibration_sets_mean_plus_minus_three_sigma():
         assert abs(got[0] - lo) <= 0.5 * step + 1e-4 and abs(got[1] - hi) <= 0.5 * step + 1e-4
         z = -got[0] / ((got[1] - got[0]) / 255)
         assert abs(z - round(z)) < 1e-3  # zero is a code
-        assert layer.act_granularity == "static"
+        assert layer.act_ranges == "static"
 
 
 def test_static_forward_uses_the_calibrated_range_and_clips():
@@ -59,7 +59,7 @@ def test_static_forward_uses_the_calibrated_range_and_clips():
 
 
 def test_static_rule_without_calibration_raises():
-    model = quantize_model(MLP(rngs=nnx.Rngs(0)), [Rule(".*", act_granularity="static")])
+    model = quantize_model(MLP(rngs=nnx.Rngs(0)), [Rule(".*", act_ranges="static")])
     with pytest.raises(RuntimeError, match="calibrate"):
         model(jnp.ones((2, 16)))
     with pytest.raises(ValueError, match="no batches"):

@@ -15,7 +15,7 @@ from fraqat_jax.quant import quantize_codes
 forward = nnx.jit(lambda model, x: model(x))
 
 LINEAR_CASES = [
-    # weight bits, symmetric, channel_axis, group_size, act_bits, act_granularity
+    # weight bits, symmetric, channel_axis, group_size, act_bits, act_granularity (or "static": act_ranges)
     (4, True, None, None, 8, "token"),
     (4, True, -1, None, 8, "tensor"),
     (3, False, -1, 8, 8, "token"),
@@ -28,7 +28,9 @@ LINEAR_CASES = [
 @pytest.mark.parametrize("bits,symmetric,axis,group,act_bits,gran", LINEAR_CASES)
 def test_frozen_linear_matches_fake_quant(bits, symmetric, axis, group, act_bits, gran, x_mlp):
     model = quantize_model(MLP(rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=bits, act_bits=act_bits, symmetric=symmetric,
-                                                        channel_axis=axis, group_size=group, act_granularity=gran)])
+                                                        channel_axis=axis, group_size=group,
+                                                        act_granularity=None if gran == "static" else gran,
+                                                        act_ranges="static" if gran == "static" else "dynamic")])
     if gran == "static":
         calibrate(model, [x_mlp, 0.5 * x_mlp])
     frozen = freeze(model)
@@ -69,7 +71,8 @@ def test_frozen_conv_matches_fake_quant(gran, axis, act_bits):
     conv = nnx.Conv(3, 8, (3, 3), strides=1, padding="SAME", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3)) + 0.5
     model = quantize_model(conv, [Rule(".*", weight_bits=4, act_bits=act_bits, channel_axis=axis,
-                                       act_granularity=gran if act_bits else None)])
+                                       act_granularity=gran if act_bits and gran != "static" else None,
+                                       act_ranges="static" if gran == "static" else "dynamic")])
     if gran == "static" and act_bits:
         calibrate(model, [x])
     frozen = freeze(model)
