@@ -32,6 +32,7 @@ per length bucket; only per-token values ever leave the device, never ``[B, T, v
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -257,6 +258,30 @@ def _token_kl(teacher_logits, student_logits):
     return jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
 
 
+@functools.lru_cache(maxsize=64)
+def _logits_fn(graphdef):
+    """``logits(state, ids, mask)`` of a model structure (one per structure: students of a comparison
+    share their traced functions)."""
+    return lambda state, ids, mask: nnx.merge(graphdef, state)(ids, attention_mask=mask)
+
+
+@functools.lru_cache(maxsize=64)
+def _scores_fn(graphdef):
+    logits = _logits_fn(graphdef)
+
+    def scores(state, ids, mask, targets):
+        out = logits(state, ids, mask)
+        return _token_logprobs(out, targets), jnp.argmax(out, axis=-1) == targets
+
+    return jax.jit(scores)
+
+
+@functools.lru_cache(maxsize=64)
+def _kl_fn(teacher_graphdef, student_graphdef):
+    teacher, student = _logits_fn(teacher_graphdef), _logits_fn(student_graphdef)
+    return jax.jit(lambda ts, ss, ids, mask: _token_kl(teacher(ts, ids, mask), student(ss, ids, mask)))
+
+
 class TokenScorer:
     """Per-token log-probabilities of a causal LM over right-padded batches of id sequences.
 
@@ -280,17 +305,8 @@ class TokenScorer:
         self.graphdef, self.state = nnx.split(model)
         self.pad_id, self.batch_size, self.length_multiple = int(pad_id), int(batch_size), int(length_multiple)
         self.max_length = max_length
-        graphdef = self.graphdef
-
-        def logits(state, ids, mask):
-            return nnx.merge(graphdef, state)(ids, attention_mask=mask)
-
-        def scores(state, ids, mask, targets):
-            out = logits(state, ids, mask)
-            return _token_logprobs(out, targets), jnp.argmax(out, axis=-1) == targets
-
-        self.logits = logits
-        self._scores = jax.jit(scores)
+        self.logits = _logits_fn(self.graphdef)
+        self._scores = _scores_fn(self.graphdef)
 
     def batches(self, sequences: Sequence[Sequence[int]]):
         """``(indices, inputs, mask, targets, counts)`` per padded batch: ``counts[j]`` real inputs in
@@ -341,7 +357,8 @@ def mc_scores(scorer: TokenScorer, tokenizer, items: Sequence[McItem]) -> list[n
         for cont in item.continuations:
             ctx, cont_ids = encode_pair(tokenizer, item.context, cont)
             if not cont_ids:
-                raise TaskError(f"item {n}: choice {cont!r} encodes to no token after its context")
+                raise TaskError(f"item {n}: choice {cont!r} after context {item.context[-30:]!r} encodes to no token "
+                                "of its own (the tokenizer merges it into the context; lm-eval cannot score it either)")
             pairs.append((ctx, cont_ids))
             owners.append(n)
     scores: list[list[float]] = [[] for _ in items]
@@ -389,7 +406,7 @@ def kl_divergence(teacher: TokenScorer, student: TokenScorer, sequences) -> floa
     """Mean per-token KL(teacher || student) over every predicted position of every sequence (the
     two scorers must pad alike: same ``batch_size``, ``length_multiple``, ``max_length``)."""
     seqs = _as_sequences(sequences)
-    fn = jax.jit(lambda ts, ss, ids, mask: _token_kl(teacher.logits(ts, ids, mask), student.logits(ss, ids, mask)))
+    fn = _kl_fn(teacher.graphdef, student.graphdef)
     total, count = 0.0, 0
     for _, ids, mask, _, counts in teacher.batches(seqs):
         kl = np.asarray(fn(teacher.state, student.state, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
