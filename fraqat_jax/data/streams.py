@@ -13,7 +13,7 @@ name                 offset      draws
 ``sample_grid``      2           the noise and sampler key of the sample grids
 ``calibration``      3           the trainer's calibration inputs (static activation ranges)
 ``export``           7919        the export's calibration and held-out inputs (from its seed)
-``eval_samples``     1           the evaluator's conditioning rows (from its seed)
+``eval_samples``     1           the evaluator's conditioning rows, the t2i sampler's key (from its seed)
 ``validation``       1_000_003   the evaluator's held-out validation inputs and their data
 ===================  ==========  ============================================================
 """

@@ -33,11 +33,11 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax import data
+from fraqat_jax.data.streams import stream
 from fraqat_jax.diffusion import (apply_model, family_of, heldout_inputs, model_sampler, objective_of,
                                   sampler_of, sampling_inputs)
 from fraqat_jax.eval.fid import frechet_distance_from_features
 
-VAL_KEY_OFFSET = 1_000_003  # the validation inputs' key: seed + this, never a training step's key
 
 
 _COMPILED: list = []  # [(graphdef, family, {name: jitted fn})]: GraphDefs holding dict configs are unhashable
@@ -130,7 +130,7 @@ class Evaluator:
             functools.partial(_outputs, self.teacher_graph, self.family, self.teacher_state),
             self.num_val, self.batch_size, *self._val,
         )
-        rows = None if self.family == "dit" else self._source_rows(self.num_samples, seed + 1)
+        rows = None if self.family == "dit" else self._source_rows(self.num_samples, stream(seed, "eval_samples"))
         self._noise, self._key, self._cond, self._null = sampling_inputs(
             self.family, seed, self.num_samples, self.sample_shape, num_classes=self.num_classes, cond_rows=rows)
         self.teacher_samples = self._draw(self.teacher_graph, self.teacher_state)
@@ -143,7 +143,7 @@ class Evaluator:
     def _source_rows(self, n: int, seed: int) -> dict | None:
         if self.cfg.data == "datafree":
             return None
-        src = data.make_source(self.cfg.data, seed=int(self.cfg.seed) + VAL_KEY_OFFSET + seed,
+        src = data.make_source(self.cfg.data, seed=stream(int(self.cfg.seed) + seed, "validation"),
                                image_size=self.sample_shape[-1], data_dir=self.cfg.data_dir or None)
         return dict(src.batch(0, n))
 
@@ -152,7 +152,7 @@ class Evaluator:
             return _sample(self.teacher_graph, self.family, self.sample_steps, 1.0, self.teacher_state, noise, cond,
                            key, None)
 
-        return heldout_inputs(self.family, jax.random.key(int(self.cfg.seed) + VAL_KEY_OFFSET + seed),
+        return heldout_inputs(self.family, jax.random.key(stream(int(self.cfg.seed) + seed, "validation")),
                               rows=self._source_rows(self.num_val, seed), sample_clean=teacher_samples,
                               num=self.num_val, sample_shape=self.sample_shape, num_classes=self.num_classes,
                               num_train_timesteps=int(self.cfg.num_train_timesteps),

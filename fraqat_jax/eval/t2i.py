@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax.data.latents import PromptCache
+from fraqat_jax.data.streams import stream
 from fraqat_jax.diffusion import family_of, model_sampler, sampler_of
 from fraqat_jax.eval.fid import frechet_distance_from_features
 from fraqat_jax.models.convert import pipeline_component
@@ -225,7 +226,7 @@ class T2IEvaluator:
         shape = self.latent_shape
         self._noise = jax.jit(lambda idx: jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), shape))(idx),
                               out_shardings=out)
-        self._key = jax.random.key(self.seed + 1)  # the sampler's own noise (unused by DDIM and Euler)
+        self._key = jax.random.key(stream(self.seed, "eval_samples"))  # the sampler's own noise (unused by DDIM and Euler)
 
     def _place(self, module):
         graph, state = nnx.split(module)
