@@ -1,0 +1,63 @@
+"""The shipped language-model teacher (fraqat_jax/assets/tiny_gemma2, ``teacher=builtin:lm``): a
+transformers folder that transformers itself loads, with the logits of our port, a tokenizer that
+transformers' reads alike, a held-out perplexity far below chance, and the LM default config."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from fraqat_jax.data.text import SpecialTokens, load_tokenizer, pack_windows, read_documents, tokenize_documents
+from fraqat_jax.family import family_for_teacher
+from fraqat_jax.models import from_transformers
+from fraqat_jax.text import builtin_teacher_dir
+from fraqat_jax.train.config import load_config
+
+TEACHER = builtin_teacher_dir()
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def heldout_windows():
+    config = json.load(open(os.path.join(TEACHER, "config.json")))
+    docs = read_documents(os.path.join(TEACHER, "heldout.jsonl"))
+    ids = tokenize_documents(load_tokenizer(TEACHER), docs)
+    return pack_windows(ids, 128, SpecialTokens.from_config(config))
+
+
+def test_the_folder_is_small_and_transformers_agrees_with_our_port(heldout_windows):
+    size = sum(os.path.getsize(os.path.join(TEACHER, f)) for f in os.listdir(TEACHER))
+    assert size < 4 * 2**20
+    ref = transformers.Gemma2ForCausalLM.from_pretrained(TEACHER, attn_implementation="eager").eval()
+    ours = from_transformers(TEACHER)
+    ids = heldout_windows[:2]
+    with torch.no_grad():
+        want = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids)))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+    # held-out perplexity (files neither pretraining nor distillation saw), by transformers
+    windows = torch.tensor(heldout_windows[:16], dtype=torch.long)
+    with torch.no_grad():
+        loss = ref(windows, labels=windows).loss.item()
+    recorded = json.load(open(os.path.join(TEACHER, "pretraining.json")))
+    assert np.exp(loss) < 100.0 and recorded["heldout_perplexity"] < 100.0  # chance: 2048
+
+
+def test_transformers_tokenizer_reads_the_same_ids():
+    ours = load_tokenizer(TEACHER)
+    theirs = transformers.AutoTokenizer.from_pretrained(TEACHER)
+    text = 'def main(argv=None):\n    """Entry point."""\n    return 0\n'
+    assert theirs(text).input_ids == ours.encode(text).ids
+    assert ours.encode(text).ids[0] == 2 and ours.decode(ours.encode(text).ids, skip_special_tokens=True) == text
+
+
+def test_the_lm_default_config_names_the_shipped_teacher_and_text():
+    cfg = load_config(os.path.join(ROOT, "configs", "lm_default.py"))
+    assert cfg.teacher == "builtin:lm" and cfg.data == "text:" + os.path.join(TEACHER, "train.jsonl")
+    assert family_for_teacher(cfg.teacher).name == "gemma2" and (cfg.seq_len, cfg.loss) == (128, "kl")
+    assert (cfg.schedule, cfg.target_bits, cfg.act_bits) == ("fraqat", 4.0, 8.0)
