@@ -53,3 +53,38 @@ def test_transformers_folder_loads_and_matches_the_student(tmp_path):
           f"{np.abs(got[real] - w4a8[real]).max() / np.abs(w4a8[real]).max():.2e} x max|logits|")
     # the float-activation copy is a different model from the trained one only in its activations
     assert not np.allclose(want[real], w4a8[real])
+
+
+@pytest.mark.slow
+def test_export_cli_on_a_text_run_transformers_and_orbax(tmp_path, capsys):
+    """python -m fraqat_jax.export on a language-model run: --format transformers (the folder loads in
+    transformers and its logits match the run's student with float activations) and the exact orbax
+    export (its frozen model gives the fake-quant student's logits)."""
+    from fraqat_jax import runs
+    from fraqat_jax.export import load
+    from fraqat_jax.export.__main__ import main
+    from text_fixtures import train_tiny_text_run
+
+    workdir, _ = train_tiny_text_run(tmp_path)
+    report = main(["--workdir", workdir, "--out", str(tmp_path / "hf"), "--format", "transformers"])
+    assert "vs the W4A8 student" in capsys.readouterr().out
+    assert report["max_rel_diff_vs_float_activations"] <= TOLERANCE
+    _, student, _ = runs.load_run(workdir, unscan=True, attention="xla")
+    ids = np.array([[2, 300, 17, 1200, 45, 9, 77, 5]], np.int32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    want = np.asarray(float_activation_copy(student)(ids), np.float64)
+    assert np.abs(got - want).max() <= TOLERANCE * np.abs(want).max()
+
+    meta = main(["--workdir", workdir, "--out", str(tmp_path / "orbax")])
+    assert meta["max_rel_diff_vs_fake_quant"] <= 1e-4
+    frozen = load(str(tmp_path / "orbax"))
+    np.testing.assert_allclose(np.asarray(frozen(ids)), np.asarray(student(ids)), atol=1e-4 * np.abs(want).max())
+
+    with pytest.raises(SystemExit) as e:  # an existing folder that is not an export
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "x.txt").write_text("x")
+        main(["--workdir", workdir, "--out", str(tmp_path / "other"), "--format", "transformers"])
+    assert e.value.code == 2

@@ -76,6 +76,28 @@ def _export_qnn(teacher, student, cfg, args) -> dict:
     return report
 
 
+def _export_transformers(teacher, student, cfg, args) -> dict:
+    """``--format transformers``: the folder, checked against the student with float activations
+    (exit 1 above the tolerance); the gap to the W4A8 student is printed (see export.transformers)."""
+    from fraqat_jax.export import transformers as hf_export
+    from fraqat_jax.family import family_for_model
+
+    if not hf_export.is_transformers_port(student):
+        raise ExportError(f"--format transformers takes a language-model run; {args.workdir!r} distils "
+                          f"{type(student).__name__} (use --format diffusers for a diffusion transformer)")
+    batches = calibration_batches(teacher, cfg, num_samples=4, batch_size=4, seed=1)
+    report = hf_export.export_transformers(student, args.out, tokenizer_from=family_for_model(teacher).teacher_folder(cfg),
+                                           check_batches=batches)
+    print(f"wrote {report['tensors']} tensors ({report['bytes']} bytes, bfloat16, dequantized weights), config.json"
+          f"{' and the tokenizer' if report['tokenizer'] else ''} to {args.out}; max |transformers - student with float "
+          f"activations| / max = {report['max_rel_diff_vs_float_activations']:.2e} (tolerance {hf_export.TOLERANCE:g}); "
+          f"vs the W4A8 student: {report['max_rel_diff_vs_w4a8']:.2e}")
+    if report["max_rel_diff_vs_float_activations"] > hf_export.TOLERANCE:
+        print("error: the exported folder disagrees with the student beyond the tolerance", file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -85,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "weights for diffusers, or an ONNX QDQ graph.")
     p.add_argument("--workdir", required=True, help="a run directory written by python -m fraqat_jax.train")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", choices=("orbax", "diffusers", "onnx", "qnn"), default="orbax",
+    p.add_argument("--format", choices=("orbax", "diffusers", "transformers", "onnx", "qnn"), default="orbax",
                    help="orbax: frozen W4A8 checkpoint (load with fraqat_jax.export.load); diffusers: dequantized "
-                        "bf16 folder; onnx: one QDQ .onnx file (INT4 weights, static uint8 inputs) for phone "
+                        "bf16 folder; transformers: a language-model run as a transformers folder (dequantized "
+                        "bf16 safetensors, config, tokenizer; AutoModelForCausalLM loads it); onnx: one QDQ .onnx file (INT4 weights, static uint8 inputs) for phone "
                         "runtimes (needs the onnx extra); qnn: a folder with model.onnx in the form Qualcomm's QNN "
                         "HTP runs whole, its compiled HTP context (model_ctx.onnx) and qnn.json, checked on the "
                         "QNN HTP simulator (needs the qnn extra)")
@@ -115,7 +138,7 @@ def _check_out(out: str, fmt: str) -> None:
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise ExportError(f"--out {out!r} exists and is not a directory")
-        marker = {"orbax": "meta", "diffusers": "config.json", "qnn": "qnn.json"}[fmt]
+        marker = {"orbax": "meta", "diffusers": "config.json", "transformers": "config.json", "qnn": "qnn.json"}[fmt]
         ours = os.path.isdir(os.path.join(out, marker)) if fmt == "orbax" else os.path.isfile(os.path.join(out, marker))
         if os.listdir(out) and not ours:
             raise ExportError(f"--out {out!r} exists, is not empty and is not an earlier {fmt} export; "
@@ -160,6 +183,8 @@ def main(argv=None) -> dict:
             return _export_onnx(teacher, student, cfg, args)
         if args.format == "qnn":
             return _export_qnn(teacher, student, cfg, args)
+        if args.format == "transformers":
+            return _export_transformers(teacher, student, cfg, args)
         if args.format == "diffusers":
             info = export_diffusers(student, args.out)
             print(f"wrote {info['tensors']} tensors ({info['bytes']} bytes, bfloat16, fake-quantized weights) "

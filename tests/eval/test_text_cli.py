@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from fraqat_jax.eval.__main__ import main as eval_main  # noqa: E402
 from fraqat_jax.text import builtin_teacher_dir  # noqa: E402
-from fraqat_jax.train import run  # noqa: E402
+from text_fixtures import train_tiny_text_run  # noqa: E402
 
 TEACHER = builtin_teacher_dir()
 
@@ -21,15 +21,7 @@ TEACHER = builtin_teacher_dir()
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval_cli")
-    with open(os.path.join(TEACHER, "train.jsonl"), encoding="utf-8") as f:
-        lines = [next(f) for _ in range(4)]
-    data = root / "small.jsonl"
-    data.write_text("".join(lines), encoding="utf-8")
-    base = {"teacher": "builtin:lm", "data": f"text:{data}", "seq_len": 32, "batch_size": 4, "steps": 2,
-            "log_every": 1, "checkpoint_every": 2, "num_samples": 1, "sample_tokens": 2, "progress": "none",
-            "warmup_steps": 1, "lr": 1e-3}
-    workdir = str(root / "run")
-    assert run(base, workdir=workdir).status == "completed"
+    workdir, base = train_tiny_text_run(root)
     rows = [{"context": "def main():\n    return ", "choices": ["None", "the cat sat", "0"], "gold": 0},
             {"context": "import os\nimport ", "choices": ["sys", "the cat"], "gold": 0},
             {"context": "for i in range(10):\n    ", "choices": ["print(i)", "42 42 42"], "gold": 0}]
