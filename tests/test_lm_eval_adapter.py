@@ -35,7 +35,8 @@ def tiny(tmp_path_factory):
     hf = HFLM(pretrained=load_torch_model(folder), tokenizer=transformers.AutoTokenizer.from_pretrained(folder),
               batch_size=4)
     return {"folder": folder, "tasks": write_tasks(str(root / "tasks"), n=8), "model": model, "hf": hf,
-            "tokenizer": load_tokenizer(folder), "scorer": text_eval.TokenScorer(model, batch_size=4, length_multiple=64)}
+            "tokenizer": load_tokenizer(folder),
+            "scorer": text_eval.TokenScorer(model, batch_size=4, length_multiple=64)}
 
 
 def _local(task: dict, name: str, path: str) -> dict:

@@ -71,7 +71,8 @@ class FraqatLM(TemplateLM):
         config: dict = {}
         if sum(x is not None for x in (lm, workdir, pretrained)) != 1:
             raise ValueError("FraqatLM takes exactly one of lm=MODEL (with tokenizer=), workdir=RUN or "
-                             f"pretrained=FOLDER; got lm={lm is not None}, workdir={workdir!r}, pretrained={pretrained!r}")
+                             f"pretrained=FOLDER; got lm={lm is not None}, workdir={workdir!r}, "
+                             f"pretrained={pretrained!r}")
         if workdir is not None:
             if model not in MODELS:
                 raise ValueError(f"model={model!r} is not one of {', '.join(MODELS)}")

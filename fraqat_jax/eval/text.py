@@ -149,7 +149,8 @@ def read_boolq(path: str, spec: str | None = None) -> list[McItem]:
         if isinstance(label, bool):
             label = int(label)
         if label not in (0, 1):
-            raise TaskError(f"task {spec!r}: {path!r} row {row['_row']}: 'label' must be 0 (no) or 1 (yes), got {label!r}")
+            raise TaskError(f"task {spec!r}: {path!r} row {row['_row']}: 'label' must be 0 (no) or 1 (yes), "
+                            f"got {label!r}")
         prompt = boolq_prompt(_field(row, "passage", str, spec, path), _field(row, "question", str, spec, path))
         items.append(McItem(prompt, BOOLQ_CHOICES, int(label), " "))
     return items
@@ -218,7 +219,8 @@ def read_lines(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\r\n") for line in f]
     except (OSError, UnicodeDecodeError) as e:
-        raise TaskError(f"--text {path!r} cannot be read ({e}); give a UTF-8 text file, one sequence per line") from None
+        raise TaskError(f"--text {path!r} cannot be read ({e}); give a UTF-8 text file, one sequence per "
+                        "line") from None
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise TaskError(f"--text {path!r} holds no text; give a UTF-8 text file, one sequence per line")
@@ -333,7 +335,8 @@ class TokenScorer:
         lps: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
         hits: list[np.ndarray] = [np.zeros(0, bool)] * len(sequences)
         for idx, ids, mask, targets, counts in self.batches(sequences):
-            lp, hit = jax.device_get(self._scores(self.state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(targets)))
+            lp, hit = jax.device_get(self._scores(self.state, jnp.asarray(ids), jnp.asarray(mask),
+                                                  jnp.asarray(targets)))
             for row, (i, n) in enumerate(zip(idx, counts)):
                 lps[i], hits[i] = lp[row, :n], hit[row, :n]
         return (lps, hits) if greedy else lps
@@ -467,7 +470,8 @@ class TextEvaluator:
     def evaluate(self, student) -> dict:
         """``{"val_loss": held-out KL, "ppl": the student's held-out perplexity}``."""
         scorer = self._scorer(student)
-        return {"val_loss": kl_divergence(self.teacher, scorer, self.sequences), "ppl": perplexity(scorer, self.sequences)}
+        return {"val_loss": kl_divergence(self.teacher, scorer, self.sequences),
+                "ppl": perplexity(scorer, self.sequences)}
 
     def settings(self) -> dict:
         return {"num_val": self.num_val, "val_loss": "held-out KL(teacher || student) per token",

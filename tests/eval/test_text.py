@@ -23,9 +23,11 @@ def tiny(tmp_path_factory):
     tasks = write_tasks(str(root / "tasks"))
     from tokenizers import Tokenizer
 
-    return {"folder": folder, "other": other, "tasks": tasks, "tokenizer": Tokenizer.from_file(f"{folder}/tokenizer.json"),
+    return {"folder": folder, "other": other, "tasks": tasks,
+            "tokenizer": Tokenizer.from_file(f"{folder}/tokenizer.json"),
             "hf_tokenizer": transformers.AutoTokenizer.from_pretrained(folder), "torch": load_torch_model(folder),
-            "torch_other": load_torch_model(other), "jax": from_transformers(folder), "jax_other": from_transformers(other)}
+            "torch_other": load_torch_model(other), "jax": from_transformers(folder),
+            "jax_other": from_transformers(other)}
 
 
 def _reference_split(hf_tok, context, continuation):

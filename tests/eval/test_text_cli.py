@@ -3,7 +3,6 @@ against transformers, and python -m fraqat_jax.compare on text at a tiny budget.
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
