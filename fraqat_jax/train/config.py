@@ -178,7 +178,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     try:
         schedules.parse_name(cfg.schedule)
     except ValueError as e:
-        raise ConfigError(f"schedule: {e}") from None
+        raise ConfigError(f"schedule={cfg.schedule!r} is not allowed: {e}") from None
     positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
                 "num_samples")
     for key in positive:
