@@ -97,3 +97,25 @@ def test_compare_on_text_writes_kl_and_perplexity_ratios(small):
         assert r["ppl_ratio"] == pytest.approx(ratios.mean(), rel=1e-12)
     assert saved["fraqat"]["per_seed"]["val_loss"][0] != saved["fraqat"]["per_seed"]["val_loss"][1]
     assert "perplexity / QAT" in (workdir / "compare.md").read_text()
+
+
+def test_lm_eval_adapter_serves_a_runs_models(small):
+    """FraqatLM(workdir=RUN, model=...) serves the run's teacher, student and frozen student: its
+    loglikelihoods are our scorer's on the same models (load_text_run)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from fraqat_jax.eval import text as text_eval
+    from fraqat_jax.eval.lm_eval_adapter import FraqatLM
+
+    run = text_eval.load_text_run(small["workdir"])
+    requests = [Instance("loglikelihood", {}, ("import os\nimport", " sys"), 0),
+                Instance("loglikelihood", {}, ("def f(x):\n    return", " x + 1"), 1)]
+    for name in ("teacher", "student", "student_frozen"):
+        lm = FraqatLM(workdir=small["workdir"], model=name, batch_size=2)
+        got = [score for score, _ in lm.loglikelihood(requests)]
+        pairs = [text_eval.encode_pair(run.tokenizer, *r.args) for r in requests]
+        want = [s for s, _ in text_eval.TokenScorer(run.models[name], batch_size=2).loglikelihoods(pairs)]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="model="):
+        FraqatLM(workdir=small["workdir"], model="ema")
