@@ -68,7 +68,7 @@ def code_change_share(before, after, bits: float) -> float:
     new = dict(quantized_layers(after))
     changed = total = 0
     for path, layer in quantized_layers(before):
-        if layer.bits is None:
+        if layer.weight_bits is None:
             continue
         opts = {"symmetric": layer.weight_symmetric, "channel_axis": layer.channel_axis, "group_size": layer.group_size}
         a = np.asarray(quantize_codes(layer.kernel[...], bits, **opts)[0])

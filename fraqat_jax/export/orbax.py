@@ -90,7 +90,7 @@ def _layer_settings(student) -> dict[str, dict[str, Any]]:
     for path, layer in quantized_layers(student):
         axis = layer.channel_axis
         out[path] = {
-            "bits": None if layer.bits is None else float(layer.bits[...]),  # the weights' (file format 2)
+            "bits": None if layer.weight_bits is None else float(layer.weight_bits[...]),  # file format 2's word
             "act_bits": layer.act_bits,
             "act_ranges": layer.act_ranges,
             "act_granularity": layer.act_granularity,
@@ -161,8 +161,8 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
         if path not in layers:
             raise ExportError(f"export metadata lacks quantized layer {path!r}")
         s = layers[path]
-        if layer.bits is not None:
-            layer.bits[...] = jnp.float32(s["weight_bits"])
+        if layer.weight_bits is not None:
+            layer.weight_bits[...] = jnp.float32(s["weight_bits"])
         if layer.act_range is not None:
             layer.act_range[...] = jnp.zeros((2,), jnp.float32)  # placeholder, restored below
     return fraqat_jax.freeze(model, integer=integer)
@@ -282,7 +282,7 @@ def fake_quantized_copy(student) -> nnx.Module:
     def quantized_state(state):
         model = nnx.merge(graphdef, state)
         for _, layer in quantized_layers(model):
-            if layer.bits is not None:
+            if layer.weight_bits is not None:
                 layer.kernel[...] = layer.quantized_kernel()
         return nnx.state(model)
 

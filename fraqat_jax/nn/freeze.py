@@ -100,7 +100,7 @@ class _Frozen(nnx.Module):
     """Shared construction: integer codes + scales from a quantized layer."""
 
     def _freeze_weights(self, layer: QuantMixin, path: str, *, allow_asymmetric: bool):
-        bits = float(layer.bits[...])
+        bits = float(layer.weight_bits[...])
         if bits > 8:
             raise ValueError(f"freeze: layer {path!r} has weight bits {bits:g}; frozen codes need <= 8 bits")
         if not layer.weight_symmetric and not allow_asymmetric:
@@ -295,12 +295,12 @@ def freeze(model: nnx.Module, *, integer: bool = True) -> nnx.Module:
     model = nnx.clone(model)
     targets = []
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, QuantEinsum) and node.bits is not None:
+        if isinstance(node, QuantEinsum) and node.weight_bits is not None:
             raise NotImplementedError(
                 f"freeze: einsum layer {path_string(path)!r} has quantized weights; only Linear and "
                 "Conv layers have a frozen integer form"
             )
-        if type(node) in FROZEN_TYPES and node.bits is not None:
+        if type(node) in FROZEN_TYPES and node.weight_bits is not None:
             targets.append((path, node))
     for path, layer in targets:
         name = path_string(path)

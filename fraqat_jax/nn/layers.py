@@ -9,8 +9,8 @@ kernel and input, so its output equals the original layer's on the quantized val
 
 State added to each quantized layer (not ``nnx.Param``, so optimizers and gradients skip it):
 
-* ``bits``: :class:`Bits`, the weight bit-width, a float32 scalar (``None`` attribute when the rule
-  keeps the weights in full precision). Being data, a new value never recompiles a jitted step.
+* ``weight_bits``: :class:`Bits`, the weight bit-width, a float32 scalar (``None`` attribute when
+  the rule keeps the weights in full precision; ``bits`` is the same attribute under its old name). Being data, a new value never recompiles a jitted step.
   A rule's per-layer schedule travels as the variable's ``schedule`` metadata.
 * ``act_range``: :class:`ActRange`, the static activation range ``[lo, hi]`` (float32, shape (2,))
   on every layer whose input is quantized (None otherwise); NaN until :func:`fraqat_jax.calibrate`
@@ -90,11 +90,18 @@ class QuantMixin:
     DEFAULT_ACT_GRANULARITY = "tensor"
 
     def __setattr__(self, name, value):
-        # The old word, kept for callers not yet moved to act_ranges (the ONNX export's static view):
-        # "static" is how a range is found, not a granularity.
+        # The old words, kept for callers not yet moved to the vocabulary (the ONNX export's static
+        # view): "static" is how a range is found, not a granularity; a layer's "bits" are its weights'.
         if name == "act_granularity" and value == "static":
             name = "act_ranges"
+        elif name == "bits":
+            name = "weight_bits"
         super().__setattr__(name, value)
+
+    @property
+    def bits(self):
+        """The old name of :attr:`weight_bits` (the same :class:`Bits` variable, or None)."""
+        return self.weight_bits
 
     def __init__(self, layer, *, weight_bits=8.0, schedule=None, act_bits=8.0, symmetric=True,
                  channel_axis=None, group_size=None, act_granularity=None, act_ranges="dynamic"):
@@ -145,9 +152,9 @@ class QuantMixin:
         self.act_granularity = act_granularity
         self.act_ranges = act_ranges
         if weight_bits is None:
-            self.bits = None
+            self.weight_bits = None
         else:
-            self.bits = Bits(jnp.broadcast_to(check_bits(weight_bits, name="weight_bits"), stack), schedule=schedule)
+            self.weight_bits = Bits(jnp.broadcast_to(check_bits(weight_bits, name="weight_bits"), stack), schedule=schedule)
         # Every layer with a quantized input holds a range, so calibration changes values, not the
         # state's structure; NaN until calibrated, so an uncalibrated static layer fails loudly.
         self.act_range = nnx.data(None)
@@ -172,14 +179,14 @@ class QuantMixin:
             return kernel
         if getattr(self, "mask", None) is not None:
             kernel = kernel * self.mask
-        if self.bits is None:
+        if self.weight_bits is None:
             return kernel
 
         def quant(kernel, bits):
             return quantize(kernel, bits, symmetric=self.weight_symmetric, channel_axis=self.channel_axis,
                             group_size=self.group_size)
 
-        bits = self.bits[...]
+        bits = self.weight_bits[...]
         for _ in range(jnp.ndim(bits)):  # stacked blocks: scales per block, never across the stack
             quant = jax.vmap(quant)
         return quant(kernel, bits)

@@ -207,7 +207,7 @@ def _update_bits(target, pattern, new_value, *, scheduled: bool):
         raise ValueError(f"expected an nnx.Module or an nnx.State, got {type(target).__name__}")
     hits = 0
     for path, layer in quantized_layers(target):
-        var = layer.bits
+        var = layer.weight_bits
         if var is None or not _matches(pattern, path):
             continue
         if (var.get_metadata().get("schedule") is not None) != scheduled:
@@ -257,7 +257,7 @@ def prequantized(model):
     ``jax.jit`` on a merged model; the mark is static, so split again after calling it.
     """
     for _, layer in quantized_layers(model):
-        if layer.bits is not None:
+        if layer.weight_bits is not None:
             layer.kernel[...] = layer.quantized_kernel()
         layer.kernel_prequantized = True
     return model
@@ -265,7 +265,7 @@ def prequantized(model):
 
 def bits_of(model) -> dict[str, float | None]:
     """``{path: weight bits}`` of every quantized layer (None for full-precision weights)."""
-    return {path: None if layer.bits is None else _bits_value(layer.bits[...])
+    return {path: None if layer.weight_bits is None else _bits_value(layer.weight_bits[...])
             for path, layer in quantized_layers(model)}
 
 

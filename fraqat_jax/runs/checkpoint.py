@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "abstract_like", "checkpoint_steps"]
+__all__ = ["Checkpointer", "OLD_NAMES", "abstract_like", "checkpoint_steps", "renamed_keys"]
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+#: Names in the student's state that were renamed: today's name -> the name older checkpoints hold.
+OLD_NAMES = {"weight_bits": "bits"}
+
+
+def renamed_keys(tree: Any, names: Mapping[str, str]) -> Any:
+    """``tree`` (nested dicts) with every dict key in ``names`` replaced by its value."""
+    if isinstance(tree, Mapping):
+        return {names.get(k, k): renamed_keys(v, names) for k, v in tree.items()}
+    return tree
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -59,11 +70,29 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any, abstract_rest: Any) -> tuple[Any, Any, dict]:
-        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-        if jax.tree.leaves(abstract_rest):
-            items["rest"] = ocp.args.StandardRestore(abstract_rest)
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], out["rest"] if "rest" in items else abstract_rest, out["meta"]
+        """``(state, rest, meta)`` of checkpoint ``step``. A checkpoint written before the layers'
+        weight bit-width was named ``weight_bits`` holds it as ``bits``: it is read under that name
+        and handed back under today's."""
+        def attempt(rest_target):
+            items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+            if jax.tree.leaves(rest_target):
+                items["rest"] = ocp.args.StandardRestore(rest_target)
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+            return out["state"], out["rest"] if "rest" in items else rest_target, out["meta"]
+
+        try:
+            return attempt(abstract_rest)
+        except Exception:
+            old = renamed_keys(abstract_rest, OLD_NAMES)
+            if old == abstract_rest:
+                raise
+            try:
+                state, rest, meta = attempt(old)
+            except Exception:  # not an old checkpoint either: the first error is the one to report
+                pass
+            else:
+                return state, renamed_keys(rest, {v: k for k, v in OLD_NAMES.items()}), meta
+            raise
 
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

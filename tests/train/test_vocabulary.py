@@ -2,8 +2,11 @@
 old saved configs still read), ``layer_schedules`` wired through ``apply_schedules``, checkpointed
 bit-widths equal to the schedule's at the saved step, and ``quant_rules=none`` checkpoints."""
 
+import os
+
 import numpy as np
 import pytest
+from flax import nnx
 
 from fraqat_jax import runs, schedules
 from fraqat_jax.nn import bits_of
@@ -42,9 +45,31 @@ def test_layer_schedules_and_checkpointed_bits(base, tmp_path):
     reader = runs.StudentReader(student, load_config(base={**cfg}))
     for step in (2, 4):
         _, saved, _ = reader.restore(workdir, step, keep=10)
-        flat = {".".join(map(str, k)): float(np.asarray(v)) for k, v in _flat(saved) if k[-1] == "bits"}
+        flat = {".".join(map(str, k)): float(np.asarray(v)) for k, v in _flat(saved) if k[-1] == "weight_bits"}
         assert {v for k, v in flat.items() if ".ff." in k} == {4.0}
         assert {v for k, v in flat.items() if ".ff." not in k} == {float(want[step - 1])}
+
+
+def test_a_checkpoint_with_the_old_bits_name_still_loads(base, tmp_path):
+    """Checkpoints written before the layers' weight bit-width was called ``weight_bits`` hold it as
+    ``bits``: ``load_run`` reads them and gives the same student."""
+    import shutil
+
+    from fraqat_jax.runs.checkpoint import Checkpointer, renamed_keys
+
+    new, old = str(tmp_path / "new"), str(tmp_path / "old")
+    run({**base, "steps": 2, "checkpoint_every": 2}, workdir=new)
+    _, student, cfg = load_run(new)
+    state, rest, meta = runs.StudentReader(student, cfg).restore(new)
+    os.makedirs(old)
+    shutil.copy(os.path.join(new, "config.json"), old)
+    writer = Checkpointer(old, 1)
+    writer.save(2, state, renamed_keys(rest, {"weight_bits": "bits"}), meta)
+    writer.close()
+    _, again, _ = load_run(old)
+    assert bits_of(again) == bits_of(student)
+    for (_, a), (_, b) in zip(_flat(nnx.to_pure_dict(nnx.state(student))), _flat(nnx.to_pure_dict(nnx.state(again)))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_unquantized_student_checkpoints_and_resumes(base, tmp_path):
