@@ -176,3 +176,15 @@ def test_datafree_sequences_come_from_the_teacher_by_position():
     assert not np.isin(a["input_ids"][:, 1], [0, 1, 2]).any()
     held = source.heldout(2)["input_ids"]
     assert not np.array_equal(held, a["input_ids"])
+
+
+def test_the_default_rules_quantize_the_seven_projections_of_every_block_only():
+    cfg = load_config(base=BASE)
+    _, student = build_models(cfg)
+    from fraqat_jax.nn.graph import quantized_layers
+
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    want = sorted(f"model.layers.{i}.{n}" for i in range(4) for n in names)
+    assert sorted(path for path, _ in quantized_layers(student)) == want
+    assert type(student.model.embed_tokens).__name__ == "Embed" and student.lm_head is None  # tied, in float
