@@ -10,6 +10,11 @@
   (features for a Frechet distance, accuracy on class-conditional samples).
 - :mod:`fraqat_jax.eval.t2i`: text-to-image evaluation (``--prompts``/``--vae``): teacher vs student
   images per prompt, decoded in JAX.
+- :mod:`fraqat_jax.eval.text`: language models: multiple-choice accuracy with lm-evaluation-harness's
+  rule (``mc``, ``boolq``, ``commonsense_qa`` task files), perplexity, per-token KL, the comparison's
+  text evaluator.
+- :mod:`fraqat_jax.eval.lm_eval_adapter`: the harness model ``fraqat`` (registered on import; needs
+  the ``lm-eval`` extra).
 - ``python -m fraqat_jax.eval --workdir DIR``: evaluates a trained student against its teacher
   and writes ``DIR/eval.json``.
 """
