@@ -17,27 +17,33 @@ The HTP here is the ``onnxruntime-qnn`` wheel's ``libQnnHtp.so`` on x86-64: Qual
 the NPU, the same backend and graph compiler a phone uses, and no timing of a phone.
 
 The rules of the graph (each found from the backend's answers and checked in
-``tests/test_export_qnn.py``):
+``tests/test_export_qnn.py``; docs/deploy.md gives the measurements):
 
 1. **Static shapes.** The provider refuses a dynamic batch ("Dynamic shape is not supported yet"):
    the graph is traced at batch ``N`` (``to_onnx(batch_size=N)``), every Reshape a constant.
 2. **Explicit zero points** on every INT4/INT8 weight ``DequantizeLinear`` (the ONNX export writes
    them; 0, as ``freeze``'s codes are symmetric). Without one HTP misreads INT4 weights.
 3. **Quantized products are whole QDQ node units**: ``DQ(activation) -> MatMul/Conv <-
-   DQ(weight)`` followed by ``QuantizeLinear`` of the product. A weight ``DequantizeLinear`` with
-   per-channel scales that does not feed such a unit is refused ("standalone DQ op with per-channel
-   quantization"); with a per-tensor scale it is taken but computed in fp16 (5e-2 x max|out| on the
-   digits DiT). HTP's MatMul takes an 8-bit activation only with an 8-bit output, so a W4A8
-   layer's product is re-quantized to uint8 with a calibrated range (min/max over the calibration
-   inputs); a layer without input quantization (the W4A16 ``keep`` rule) gets uint16 input and
-   output ranges from calibration (16-bit tensors must use their whole range: an 8-bit grid carried
-   in uint16 gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so onnxruntime's
-   MatMul+Add fusion into ``Gemm`` (``.../MatMulAddFusion``) never sees an INT4 weight.
+   DQ(weight)`` followed by ``QuantizeLinear`` of the product (:func:`quantize_products`). A weight
+   ``DequantizeLinear`` with per-channel scales that does not feed such a unit is refused
+   ("standalone DQ op with per-channel quantization"). HTP's MatMul, Gemm and Conv take an 8-bit
+   activation only with an 8-bit output, so a W4A8 layer's product is re-quantized to uint8 with a
+   calibrated range (min/max over the calibration inputs, widened by ``OUTPUT_MARGIN``); a layer
+   without input quantization (the paper's W4A16 last layer, the ``keep`` rule) gets uint16 input
+   and output ranges from calibration (a 16-bit tensor must use its whole range: an 8-bit grid
+   carried in uint16 gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so
+   onnxruntime's MatMul+Add fusion into ``Gemm`` never sees an INT4 weight. A conv kernel is
+   stored transposed (:func:`fold_weight_transposes`) so the Conv reads its DequantizeLinear.
 4. **MatMul, not Einsum** (refused): the converter writes every contraction as Transpose/Reshape
    and one batched MatMul.
 5. **Rank <= 5**: a Reshape -> Transpose -> Reshape through a rank-6 tensor (unpatchify) is
-   rewritten as moves of one axis at a time on merged axes (rank <= 4 each).
-6. **Everything else in fp16**: norms, softmax, GELU/SiLU, residual adds and modulation run as
+   rewritten as moves of one axis at a time on merged axes (:func:`lower_rank`, rank <= 4 each).
+6. **No boolean And, no boolean layout ops**: attention masks in float
+   (:func:`bool_ands_as_products`, :func:`bool_layout_as_float`); HTP fails to add a boolean And and
+   to prepare a rank-5 uint8 (boolean) Reshape.
+7. **Graph inputs quantized on HTP** (``offload_graph_io_quantization=0``): otherwise a
+   QuantizeLinear of a graph input is left to the CPU.
+8. **Everything else in fp16**: norms, softmax, GELU/SiLU, residual adds and modulation run as
    float32 ONNX ops, which HTP executes in fp16 (``enable_htp_fp16_precision``, its default). Why
    not uint16 QDQ: it needs a calibrated range for every tensor, and a residual stream or attention
    logit range calibrated on 100 inputs clips on others; fp16's relative 1e-3 needs no ranges.
@@ -432,7 +438,7 @@ def _products(model, weight_outputs: Mapping[str, str]) -> list[_Product]:
     return found
 
 
-OUTPUT_MARGIN = 0.25  # calibrated product ranges are widened by this share of their width on each side
+OUTPUT_MARGIN = 0.25  # calibrated product output ranges are widened by this share of their width on each side
 
 
 def _range_qdq(lo: float, hi: float, bits: int, margin: float = 0.0):
@@ -692,9 +698,6 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     is reported (``ok`` False, ``refused`` naming the nodes), not raised."""
     import tempfile
 
-    import onnx
-
-    import fraqat_jax
     from fraqat_jax.diffusion import family_of
     from fraqat_jax.export import onnx as eo
     from fraqat_jax.export.orbax import calibration_batches, export_orbax, load
