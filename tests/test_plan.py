@@ -189,3 +189,84 @@ def test_dit_forward_flops_match_a_hand_count(scan_layers):
     got = flops.count_flops(lambda st, x, t, y: nnx.merge(graph, st)(x, t, y), state, *args)
     assert got == _dit_forward_by_hand(c, b)
     assert flops.distillation_step_flops(got, got) == 4 * got
+
+
+# ----------------------------------------------------------------------------- the text family (Gemma-2)
+
+# configs/gemma2_2b.py with a two-layer Gemma-2 at toy width (head_dim 128: the splash kernel's lane
+# width, so its tiles hold no padding) and 128-token windows.
+TINY_GEMMA = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 128, "query_pre_attn_scalar": 128, "vocab_size": 256,
+              "sliding_window": 64, "max_position_embeddings": 256}
+TINY_TEXT = ["--config", os.path.join(REPO, "configs", "gemma2_2b.py"), "--set", "seq_len=128",
+             "--set", "teacher_config=" + json.dumps(TINY_GEMMA)]
+
+
+def _decoder_forward_by_hand(c, batch: int, seq: int) -> int:
+    """Matmul FLOPs of a Gemma-2 forward, written out from the architecture: per token and layer the
+    q, k, v, o projections, scores and weighted values over every key (the full square: the kernel
+    and XLA both compute masked blocks), the gated MLP; then the tied LM head."""
+    d, f, h, kv, hd = (c[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                      "num_key_value_heads", "head_dim"))
+    layer = 2 * d * h * hd + 2 * 2 * d * kv * hd + 2 * h * hd * d + 3 * 2 * d * f + 2 * 2 * seq * hd * h
+    return batch * seq * (c["num_hidden_layers"] * layer + 2 * d * c["vocab_size"])
+
+
+@pytest.mark.parametrize("attention", ["xla", "flash"])
+def test_gemma2_forward_flops_match_a_hand_count(attention):
+    """The jaxpr count of the text family's forward equals the decoder's closed form, with XLA
+    attention and through the splash kernel's Pallas grid (the platform switch's costlier branch)."""
+    from fraqat_jax.family import families
+    from fraqat_jax.models import Gemma2ForCausalLM
+
+    family = families()["gemma2"]
+    model = nnx.eval_shape(lambda: Gemma2ForCausalLM(TINY_GEMMA, rngs=nnx.Rngs(0), scan_layers=True,
+                                                     attention=attention))
+    graph, state = nnx.split(model)
+    b, seq = 3, 128
+    spec = family.example_batch(TINY_GEMMA, seq_len=seq)
+    assert spec == {"input_ids": ((seq,), "int32"), "attention_mask": ((seq,), "int32")}
+    inputs = {k: jax.ShapeDtypeStruct((b, *shape), dtype) for k, (shape, dtype) in spec.items()}
+    got = flops.count_flops(lambda st, x: family.apply(nnx.merge(graph, st), x), state, inputs)
+    assert got == _decoder_forward_by_hand(TINY_GEMMA, b, seq)
+
+
+def test_resolution_is_refused_for_a_text_teacher(capsys):
+    assert plan.main(["--topology", "local", "--set", "resolution=512", *TINY_TEXT]) == 2
+    err = capsys.readouterr().err
+    assert "resolution=512" in err and "seq_len" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_text_family_plans_and_runs_locally(tmp_path, capsys):
+    out = tmp_path / "text.json"
+    rc = plan.main(["--topology", "local", "--batch-size", "2", "--set", "attention=xla", "--run", "1",
+                    "--json", str(out), *TINY_TEXT])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert KEYS <= set(r) and r["family"] == "gemma2" and r["seq_len"] == 128
+    assert (r["tokens_per_example"], r["image_tokens"], r["text_tokens"]) == (128, 0, 128)
+    assert r["resolution"] is None and r["latent_size"] is None and r["custom_kernels"] == 0
+    forward = _decoder_forward_by_hand(TINY_GEMMA, 2, 128)
+    assert r["flops"] == {"teacher_forward": forward, "student_forward": forward}
+    assert r["flops_per_step"] == 4 * forward
+    assert r["params"]["teacher"] == r["params"]["student"] > 0
+    assert r["fits"] is True and r["measured_step_seconds"] > 0
+    assert "seq_len 128" in capsys.readouterr().out
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tiny_gemma2_compiles_for_a_v5e_with_the_splash_kernel(tmp_path):
+    """Issue 22's proof without a TPU: the Gemma-2 step compiles for a TPU topology with the splash
+    kernel in the program (and without it under attention=xla)."""
+    kernels = {}
+    for attention in ("flash", "xla"):
+        proc, r = _plan_subprocess(tmp_path, "--topology", "v5e:2x2", "--batch-size", "4", "--set",
+                                   f"attention={attention}", *TINY_TEXT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert r["fits"] is True and r["chips"] == 4 and r["family"] == "gemma2" and r["seq_len"] == 128
+        assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["scan_layers"] is True
+        assert r["flops_per_step"] == 4 * _decoder_forward_by_hand(TINY_GEMMA, 4, 128)
+        kernels[attention] = r["custom_kernels"]
+    assert kernels["flash"] > 0 and kernels["xla"] == 0

@@ -20,21 +20,19 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax.plan import flops as flops_lib
-from fraqat_jax.diffusion import FAMILIES, apply_model
 from fraqat_jax.nn import set_bits
 from fraqat_jax.plan.topology import (
     GENERATIONS,
     VAE_FACTOR,
     PlanError,
     Topology,
-    input_spec,
     parse_oom,
     tokens_of,
     topology_devices,
 )
 from fraqat_jax.parallel import mesh as mesh_lib
 from fraqat_jax.train.config import HELP, ConfigError, load_config
-from fraqat_jax.train.models import teacher_spec
+from fraqat_jax.train.models import family_of_run
 from fraqat_jax.train.state import build as build_state
 
 __all__ = ["plan"]
@@ -100,24 +98,23 @@ def _build(cfg, mesh, spec):
 
 
 def _model_flops(setup, args) -> tuple[int, int]:
-    """Analytic forward FLOPs of teacher and student on the whole global batch."""
+    """Analytic forward FLOPs of teacher and student on the whole global batch: the family's
+    ``apply`` on the shapes of its ``training_inputs`` (the inputs themselves are not counted)."""
     _, teacher_abs, rest_abs, batch_abs = (_plain(a) for a in args)
     params_abs = _plain(args[0]["params"])
-    family, tg, sg = setup.family.name, setup.teacher_graph, setup.student_graph
-    x = batch_abs["latents"]
-    t = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
-    cond = {k: v for k, v in batch_abs.items() if k != "latents"}
+    family, cfg, tg, sg = setup.family, setup.cfg, setup.teacher_graph, setup.student_graph
+    inputs = jax.eval_shape(lambda batch: family.training_inputs(jax.random.key(0), batch, cfg), batch_abs)
 
-    def teacher_fwd(state, x, t, cond):
-        return apply_model(nnx.merge(tg, state), family, x, t, cond)
+    def teacher_fwd(state, inputs):
+        return family.apply(nnx.merge(tg, state), inputs)
 
-    def student_fwd(params, rest, x, t, cond):
+    def student_fwd(params, rest, inputs):
         student = nnx.merge(sg, params, rest)
         set_bits(student, jnp.float32(4.0))
-        return apply_model(student, family, x, t, cond)
+        return family.apply(student, inputs)
 
-    return (flops_lib.count_flops(teacher_fwd, teacher_abs, x, t, cond),
-            flops_lib.count_flops(student_fwd, params_abs, rest_abs, x, t, cond))
+    return (flops_lib.count_flops(teacher_fwd, teacher_abs, inputs),
+            flops_lib.count_flops(student_fwd, params_abs, rest_abs, inputs))
 
 
 def _local_capacity(device) -> tuple[int | None, float | None]:
@@ -172,18 +169,36 @@ def _run_local(compiled, args, setup, steps: int) -> tuple[float, int]:
     return statistics.median(times), int(peak)
 
 
+def _custom_kernels(compiled) -> int | None:
+    """How many Pallas (Mosaic) kernel calls the compiled TPU program holds: the flash / splash
+    attention kernels when they are in the program, 0 when XLA runs attention; None if unreadable."""
+    try:
+        return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    except Exception:  # noqa: BLE001  (a backend without HLO text: the count is only informative)
+        return None
+
+
 def _progress(message: str) -> None:
     print(f"[plan] {message}", file=sys.stderr, flush=True)
 
 
-def _latent_size(cfg, family, config, resolution, data_kind) -> tuple[int, int]:
-    factor = 1 if data_kind in ("digits", "tfds") else VAE_FACTOR[family]
+def _example_size(cfg, family, config, resolution, data_kind) -> tuple[dict, int | None]:
+    """(size keywords of the family's ``example_batch``, resolution in pixels or None). The family
+    says the run's size (``Family.example_size``); ``resolution=PIXELS``, the planner's own key,
+    replaces an image family's latent size through the VAE factor."""
+    size = dict(family.example_size(cfg, config))
+    if "latent_size" not in size:
+        if resolution is not None:
+            raise PlanError(f"resolution={resolution} is not allowed for a {family.name} teacher: it sizes image "
+                            f"families; set {', '.join(f'{k}=N' for k in size) or 'the family size keys'} instead")
+        return size, None
+    factor = 1 if data_kind in ("digits", "tfds") else VAE_FACTOR[family.name]
     if resolution is None:
-        latent = int(cfg.image_size or config.get("sample_size", 8))
-        return latent * factor, latent
+        return size, size["latent_size"] * factor
     if resolution % factor:
-        raise PlanError(f"resolution={resolution} is not divisible by the {family} VAE factor {factor}")
-    return resolution, resolution // factor
+        raise PlanError(f"resolution={resolution} is not divisible by the {family.name} VAE factor {factor}")
+    size["latent_size"] = resolution // factor
+    return size, resolution
 
 
 def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None, mfu=0.4, run_steps=0) -> dict:
@@ -199,18 +214,19 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
         raise PlanError(f"batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} is not divisible by the "
                         f"{n_batch} devices on the data and fsdp mesh axes")
     try:
-        cls, model_config = teacher_spec(cfg)
+        family = family_of_run(cfg)
+        _, model_config = family.teacher_spec(cfg)
     except ValueError as e:  # an unknown preset, a folder without config.json, an unsupported class
         raise PlanError(str(e)) from None
-    family = FAMILIES[cls.__name__]
-    resolution, latent = _latent_size(cfg, family, model_config, resolution, data_kind)
-    spec = input_spec(family, model_config, latent_size=latent)
+    size, resolution = _example_size(cfg, family, model_config, resolution, data_kind)
+    latent = size.get("latent_size")
+    spec = family.example_batch(model_config, **size)
     _progress(f"building {cfg.teacher} abstractly on a {dict(mesh_obj.shape)} mesh of {len(devices)} "
               f"{devices[0].device_kind} devices")
     setup, step_fn, args = _build(cfg, mesh_obj, spec)
     _progress("counting FLOPs")
     teacher_fwd, student_fwd = _model_flops(setup, args)
-    image_tokens, text_tokens = tokens_of(family, model_config, spec)
+    image_tokens, text_tokens = tokens_of(family.name, model_config, spec)
     if top.name == "local":
         hbm, peak = _local_capacity(devices[0])
     else:
@@ -220,7 +236,8 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
         "topology": top.name, "chips": len(devices), "device_kind": devices[0].device_kind,
         "hbm_bytes_per_chip": hbm, "peak_flops_per_chip": peak, "batch_size": int(cfg.batch_size),
         "grad_accum": int(cfg.grad_accum), "mesh": {k: int(v) for k, v in mesh_obj.shape.items()},
-        "teacher": cfg.teacher, "family": family, "resolution": resolution, "latent_size": latent,
+        "teacher": cfg.teacher, "family": family.name, "resolution": resolution, "latent_size": latent,
+        **({"seq_len": int(size["seq_len"])} if "seq_len" in size else {}),
         "tokens_per_example": image_tokens + text_tokens, "image_tokens": image_tokens, "text_tokens": text_tokens,
         "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": bool(cfg.remat),
         # nnx.Param only: the teacher's state also holds buffers (SD3's 384x384 position table).
@@ -271,6 +288,7 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
     per_chip = {k: int(v) for k, v in per_chip.items()}
     per_chip["total"] = per_chip["argument"] + per_chip["output"] - per_chip["alias"] + per_chip["temp"] + per_chip["code"]
     report["per_chip"] = per_chip
+    report["custom_kernels"] = _custom_kernels(compiled)
     report["fits"] = hbm is None or per_chip["total"] <= hbm
     if not report["fits"]:
         report["oom"] = (f"needs {per_chip['total'] / 2**30:.2f} GiB of {hbm / 2**30:.2f} GiB per device, "

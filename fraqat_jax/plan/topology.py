@@ -122,7 +122,9 @@ def input_spec(family: str, model_config, *, latent_size: int, pixel_data: bool 
 
 
 def tokens_of(family: str, model_config, spec: dict) -> tuple[int, int]:
-    """(image tokens, text tokens) per example."""
+    """(image tokens, text tokens) per example (a language model's window: all text)."""
+    if "latents" not in spec:
+        return 0, int(spec["input_ids"][0][0]) if "input_ids" in spec else 0
     _, h, w = spec["latents"][0]
     patch = 2 if family == "flux" else int(model_config.get("patch_size", 1) or 1)
     text = spec["encoder_hidden_states"][0][0] if "encoder_hidden_states" in spec else 0
@@ -157,13 +159,16 @@ def _fmt_bytes(n) -> str:
 def print_table(r: dict) -> None:
     rows = [("topology", f"{r['topology']} ({r['chips']} chips, {_fmt_bytes(r['hbm_bytes_per_chip'])} each)"),
             ("config", (f"{r['teacher']} ({r['family']}), batch {r['batch_size']}, grad_accum {r['grad_accum']}, "
-                       f"resolution {r['resolution']} -> latent {r['latent_size']}")),
+                       + (f"seq_len {r['seq_len']}" if r.get("seq_len") is not None
+                          else f"resolution {r['resolution']} -> latent {r['latent_size']}"))),
             ("mesh", ", ".join(f"{k}={v}" for k, v in r["mesh"].items())),
             ("tokens / example", f"{r['tokens_per_example']} ({r['image_tokens']} image + {r['text_tokens']} text)"),
             ("params", f"teacher {r['params']['teacher'] / 1e6:.1f}M, student {r['params']['student'] / 1e6:.1f}M")]
     pc = r["per_chip"]
     rows += [(f"per chip: {k}", _fmt_bytes(pc[k])) for k in ("argument", "output", "alias", "temp", "code", "total")]
     rows += [("fits", ("yes" if r["fits"] else f"NO: {r.get('oom', '')}")),
+             ("Pallas kernels", "-" if r.get("custom_kernels") is None
+              else f"{r['custom_kernels']} tpu_custom_call(s) in the compiled program"),
              ("FLOPs / step", f"{r['flops_per_step']:.3e} (teacher fwd + student fwd and bwd)"),
              ("est. step time", "-" if r["estimated_step_seconds"] is None
               else f"{r['estimated_step_seconds']:.4g} s at MFU {r['mfu']}"),

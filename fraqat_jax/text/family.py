@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 from importlib.resources import files
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ from fraqat_jax.models.gemma2 import GEMMA2_PRESETS
 from fraqat_jax.models.transformers_folder import TRANSFORMERS_CLASSES, from_transformers, transformers_class
 from fraqat_jax.text.generate import GREEDY_FIRST_TOKENS, continue_tokens, datafree_prompts
 from fraqat_jax.text.loss import LOSSES
-from fraqat_jax.text.samples import format_samples
+from fraqat_jax.text.samples import write_samples
 
 __all__ = ["BUILTIN_TEACHER", "CONFIG_KEYS", "LOSS_NAMES", "PROMPT_TOKENS", "TextFamily", "builtin_teacher_dir"]
 
@@ -244,8 +244,8 @@ class TextFamily(Family):
         kind = inputs.get("loss_kind")
         if kind is None:
             return LOSSES["kl"](teacher_out, student_out, mask)
-        return jax.lax.switch(jnp.clip(kind[0], 0, len(LOSS_NAMES) - 1),
-                              [lambda t, s, m, f=f: f(t, s, m) for f in LOSSES.values()], teacher_out, student_out, mask)
+        branches = [lambda t, s, m, f=f: f(t, s, m) for f in LOSSES.values()]
+        return jax.lax.switch(jnp.clip(kind[0], 0, len(LOSS_NAMES) - 1), branches, teacher_out, student_out, mask)
 
     def heldout_inputs(self, cfg, teacher_config, rows, key, num, sample_teacher=None):
         if rows is None:
@@ -259,6 +259,9 @@ class TextFamily(Family):
         :data:`CONFIG_KEYS`'s, at most ``max_position_embeddings``)."""
         seq_len = int(size.get("seq_len") or CONFIG_KEYS["seq_len"][0])
         return {"input_ids": ((seq_len,), "int32"), "attention_mask": ((seq_len,), "int32")}
+
+    def example_size(self, cfg, model_config) -> dict:
+        return {"seq_len": int(cfg.seq_len)}
 
     # -- samples -----------------------------------------------------------------------------------
 
@@ -295,14 +298,9 @@ class TextFamily(Family):
         p = int(np.asarray(teacher_samples["prompt_len"]))
         teacher, student = np.asarray(teacher_samples["input_ids"]), np.asarray(student_samples["input_ids"])
         _, step, _, bits = os.path.basename(path_stem).split("_", 3)  # the trainer's step_{step:06d}_bits_{bits:g}
-        step, bits = int(step), float(bits)
-        text = format_samples(step, bits, [self.decode(r[:p]) for r in teacher], [self.decode(r[p:]) for r in teacher],
-                              [self.decode(r[p:]) for r in student])
         path = f"{path_stem}.txt"
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        write_samples(path, int(step), float(bits), [self.decode(r[:p]) for r in teacher],
+                      [self.decode(r[p:]) for r in teacher], [self.decode(r[p:]) for r in student])
         return path, None
-
 
 register(TextFamily())
