@@ -261,6 +261,7 @@ class TextFamily(Family):
         return {"input_ids": ((seq_len,), "int32"), "attention_mask": ((seq_len,), "int32")}
 
     def example_size(self, cfg, model_config) -> dict:
+        """``{"seq_len": cfg.seq_len}``: the windows the run trains on."""
         return {"seq_len": int(cfg.seq_len)}
 
     # -- samples -----------------------------------------------------------------------------------

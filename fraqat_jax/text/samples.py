@@ -6,11 +6,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-__all__ = ["format_samples", "sample_path", "write_samples"]
-
-
-def sample_path(workdir: str, step: int, bits: float) -> str:
-    return os.path.join(workdir, "samples", f"step_{step:06d}_bits_{bits:g}.txt")
+__all__ = ["format_samples", "write_samples"]
 
 
 def format_samples(step: int, bits: float, prompts: Sequence[str], teacher: Sequence[str],
@@ -23,10 +19,10 @@ def format_samples(step: int, bits: float, prompts: Sequence[str], teacher: Sequ
     return "\n".join(lines)
 
 
-def write_samples(workdir: str, step: int, bits: float, prompts: Sequence[str], teacher: Sequence[str],
+def write_samples(path: str, step: int, bits: float, prompts: Sequence[str], teacher: Sequence[str],
                   student: Sequence[str]) -> str:
-    path = sample_path(workdir, step, bits)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Writes :func:`format_samples` to ``path`` (folders created); returns ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(format_samples(step, bits, prompts, teacher, student))
     return path

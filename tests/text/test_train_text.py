@@ -27,8 +27,8 @@ from fraqat_jax.train.loop import build_models
 TEACHER = builtin_teacher_dir()
 # The first files of the shipped distillation text (tokenized in a blink), written by the fixture below.
 SMALL_DATA = os.path.join(tempfile.gettempdir(), f"fraqat_lm_small_{os.getpid()}.jsonl")
-BASE = {"teacher": "builtin:lm", "data": "text:" + SMALL_DATA, "seq_len": 32, "batch_size": 4, "steps": 4, "log_every": 1,
-        "checkpoint_every": 2, "keep_checkpoints": 5, "num_samples": 2, "sample_tokens": 6, "progress": "none",
+BASE = {"teacher": "builtin:lm", "data": "text:" + SMALL_DATA, "seq_len": 32, "batch_size": 4, "steps": 4,
+        "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "num_samples": 2, "sample_tokens": 6, "progress": "none",
         "warmup_steps": 1, "lr": 1e-3}
 
 
