@@ -61,3 +61,17 @@ def test_the_lm_default_config_names_the_shipped_teacher_and_text():
     assert cfg.teacher == "builtin:lm" and cfg.data == "text:" + os.path.join(TEACHER, "train.jsonl")
     assert family_for_teacher(cfg.teacher).name == "gemma2" and (cfg.seq_len, cfg.loss) == (128, "kl")
     assert (cfg.schedule, cfg.target_bits, cfg.act_bits) == ("fraqat", 4.0, 8.0)
+
+
+def test_the_gemma2_2b_preset_takes_its_teacher_and_text_from_the_environment_or_set(monkeypatch, tmp_path):
+    path = os.path.join(ROOT, "configs", "gemma2_2b.py")
+    cfg = load_config(path)
+    assert (cfg.teacher, cfg.data) == ("preset:gemma-2-2b", "text:data/c4_subset")
+    assert (cfg.seq_len, cfg.batch_size, cfg.loss, cfg.schedule, cfg.target_bits, cfg.act_bits) == \
+        (512, 64, "kl", "fraqat", 4.0, 8.0)
+    monkeypatch.setenv("FRAQAT_TEACHER", TEACHER)
+    monkeypatch.setenv("FRAQAT_TEXT", str(tmp_path))
+    cfg = load_config(path)
+    assert (cfg.teacher, cfg.data) == (TEACHER, f"text:{tmp_path}")
+    assert load_config(path, [f"teacher={TEACHER}"]).teacher == TEACHER
+    assert family_for_teacher(cfg.teacher).name == family_for_teacher("preset:gemma-2-2b").name == "gemma2"
