@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 import fraqat_jax
 from fraqat_jax import runs
+from fraqat_jax.cli import Parser, fail
 from fraqat_jax.diffusion import family_of
 from fraqat_jax.export.orbax import (CALIBRATION_SAMPLES, TOLERANCE, ExportError, calibration_batches,
                                      export_diffusers, export_orbax, model_forward)
@@ -47,7 +48,7 @@ def _static_student(teacher, student, cfg, args):
     if any(layer.act_bits is not None and not bool(jnp.isfinite(layer.act_range[...]).all())
            for _, layer in quantized_layers(student)):
         print("note: the student was trained with dynamic activation ranges; the graph uses static ranges "
-              "calibrated now (train with --set act_quant=static for a phone model that is the trained one)")
+              "calibrated now (train with --set act_ranges=static for a phone model that is the trained one)")
         fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=args.calibration_samples),
                              forward=model_forward(family), switch_to_static=False)
     return student
@@ -102,7 +103,7 @@ def _export_transformers(teacher, student, cfg, args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fraqat_jax.export",
+    p = Parser(prog="python -m fraqat_jax.export",
                                 description="Ship a trained student: a frozen W4A8 orbax checkpoint, dequantized "
                                             "weights for diffusers, or an ONNX QDQ graph.")
     p.add_argument("--workdir", required=True, help="a run directory written by python -m fraqat_jax.train")
@@ -194,8 +195,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(args.out)  # an earlier export (checked above): orbax writes a fresh directory
         meta = export_orbax(teacher, student, cfg, args.out, num_samples=args.calibration_samples)
     except (ExportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(e)
     bits = sorted({s["bits"] for s in meta["layers"].values() if s["bits"] is not None})
     print(f"exported W{'/'.join(f'{b:g}' for b in bits)}A8 model to {args.out}: {meta['stored_bytes']} bytes = "
           f"{meta['bytes_ratio_vs_bf16']:.3f} x the bf16 weights ({meta['bf16_bytes']} bytes); "
