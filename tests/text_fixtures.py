@@ -98,8 +98,8 @@ def write_tasks(folder: str, *, n: int = 6, seed: int = 0) -> dict[str, str]:
 
 
 def train_tiny_text_run(root) -> tuple[str, dict]:
-    """A 2-step W4A8 run of the shipped tiny Gemma-2 (``builtin:lm``) on the first files of its text,
-    in ``root/run``; returns the workdir and the config (one shape for every test: the compilation
+    """A 2-step W4A8 run (layers scanned) of the shipped tiny Gemma-2 (``builtin:lm``) on the first
+    files of its text, in ``root/run``; returns the workdir and the config (one shape for every test: the compilation
     cache serves them all)."""
     from fraqat_jax.text import builtin_teacher_dir
     from fraqat_jax.train import run
@@ -111,7 +111,7 @@ def train_tiny_text_run(root) -> tuple[str, dict]:
         f.writelines(lines)
     base = {"teacher": "builtin:lm", "data": f"text:{data}", "seq_len": 32, "batch_size": 4, "steps": 2,
             "log_every": 1, "checkpoint_every": 2, "num_samples": 1, "sample_tokens": 2, "progress": "none",
-            "warmup_steps": 1, "lr": 1e-3}
+            "warmup_steps": 1, "lr": 1e-3, "scan_layers": True}  # as the Gemma-2-2B config trains
     workdir = os.path.join(str(root), "run")
     assert run(base, workdir=workdir).status == "completed"
     return workdir, base

@@ -520,19 +520,27 @@ def parse_specs(text: str) -> list[str]:
     return specs
 
 
+def _frozen(student, cfg):
+    """The frozen integer form of a run's student (a scanned student is unrolled first: freezing
+    works layer by layer)."""
+    from fraqat_jax.nn import freeze
+    from fraqat_jax.runs import unscanned
+
+    return freeze(unscanned(student, cfg))
+
+
 def evaluate_run(teacher, student, cfg, *, specs: Sequence[str] = (), text: str | None = None, batch_size: int = 8,
                  num_val: int | None = None) -> dict:
     """``eval.json`` of a text run: the student as trained, its frozen integer form and the teacher on
     the ``specs`` tasks, their perplexity on ``text`` (one sequence per line; default: the run's
     held-out windows) and the student's KL to the teacher there."""
     from fraqat_jax.data.text import load_tokenizer
-    from fraqat_jax.nn import freeze
 
     tasks = {name: read_task(spec) for name, spec in zip(task_names(list(specs)), specs)} if specs else {}
     tokenizer = load_tokenizer(teacher_folder(teacher, cfg), "the run's teacher")
     sequences = encode_lines(tokenizer, read_lines(text)) if text else heldout_windows(teacher, cfg, num_val)
     config = dict(teacher.config)
-    models = {"teacher": teacher, "student": student, "student_frozen": freeze(student)}
+    models = {"teacher": teacher, "student": student, "student_frozen": _frozen(student, cfg)}
     return evaluate_models(models, tokenizer, tasks=tasks, sequences=sequences, batch_size=batch_size,
                            pad_id=int(config.get("pad_token_id") or 0),
                            max_length=config.get("max_position_embeddings"))
@@ -557,12 +565,11 @@ def load_text_run(workdir: str, *, step: int | None = None, frozen: bool = True)
     frozen integer form, with the teacher folder's tokenizer (``fraqat_jax.runs.load_run``)."""
     from fraqat_jax import runs
     from fraqat_jax.data.text import load_tokenizer
-    from fraqat_jax.nn import freeze
 
     teacher, student, cfg = runs.load_run(workdir, step=step)
     if not is_text_model(teacher):
         raise TaskError(f"{workdir!r} distils {type(teacher).__name__}, not a language model")
     models = {"teacher": teacher, "student": student}
     if frozen:
-        models["student_frozen"] = freeze(student)
+        models["student_frozen"] = _frozen(student, cfg)
     return TextRun(cfg, load_tokenizer(teacher_folder(teacher, cfg), "the run's teacher"), models)
