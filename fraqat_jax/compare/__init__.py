@@ -36,6 +36,12 @@ the target bits against PTQ's validation loss, the loss jump at each change of b
 the old width -> first of the new) and the share of quantized weights whose target-bit code differs
 from the teacher's (PTQ's) at the end.
 
+**Language models** (a Gemma-2 teacher, e.g. ``--config configs/lm_default.py``): runs are scored by
+:class:`fraqat_jax.eval.text.TextEvaluator` on the run's held-out token windows (the same for every
+seed and method): the validation loss is the mean per-token KL(teacher || student), and ``ppl`` the
+student's perplexity; ``compare.json`` then adds ``ppl_ratio`` / ``ppl_ratio_ci`` (paired as above)
+and has no FD, MSE, PSNR or accuracy keys.
+
 ``--tune KEY=V1,V2,...`` (e.g. ``lr=1e-4,3e-4,1e-3``) first picks, per method, the value with the
 lowest mean validation loss on ``--tune-seeds`` seeds (``config.seed + 1000 + k``) scored on a
 separate set of validation inputs, then reports on the fresh seeds ``config.seed + k`` as above.
