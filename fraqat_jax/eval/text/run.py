@@ -56,6 +56,9 @@ def heldout_windows(teacher, cfg, num: int | None = None) -> dict:
     source, from the teacher's family (``{"input_ids", "attention_mask"}`` arrays)."""
     from fraqat_jax.family import family_for_model
 
+    if cfg.data == "datafree":
+        raise TaskError("a data-free run (data=datafree) has no held-out text: give --text FILE, one sequence per "
+                        "line, for perplexity and KL")
     source = family_for_model(teacher).make_source(cfg, dict(teacher.config))
     windows = source.heldout(None)  # all of them, each once (heldout(num) would repeat a short set)
     return {k: v[:num] for k, v in windows.items()} if num else windows
