@@ -251,3 +251,17 @@ def test_unsupported_settings_name_the_layer(tmp_path):
     asym = fraqat_jax.quantize_model(_Shared(rngs=nnx.Rngs(0)), [fraqat_jax.Rule(".*", act_bits=None, symmetric=False)])
     with pytest.raises(OnnxExportError, match=r"layer '(proj|blocks\.0)' has asymmetric weights"):
         export_onnx(asym, x, str(tmp_path / "b.onnx"))
+
+
+def test_command_line_exits_1_above_the_stated_tolerance(tmp_path, capsys, monkeypatch):
+    """As the orbax export refuses to write above its tolerance, ``--format onnx`` exits 1 when
+    onnxruntime disagrees with the frozen JAX model beyond ``TOLERANCE`` (here set to 0)."""
+    from eval_shared import trained_run
+
+    from fraqat_jax import export
+    from fraqat_jax.export import onnx as export_onnx_module
+
+    monkeypatch.setattr(export_onnx_module, "TOLERANCE", 0.0)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--workdir", trained_run(), "--out", str(tmp_path / "m.onnx"), "--format", "onnx"])
+    assert e.value.code == 1 and "above the export's tolerance 0" in capsys.readouterr().err
