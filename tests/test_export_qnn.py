@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import fraqat_jax  # noqa: E402
 from fraqat_jax.diffusion import model_kwargs  # noqa: E402
-from fraqat_jax.export import jaxpr_onnx, qnn  # noqa: E402
+from fraqat_jax.export import jaxpr_onnx, qnn, qnn_graph  # noqa: E402
 from fraqat_jax.export.onnx import frozen_output, static_view  # noqa: E402
 from test_export_onnx import CONFIGS, CONV_W4A8, W4A8, _inputs, _random_model  # noqa: E402
 
@@ -160,7 +160,7 @@ def test_lower_rank_rewrites_unpatchify_exactly(tmp_path):
                  [helper.make_tensor_value_info("y", 1, [b, c, h * p, w * p])], tmp_path / "u.onnx")
     model = onnx.load(path)
     assert qnn.lower_rank(model) == 1
-    shapes = qnn._static_shapes(model)  # noqa: SLF001
+    shapes = qnn_graph._static_shapes(model)  # noqa: SLF001
     assert max(len(s) for s in shapes.values()) <= 5
     lowered = str(tmp_path / "lowered.onnx")
     onnx.save(model, lowered)
@@ -176,9 +176,9 @@ def _family_feeds(family, config, seed, batch=1):
         x_t = np.random.default_rng(seed).standard_normal((batch, 1, 8, 8)).astype(np.float32)
         cond = {k: inputs[k] for k in ("encoder_hidden_states", "pooled_projections", "guidance")}
         inputs = jax.tree.map(np.asarray, model_kwargs("flux", x_t, inputs["timestep"], cond))
-    from fraqat_jax.export.onnx import _flat_inputs  # noqa: PLC0415
+    from fraqat_jax.export.onnx import flat_inputs
 
-    return inputs, dict(_flat_inputs(inputs)[0])
+    return inputs, dict(flat_inputs(inputs)[0])
 
 
 # The paper's W4A16 last layer (the ``keep`` rule's form: weights 4-bit, input unquantized), which

@@ -262,7 +262,7 @@ class _LayerEmitter:
 # ----------------------------------------------------------------------------- export
 
 
-def _flat_inputs(inputs: Mapping[str, Any]):
+def flat_inputs(inputs: Mapping[str, Any]):
     """``[(name, array)]`` of the (possibly nested) call arguments, and the tree to rebuild them."""
     leaves, tree = jax.tree_util.tree_flatten_with_path(dict(inputs))
     names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in leaves]
@@ -298,7 +298,7 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     from onnx import helper
 
     model = static_view(model)
-    flat, tree = _flat_inputs(inputs)
+    flat, tree = flat_inputs(inputs)
     batched = [name not in batch_free for name, _ in flat]
     if not any(batched):
         raise OnnxExportError(f"every input is in batch_free={tuple(batch_free)}; one needs a batch axis")
@@ -370,7 +370,7 @@ def run_onnx(path: str, inputs: Mapping[str, Any], *, all_optimizations: bool = 
     if not all_optimizations:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feeds = dict(_flat_inputs(inputs)[0])
+    feeds = dict(flat_inputs(inputs)[0])
     wanted = {i.name for i in session.get_inputs()}
     return session.run([OUTPUT_NAME], {k: v for k, v in feeds.items() if k in wanted})[0]
 
