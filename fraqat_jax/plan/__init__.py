@@ -11,16 +11,19 @@ compiles it ahead of time with libtpu for ``NAME`` (``v5e:2x2``, ``v5p:2x2x1``, 
 see :data:`GENERATIONS`), the way MaxText's ``train_compile.py`` does. ``local`` compiles for this
 machine's devices instead, and ``--run K`` then runs K steps on random inputs.
 
-Input shapes: ``--set resolution=PIXELS`` gives the latent size through the family's VAE factor
-(8, Sana's DC-AE 32; pixel data such as the built-in digits: 1); text lengths are the diffusers
-pipelines' defaults (:data:`TEXT_TOKENS`). Without ``resolution`` the teacher's ``sample_size`` is
-used, as the trainer does.
+Input shapes come from the run's model family (``fraqat_jax.family``): ``example_batch`` at the
+size ``example_size`` gives for the config, the size the trainer would train at (diffusion: the
+teacher's ``sample_size`` or ``image_size``; text: ``seq_len`` tokens, e.g. ``--set seq_len=2048``).
+For an image family ``--set resolution=PIXELS`` gives the latent size through the family's VAE factor
+(8, Sana's DC-AE 32; pixel data such as the built-in digits: 1); conditioning lengths are the diffusers
+pipelines' defaults. The step is called and its FLOPs counted through the family's
+``training_inputs`` and ``apply``, so any registered family plans (``configs/gemma2_2b.py`` too).
 
 Exit status: 0 compiled and fits; 1 does not fit (the compiler's RESOURCE_EXHAUSTED); 2 bad input.
 
 The part holds ``topology.py`` (TPU generations, input shapes), ``build.py`` (the abstract train
 state, compilation, the report), ``flops.py`` (the analytic FLOP count) and ``__main__.py``. It
-imports ``train/`` (the config, the state builder), ``parallel/`` (the mesh), ``diffusion/`` and
+imports ``train/`` (the config, the state builder, the run's family), ``parallel/`` (the mesh) and
 ``nn/``; nothing imports it but its command line. JAX must not start before
 ``topology.prepare_environment``, so this package imports no JAX at import time.
 """
