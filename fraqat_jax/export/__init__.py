@@ -1,12 +1,15 @@
-"""export/: ship a trained student: a frozen W4A8 orbax checkpoint, dequantized weights for diffusers,
-or an ONNX QDQ graph.
+"""export/: ship a trained student: a frozen W4A8 orbax checkpoint, dequantized weights for diffusers
+or transformers, an ONNX QDQ graph, or a QNN HTP folder for Qualcomm's Hexagon NPU.
 
 The part holds ``orbax.py`` (the exact serving form, :func:`load`), ``onnx.py`` (ONNX QDQ, checked by
-onnxruntime), ``jaxpr_onnx.py`` (the jaxpr-to-ONNX converter) and ``__main__.py`` (the command line).
+onnxruntime), ``jaxpr_onnx.py`` (the jaxpr-to-ONNX converter), ``qnn.py`` and ``qnn_graph.py`` (the
+QDQ form QNN HTP executes whole, its compiled EPContext model and ``qnn.json``, checked on the
+``onnxruntime-qnn`` HTP simulator), ``transformers.py`` (a text student as a transformers folder) and
+``__main__.py`` (the command line).
 It imports the parts below it (diffusion, models, nn, quant, data) and ``runs/`` for a finished run;
 nothing imports it but command lines and ``compare/``.
 
-``python -m fraqat_jax.export --workdir DIR --out PATH [--format orbax|diffusers]``
+``python -m fraqat_jax.export --workdir DIR --out PATH [--format orbax|diffusers|transformers|onnx|qnn]``
 
 ``--format orbax`` (default) writes the serving form, the model that was trained:
 
