@@ -109,7 +109,7 @@ def write_map(pooled: dict, out: str, name: str) -> list[str]:
                 if method not in ys:
                     ys.append(method)
                 grid_cells.append({"point": {"cell": label, "method": method}, "workdir": cell_name,
-                                   "methods": {"ratio": st}})
+                                   "methods": {"schedule": st}})
                 ratios = st["val_loss_ratios"]
                 ci, fci = st.get("val_loss_ratio_ci"), st.get("fd_ratio_ci")
                 ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[no CI]"
@@ -125,7 +125,7 @@ def write_map(pooled: dict, out: str, name: str) -> list[str]:
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(grid, f, indent=1)
     if grid_cells:
-        compare_stats.plot_grid(grid, os.path.join(out, f"{name}.png"), "ratio")
+        compare_stats.plot_grid(grid, os.path.join(out, f"{name}.png"), "schedule")
     return lines
 
 
