@@ -53,6 +53,7 @@ CELLS = {
                    "ptq,qat,fraqat,linear:0.44", 16),
 }
 SMOKE_CELLS = ("paper", "continuous")
+MAX_LISTED_CHANGES = 12  # more changes of bits than this are summarised, not listed per step
 SMOKE_ARGS = ["--steps", "4", "--num-samples", "2", "--num-val", "4", "--set", "batch_size=8", "--set", "warmup_steps=1"]
 SMOKE_METHODS = {"paper": "ptq,qat,linear:0.44", "continuous": "qat,cosine:0.44"}
 
@@ -64,8 +65,15 @@ def seed_rows(compare_json: str) -> dict[str, dict]:
     out = {}
     for r in rows:
         per = r.get("per_seed", {})
+        diag = (r.get("diagnostics") or [None])[0]
+        changes = (diag or {}).get("bit_changes", [])
+        if len(changes) > MAX_LISTED_CHANGES:  # a continuous schedule changes bits at every step
+            jumps = [c["jump"] for c in changes if c.get("jump") is not None]
+            diag = dict(diag, bit_changes=[], bit_change_summary={
+                "changes": len(changes), "first_step": changes[0]["step"], "last_step": changes[-1]["step"],
+                "largest_jump": max(jumps) if jumps else None})
         out[r["method"]] = {"val_loss": (per.get("val_loss") or [None])[0], "fd": (per.get("fd") or [None])[0],
-                            "diagnostics": (r.get("diagnostics") or [None])[0]}
+                            "diagnostics": diag}
     return out
 
 
@@ -101,11 +109,11 @@ def paired_stats(seeds: dict[str, dict]) -> dict[str, dict]:
             for j in d.get("bit_changes", []):
                 if j.get("jump") is not None:
                     jumps.setdefault(f"{j['from_bits']:g}->{j['to_bits']:g}", []).append(j["jump"])
-        if len(jumps) <= 12:  # a staircase: each change of bits
-            row["bit_change_jump_median"] = {k: float(np.median(v)) for k, v in jumps.items()}
-        else:  # a continuous schedule changes bits every step
-            row["bit_change_jump_median"] = {"changes": len(jumps),
-                                             "largest": float(max(np.median(v) for v in jumps.values()))}
+        row["bit_change_jump_median"] = {k: float(np.median(v)) for k, v in jumps.items()}
+        largest = [d["bit_change_summary"]["largest_jump"] for d in diags
+                   if (d.get("bit_change_summary") or {}).get("largest_jump") is not None]
+        if largest:  # a continuous schedule: the median over seeds of its largest one-step jump
+            row["largest_jump_median"] = float(np.median(largest))
         out[m] = row
     return out
 
