@@ -22,7 +22,7 @@ Python API (used by ``fraqat_jax.eval`` / ``compare``)::
 - ``run(config, *, workdir=None) -> RunResult``: trains to ``config.steps`` optimizer updates,
   resuming from ``workdir/checkpoints`` when a checkpoint is there. Writes ``workdir/metrics.jsonl``
   (rows ``{"step", "bits", "loss", "lr", "steps_per_sec", ...}``, appended on resume),
-  TensorBoard events under ``workdir/tb``, PNG sample grids ``workdir/samples/step_XXXXXX_bits_B.png``
+  TensorBoard events under ``workdir/tb``, the family's samples ``workdir/samples/step_XXXXXX_bits_B.png`` (images) or ``.txt`` (text)
   at each change of bit-width, ``workdir/config.json`` and ``workdir/summary.json``.
   ``RunResult`` fields: ``workdir``, ``steps`` (updates done), ``final_loss``, ``final_bits``,
   ``metrics`` (rows written by this call), ``status`` ("completed" | "preempted" | "nan").

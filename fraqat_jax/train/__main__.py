@@ -114,7 +114,7 @@ def _print_summary(r) -> None:
     print(f"\nFraQAT run {r.status}: {r.steps} updates in {r.seconds:.0f}s, final bits {r.final_bits:g}, "
           f"final loss {r.final_loss:.4g}, train-step compilations {r.compilations}")
     print(f"outputs in {w}:")
-    for name, what in (("metrics.jsonl", "per-step metrics"), ("samples", "teacher (top) / student (bottom) PNG grids"),
+    for name, what in (("metrics.jsonl", "per-step metrics"), ("samples", "teacher and student samples at each change of bits (the family's: PNG grids, text files)"),
                        ("tb", "TensorBoard events (tensorboard --logdir " + os.path.join(w, "tb") + ")"),
                        ("checkpoints", "orbax checkpoints (resume: run the same command again)"),
                        ("summary.json", "this summary")):

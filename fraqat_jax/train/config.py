@@ -72,8 +72,9 @@ _DEFAULTS: dict[str, tuple[Any, str]] = {
     "log_every": (10, "write a metrics row every K updates"),
     "checkpoint_every": (100, "save a checkpoint every N updates (and at the end)"),
     "keep_checkpoints": (2, "how many recent checkpoints to keep"),
-    "sample_grids": (True, "write a PNG grid of teacher/student samples at each change of bit-width"),
-    "num_samples": (10, "samples per grid row"),
+    "sample_grids": (True, "write teacher/student samples at each change of bit-width (images: a PNG grid; text: a .txt of "
+                     "greedy continuations)"),
+    "num_samples": (10, "samples per grid row (text: prompts continued)"),
     "dtype": ("float32", "compute dtype: float32 | bfloat16"),
     "param_dtype": ("float32", "parameter dtype: float32 | bfloat16"),
     "remat": (False, "rematerialize transformer blocks (saves memory)"),
