@@ -18,18 +18,20 @@ import re  # noqa: E402
 import pytest  # noqa: E402
 
 #: Top-level modules that CI installs (the base dependencies and the extras in .ci/run: test, onnx,
-#: tpu, peers). Under CI=true a skip for lack of one of them fails and names it, so a broken install
-#: cannot drop tests quietly; modules of extras CI leaves out (qnn, lm-eval, tfds' tensorflow) may skip.
+#: qnn, tpu, peers, lm-eval). Under CI=true a skip for lack of one of them fails and names it, so a
+#: broken install cannot drop tests quietly; modules of extras CI leaves out (tfds' tensorflow) may skip.
 CI_INSTALLS = ("jax", "flax", "optax", "orbax", "numpy", "safetensors", "ml_dtypes", "tensorflow_datasets",
                "ml_collections", "rich", "matplotlib", "tensorboardX", "scipy", "pytest", "xdist", "filelock",
                "hypothesis", "torch", "diffusers", "transformers", "tokenizers", "onnx", "onnxruntime", "libtpu",
-               "qwix")
-_MISSING = re.compile(r"(?:could not import|No module named) '([^']+)'")
+               "qwix", "onnxruntime_qnn", "lm_eval", "accelerate")
+#: ``pytest.importorskip``'s wording, and ``NAME is not installed`` (the libtpu marker of test_plan)
+_MISSING = re.compile(r"(?:could not import|No module named) '([^']+)'|\b([A-Za-z_][\w.]*) is not installed")
 
 
 def _missing_ci_module(reason) -> str | None:
     """The CI-installed module a skip reason says is missing (``pytest.importorskip``'s wording), or None."""
-    for name in _MISSING.findall(str(reason)):
+    for quoted, bare in _MISSING.findall(str(reason)):
+        name = quoted or bare
         if name.split(".")[0] in CI_INSTALLS:
             return name
     return None

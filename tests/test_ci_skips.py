@@ -43,3 +43,15 @@ def test_ci_fails_a_skip_inside_a_test(tmp_path):
     out = _pytest(tmp_path, "true")
     assert out.returncode == 1 and "1 failed, 1 skipped" in out.stdout, out.stdout
     assert "CI installs 'scipy.not_a_module_y'" in out.stdout, out.stdout
+
+
+def test_ci_fails_a_skip_marker_that_names_a_ci_module(tmp_path):
+    """test_plan's libtpu marker says 'libtpu is not installed': under CI that is a failure too."""
+    (tmp_path / "conftest.py").write_text((HERE / "conftest.py").read_text())
+    (tmp_path / "test_marker.py").write_text(
+        "import pytest\n\n\n@pytest.mark.skipif(True, reason=\"libtpu is not installed (pip install 'fraqat_jax[tpu]')\")\n"
+        "def test_tpu():\n    pass\n\n\n@pytest.mark.skipif(True, reason='tensorflow is not installed')\ndef test_tf():\n    pass\n")
+    out = _pytest(tmp_path, "true")
+    # a marker skips at setup, so pytest reports the failure as an error of the setup phase
+    assert out.returncode == 1 and "1 skipped, 1 error" in out.stdout, out.stdout
+    assert "CI installs 'libtpu'" in out.stdout, out.stdout
