@@ -137,15 +137,15 @@ def _tpu_flash(q, k, v, *, key_mask):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, k, v, key_mask)
-    batch_axes = _dividing_axes(mesh, _BATCH_MESH_AXES, b)
-    head_axes = _dividing_axes(mesh, _HEAD_MESH_AXES, h)
+    batch_axes = dividing_axes(mesh, _BATCH_MESH_AXES, b)
+    head_axes = dividing_axes(mesh, _HEAD_MESH_AXES, h)
     spec = jax.sharding.PartitionSpec(batch_axes or None, None, head_axes or None, None)
     mask_spec = jax.sharding.PartitionSpec(batch_axes or None, None)
     in_specs = (spec, spec, spec, None if key_mask is None else mask_spec)
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(q, k, v, key_mask)
 
 
-def _dividing_axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...]:
+def dividing_axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...]:
     """The mesh axes among ``names`` (in mesh order) whose product divides ``size``."""
     axes, product = [], 1
     for name in mesh.axis_names:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fraqat_jax.models.attention import check_attention
+from fraqat_jax.models.attention import check_attention, dividing_axes
 
 __all__ = ["NO_WINDOW", "gemma2_attention", "splash_attention", "xla_attention"]
 
@@ -83,23 +83,14 @@ def splash_attention(q, k, v, key_valid, *, window: int | None, softcap, interpr
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, k, v, key_valid)
-    batch_axes = _mesh_axes_dividing(mesh, ("data", "fsdp"), b)
-    head_axes = _mesh_axes_dividing(mesh, ("tensor",), hkv)
+    batch_axes = dividing_axes(mesh, ("data", "fsdp"), b)
+    head_axes = dividing_axes(mesh, ("tensor",), hkv)
     spec = jax.sharding.PartitionSpec(batch_axes or None, None, head_axes or None, None)
     mask_spec = jax.sharding.PartitionSpec(batch_axes or None, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec,
                          check_vma=False)(q, k, v, key_valid)
 
 
-def _mesh_axes_dividing(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...]:
-    """The mesh axes among ``names`` (in mesh order, size > 1) whose product divides ``size``."""
-    axes, product = [], 1
-    for name in mesh.axis_names:
-        n = mesh.shape[name]
-        if name in names and n > 1 and size % (product * n) == 0:
-            axes.append(name)
-            product *= n
-    return tuple(axes)
 
 
 def gemma2_attention(
