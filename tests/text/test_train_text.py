@@ -176,6 +176,10 @@ def test_datafree_sequences_come_from_the_teacher_by_position():
     assert not np.isin(a["input_ids"][:, 1], [0, 1, 2]).any()
     held = source.heldout(2)["input_ids"]
     assert not np.array_equal(held, a["input_ids"])
+    # Evaluation and the comparison score a data-free run on these same held-out sequences.
+    from fraqat_jax.eval.text.run import heldout_windows
+
+    np.testing.assert_array_equal(heldout_windows(teacher, cfg, 2)["input_ids"], held)
 
 
 def test_the_default_rules_quantize_the_seven_projections_of_every_block_only():

@@ -53,13 +53,25 @@ class TextEvaluator:
 
 def heldout_windows(teacher, cfg, num: int | None = None) -> dict:
     """The first ``num`` held-out windows (all when None or when fewer are held out) of the run's data
-    source, from the teacher's family (``{"input_ids", "attention_mask"}`` arrays)."""
+    source, from the teacher's family (``{"input_ids", "attention_mask"}`` arrays). For a data-free
+    run (``data=datafree``) they are the teacher's own sequences drawn from the run's ``validation``
+    stream, as training draws its held-out ones (``num`` of them, 16 when None)."""
+    from flax import nnx
+
     from fraqat_jax.family import family_for_model
 
+    family = family_for_model(teacher)
+    sample_teacher = None
     if cfg.data == "datafree":
-        raise TaskError("a data-free run (data=datafree) has no held-out text: give --text FILE, one sequence per "
-                        "line, for perplexity and KL")
-    source = family_for_model(teacher).make_source(cfg, dict(teacher.config))
+        graphdef, state = nnx.split(teacher)
+        sampler = family.teacher_sampler(cfg, lambda st: nnx.merge(graphdef, st))
+
+        def sample_teacher(prompts):
+            return sampler(state, prompts)
+
+    source = family.make_source(cfg, dict(teacher.config), sample_teacher)
+    if cfg.data == "datafree":
+        return source.heldout(num)
     windows = source.heldout(None)  # all of them, each once (heldout(num) would repeat a short set)
     return {k: v[:num] for k, v in windows.items()} if num else windows
 
