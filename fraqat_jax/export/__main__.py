@@ -62,7 +62,7 @@ def _export_qnn(teacher, student, cfg, args) -> dict:
     student = _static_student(teacher, student, cfg, args)
     try:
         report = qnn.export_qnn(teacher, student, cfg, args.out, soc=args.soc, batch_size=args.batch_size,
-                                calibration_samples=args.calibration_samples)
+                                product_bits=args.product_bits, calibration_samples=args.calibration_samples)
     except qnn.OnnxExportError as e:
         raise ExportError(str(e)) from None
     print(qnn.summary(report))
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Snapdragon 8 Elite, default), sm8650 (v75), sm8550 (v73), sm8850 (v81)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="--format qnn: the graph's fixed batch size (QNN HTP needs static shapes; default 1)")
+    p.add_argument("--product-bits", type=int, default=16,
+                   help="--format qnn: width of a W4A8 layer's product on HTP: 16 (default: the trained uint8 "
+                        "input carried exactly in uint16, a uint16 output; meets the agreement tolerances) or 8 "
+                        "(HTP's 8-bit kernels, every product rounded to 256 levels; see docs/deploy.md)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
@@ -166,12 +170,14 @@ def main(argv=None) -> dict:
                 raise ExportError(f"unknown --soc {args.soc!r}; allowed: {', '.join(qnn.SOCS)}")
             if args.batch_size < 1:
                 raise ExportError(f"--batch-size must be >= 1, got {args.batch_size}")
+            if args.product_bits not in qnn.PRODUCT_BITS:
+                raise ExportError(f"--product-bits must be 16 or 8, got {args.product_bits}")
             try:
                 qnn.qnn_module()
             except qnn.QnnUnavailable as e:
                 raise ExportError(str(e)) from None
-        elif args.soc != "sm8750" or args.batch_size != 1:
-            raise ExportError(f"--soc and --batch-size apply to --format qnn, not --format {args.format}")
+        elif args.soc != "sm8750" or args.batch_size != 1 or args.product_bits != 16:
+            raise ExportError(f"--soc, --batch-size and --product-bits apply to --format qnn, not --format {args.format}")
         _check_out(args.out, args.format)
         if not os.path.isdir(args.workdir):
             raise ExportError(f"--workdir {args.workdir!r} does not exist")

@@ -26,12 +26,19 @@ The rules of the graph (each found from the backend's answers and checked in
 3. **Quantized products are whole QDQ node units**: ``DQ(activation) -> MatMul/Conv <-
    DQ(weight)`` followed by ``QuantizeLinear`` of the product (:func:`quantize_products`). A weight
    ``DequantizeLinear`` with per-channel scales that does not feed such a unit is refused
-   ("standalone DQ op with per-channel quantization"). HTP's MatMul, Gemm and Conv take an 8-bit
-   activation only with an 8-bit output, so a W4A8 layer's product is re-quantized to uint8 with a
-   calibrated range (min/max over the calibration inputs, widened by ``OUTPUT_MARGIN``); a layer
-   without input quantization (the paper's W4A16 last layer, the ``keep`` rule) gets uint16 input
-   and output ranges from calibration (a 16-bit tensor must use its whole range: an 8-bit grid
-   carried in uint16 gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so
+   ("standalone DQ op with per-channel quantization"). HTP's MatMul, Gemm and Conv pair the widths
+   of input and output: an 8-bit activation only with an 8-bit output, a 16-bit one with 16 bits.
+   The product's output range is calibrated (min/max over the calibration inputs, widened by
+   ``OUTPUT_MARGIN``). ``--product-bits 16`` (default): a W4A8 layer's input is its trained uint8
+   grid carried exactly in uint16 (scale / 257, zero point x 257, so code ``q`` is ``257 q``: the
+   same values, A8 as trained) and the product is re-quantized to uint16. ``--product-bits 8``: the
+   uint8 input itself and a uint8 product, HTP's 8-bit kernels; every product then rounds to 256
+   levels, which the model never saw in training: on the five families' tiny configs it measured
+   2.3-4.7e-2 against onnxruntime and up to 5.5e-2 against JAX, outside the agreement below (16
+   bits: 0.5-2.3e-2 and 0.5-2.2e-2 on the same models and inputs). A layer without input
+   quantization (the paper's W4A16 last layer, the ``keep`` rule) gets uint16 input and output
+   ranges from calibration (a 16-bit grid must span its codes: an 8-bit grid in uint16 codes 0-255
+   gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so
    onnxruntime's MatMul+Add fusion into ``Gemm`` never sees an INT4 weight. A conv kernel is
    stored transposed (:func:`fold_weight_transposes`) so the Conv reads its DequantizeLinear.
 4. **MatMul, not Einsum** (refused): the converter writes every contraction as Transpose/Reshape
@@ -72,12 +79,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fraqat_jax.export.onnx import OUTPUT_NAME, OnnxExportError
-from fraqat_jax.export.qnn_graph import (OUTPUT_MARGIN, bool_ands_as_products, bool_layout_as_float,
+from fraqat_jax.export.qnn_graph import (OUTPUT_MARGIN, PRODUCT_BITS, bool_ands_as_products, bool_layout_as_float,
                                          cpu_session, fold_weight_transposes, lower_rank, quantize_products,
                                          split_prologue, to_qnn)
 
 __all__ = [  # the graph surgery of qnn_graph is re-exported: one import for the QNN form
-    "CONTEXT_FILE", "DEFAULT_SOC", "EP_NAME", "MODEL_FILE", "OUTPUT_MARGIN", "PROLOGUE_FILE", "REPORT_FILE",
+    "CONTEXT_FILE", "DEFAULT_SOC", "EP_NAME", "MODEL_FILE", "OUTPUT_MARGIN", "PRODUCT_BITS", "PROLOGUE_FILE", "REPORT_FILE",
     "REPORT_KEYS", "SOCS", "TOL_CONTEXT", "TOL_ORT", "TOL_STUDENT", "OnnxExportError", "QnnModel", "QnnRefused",
     "QnnUnavailable", "Soc", "bool_ands_as_products", "bool_layout_as_float", "context_bytes", "cpu_session",
     "export_qnn", "fold_weight_transposes", "lower_rank", "qnn_module", "qnn_session", "quantize_products",
@@ -236,7 +243,7 @@ def timed(fn, *args, **kwargs):
 
 
 def write_qnn(model, example: Mapping[str, Any], calibration: Sequence[Mapping[str, np.ndarray]], out_dir: str,
-              *, frozen=None) -> dict:
+              *, frozen=None, product_bits: int = 16) -> dict:
     """Writes ``out_dir/model.onnx`` (and ``prologue.onnx`` when there are sin/cos features) for
     ``model`` (quantized, static input ranges) called as ``model(**example)``; the batch size is
     ``example``'s. ``calibration``: flat feeds (``onnx.flat_inputs`` names) of the same shapes, for
@@ -254,7 +261,7 @@ def write_qnn(model, example: Mapping[str, Any], calibration: Sequence[Mapping[s
     frozen = fraqat_jax.freeze(eo.static_view(model)) if frozen is None else frozen
     proto, counts = eo.to_onnx(model, example, frozen=frozen, batch_size=int(batch), emitter_out=emitters)
     traced = time.perf_counter() - start
-    main, prologue, qcounts = to_qnn(proto, emitters[0].weight_outputs, calibration)
+    main, prologue, qcounts = to_qnn(proto, emitters[0].weight_outputs, calibration, product_bits)
     paths = {"model": os.path.join(out_dir, MODEL_FILE)}
     onnx.save(main, paths["model"])
     onnx.checker.check_model(paths["model"], full_check=True)
@@ -315,8 +322,8 @@ def sampling_psnr(family: str, student_model, run_qnn, out_shape, batch, *, num_
 
 
 def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, batch_size: int = 1,
-               calibration_samples: int = 100, heldout_samples: int = 4, sampling: bool = True,
-               log=print) -> dict:
+               product_bits: int = PRODUCT_BITS[0], calibration_samples: int = 100, heldout_samples: int = 4,
+               sampling: bool = True, log=print) -> dict:
     """Writes ``model.onnx``, ``prologue.onnx``, ``model_ctx.onnx`` and ``qnn.json`` into ``out_dir``
     (see the module doc) for a student with static input ranges; returns the report (``qnn.json``'s
     keys, ``ok``, ``refused``, ``max_rel_diff_context``, ``psnr_sampling``, times and sizes).
@@ -333,6 +340,8 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     chip = soc_of(soc)
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if product_bits not in PRODUCT_BITS:
+        raise ValueError(f"--product-bits must be one of {', '.join(map(str, PRODUCT_BITS))}, got {product_bits!r}")
     family = family_of(teacher)
     n = int(batch_size)
     os.makedirs(out_dir, exist_ok=True)
@@ -341,7 +350,8 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     for p in paths.values():
         if os.path.exists(p):
             os.remove(p)
-    report: dict[str, Any] = {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model}
+    report: dict[str, Any] = {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model,
+                              "product_bits": int(product_bits)}
     start = time.perf_counter()
     stages: dict[str, float] = {}
 
@@ -352,7 +362,8 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     calib = calibration_batches(teacher, cfg, num_samples=n * -(-calibration_samples // n), batch_size=n, seed=0)
     lap("inputs")
     model = eo.static_view(student)
-    written = write_qnn(model, _unflat(_feeds(family, held[0])), [_feeds(family, b) for b in calib], out_dir)
+    written = write_qnn(model, _unflat(_feeds(family, held[0])), [_feeds(family, b) for b in calib], out_dir,
+                        product_bits=product_bits)
     counts, qcounts, main, prologue = written["counts"], written["qdq"], written["model"], written["prologue"]
     stages["onnx"], stages["qnn_form"] = written["seconds"]
     report.update(nodes=len(main.graph.node), weight_bytes=int(counts["weight_bytes"]),
@@ -360,7 +371,8 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
                   quantized_layers=counts["quantized_layers"], batch_size=n, qdq=qcounts,
                   export_seconds=time.perf_counter() - start, model_bytes=os.path.getsize(paths["model"]))
     log(f"wrote {paths['model']}: {report['nodes']} nodes, batch {n}, {qcounts.get('products', 0)} QDQ products "
-        f"({qcounts.get('out8', 0)} uint8, {qcounts.get('out16', 0)} uint16 outputs), "
+        f"({qcounts.get('out8', 0)} uint8, {qcounts.get('out16', 0)} uint16 outputs; "
+        f"{qcounts.get('act8_in16', 0)} A8 inputs carried in uint16), "
         f"{report['export_seconds']:.1f} s")
     pro_path = paths["prologue"] if prologue is not None else None
     held_feeds = [_feeds(family, b) for b in held]

@@ -288,6 +288,7 @@ def _products(model, weight_outputs: Mapping[str, str]) -> list[_Product]:
     return found
 
 
+PRODUCT_BITS = (16, 8)  # widths of an A8 product's output the QNN form offers; the first is the default
 OUTPUT_MARGIN = 0.25  # calibrated product output ranges are widened by this share of their width on each side
 
 
@@ -303,12 +304,19 @@ def _range_qdq(lo: float, hi: float, bits: int, margin: float = 0.0):
     return np.float32(scale), (np.uint8 if bits == 8 else np.uint16)(zero)
 
 
-def quantize_products(model, weight_outputs: Mapping[str, str], calibration: Sequence[Mapping[str, np.ndarray]]) -> dict:
-    """Makes each quantized product a whole QDQ node unit (rule 3): an 8-bit activation DQ right
-    before it (a copy of the layer's trained grid where layout ops sit between), or a calibrated
-    uint16 one for a layer without input quantization; a calibrated QuantizeLinear -> Dequantize
-    after it (uint8 / uint16 like the input). ``calibration``: feeds of the graph (min/max over
-    them). Returns counts."""
+def quantize_products(model, weight_outputs: Mapping[str, str], calibration: Sequence[Mapping[str, np.ndarray]],
+                      product_bits: int = 16) -> dict:
+    """Makes each quantized product a whole QDQ node unit (rule 3) and returns counts.
+
+    Before the product, an A8 layer's activation is on its trained uint8 grid: with
+    ``product_bits=16`` (default) that grid carried exactly in uint16 (scale / 257, zero x 257: every
+    uint8 code ``q`` is the uint16 code ``257 q``, so the values are the trained A8 values); with
+    ``product_bits=8`` the uint8 DQ itself (a copy of it after layout ops). A layer without input
+    quantization gets a calibrated uint16 grid. After it, a calibrated QuantizeLinear ->
+    DequantizeLinear of ``product_bits`` (16 for a 16-bit input: HTP pairs input and output
+    widths). ``calibration``: feeds of the graph (min/max over them)."""
+    if product_bits not in PRODUCT_BITS:
+        raise ValueError(f"product_bits must be one of {PRODUCT_BITS}, got {product_bits!r}")
     import onnx
     from onnx import helper, numpy_helper
 
@@ -325,6 +333,7 @@ def quantize_products(model, weight_outputs: Mapping[str, str], calibration: Seq
         for name, value in zip(wanted, session.run(wanted, dict(feeds))):
             lo[name], hi[name] = min(lo[name], float(value.min())), max(hi[name], float(value.max()))
     _, consumers = _graph_maps(g)
+    inits = {t.name: t for t in g.initializer}
     counts = Counter()
 
     def qdq(value: str, scale, zero, tag: str) -> str:
@@ -338,7 +347,16 @@ def quantize_products(model, weight_outputs: Mapping[str, str], calibration: Seq
         node = p.node
         tag = node.name or node.output[0]
         new_before, new_after = [], []
-        if p.act_grid is not None:
+        if p.act_grid is not None and product_bits == 16:
+            bits = 16
+            s8, z8 = (numpy_helper.to_array(inits[n]) for n in p.act_grid)
+            if s8.size != 1:
+                raise OnnxExportError(f"{tag}: a per-channel activation grid ({s8.size} scales) has no uint16 copy")
+            new_before, d = qdq(p.act, np.float32(s8.reshape(())) / np.float32(257),
+                                np.uint16(int(z8.reshape(())) * 257), f"{tag}.act")
+            node.input[list(node.input).index(p.act)] = d
+            counts["act8_in16"] += 1
+        elif p.act_grid is not None:
             bits = 8
             if not p.direct:  # re-quantize the layout ops' output on the same (trained) grid: exact
                 s, z = p.act_grid
@@ -374,10 +392,12 @@ def quantize_products(model, weight_outputs: Mapping[str, str], calibration: Seq
     return dict(counts)
 
 
-def to_qnn(proto, weight_outputs: Mapping[str, str], calibration: Sequence[Mapping[str, np.ndarray]]):
+def to_qnn(proto, weight_outputs: Mapping[str, str], calibration: Sequence[Mapping[str, np.ndarray]],
+           product_bits: int = 16):
     """``(model, prologue, counts)``: the ONNX QDQ export ``proto`` (static batch) in QNN HTP form
     (rules 3-6 of the module doc; 1, 2 and 4 are the exporter's ``batch_size`` and zero points).
-    ``calibration``: feeds of ``proto``'s inputs for the product ranges."""
+    ``calibration``: feeds of ``proto``'s inputs for the product ranges; ``product_bits``: see
+    :func:`quantize_products`."""
     main, prologue = split_prologue(proto)
     feeds = [dict(f) for f in calibration]
     if prologue is not None:
@@ -389,5 +409,5 @@ def to_qnn(proto, weight_outputs: Mapping[str, str], calibration: Sequence[Mappi
               "and_as_product": bool_ands_as_products(main)}
     counts["bool_layout"] = bool_layout_as_float(main)
     wanted = {i.name for i in main.graph.input}
-    counts.update(quantize_products(main, weight_outputs, [{k: v for k, v in f.items() if k in wanted} for f in feeds]))
+    counts.update(quantize_products(main, weight_outputs, [{k: v for k, v in f.items() if k in wanted} for f in feeds], product_bits))
     return main, prologue, counts
