@@ -33,18 +33,14 @@ def main(argv=None) -> None:
     import fraqat_jax
     from fraqat_jax.export import qnn
     from fraqat_jax.export.onnx import frozen_output, static_view
-    from test_export_onnx import CONFIGS, CONV_W4A8, W4A8, _random_model
-    from test_export_qnn import W4A16_LAST, _family_feeds
+    from test_export_onnx import CONFIGS
+    from test_export_qnn import _family_feeds, family_student
 
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{'family':8} {'bits':>4}  {'QNN vs ORT (max, per input)':38} {'QNN vs JAX':30} ORT vs JAX")
     for family in args.families.split(","):
-        class_name, config = CONFIGS[family]
-        rules = [W4A16_LAST, W4A8, CONV_W4A8] if family == "sana" else [W4A16_LAST, W4A8]
-        model = fraqat_jax.quantize_model(_random_model(class_name, config), rules)
-        fraqat_jax.calibrate(model, [_family_feeds(family, config, seed=100, batch=16)[0]])
-        example, _ = _family_feeds(family, config, seed=7)
-        calibration = [_family_feeds(family, config, seed=200 + i)[1] for i in range(16)]
+        _, config = CONFIGS[family]
+        model, example, calibration = family_student(family)
         frozen = fraqat_jax.freeze(static_view(model))
         for bits in (int(b) for b in args.bits.split(",")):
             with tempfile.TemporaryDirectory() as out:

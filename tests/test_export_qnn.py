@@ -206,16 +206,24 @@ def _family_feeds(family, config, seed, batch=1):
 W4A16_LAST = fraqat_jax.Rule(r"proj_out.*", weight_bits=4, act_bits=None, channel_axis=-1, layer_types=("Linear",))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", list(CONFIGS))
-def test_every_family_runs_whole_on_qnn_htp(family, tmp_path):
+def family_student(family):
+    """``(model, example, calibration)``: the family's tiny config with random weights, W4A8 with
+    the W4A16 last layer, static ranges calibrated as training calibrates them (mean +/- 3 std of
+    16 inputs); the traced example and 16 calibration feeds for the product ranges (also
+    benchmarks/qnn_agreement.py's models)."""
     class_name, config = CONFIGS[family]
     rules = [W4A16_LAST, W4A8, CONV_W4A8] if family == "sana" else [W4A16_LAST, W4A8]
     model = fraqat_jax.quantize_model(_random_model(class_name, config), rules)
-    # Static ranges calibrated as training calibrates them (mean +/- 3 std of 16 inputs).
     fraqat_jax.calibrate(model, [_family_feeds(family, config, seed=100, batch=16)[0]])
     example, _ = _family_feeds(family, config, seed=7)
-    calibration = [_family_feeds(family, config, seed=200 + i)[1] for i in range(16)]
+    return model, example, [_family_feeds(family, config, seed=200 + i)[1] for i in range(16)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_every_family_runs_whole_on_qnn_htp(family, tmp_path):
+    _, config = CONFIGS[family]
+    model, example, calibration = family_student(family)
     written = qnn.write_qnn(model, example, calibration, str(tmp_path))
     graph = written["model"].graph
     layers = written["counts"]["quantized_layers"]
