@@ -59,7 +59,8 @@ SMOKE_METHODS = {"paper": "ptq,qat,linear:0.44", "continuous": "qat,cosine:0.44"
 
 
 def seed_rows(compare_json: str) -> dict[str, dict]:
-    """One-seed ``compare.json`` -> ``{method: {"val_loss", "fd", "diagnostics"}}``."""
+    """One-seed ``compare.json`` -> ``{method: {"val_loss", "fd", "diagnostics"}}`` (and ``"ppl"``,
+    the held-out perplexity, for a text comparison)."""
     with open(compare_json) as f:
         rows = json.load(f)
     out = {}
@@ -74,13 +75,16 @@ def seed_rows(compare_json: str) -> dict[str, dict]:
                 "largest_jump": max(jumps) if jumps else None})
         out[r["method"]] = {"val_loss": (per.get("val_loss") or [None])[0], "fd": (per.get("fd") or [None])[0],
                             "diagnostics": diag}
+        if per.get("ppl"):
+            out[r["method"]]["ppl"] = per["ppl"][0]
     return out
 
 
 def paired_stats(seeds: dict[str, dict]) -> dict[str, dict]:
     """``{seed: {method: {"val_loss", "fd", "diagnostics"}}}`` -> per method, against vanilla QAT
     at the same seeds: ``seeds``, ``val_loss_ratio`` (mean of per-seed ratios) with its 95% paired-t
-    ``val_loss_ratio_ci`` and ``verdict`` (``fraqat_jax.compare.stats``), the same for ``fd``,
+    ``val_loss_ratio_ci`` and ``verdict`` (``fraqat_jax.compare.stats``), the same for ``fd`` (and
+    ``ppl`` where the seeds have it),
     ``better_on`` (seeds with a ratio below 1), and the diagnostics' medians: the first training
     loss at the target bits / PTQ's validation loss, and the loss jump at each change of bits."""
     import numpy as np
@@ -93,8 +97,8 @@ def paired_stats(seeds: dict[str, dict]) -> dict[str, dict]:
     for m in methods:
         have = [s for s in order if m in seeds[s]]
         row = {"seeds": [int(s) for s in have]}
-        for metric in ("val_loss", "fd"):
-            p = paired([seeds[s][m][metric] for s in have], [seeds[s]["qat"][metric] for s in have])
+        for metric in ("val_loss", "fd", "ppl"):
+            p = paired([seeds[s][m].get(metric) for s in have], [seeds[s]["qat"].get(metric) for s in have])
             if p and "ratio" in p:
                 row[f"{metric}_ratio"], row[f"{metric}_ratio_ci"] = p["ratio"], p["ratio_ci"]
                 row[f"{metric}_ratios"] = p["ratios"]
