@@ -89,7 +89,7 @@ __all__ = [  # the graph surgery of qnn_graph is re-exported: one import for the
     "REPORT_KEYS", "SOCS", "TOL_CONTEXT", "TOL_ORT", "TOL_STUDENT", "OnnxExportError", "QnnModel", "QnnRefused",
     "QnnUnavailable", "Soc", "bool_ands_as_products", "bool_layout_as_float", "context_bytes", "cpu_session",
     "export_qnn", "fold_weight_transposes", "lower_rank", "qnn_module", "qnn_session", "quantize_products",
-    "refused_nodes", "rel_diff", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
+    "refused_nodes", "rel_diff", "rel_diff_over", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
 ]
 
 EP_NAME = "QNNExecutionProvider"
@@ -230,6 +230,13 @@ def rel_diff(got, ref) -> float:
     return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
 
 
+def rel_diff_over(got: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
+    """max over the pairs of max|got - ref|, over max|ref| over all ``refs`` (one scale for a set of
+    held-out inputs)."""
+    scale = max(float(np.abs(r).max()) for r in refs)
+    return max(float(np.abs(g - r).max()) for g, r in zip(got, refs)) / max(scale, 1e-12)
+
+
 def node_census(model) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
@@ -322,6 +329,16 @@ def sampling_psnr(family: str, student_model, run_qnn, out_shape, batch, *, num_
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
+def _checked_options(soc: str, batch_size, product_bits) -> Soc:
+    """The SoC of ``soc``; ValueError naming a bad ``batch_size`` or ``product_bits``."""
+    chip = soc_of(soc)
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if product_bits not in PRODUCT_BITS:
+        raise ValueError(f"--product-bits must be one of {', '.join(map(str, PRODUCT_BITS))}, got {product_bits!r}")
+    return chip
+
+
 def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, batch_size: int = 1,
                product_bits: int = PRODUCT_BITS[0], calibration_samples: int = 100, heldout_samples: int = 4,
                sampling: bool = True, log=print) -> dict:
@@ -338,11 +355,7 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     from fraqat_jax.export.orbax import calibration_batches, export_orbax, load
 
     qnn_module()
-    chip = soc_of(soc)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    if product_bits not in PRODUCT_BITS:
-        raise ValueError(f"--product-bits must be one of {', '.join(map(str, PRODUCT_BITS))}, got {product_bits!r}")
+    chip = _checked_options(soc, batch_size, product_bits)
     family = family_of(teacher)
     n = int(batch_size)
     os.makedirs(out_dir, exist_ok=True)
@@ -397,25 +410,22 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     report.update(context_build_seconds=build, nodes_on_qnn=report["nodes"], refused=[])
     htp = QnnModel(session, pro_path)
     got = [htp(f) for f in held_feeds]
-    scale = max(float(np.abs(r).max()) for r in ref_ort)
-    report["max_rel_diff_ort"] = max(float(np.abs(g - r).max()) for g, r in zip(got, ref_ort)) / scale
+    report["max_rel_diff_ort"] = rel_diff_over(got, ref_ort)
     lap("htp")
     # The exported student served in JAX, as export.load gives it (static input ranges).
     with tempfile.TemporaryDirectory() as tmp:
         export_orbax(teacher, student, cfg, os.path.join(tmp, "student"), num_samples=calibration_samples)
         served = load(os.path.join(tmp, "student"), static=True)
     ref_jax = [eo.frozen_output(served, _unflat(f)) for f in held_feeds]
-    scale = max(float(np.abs(r).max()) for r in ref_jax)
-    report["max_rel_diff_student"] = max(float(np.abs(g - r).max()) for g, r in zip(got, ref_jax)) / scale
+    report["max_rel_diff_student"] = rel_diff_over(got, ref_jax)
     lap("student")
     # The EPContext model: loads the compiled binary, no compile.
     ctx_session, load_s = timed(qnn_session, paths["ctx"], chip.name)
     ctx = QnnModel(ctx_session, pro_path)
     got_ctx = [ctx(f) for f in held_feeds]
-    scale = max(float(np.abs(r).max()) for r in got)
     report.update(context_load_seconds=load_s, context_bytes=context_bytes(paths["ctx"]),
                   context_file_bytes=os.path.getsize(paths["ctx"]),
-                  max_rel_diff_context=max(float(np.abs(a - b).max()) for a, b in zip(got_ctx, got)) / scale)
+                  max_rel_diff_context=rel_diff_over(got_ctx, got))
     lap("context")
     if sampling:
         report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0])
