@@ -79,14 +79,20 @@ def test_batch_that_cannot_fit_exits_1_and_says_by_how_much(tmp_path):
 # ----------------------------------------------------------------------------- local and bad input
 
 
-@pytest.mark.slow
-def test_local_runs_steps_and_reports_time_and_memory(tmp_path, capsys):
+def _local_plan(tmp_path, capsys, *argv) -> dict:
+    """The JSON report of ``plan --topology local ARGV``, which must exit 0."""
     out = tmp_path / "local.json"
-    rc = plan.main(["--topology", "local", "--batch-size", "8", "--set", "remat=true", "--run", "2",
-                    "--json", str(out), *TINY])
+    rc = plan.main(["--topology", "local", *argv, "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
     r = json.loads(out.read_text())
-    assert KEYS <= set(r) and r["topology"] == "local" and r["chips"] == len(jax.devices())
+    assert KEYS <= set(r)
+    return r
+
+
+@pytest.mark.slow
+def test_local_runs_steps_and_reports_time_and_memory(tmp_path, capsys):
+    r = _local_plan(tmp_path, capsys, "--batch-size", "8", "--set", "remat=true", "--run", "2", *TINY)
+    assert r["topology"] == "local" and r["chips"] == len(jax.devices())
     assert r["fits"] is True and r["measured_step_seconds"] > 0 and r["peak_bytes"] > 0
     assert r["per_chip"]["argument"] > 0 and r["run_steps"] == 2 and r["remat"] is True
 
@@ -239,12 +245,8 @@ def test_resolution_is_refused_for_a_text_teacher(capsys):
 
 @pytest.mark.slow
 def test_text_family_plans_and_runs_locally(tmp_path, capsys):
-    out = tmp_path / "text.json"
-    rc = plan.main(["--topology", "local", "--batch-size", "2", "--set", "attention=xla", "--run", "1",
-                    "--json", str(out), *TINY_TEXT])
-    assert rc == 0, capsys.readouterr().err
-    r = json.loads(out.read_text())
-    assert KEYS <= set(r) and r["family"] == "gemma2" and r["seq_len"] == 128
+    r = _local_plan(tmp_path, capsys, "--batch-size", "2", "--set", "attention=xla", "--run", "1", *TINY_TEXT)
+    assert r["family"] == "gemma2" and r["seq_len"] == 128
     assert (r["tokens_per_example"], r["image_tokens"], r["text_tokens"]) == (128, 0, 128)
     assert r["resolution"] is None and r["latent_size"] is None and r["custom_kernels"] == 0
     forward = _decoder_forward_by_hand(TINY_GEMMA, 2, 128)

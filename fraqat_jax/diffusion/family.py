@@ -176,9 +176,6 @@ class DiffusionFamily(Family):
         return batch_fields(self.name, model_config, latent_size=latent_size)
 
     def example_size(self, cfg, model_config) -> dict:
-        return {"latent_size": int(cfg.image_size or model_config.get("sample_size", 8))}
-
-    def example_size(self, cfg, model_config) -> dict:
         return {"latent_size": self.sample_shape(cfg, model_config)[1]}
 
     # -- samples -----------------------------------------------------------------------------------

@@ -148,17 +148,12 @@ class Family(abc.ABC):
         of ``model_config``: plan compiles the step on random batches of it, with no data. ``size``:
         the family's size keywords (diffusion: ``latent_size``; text: ``seq_len``)."""
 
-    def example_size(self, cfg, model_config: Mapping[str, Any]) -> dict:
-        """The size keywords of :meth:`example_batch` at which the run ``cfg`` trains (diffusion:
-        ``latent_size``; text: ``seq_len``): ``plan`` compiles the step on batches of
-        ``example_batch(model_config, **example_size(cfg, model_config))``. Default: none."""
-        return {}
-
     @abc.abstractmethod
     def example_size(self, cfg, model_config: Mapping[str, Any]) -> dict:
-        """The size keywords of :meth:`example_batch` for the run ``cfg`` on a model of
+        """The size keywords of :meth:`example_batch` at which the run ``cfg`` trains on a model of
         ``model_config`` (diffusion: ``{"latent_size": image_size or the teacher's sample_size}``;
-        text: ``{"seq_len": cfg.seq_len}``)."""
+        text: ``{"seq_len": cfg.seq_len}``): ``plan`` compiles the step on batches of
+        ``example_batch(model_config, **example_size(cfg, model_config))``."""
 
     # ---------------------------------------------------------------- samples
 

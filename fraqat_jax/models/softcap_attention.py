@@ -91,8 +91,6 @@ def splash_attention(q, k, v, key_valid, *, window: int | None, softcap, interpr
                          check_vma=False)(q, k, v, key_valid)
 
 
-
-
 def gemma2_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None, window: Any, *,
     softcap: float | None, sliding_window: int | None, kinds: tuple[str, ...], implementation: str = "xla",

@@ -10,7 +10,8 @@ kernel and input, so its output equals the original layer's on the quantized val
 State added to each quantized layer (not ``nnx.Param``, so optimizers and gradients skip it):
 
 * ``weight_bits``: :class:`Bits`, the weight bit-width, a float32 scalar (``None`` attribute when
-  the rule keeps the weights in full precision; ``bits`` is the same attribute under its old name). Being data, a new value never recompiles a jitted step.
+  the rule keeps the weights in full precision; ``bits`` is the same attribute under its old
+  name). Being data, a new value never recompiles a jitted step.
   A rule's per-layer schedule travels as the variable's ``schedule`` metadata.
 * ``act_range``: :class:`ActRange`, the static activation range ``[lo, hi]`` (float32, shape (2,))
   on every layer whose input is quantized (None otherwise); NaN until :func:`fraqat_jax.calibrate`
