@@ -147,7 +147,7 @@ class DiffusionFamily(Family):
     def sample_shape(self, cfg, model_config) -> tuple[int, int, int]:
         """``(C, H, W)`` of one clean example: the teacher's channels, ``image_size`` or its sample size."""
         size = int(cfg.image_size or model_config.get("sample_size", 8))
-        return int(model_config.get("in_channels", 4)), size, size
+        return self.latent_channels(model_config), size, size
 
     def num_classes(self, model_config) -> int | None:
         """The class count of a class-conditional model (its null class is this number), else None."""
@@ -231,7 +231,7 @@ class DiffusionFamily(Family):
         return {"sampler": self.sampler, "objective": self.objective,
                 "sample_shape": self.sample_shape(cfg, model_config), "num_classes": self.num_classes(model_config)}
 
-    def model_kwargs(self, model_config, inputs) -> dict:
+    def model_kwargs(self, inputs) -> dict:
         x_t, t, cond = inputs
         return model_kwargs(self, x_t, t, cond)
 
@@ -250,9 +250,18 @@ class DiffusionFamily(Family):
                                self.sample_shape(cfg, model_config), num_classes=self.num_classes(model_config),
                                cond_rows=rows)
 
+    def sample_like(self, cfg, model_config, build, params, inputs, *, num_steps, seed=0):
+        x_t, _, cond = inputs
+        prompts = sampling_inputs(self, seed, x_t.shape[0], tuple(x_t.shape[1:]),
+                                  num_classes=self.num_classes(model_config), cond_rows=cond)
+        return self.teacher_sampler(cfg, build, num_steps=num_steps, guidance_scale=1.0)(params, prompts)
+
     def take_prompts(self, prompts, start, stop):
         noise, key, cond, null = prompts
         return noise[start:stop], key, {k: v[start:stop] for k, v in cond.items()}, null
+
+    def prompt_labels(self, prompts):
+        return prompts[2].get("class_labels") if self.class_conditional else None
 
     def write_samples(self, path_stem, teacher_samples, student_samples):
         path = f"{path_stem}.png"

@@ -59,7 +59,7 @@ from flax import nnx
 
 import fraqat_jax
 from fraqat_jax.export import jaxpr_onnx
-from fraqat_jax.diffusion import model_kwargs
+from fraqat_jax.family import family_named
 from fraqat_jax.export.jaxpr_onnx import onnx_dtype
 from fraqat_jax.nn import (
     FrozenConv,
@@ -424,14 +424,13 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
     return report
 
 
-def export_onnx_run(student, family: str, held_out, path: str, *, check: bool = True) -> dict:
-    """:func:`export_onnx` for the command line: ``held_out`` is one training-style batch
-    ``(x_t [B, C, H, W], t [B], cond)`` (as ``fraqat_jax.export.calibration_batches`` returns),
-    turned into the model's keyword arguments by ``fraqat_jax.diffusion.model_kwargs`` (Flux:
-    packed tokens plus ``img_ids``/``txt_ids``). ``student`` must hold static ranges."""
-
-    x_t, t, cond = held_out
-    inputs = jax.tree.map(np.asarray, model_kwargs(family, x_t, t, cond))
+def export_onnx_run(student, family, held_out, path: str, *, check: bool = True) -> dict:
+    """:func:`export_onnx` for the command line: ``held_out`` is one training-style batch (as
+    ``fraqat_jax.export.calibration_batches`` returns), turned into the model's keyword arguments by
+    its family's ``model_kwargs`` (``family``: the object or its name). ``student`` must hold static
+    ranges."""
+    family = family_named(family) if isinstance(family, str) else family
+    inputs = jax.tree.map(np.asarray, family.model_kwargs(held_out))
     return export_onnx(student, inputs, path, check=check)
 
 

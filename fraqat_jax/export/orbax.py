@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 import fraqat_jax
 from fraqat_jax.data.streams import stream
-from fraqat_jax.family import families, family_for_model
+from fraqat_jax.family import family_for_model, family_named
 from fraqat_jax.models import MODEL_CLASSES, to_diffusers_state_dict
 from fraqat_jax.nn import FrozenLinear, quantized_layers
 from fraqat_jax.nn.freeze import code_sums
@@ -51,20 +51,23 @@ def calibration_batches(teacher, cfg, *, num_samples: int = CALIBRATION_SAMPLES,
     family = family_for_model(teacher)
     config = dict(teacher.config)
     graphdef, state = nnx.split(teacher)
-    sampler = family.teacher_sampler(cfg, lambda st: nnx.merge(graphdef, st), guidance_scale=1.0)
+    sample_teacher = None
+    if family.can_sample:  # data-free data is the teacher's samples
+        sampler = family.teacher_sampler(cfg, lambda st: nnx.merge(graphdef, st), guidance_scale=1.0)
+        sample_teacher = lambda prompts: sampler(state, prompts)  # noqa: E731
     rows = None
     if cfg.data != "datafree":
         source = family.make_source(cfg, config, seed=stream(int(cfg.seed) + seed, "export"))
         rows = dict(source.batch(0, num_samples))
     return family.calibration_inputs(cfg, config, rows, jax.random.key(stream(seed, "export")), num_samples,
-                                     batch_size, lambda prompts: sampler(state, prompts))
+                                     batch_size, sample_teacher)
 
 
 def model_forward(family):
     """``forward(model, inputs)`` -> the model's output (``calibrate``'s ``forward``); ``family`` a
     family name or :class:`fraqat_jax.family.Family`."""
     if isinstance(family, str):
-        family = families()[family]
+        family = family_named(family)
     return family.apply
 
 
@@ -170,8 +173,8 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
 
 def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRATION_SAMPLES) -> dict:
     """Freezes and saves ``student`` to ``out`` (see the module docstring); returns the metadata."""
-    family = family_for_model(teacher).name
-    forward = model_forward(family)
+    family = family_for_model(teacher)
+    forward = family.apply
     layers = quantized_layers(student)
     uncalibrated = [p for p, layer in layers if layer.act_ranges == "static" and layer.act_bits is not None
                     and not bool(jnp.isfinite(layer.act_range[...]).all())]
@@ -190,7 +193,7 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
         "format_version": FORMAT_VERSION,
         "model_class": type(teacher).__name__,
         "config": dict(teacher.config),
-        "family": family,
+        "family": family.name,
         "quant_rules": cfg.quant_rules,
         "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype,

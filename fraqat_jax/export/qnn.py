@@ -283,48 +283,37 @@ def write_qnn(model, example: Mapping[str, Any], calibration: Sequence[Mapping[s
 SAMPLING_STEPS = 10
 
 
-def _feeds(family: str, batch) -> dict[str, np.ndarray]:
+def _feeds(family, batch) -> dict[str, np.ndarray]:
     import jax
 
-    from fraqat_jax.diffusion import model_kwargs
     from fraqat_jax.export.onnx import flat_inputs
 
-    x_t, t, cond = batch
-    return dict(flat_inputs(jax.tree.map(np.asarray, model_kwargs(family, x_t, t, cond)))[0])
+    return dict(flat_inputs(jax.tree.map(np.asarray, family.model_kwargs(batch)))[0])
 
 
-def sampling_psnr(family: str, student_model, run_qnn, out_shape, batch, *, num_steps: int = SAMPLING_STEPS,
+def sampling_psnr(family, student_model, run_qnn, out_shape, batch, *, cfg, num_steps: int = SAMPLING_STEPS,
                   seed: int = 0) -> float:
     """PSNR (peak-to-peak 2) of ``num_steps``-step samples of ``run_qnn`` (flat feeds -> output)
-    against the JAX ``student_model``'s, from the same noise and conditioning (``batch``'s)."""
+    against the JAX ``student_model``'s, from the same noise and conditioning (``batch``'s), both
+    drawn by the family's sampler (``Family.sample_like``)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from fraqat_jax.diffusion import model_kwargs
-    from fraqat_jax.diffusion.families import model_time, sampler_of, unpack_2x2
-    from fraqat_jax.diffusion.heldout import sampling_inputs
-    from fraqat_jax.diffusion.samplers import model_sampler, sample
     from fraqat_jax.export.onnx import flat_inputs
 
-    x_t, _, cond = batch
-    n_cls = getattr(student_model, "config", {}).get("num_embeds_ada_norm")
-    noise, key, cond, _ = sampling_inputs(family, seed, x_t.shape[0], tuple(x_t.shape[1:]),
-                                          num_classes=int(n_cls) if n_cls else None, cond_rows=cond)
+    config = dict(getattr(student_model, "config", {}))
     graphdef, state = nnx.split(student_model)
-    ref = model_sampler(lambda st: nnx.merge(graphdef, st), family, num_steps=num_steps)(state, noise, cond, key)
-    kind = sampler_of(family)
+    ref = family.sample_like(cfg, config, lambda st: nnx.merge(graphdef, st), state, batch, num_steps=num_steps,
+                             seed=seed)
 
-    def fn(x, t, c):
-        kw = model_kwargs(family, x, model_time(family, t), c)
-
+    def served(**kw):  # the QNN model called as the port is
         def host(kw):
             return np.asarray(run_qnn(dict(flat_inputs(jax.tree.map(np.asarray, kw))[0])), np.float32)
 
-        out = jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), kw)
-        return unpack_2x2(out, x.shape) if family == "flux" else out
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), kw)
 
-    got = sample(kind, fn, noise, cond, key=key if kind != "euler" else None, num_steps=num_steps)
+    got = family.sample_like(cfg, config, lambda _: served, None, batch, num_steps=num_steps, seed=seed)
     mse = float(np.mean((np.asarray(got, np.float64) - np.asarray(ref, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
@@ -350,13 +339,13 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     is reported (``ok`` False, ``refused`` naming the nodes), not raised."""
     import tempfile
 
-    from fraqat_jax.diffusion import family_of
     from fraqat_jax.export import onnx as eo
+    from fraqat_jax.family import family_for_model
     from fraqat_jax.export.orbax import calibration_batches, export_orbax, load
 
     qnn_module()
     chip = _checked_options(soc, batch_size, product_bits)
-    family = family_of(teacher)
+    family = family_for_model(teacher)
     n = int(batch_size)
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f) for k, f in
@@ -428,7 +417,7 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
                   max_rel_diff_context=rel_diff_over(got_ctx, got))
     lap("context")
     if sampling:
-        report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0])
+        report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0], cfg=cfg)
         report["sampling_steps"] = SAMPLING_STEPS
         lap("sampling")
     report["stage_seconds"] = stages

@@ -27,17 +27,11 @@ from flax import nnx
 
 from fraqat_jax.export.orbax import fake_quantized_copy
 from fraqat_jax.models import from_transformers, save_transformers
-from fraqat_jax.models.transformers_folder import TRANSFORMERS_CLASSES
 from fraqat_jax.nn import quantized_layers
 
-__all__ = ["TOLERANCE", "export_transformers", "float_activation_copy", "is_transformers_port"]
+__all__ = ["TOLERANCE", "export_transformers", "float_activation_copy"]
 
 TOLERANCE = 1e-2  # exported (bf16 weights) vs the student with float activations, relative to max |logits|
-
-
-def is_transformers_port(model) -> bool:
-    """Whether ``model`` is a port of a transformers model (a language model) this format writes."""
-    return type(model).__name__ in TRANSFORMERS_CLASSES
 
 
 def float_activation_copy(student) -> nnx.Module:

@@ -129,7 +129,7 @@ class Export(Protocol):
     #: ``"transformers"`` (a language model written as a transformers folder).
     export_format: ClassVar[str]
 
-    def model_kwargs(self, model_config, inputs) -> dict:
+    def model_kwargs(self, inputs) -> dict:
         """The keyword arguments of the model's ``__call__`` for training-style ``inputs`` (an exported
         graph's inputs)."""
 
@@ -153,6 +153,13 @@ class Generation(Protocol):
 
     def take_prompts(self, prompts, start: int, stop: int):
         """Rows ``start:stop`` of ``prompts`` (evaluation samples in batches)."""
+
+    def sample_like(self, cfg, model_config, build: Callable, params, inputs, *, num_steps: int, seed: int = 0):
+        """Samples of ``build(params)`` (jitted) from fresh noise shaped like training-style ``inputs``,
+        conditioned as they are: the same call on two models compares their samples (an export's check)."""
+
+    def prompt_labels(self, prompts):
+        """The class labels ``prompts`` ask for (class-conditional models), else None."""
 
     def write_samples(self, path_stem: str, teacher_samples, student_samples) -> tuple[str, Any]:
         """Writes teacher and student samples side by side; ``(path, image array or None)``."""
@@ -247,7 +254,7 @@ class Family:
         return {}
 
     # -- Export ------------------------------------------------------------------------------------
-    def model_kwargs(self, model_config, inputs) -> dict:
+    def model_kwargs(self, inputs) -> dict:
         raise self._cannot("be exported as a graph (no model_kwargs)")
 
     def pipeline_components(self, cfg, student) -> Sequence[Component]:
@@ -264,6 +271,12 @@ class Family:
         import jax
 
         return jax.tree.map(lambda a: a[start:stop], prompts)
+
+    def prompt_labels(self, prompts):
+        return None
+
+    def sample_like(self, cfg, model_config, build, params, inputs, *, num_steps, seed=0):
+        raise self._cannot("sample")
 
     def write_samples(self, path_stem, teacher_samples, student_samples):
         raise self._cannot("write samples")

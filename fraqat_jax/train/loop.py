@@ -36,7 +36,8 @@ from fraqat_jax.nn import apply_schedules, calibrate, set_bits
 from fraqat_jax.parallel import mesh as mesh_lib
 from fraqat_jax.recipe import state as state_lib
 from fraqat_jax.recipe.config import ConfigError, get_config, load_config, upgrade_saved
-from fraqat_jax.recipe.models import family_of_run, load_teacher, make_student
+from fraqat_jax.family import family_for_teacher
+from fraqat_jax.recipe.models import load_teacher, make_student
 from fraqat_jax.runs import checkpoint as ckpt_lib
 from fraqat_jax.train.report import MetricsLog, Progress
 
@@ -133,7 +134,7 @@ def config_changes(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str
     """``{key: (checkpoint value, current value)}`` for every key whose value differs. A key the
     checkpoint predates counts as its default (what that run used); ``saved`` is in today's keys
     (``upgrade_saved``: no key of another family)."""
-    defaults = get_config(family_of_run(cfg)).to_dict() if "teacher" in cfg else get_config().to_dict()
+    defaults = get_config(family_for_teacher(cfg["teacher"]) if "teacher" in cfg else None).to_dict()
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = sorted(set(saved) | set(cfg))
     return {k: (saved.get(k), cfg.get(k)) for k in keys if saved.get(k) != cfg.get(k)}
