@@ -29,6 +29,7 @@ from fraqat_jax.diffusion.noise import diffusion_inputs
 from fraqat_jax.diffusion.samplers import model_sampler
 from fraqat_jax.family import ConfigError, Family
 from fraqat_jax.family.settings import int_at_least, setting
+from fraqat_jax.models.registry import port_class
 
 __all__ = ["DIT", "DiffusionConfig", "DiffusionFamily", "FAMILIES", "FLUX", "PIXART", "SANA", "SD3"]
 
@@ -124,6 +125,9 @@ class DiffusionFamily(Family):
     def teacher_folder(self, cfg) -> str | None:
         t = cfg.teacher
         return t if os.path.isdir(t) else None
+
+    def port(self, class_name: str) -> type:
+        return port_class(class_name)
 
     # -- model constants ---------------------------------------------------------------------------
 

@@ -25,8 +25,8 @@ from safetensors.numpy import save_file
 
 import fraqat_jax
 from fraqat_jax.data.streams import stream
-from fraqat_jax.family import family_for_model, family_named
-from fraqat_jax.models import MODEL_CLASSES, to_diffusers_state_dict
+from fraqat_jax.family import FamilyError, family_for_model, family_named
+from fraqat_jax.models import to_diffusers_state_dict
 from fraqat_jax.nn import FrozenLinear, quantized_layers
 from fraqat_jax.nn.freeze import code_sums
 
@@ -148,11 +148,13 @@ def _param_count(model) -> int:
 def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict, dtype: str | None = None,
                   param_dtype: str | None = None, *, integer: bool = False):
     """The frozen structure of an export (weights not yet loaded); ``integer`` as in ``freeze``."""
-    if model_class not in MODEL_CLASSES:
-        raise ExportError(f"export holds model class {model_class!r}; known: {', '.join(sorted(MODEL_CLASSES))}")
+    try:
+        cls = family_for_model(model_class).port(model_class)
+    except FamilyError as e:
+        raise ExportError(f"export holds model class {model_class!r}, which no family drives: {e}") from None
     # The structure only: built abstractly, then zeros (the stored arrays replace them).
     dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[model_class](
+    abstract = nnx.eval_shape(lambda: cls(
         dict(config), rngs=nnx.Rngs(0), dtype=dtypes.get(dtype), param_dtype=dtypes.get(param_dtype, jnp.float32)))
     graphdef, state = nnx.split(abstract)
     model = nnx.merge(graphdef, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), state))

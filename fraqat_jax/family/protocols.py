@@ -81,6 +81,10 @@ class Teachers(Protocol):
     def teacher_folder(self, cfg) -> str | None:
         """The teacher's model folder (its tokenizer, its pipeline components), None when it has none."""
 
+    def port(self, class_name: str) -> type:
+        """The port class called ``class_name`` (one of :attr:`Family.model_classes`): an export
+        rebuilds the model's structure from it and the saved model config."""
+
 
 @runtime_checkable
 class Data(Protocol):
@@ -226,6 +230,9 @@ class Family:
 
     def teacher_folder(self, cfg) -> str | None:
         return None
+
+    def port(self, class_name: str) -> type:
+        raise NotImplementedError
 
     # -- Data ------------------------------------------------------------------------------------
     def validate_config(self, cfg) -> None:

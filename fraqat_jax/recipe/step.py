@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fraqat_jax.family import family_named
 from fraqat_jax.nn import apply_schedules, prequantized, set_bits
 
 __all__ = ["SeededStep", "make_train_step"]
@@ -35,9 +36,11 @@ __all__ = ["SeededStep", "make_train_step"]
 def make_train_step(cfg, *, schedule, teacher_graph, student_graph, family, tx: optax.GradientTransformation,
                     lr_schedule: Callable, shardings=None, donate: bool = True):
     """Builds the jitted step (see the module docstring). ``family``: the run's
-    :class:`fraqat_jax.family.Family`. ``shardings``: optional
+    :class:`fraqat_jax.family.Family` (or its name). ``shardings``: optional
     ``(train_state, teacher_state, student_rest, batch)`` in-shardings; outputs keep the state's."""
     # The key's raw data (uint32[2]) as an argument: any int seed, the same key as key(cfg.seed).
+    if isinstance(family, str):
+        family = family_named(family)
     seed = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
     accum = int(cfg.grad_accum)
     ema_decay = float(cfg.ema_decay)

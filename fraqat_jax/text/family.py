@@ -152,6 +152,9 @@ class TextFamily(Family):
             return None
         return cfg.teacher
 
+    def port(self, class_name: str) -> type:
+        return TRANSFORMERS_CLASSES[class_name]
+
     def teacher_class(self, teacher: str) -> str | None:
         if teacher == BUILTIN_TEACHER:
             return "Gemma2ForCausalLM"
