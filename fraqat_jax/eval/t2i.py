@@ -75,7 +75,7 @@ def _is_t2i(family) -> bool:
     return getattr(family, "pipeline_defaults", None) is not None
 
 
-def check_prompts(prompts: PromptCache, where: str, teacher_config, family, teacher_name: str) -> None:
+def check_prompts(prompts: PromptCache, where: str, model_config, family, teacher_name: str) -> None:
     """Raises :class:`T2IInputError` when the prompt cache ``where`` cannot condition the teacher:
     another embedding or pooled width, or a missing field. ``family``: the teacher's family object."""
     if not _is_t2i(family):
@@ -84,13 +84,13 @@ def check_prompts(prompts: PromptCache, where: str, teacher_config, family, teac
                             f"(text-to-image families: {', '.join(t2i)})")
     source = prompts.info.get("pipeline", "its pipeline")
     emb = prompts.cond.get("encoder_hidden_states")
-    key, want = family.text_width(teacher_config)
+    key, want = family.text_width(model_config)
     if emb is None or emb.shape[-1] != want:
         got = "no encoder_hidden_states" if emb is None else f"encoder_hidden_states {emb.shape[-1]} wide"
         raise T2IInputError(f"--prompts {where} holds {got} (encoded by {source}) but the {family.name} teacher "
                             f"{teacher_name} takes {key}={want}; encode the prompts with the teacher's own pipeline")
     if family.pooled:
-        pooled, want = prompts.cond.get("pooled_projections"), int(teacher_config["pooled_projection_dim"])
+        pooled, want = prompts.cond.get("pooled_projections"), int(model_config["pooled_projection_dim"])
         if pooled is None or pooled.shape[-1] != want:
             got = "no pooled_projections" if pooled is None else f"pooled_projections {pooled.shape[-1]} wide"
             raise T2IInputError(f"--prompts {where} holds {got} (encoded by {source}) but the {family.name} teacher "
@@ -104,10 +104,10 @@ def resolve_vae_dir(path: str) -> str:
     return str(pipeline_component(path, "vae"))
 
 
-def check_vae_config(vae_dir: str, teacher_config, family, teacher_name: str) -> dict:
+def check_vae_config(vae_dir: str, model_config, family, teacher_name: str) -> dict:
     """The VAE's diffusers config, after checking (before any weight is read) that it is the VAE
     class and latent channel count the teacher samples; :class:`T2IInputError` names both."""
-    want_cls, want_c = family.vae_class, family.latent_channels(teacher_config)
+    want_cls, want_c = family.vae_class, family.latent_channels(model_config)
     need = f"the {family.name} teacher {teacher_name} samples {want_c}-channel latents for an {want_cls}"
     path = os.path.join(vae_dir, "config.json")
     try:
@@ -126,13 +126,13 @@ def check_vae_config(vae_dir: str, teacher_config, family, teacher_name: str) ->
     return config
 
 
-def latent_shape(family, teacher_config, data_latents_shape=None) -> tuple[int, int, int]:
+def latent_shape(family, model_config, data_latents_shape=None) -> tuple[int, int, int]:
     """``(C, H, W)`` of the sampled latents: the run's training latents when known, else the
     teacher's ``sample_size`` (the pipelines' default resolution; Flux: 1024 px, 128 latents)."""
-    c = family.latent_channels(teacher_config)
+    c = family.latent_channels(model_config)
     if data_latents_shape is not None and int(data_latents_shape[0]) == c:
         return c, int(data_latents_shape[1]), int(data_latents_shape[2])
-    size = int(teacher_config.get("sample_size") or 128)
+    size = int(model_config.get("sample_size") or 128)
     return c, size, size
 
 

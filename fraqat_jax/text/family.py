@@ -211,7 +211,7 @@ class TextFamily(Family):
             if folder is None:
                 raise DataSourceError(spec, f"cannot be tokenized: teacher={cfg.teacher!r} is a preset with no "
                                             "folder and no tokenizer.json; use a transformers folder or data=datafree")
-            source = make_text_source(spec, tokenizer_dir=folder, teacher_config=dict(model_config), seq_len=seq_len,
+            source = make_text_source(spec, tokenizer_dir=folder, model_config=dict(model_config), seq_len=seq_len,
                                       seed=stream(cfg.seed, "data") if seed is None else seed,
                                       data_dir=cfg.data_dir or None)
             return source
