@@ -9,8 +9,9 @@
 - the commands (``train/``, ``eval/``, ``export/``, ``plan/``, ``compare/``, ``runs/``, ``recipe/``)
   learn about a model only through its family: they import no family package and name no family or
   model class in their code (help texts, docstrings and comments may), command lines included;
-- ``runs/`` and ``eval/`` import nothing of ``train/``, and ``train/`` nothing of ``eval/``, their
-  command lines (``__main__``) included; any other command line may import any other part;
+- ``runs/``, ``eval/``, ``export/`` and ``plan/`` import nothing of ``train/`` (they read what a run
+  is from ``recipe/``), and ``train/`` nothing of ``eval/``, their command lines (``__main__``)
+  included; any other command line may import any other part;
 - no private name (``_x``) is imported from another module of the package;
 - no import circle between modules, counting the implicit edge from a module to the packages it is in
   (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first);
@@ -58,6 +59,8 @@ FORBIDDEN = {  # command lines included
     "train": {"eval", *FAMILY_PACKAGES},
     "eval": {"train", *FAMILY_PACKAGES},
     "runs": {"train", *FAMILY_PACKAGES},
+    "plan": {"train", *FAMILY_PACKAGES},
+    "export": {"train", *FAMILY_PACKAGES},
     "recipe": {"train", "runs", "eval", "export", "plan", "compare", *FAMILY_PACKAGES},
 }
 ROOT_MODULES = {"__init__.py", "schedules.py"}
