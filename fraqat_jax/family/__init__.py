@@ -81,7 +81,8 @@ def families() -> dict[str, Family]:
 
 
 def _supported() -> str:
-    return ", ".join(c for f in families().values() for c in f.model_classes) or "none (no family is installed)"
+    return (", ".join(c for f in families().values() for c in f.model_classes)
+            or f"none: no family is registered (install the package so that its {ENTRY_POINT_GROUP!r} entry points exist)")
 
 
 def family_named(name: str) -> Family:
