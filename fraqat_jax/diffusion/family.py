@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import jax.numpy as jnp
 import numpy as np

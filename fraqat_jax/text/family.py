@@ -32,7 +32,7 @@ import dataclasses
 import json
 import os
 from importlib.resources import files
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
