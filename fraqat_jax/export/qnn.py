@@ -17,7 +17,7 @@ The HTP here is the ``onnxruntime-qnn`` wheel's ``libQnnHtp.so`` on x86-64: Qual
 the NPU, the same backend and graph compiler a phone uses, and no timing of a phone.
 
 The rules of the graph (each found from the backend's answers and checked in
-``tests/test_export_qnn.py``; docs/deploy.md gives the measurements):
+``tests/test_export_qnn.py``; docs/deploy.md gives what was measured):
 
 1. **Static shapes.** The provider refuses a dynamic batch ("Dynamic shape is not supported yet"):
    the graph is traced at batch ``N`` (``to_onnx(batch_size=N)``), every Reshape a constant.
@@ -33,13 +33,10 @@ The rules of the graph (each found from the backend's answers and checked in
    grid carried exactly in uint16 (scale / 257, zero point x 257, so code ``q`` is ``257 q``: the
    same values, A8 as trained) and the product is re-quantized to uint16. ``--product-bits 8``: the
    uint8 input itself and a uint8 product, HTP's 8-bit kernels; every product then rounds to 256
-   levels, which the model never saw in training: on the five families' tiny configs (three
-   held-out inputs each, ``benchmarks/qnn_agreement.py``) it measured 1.1-3.6e-2 against
-   onnxruntime and 1.4-5.5e-2 against JAX, outside the agreement below; 16 bits: 0.6-2.2e-2 and
-   0.6-2.2e-2 on the same models and inputs. A layer without input
-   quantization (the paper's W4A16 last layer, the ``keep`` rule) gets uint16 input and output
-   ranges from calibration (a 16-bit grid must span its codes: an 8-bit grid in uint16 codes 0-255
-   gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so
+   levels, which the model never saw in training (``benchmarks/qnn_agreement.py`` measures both
+   widths). A layer without input quantization (a W4A16 layer, the ``keep`` rule) gets uint16
+   input and output ranges from calibration (a 16-bit grid must span its codes, so an 8-bit grid is
+   not written in uint16 codes 0-255). The bias ``Add`` follows the unit in float, so
    onnxruntime's MatMul+Add fusion into ``Gemm`` never sees an INT4 weight. A conv kernel is
    stored transposed (:func:`fold_weight_transposes`) so the Conv reads its DequantizeLinear.
 4. **MatMul, not Einsum** (refused): the converter writes every contraction as Transpose/Reshape
@@ -54,16 +51,17 @@ The rules of the graph (each found from the backend's answers and checked in
 8. **Everything else in fp16**: norms, softmax, GELU/SiLU, residual adds and modulation run as
    float32 ONNX ops, which HTP executes in fp16 (``enable_htp_fp16_precision``, its default). Why
    not uint16 QDQ: it needs a calibrated range for every tensor, and a residual stream or attention
-   logit range calibrated on 100 inputs clips on others; fp16's relative 1e-3 needs no ranges.
-   The one place fp16 fails is ``sin``/``cos`` of large arguments (a timestep of 999 times a
-   frequency near 1 is off by up to 0.5 rad in fp16, giving 0.14 x max|out| on the digits DiT), so
-   those nodes and everything they depend on form the host prologue (``prologue.onnx``).
+   logit range calibrated on some inputs clips on others; fp16's relative precision needs no
+   ranges. The one place fp16 fails is ``sin``/``cos`` of large arguments (a timestep near 1000
+   times a frequency near 1 loses most of its fractional part in fp16), so those nodes and
+   everything they depend on form the host prologue (``prologue.onnx``).
 
 Agreement (``--format qnn`` exits 1 when one fails): on held-out training-style inputs, QNN HTP
 against onnxruntime's CPU provider on ``model.onnx``: ``<= TOL_ORT`` x max|out|; against the
-exported student served in JAX (``fraqat_jax.export.load``): ``<= TOL_STUDENT``; the EPContext
-model against the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A 10-step sampling run from the
-same noise gives the PSNR of the QNN samples against the JAX student's.
+exported student served in JAX (the frozen student with static input ranges, as
+``fraqat_jax.export.load(static=True)`` serves it): ``<= TOL_STUDENT``; the EPContext model against
+the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A sampling run of ``SAMPLING_STEPS`` steps from
+the same noise gives the PSNR of the QNN samples against the JAX student's.
 
 Requires the ``qnn`` extra (``pip install 'fraqat_jax[qnn]'``: ``onnxruntime-qnn``, a plugin
 execution provider for the standard ``onnxruntime`` package, which it leaves in place).
@@ -93,7 +91,7 @@ __all__ = [  # the graph surgery of qnn_graph is re-exported: one import for the
 ]
 
 EP_NAME = "QNNExecutionProvider"
-TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out| (issue 21)
+TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out|
 TOL_STUDENT = 5e-2  # QNN HTP vs the exported JAX student, x max|out|
 TOL_CONTEXT = 1e-5  # the EPContext model vs the QNN run of model.onnx, x max|out|
 EXTRA = "pip install 'fraqat_jax[qnn]'"

@@ -21,7 +21,7 @@ Implementations (``attention=`` on every port, :func:`set_attention`):
 The TPU kernel pads the token axes to a multiple of 128 and masks the padding (and a caption
 mask ``[B, 1, 1, S]``: PixArt, Sana) with segment ids; other mask shapes use XLA. Under a mesh
 (``jax.set_mesh``) it runs in ``jax.shard_map`` with the batch split over the mesh axes
-``data`` and ``fsdp`` and the heads over ``tensor`` (DESIGN.md's names; other axes replicate);
+``data`` and ``fsdp`` and the heads over ``tensor`` (``parallel.mesh``'s names; other axes replicate);
 a multi-device program traced without a mesh context cannot partition the kernel.
 """
 
