@@ -2,7 +2,8 @@
 
 - the package root holds ``__init__.py``, ``schedules.py`` and packages, nothing else;
 - every part has a rule (:data:`ALLOWED`): ``quant/`` and ``schedules.py`` import nothing of Flax and
-  nothing of the package but ``quant/``; ``models/`` only ``quant/``; ``nn/`` only ``quant/`` and
+  nothing of the package but ``quant/``; ``models/`` only ``quant/`` and ``parallel/`` (the mesh axis
+  names its attention kernels split over); ``parallel/`` nothing of the package; ``nn/`` only ``quant/`` and
   ``schedules.py``; a family package (``diffusion/``, ``text/``) only the interface, data and the layers
   below; ``train/`` names no family (no import of a family package, no family name in its code);
 - ``train/`` and ``eval/`` never import each other, their command lines (``__main__``) included;
@@ -30,7 +31,7 @@ APPS = {"export", "plan", "compare", "pretrain"}
 ALLOWED = {  # part -> parts it may import (itself always allowed)
     "quant": set(),
     "schedules": {"quant"},
-    "models": {"quant"},
+    "models": {"quant", "parallel"},
     "nn": {"quant", "schedules"},
     "parallel": set(),
     "cli": set(),

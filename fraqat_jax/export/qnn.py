@@ -81,13 +81,14 @@ from fraqat_jax.export.onnx import OUTPUT_NAME, OnnxExportError
 from fraqat_jax.export.qnn_graph import (OUTPUT_MARGIN, PRODUCT_BITS, bool_ands_as_products, bool_layout_as_float,
                                          cpu_session, fold_weight_transposes, lower_rank, quantize_products,
                                          split_prologue, to_qnn)
+from fraqat_jax.quant import rel_diff
 
-__all__ = [  # the graph surgery of qnn_graph is re-exported: one import for the QNN form
+__all__ = [  # qnn_graph's surgery and quant's rel_diff are re-exported: one import for the QNN form
     "CONTEXT_FILE", "DEFAULT_SOC", "EP_NAME", "MODEL_FILE", "OUTPUT_MARGIN", "PRODUCT_BITS", "PROLOGUE_FILE", "REPORT_FILE",
     "REPORT_KEYS", "SOCS", "TOL_CONTEXT", "TOL_ORT", "TOL_STUDENT", "OnnxExportError", "QnnModel", "QnnRefused",
     "QnnUnavailable", "Soc", "bool_ands_as_products", "bool_layout_as_float", "context_bytes", "cpu_session",
     "export_qnn", "fold_weight_transposes", "lower_rank", "qnn_module", "qnn_session", "quantize_products",
-    "refused_nodes", "rel_diff", "rel_diff_over", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
+    "refused_nodes", "rel_diff", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
 ]
 
 EP_NAME = "QNNExecutionProvider"
@@ -221,18 +222,6 @@ def context_bytes(ctx_path: str) -> int:
         blob = attrs["ep_cache_context"].s
         total += len(blob) if embed else os.path.getsize(os.path.join(os.path.dirname(ctx_path), blob.decode()))
     return total
-
-
-def rel_diff(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
-
-
-def rel_diff_over(got: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
-    """max over the pairs of max|got - ref|, over max|ref| over all ``refs`` (one scale for a set of
-    held-out inputs)."""
-    scale = max(float(np.abs(r).max()) for r in refs)
-    return max(float(np.abs(g - r).max()) for g, r in zip(got, refs)) / max(scale, 1e-12)
 
 
 def node_census(model) -> dict[str, int]:
@@ -408,14 +397,14 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     report.update(context_build_seconds=build, nodes_on_qnn=report["nodes"], refused=[])
     htp = QnnModel(session, pro_path)
     got = [htp(f) for f in held_feeds]
-    report["max_rel_diff_ort"] = rel_diff_over(got, ref_ort)
+    report["max_rel_diff_ort"] = rel_diff(got, ref_ort)
     lap("htp")
     # The exported student served in JAX, as export.load gives it (static input ranges).
     with tempfile.TemporaryDirectory() as tmp:
         export_orbax(teacher, student, cfg, os.path.join(tmp, "student"), num_samples=calibration_samples)
         served = load(os.path.join(tmp, "student"), static=True)
     ref_jax = [eo.frozen_output(served, _unflat(f)) for f in held_feeds]
-    report["max_rel_diff_student"] = rel_diff_over(got, ref_jax)
+    report["max_rel_diff_student"] = rel_diff(got, ref_jax)
     lap("student")
     # The EPContext model: loads the compiled binary, no compile.
     ctx_session, load_s = timed(qnn_session, paths["ctx"], chip.name)
@@ -423,7 +412,7 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     got_ctx = [ctx(f) for f in held_feeds]
     report.update(context_load_seconds=load_s, context_bytes=context_bytes(paths["ctx"]),
                   context_file_bytes=os.path.getsize(paths["ctx"]),
-                  max_rel_diff_context=rel_diff_over(got_ctx, got))
+                  max_rel_diff_context=rel_diff(got_ctx, got))
     lap("context")
     if sampling:
         report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0])

@@ -17,7 +17,7 @@ import ml_collections
 from fraqat_jax import schedules
 from fraqat_jax.quant import MAX_ACT_BITS, MAX_BITS, MIN_BITS
 from fraqat_jax.family import ConfigError, FamilyError, all_config_keys, family_for_teacher
-from fraqat_jax.nn.rules import parse_keep as _parse_keep
+from fraqat_jax.nn.rules import parse_keep
 from fraqat_jax.nn.rules import parse_layer_schedules as _parse_layer_schedules
 from fraqat_jax.nn.rules import parse_weight_granularity as _parse_weight_granularity
 
@@ -155,14 +155,6 @@ def parse_weight_granularity(text: str) -> tuple[int | None, int | None]:
         raise ConfigError(str(e)) from None
 
 
-def parse_keep(text: str) -> list[tuple[str, float | None]]:
-    """``keep`` -> ``[(regex, weight_bits or None)]`` (``fraqat_jax.nn.rules``), ``ConfigError`` if bad."""
-    try:
-        return _parse_keep(text)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every key and value; raises ConfigError naming the first bad one."""
     unknown = sorted(set(cfg.keys()) - set(_DEFAULTS))
@@ -193,8 +185,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not MIN_BITS <= float(cfg.act_bits) <= MAX_ACT_BITS:
         raise ConfigError(f"act_bits={cfg.act_bits!r} is not allowed: use a bit-width in [{MIN_BITS:g}, {MAX_ACT_BITS:g}]")
     parse_weight_granularity(cfg.weight_granularity)
-    parse_keep(cfg.keep)
     try:
+        parse_keep(cfg.keep)
         _parse_layer_schedules(cfg.layer_schedules)
     except ValueError as e:
         raise ConfigError(str(e)) from None
