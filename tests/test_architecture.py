@@ -2,7 +2,9 @@
 
 - the package root holds ``__init__.py``, ``schedules.py`` and packages, nothing else;
 - every part has a rule (:data:`ALLOWED`): ``quant/`` and ``schedules.py`` import nothing of Flax and
-  nothing of the package but ``quant/``; ``models/`` only ``quant/``; ``nn/`` only ``quant/`` and
+  nothing of the package but ``quant/``; ``models/`` only ``quant/`` and
+  ``parallel/`` (the mesh axis names its attention kernels split over); ``parallel/`` nothing of the
+  package; ``nn/`` only ``quant/`` and
   ``schedules.py``; ``family/`` (the interface) only ``nn/`` below it and no implementation, not even
   by name in a string; a family package (``diffusion/``, ``text/``) only the interface, data and the
   layers below; ``recipe/`` (what a run is) the interface and the layers below, never a command part;
@@ -37,7 +39,7 @@ THROUGH_THE_FAMILY = {"train", "eval", "export", "plan", "compare", "runs", "rec
 ALLOWED = {  # part -> parts it may import (itself always allowed)
     "quant": set(),
     "schedules": {"quant"},
-    "models": {"quant"},
+    "models": {"quant", "parallel"},
     "nn": {"quant", "schedules"},
     "parallel": set(),
     "cli": set(),

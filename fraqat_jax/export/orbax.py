@@ -29,6 +29,7 @@ from fraqat_jax.family import FamilyError, family_for_model, family_named
 from fraqat_jax.models import to_diffusers_state_dict
 from fraqat_jax.nn import FrozenLinear, quantized_layers
 from fraqat_jax.nn.freeze import code_sums
+from fraqat_jax.quant import rel_diff
 
 FORMAT_VERSION = 2  # 2: arrays in their trained dtypes, layers keep their trained activation ranges
 TOLERANCE = 1e-4  # exported vs fake-quant student, relative to max |output|, float32
@@ -71,18 +72,11 @@ def model_forward(family):
     return family.apply
 
 
-def _max_rel_diff(model, reference, batches, family) -> float:
-    """max |model - reference| / max |reference| over ``batches`` (each model jitted once)."""
-    forward = model_forward(family)
-
-    def outputs(m):
-        graphdef, state = nnx.split(m)
-        fn = jax.jit(lambda st, b: forward(nnx.merge(graphdef, st), b))
-        return [np.asarray(fn(state, b), np.float64) for b in batches]
-
-    got, ref = outputs(model), outputs(reference)
-    scale = max(max(float(np.abs(r).max()) for r in ref), 1e-12)
-    return max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) / scale
+def _outputs(model, batches, forward) -> list[np.ndarray]:
+    """``forward(model, batch)`` for each of ``batches`` (the model jitted once), float64."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, b: forward(nnx.merge(graphdef, st), b))
+    return [np.asarray(fn(state, b), np.float64) for b in batches]
 
 
 # ----------------------------------------------------------------------------- orbax export
@@ -212,10 +206,11 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
     # What you train is what you serve: the model as load() will rebuild it, against the
     # fake-quant student, on held-out inputs drawn as training draws them, before anything is written.
     check = calibration_batches(teacher, cfg, num_samples=min(num_samples, 50), seed=1)
-    worst = _max_rel_diff(_fill(frozen, tree), student, check, family)
+    reference = _outputs(student, check, forward)
+    worst = rel_diff(_outputs(_fill(frozen, tree), check, forward), reference)
     meta["max_rel_diff_vs_fake_quant"] = worst
-    meta["max_rel_diff_integer_matmul"] = _max_rel_diff(_fill(fraqat_jax.freeze(student), tree), student, check,
-                                                        family)
+    meta["max_rel_diff_integer_matmul"] = rel_diff(_outputs(_fill(fraqat_jax.freeze(student), tree), check, forward),
+                                                   reference)
     if worst > TOLERANCE:
         raise RuntimeError(f"exported model differs from the fake-quant student by {worst:.3g} (relative), "
                            f"above the tolerance {TOLERANCE}")

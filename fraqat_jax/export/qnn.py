@@ -17,7 +17,7 @@ The HTP here is the ``onnxruntime-qnn`` wheel's ``libQnnHtp.so`` on x86-64: Qual
 the NPU, the same backend and graph compiler a phone uses, and no timing of a phone.
 
 The rules of the graph (each found from the backend's answers and checked in
-``tests/test_export_qnn.py``; docs/deploy.md gives the measurements):
+``tests/test_export_qnn.py``; docs/deploy.md gives what was measured):
 
 1. **Static shapes.** The provider refuses a dynamic batch ("Dynamic shape is not supported yet"):
    the graph is traced at batch ``N`` (``to_onnx(batch_size=N)``), every Reshape a constant.
@@ -33,13 +33,10 @@ The rules of the graph (each found from the backend's answers and checked in
    grid carried exactly in uint16 (scale / 257, zero point x 257, so code ``q`` is ``257 q``: the
    same values, A8 as trained) and the product is re-quantized to uint16. ``--product-bits 8``: the
    uint8 input itself and a uint8 product, HTP's 8-bit kernels; every product then rounds to 256
-   levels, which the model never saw in training: on the five families' tiny configs (three
-   held-out inputs each, ``benchmarks/qnn_agreement.py``) it measured 1.1-3.6e-2 against
-   onnxruntime and 1.4-5.5e-2 against JAX, outside the agreement below; 16 bits: 0.6-2.2e-2 and
-   0.6-2.2e-2 on the same models and inputs. A layer without input
-   quantization (the paper's W4A16 last layer, the ``keep`` rule) gets uint16 input and output
-   ranges from calibration (a 16-bit grid must span its codes: an 8-bit grid in uint16 codes 0-255
-   gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so
+   levels, which the model never saw in training (``benchmarks/qnn_agreement.py`` measures both
+   widths). A layer without input quantization (a W4A16 layer, the ``keep`` rule) gets uint16
+   input and output ranges from calibration (a 16-bit grid must span its codes, so an 8-bit grid is
+   not written in uint16 codes 0-255). The bias ``Add`` follows the unit in float, so
    onnxruntime's MatMul+Add fusion into ``Gemm`` never sees an INT4 weight. A conv kernel is
    stored transposed (:func:`fold_weight_transposes`) so the Conv reads its DequantizeLinear.
 4. **MatMul, not Einsum** (refused): the converter writes every contraction as Transpose/Reshape
@@ -54,16 +51,17 @@ The rules of the graph (each found from the backend's answers and checked in
 8. **Everything else in fp16**: norms, softmax, GELU/SiLU, residual adds and modulation run as
    float32 ONNX ops, which HTP executes in fp16 (``enable_htp_fp16_precision``, its default). Why
    not uint16 QDQ: it needs a calibrated range for every tensor, and a residual stream or attention
-   logit range calibrated on 100 inputs clips on others; fp16's relative 1e-3 needs no ranges.
-   The one place fp16 fails is ``sin``/``cos`` of large arguments (a timestep of 999 times a
-   frequency near 1 is off by up to 0.5 rad in fp16, giving 0.14 x max|out| on the digits DiT), so
-   those nodes and everything they depend on form the host prologue (``prologue.onnx``).
+   logit range calibrated on some inputs clips on others; fp16's relative precision needs no
+   ranges. The one place fp16 fails is ``sin``/``cos`` of large arguments (a timestep near 1000
+   times a frequency near 1 loses most of its fractional part in fp16), so those nodes and
+   everything they depend on form the host prologue (``prologue.onnx``).
 
 Agreement (``--format qnn`` exits 1 when one fails): on held-out training-style inputs, QNN HTP
 against onnxruntime's CPU provider on ``model.onnx``: ``<= TOL_ORT`` x max|out|; against the
-exported student served in JAX (``fraqat_jax.export.load``): ``<= TOL_STUDENT``; the EPContext
-model against the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A 10-step sampling run from the
-same noise gives the PSNR of the QNN samples against the JAX student's.
+exported student served in JAX (the frozen student with static input ranges, as
+``fraqat_jax.export.load(static=True)`` serves it): ``<= TOL_STUDENT``; the EPContext model against
+the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A sampling run of ``SAMPLING_STEPS`` steps from
+the same noise gives the PSNR of the QNN samples against the JAX student's.
 
 Requires the ``qnn`` extra (``pip install 'fraqat_jax[qnn]'``: ``onnxruntime-qnn``, a plugin
 execution provider for the standard ``onnxruntime`` package, which it leaves in place).
@@ -83,17 +81,18 @@ from fraqat_jax.export.onnx import OUTPUT_NAME, OnnxExportError
 from fraqat_jax.export.qnn_graph import (OUTPUT_MARGIN, PRODUCT_BITS, bool_ands_as_products, bool_layout_as_float,
                                          cpu_session, fold_weight_transposes, lower_rank, quantize_products,
                                          split_prologue, to_qnn)
+from fraqat_jax.quant import rel_diff
 
-__all__ = [  # the graph surgery of qnn_graph is re-exported: one import for the QNN form
+__all__ = [  # qnn_graph's surgery and quant's rel_diff are re-exported: one import for the QNN form
     "CONTEXT_FILE", "DEFAULT_SOC", "EP_NAME", "MODEL_FILE", "OUTPUT_MARGIN", "PRODUCT_BITS", "PROLOGUE_FILE", "REPORT_FILE",
     "REPORT_KEYS", "SOCS", "TOL_CONTEXT", "TOL_ORT", "TOL_STUDENT", "OnnxExportError", "QnnModel", "QnnRefused",
     "QnnUnavailable", "Soc", "bool_ands_as_products", "bool_layout_as_float", "context_bytes", "cpu_session",
     "export_qnn", "fold_weight_transposes", "lower_rank", "qnn_module", "qnn_session", "quantize_products",
-    "refused_nodes", "rel_diff", "rel_diff_over", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
+    "refused_nodes", "rel_diff", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
 ]
 
 EP_NAME = "QNNExecutionProvider"
-TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out| (issue 21)
+TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out|
 TOL_STUDENT = 5e-2  # QNN HTP vs the exported JAX student, x max|out|
 TOL_CONTEXT = 1e-5  # the EPContext model vs the QNN run of model.onnx, x max|out|
 EXTRA = "pip install 'fraqat_jax[qnn]'"
@@ -223,18 +222,6 @@ def context_bytes(ctx_path: str) -> int:
         blob = attrs["ep_cache_context"].s
         total += len(blob) if embed else os.path.getsize(os.path.join(os.path.dirname(ctx_path), blob.decode()))
     return total
-
-
-def rel_diff(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
-
-
-def rel_diff_over(got: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
-    """max over the pairs of max|got - ref|, over max|ref| over all ``refs`` (one scale for a set of
-    held-out inputs)."""
-    scale = max(float(np.abs(r).max()) for r in refs)
-    return max(float(np.abs(g - r).max()) for g, r in zip(got, refs)) / max(scale, 1e-12)
 
 
 def node_census(model) -> dict[str, int]:
@@ -399,14 +386,14 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     report.update(context_build_seconds=build, nodes_on_qnn=report["nodes"], refused=[])
     htp = QnnModel(session, pro_path)
     got = [htp(f) for f in held_feeds]
-    report["max_rel_diff_ort"] = rel_diff_over(got, ref_ort)
+    report["max_rel_diff_ort"] = rel_diff(got, ref_ort)
     lap("htp")
     # The exported student served in JAX, as export.load gives it (static input ranges).
     with tempfile.TemporaryDirectory() as tmp:
         export_orbax(teacher, student, cfg, os.path.join(tmp, "student"), num_samples=calibration_samples)
         served = load(os.path.join(tmp, "student"), static=True)
     ref_jax = [eo.frozen_output(served, _unflat(f)) for f in held_feeds]
-    report["max_rel_diff_student"] = rel_diff_over(got, ref_jax)
+    report["max_rel_diff_student"] = rel_diff(got, ref_jax)
     lap("student")
     # The EPContext model: loads the compiled binary, no compile.
     ctx_session, load_s = timed(qnn_session, paths["ctx"], chip.name)
@@ -414,7 +401,7 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     got_ctx = [ctx(f) for f in held_feeds]
     report.update(context_load_seconds=load_s, context_bytes=context_bytes(paths["ctx"]),
                   context_file_bytes=os.path.getsize(paths["ctx"]),
-                  max_rel_diff_context=rel_diff_over(got_ctx, got))
+                  max_rel_diff_context=rel_diff(got_ctx, got))
     lap("context")
     if sampling:
         report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0], cfg=cfg)
