@@ -37,6 +37,12 @@ lowering time, ``lax.platform_dependent``):
   ``g`` times 128 times the largest code: ``g < 16384`` for packed codes, ``g < 1024`` for int8
   codes), so both forms give the same bits; past that bound the CPU uses the dense form too.
 
+On TPU the dense form's unpacking of packed ``uint8`` nibbles (shifts, an interleave) is not fused
+into the matmul: XLA writes the unpacked kernel out and reads it back at every call. Codes held as
+``jnp.int4`` (``freeze(..., int4=True)``) are stored two per byte by XLA itself and read by the
+matmul directly (int8 x int4 on the matrix unit), so that is the accelerator layout; on CPU XLA
+widens ``int4`` values slowly, so there the packed ``uint8`` layout is the fast one.
+
 Agreement with the fake-quant model: the codes are those of ``quantize_codes`` at the same bits,
 so the two differ only by float32 rounding order. Tests check ``|frozen - fake| <= 1e-4 * max|fake|``
 for float32 models.
@@ -115,7 +121,7 @@ def _out_dtype(layer, x):
 class _Frozen(nnx.Module):
     """Shared construction: integer codes + scales from a quantized layer."""
 
-    def _freeze_weights(self, layer: QuantMixin, path: str, *, allow_asymmetric: bool):
+    def _freeze_weights(self, layer: QuantMixin, path: str, *, allow_asymmetric: bool, int4: bool = False):
         bits = float(layer.weight_bits[...])
         if bits > 8:
             raise ValueError(f"freeze: layer {path!r} has weight bits {bits:g}; frozen codes need <= 8 bits")
@@ -133,6 +139,9 @@ class _Frozen(nnx.Module):
                                            packed=self.packed)
         self.weight_bits = bits
         self.kernel_shape = tuple(kernel.shape)
+        self.int4 = bool(int4 and self.packed)
+        if self.int4:  # the same nibbles as one jnp.int4 per code (XLA packs them two per byte)
+            codes, self.packed = unpack_nibbles(codes, self.kernel_shape).astype(jnp.int4), False
         self.kernel_codes = Codes(codes)
         self.kernel_scale = Scale(scale)
         self.kernel_zero = None if layer.weight_symmetric else Scale(zero)
@@ -147,7 +156,7 @@ class _Frozen(nnx.Module):
     def weight_codes(self) -> jax.Array:
         """int8 codes of the kernel's shape."""
         codes = self.kernel_codes[...]
-        return unpack_nibbles(codes, self.kernel_shape) if self.packed else codes
+        return unpack_nibbles(codes, self.kernel_shape) if self.packed else codes.astype(jnp.int8)
 
     def input_codes(self, x):
         """int8 activation codes and float32 ``(scale, zero)`` with the 128 shift absorbed."""
@@ -255,8 +264,8 @@ class FrozenLinear(_Frozen):
 
     _LINEAR_CONFIG = ("promote_dtype", "dot_general", "precision", "preferred_element_type", "use_bias")
 
-    def __init__(self, layer: QuantLinear, path: str = "", *, integer: bool = True):
-        self._freeze_weights(layer, path, allow_asymmetric=True)
+    def __init__(self, layer: QuantLinear, path: str = "", *, integer: bool = True, int4: bool = False):
+        self._freeze_weights(layer, path, allow_asymmetric=True, int4=int4)
         self.integer = integer
         self.matmul = "auto"
         for name in self._LINEAR_CONFIG:
@@ -294,7 +303,8 @@ class FrozenLinear(_Frozen):
         lead = xg.shape[:-2]
 
         def dense(xg, stored):
-            codes = (unpack_nibbles(stored, self.kernel_shape) if self.packed else stored).reshape(n_groups, g, n_out)
+            codes = (unpack_nibbles(stored, self.kernel_shape) if self.packed else stored.astype(jnp.int8))
+            codes = codes.reshape(n_groups, g, n_out)
             if integer:
                 return _grouped_matmul(xg, codes, jnp.int32).astype(jnp.float32)
             return _grouped_matmul(xg, codes.astype(jnp.float32), None)
@@ -303,7 +313,7 @@ class FrozenLinear(_Frozen):
             flat = xg.astype(jnp.float32).reshape(-1, n_groups, g)
             return blocked_code_matmul(flat, stored, self.kernel_shape, self.packed).reshape(*lead, n_groups, n_out)
 
-        possible = (not integer or exact_in_float32(g, self.packed)) and not (self.packed and n_out % 2)
+        possible = (not integer or exact_in_float32(g, self.packed or self.int4)) and not (self.packed and n_out % 2)
         stored = self.kernel_codes[...]
         if self.matmul == "dense" or not possible:
             return dense(xg, stored)
@@ -390,12 +400,16 @@ class FrozenConv(_Frozen):
 FROZEN_TYPES = {QuantLinear: FrozenLinear, QuantConv: FrozenConv}
 
 
-def freeze(model: nnx.Module, *, integer: bool = True) -> nnx.Module:
+def freeze(model: nnx.Module, *, integer: bool = True, int4: bool = False) -> nnx.Module:
     """The serving form of a quantized model: a copy whose quantized layers hold integer codes.
 
     ``integer``: linear layers multiply integer codes (int8 x int8 -> int32); False computes with the
     fake-quant student's float arithmetic on the same codes, equal to the student bit for bit (see
     :class:`FrozenLinear`).
+
+    ``int4``: linear layers at <= 4 bits hold their codes as ``jnp.int4`` arrays (the accelerator
+    layout, see the module docstring) instead of packed ``uint8``; the values and outputs are the
+    same. Exports and ONNX read the packed layout, so they freeze without it.
 
     The input model is left unchanged. Each :class:`QuantLinear` / :class:`QuantConv` with quantized
     weights becomes a :class:`FrozenLinear` / :class:`FrozenConv` at its current (concrete) weight
@@ -415,7 +429,7 @@ def freeze(model: nnx.Module, *, integer: bool = True) -> nnx.Module:
             targets.append((path, node))
     for path, layer in targets:
         name = path_string(path)
-        frozen = (FrozenLinear(layer, name, integer=integer) if type(layer) is QuantLinear
+        frozen = (FrozenLinear(layer, name, integer=integer, int4=int4) if type(layer) is QuantLinear
                   else FROZEN_TYPES[type(layer)](layer, name))
         if not path:
             return frozen

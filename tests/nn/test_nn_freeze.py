@@ -220,3 +220,75 @@ def test_freeze_errors():
     ein = quantize_model(nnx.Einsum("btd,dh->bth", (4, 5), rngs=nnx.Rngs(0)), [Rule(".*")])
     with pytest.raises(NotImplementedError, match="einsum"):
         freeze(ein)
+
+
+def test_int4_layout_matches_packed(x_mlp):
+    """``freeze(int4=True)`` holds the same codes as jnp.int4 and computes the same bits."""
+    model = quantize_model(nnx.Linear(256, 1024, rngs=nnx.Rngs(0)),
+                           [Rule(".*", weight_bits=4, symmetric=False, channel_axis=-1, group_size=64)])
+    packed, int4 = freeze(model), freeze(model, int4=True)
+    assert int4.kernel_codes[...].dtype == jnp.int4 and int4.kernel_codes[...].shape == (256, 1024)
+    np.testing.assert_array_equal(int4.weight_codes(), packed.weight_codes())
+    x = jax.random.normal(jax.random.key(4), (3, 256))
+    for form in ("blocked", "dense"):
+        packed.matmul = int4.matmul = form
+        np.testing.assert_array_equal(forward(int4, x), forward(packed, x))
+
+
+_TPU_COMPILE = """
+import json, sys
+from fraqat_jax.plan.topology import parse_topology, prepare_environment, topology_devices
+top = parse_topology("v5e:1x1")
+prepare_environment(top)
+import jax, jax.numpy as jnp
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+from fraqat_jax.nn import Rule, freeze, quantize_model
+sh = SingleDeviceSharding(topology_devices(top)[0])
+model = quantize_model(nnx.Linear(512, 2048, use_bias=False, rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=4)])
+out = {}
+for int4 in (False, True):
+    graphdef, state = nnx.split(freeze(model, int4=int4))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
+    for tokens in (1, 64):
+        x = jax.ShapeDtypeStruct((tokens, 512), jnp.float32, sharding=sh)
+        compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(abstract, x).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        out[f"{int4}/{tokens}"] = {"bytes": cost["bytes accessed"], "hlo": compiled.as_text()}
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_tpu_reads_int4_codes_in_the_matmul_and_unpacks_packed_ones():
+    """Compiled for a v5e (libtpu, no TPU needed): with jnp.int4 codes the program writes no array
+    wider than 4 bits of the kernel's size (the widening happens inside the matmul's fusion) and reads
+    about the codes' bytes; with packed uint8 codes the unpacked kernel is written out (the unpack is
+    not fused into the matmul)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": ""}
+    proc = subprocess.run([sys.executable, "-c", _TPU_COMPILE], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+    import re
+    out = json.loads(proc.stdout)
+    kernel = 512 * 2048
+
+    def widest_kernel_sized(hlo):  # dtypes of the kernel-sized arrays the program writes (its top level)
+        entry = hlo[hlo.index("\nENTRY"):]
+        entry = entry[:entry.index("\n}")]
+        return sorted({m.group(1) for m in re.finditer(r"= (\w+)\[([\d,]+)\]", entry)
+                       if np.prod([int(d) for d in m.group(2).split(",")]) >= kernel and m.group(1) != "s4"})
+
+    for tokens in (1, 64):
+        int4, packed = out[f"True/{tokens}"], out[f"False/{tokens}"]
+        assert widest_kernel_sized(int4["hlo"]) == [], widest_kernel_sized(int4["hlo"])
+        assert widest_kernel_sized(packed["hlo"]) != []
+        assert int4["bytes"] * 10 < packed["bytes"], (int4["bytes"], packed["bytes"])
+    assert out["True/1"]["bytes"] < kernel  # about the int4 codes (kernel / 2 bytes) and the vectors
