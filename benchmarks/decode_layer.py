@@ -12,13 +12,20 @@ with the weight bytes each form reads and the bandwidth that implies:
     embedding / LM head; no KV cache, so attention covers one position and the step reads the
     weights a decode step reads): the fp32 teacher against its frozen W4A8 student.
 
-    python benchmarks/decode_layer.py [--tokens 1,64] [--runs 15] [--no-model]
+With ``--tpu v5e:1x1`` it also compiles the layer forms for that TPU topology (libtpu, no TPU
+needed) and prints the bytes XLA's cost model says each program accesses: the packed ``uint8``
+codes against ``freeze(int4=True)``'s ``jnp.int4`` ones, bf16 and fp32.
+
+    python benchmarks/decode_layer.py [--tokens 1,64] [--runs 15] [--no-model] [--tpu v5e:1x1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -42,9 +49,10 @@ def jitted(model):
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the arrays a forward reads as weights (float kernels or codes, scales, embeddings)."""
+    """Bytes of the weight-sized arrays of ``model`` (float kernels or codes, embeddings; at least
+    2**16 values, so scales, norms and code sums are left out)."""
     return int(sum(np.asarray(v[...]).nbytes for _, v in nnx.to_flat_state(nnx.state(model))
-                   if v[...] is not None and np.ndim(v[...]) >= 2))
+                   if v[...] is not None and np.size(v[...]) >= 2**16))
 
 
 def interleaved(fns: dict, args, runs: int) -> dict:
@@ -82,12 +90,58 @@ def frozen_forms(student) -> dict:
     return forms
 
 
+_TPU_BYTES = """
+import json, sys
+from fraqat_jax.plan.topology import parse_topology, prepare_environment, topology_devices
+top = parse_topology(sys.argv[1])
+prepare_environment(top)
+import jax, jax.numpy as jnp
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+from fraqat_jax import freeze, quantize_model, set_bits
+sh = SingleDeviceSharding(topology_devices(top)[0])
+n_in, n_out = json.loads(sys.argv[2])
+fp = nnx.Linear(n_in, n_out, use_bias=False, rngs=nnx.Rngs(0))
+student = quantize_model(nnx.clone(fp))
+set_bits(student, 4)
+models = {"fp32": fp, "bf16": nnx.Linear(n_in, n_out, use_bias=False, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
+                                          rngs=nnx.Rngs(0)),
+          "W4A8 frozen, packed uint8": freeze(student), "W4A8 frozen, int4": freeze(student, int4=True)}
+out = {}
+for tokens in json.loads(sys.argv[3]):
+    for name, model in models.items():
+        graphdef, state = nnx.split(model)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
+        x = jax.ShapeDtypeStruct((tokens, n_in), jnp.float32, sharding=sh)
+        cost = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(abstract, x).compile().cost_analysis()
+        out[f"{tokens} token(s): {name}"] = (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
+json.dump(out, sys.stdout)
+"""
+
+
+def tpu_bytes(topology: str, tokens: list[int]) -> None:
+    """Bytes accessed by each layer form compiled for ``topology`` (in a subprocess: libtpu's
+    environment must be set before JAX starts)."""
+    env = {**os.environ, "JAX_PLATFORMS": ""}
+    proc = subprocess.run([sys.executable, "-c", _TPU_BYTES, topology, json.dumps(GATE_PROJ), json.dumps(tokens)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        print(f"TPU compile failed: {proc.stderr.strip().splitlines()[-1]}")
+        return
+    print(f"gate_proj {GATE_PROJ[0]}->{GATE_PROJ[1]} compiled for {topology}: bytes accessed (XLA cost model)")
+    for name, n in json.loads(proc.stdout).items():
+        print(f"  {name:40s} {n / 2**20:9.1f} MiB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1,64", help="comma-separated token counts for the layer")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model step")
+    parser.add_argument("--tpu", metavar="TOPOLOGY", help="also compile the layer for this TPU topology (libtpu)")
     args = parser.parse_args()
+    if args.tpu:
+        tpu_bytes(args.tpu, [int(t) for t in args.tokens.split(",")])
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load average at start "
           f"{os.getloadavg()[0]:.1f}; medians of {args.runs} interleaved runs")
 

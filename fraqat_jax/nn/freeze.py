@@ -23,8 +23,9 @@ Forward pass with a quantized input (``act_bits`` <= 8, asymmetric, shifted by 1
 
 ``q_x . q_w`` is an integer matmul; the float scales are applied once per output (per output and
 group with ``group_size``). With ``act_bits=None`` the input stays float and multiplies the codes.
-Two forms compute ``q_x . q_w`` (:attr:`FrozenLinear.matmul`; ``"auto"`` picks per platform at
-lowering time, ``lax.platform_dependent``):
+Two forms compute ``q_x . q_w`` (:attr:`FrozenLinear.matmul`; ``"auto"`` picks the blocked form
+when lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows, decoding's regime, through
+``lax.platform_dependent``, and the dense form otherwise):
 
 * ``"dense"`` (accelerators): the codes unpacked to int8 and one int8 x int8 matmul accumulating in
   int32 (``preferred_element_type``).
@@ -32,7 +33,8 @@ lowering time, ``lax.platform_dependent``):
   (packed nibbles split into the even and odd output columns, so nothing is interleaved) and
   multiplied by a float32 dot. XLA:CPU neither fuses a widening into a dot nor has a fast int8
   dot, so the dense form writes and reads the whole widened kernel at every call; the blocked form
-  reads the stored codes once and keeps each widened block in cache. With quantized inputs the
+  reads the stored codes once and keeps each widened block in cache. With many input rows the
+  widening is shared by all of them and the dense form's large matmul is the faster one. With quantized inputs the
   float32 sums are exact integers while every partial sum stays below 2**24 (contraction group
   ``g`` times 128 times the largest code: ``g < 16384`` for packed codes, ``g < 1024`` for int8
   codes), so both forms give the same bits; past that bound the CPU uses the dense form too.
@@ -244,6 +246,7 @@ def blocked_code_matmul(x, stored, shape, packed: bool) -> jax.Array:
 
 
 MATMUL_FORMS = ("auto", "blocked", "dense")
+BLOCKED_MAX_TOKENS = 32  # "auto" runs the blocked form on CPU up to this many tokens (rows of the input)
 
 
 class FrozenLinear(_Frozen):
@@ -258,7 +261,7 @@ class FrozenLinear(_Frozen):
 
     ``matmul`` (a plain attribute, settable after freezing): how the integer path multiplies the
     codes, one of :data:`MATMUL_FORMS` (see the module docstring); ``"auto"`` is ``"blocked"`` when
-    lowered for CPU and ``"dense"`` elsewhere. The float path holds its rebuilt kernel
+    lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows and ``"dense"`` otherwise. The float path holds its rebuilt kernel
     (``kernel_float``), computed once when the layer is built (or loaded), not at every call.
     """
 
@@ -315,7 +318,8 @@ class FrozenLinear(_Frozen):
 
         possible = (not integer or exact_in_float32(g, self.packed or self.int4)) and not (self.packed and n_out % 2)
         stored = self.kernel_codes[...]
-        if self.matmul == "dense" or not possible:
+        tokens = int(np.prod(lead))
+        if self.matmul == "dense" or not possible or (self.matmul == "auto" and tokens > BLOCKED_MAX_TOKENS):
             return dense(xg, stored)
         if self.matmul == "blocked":
             return blocked(xg, stored)
