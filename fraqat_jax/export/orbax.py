@@ -235,7 +235,7 @@ def load_metadata(path: str) -> dict:
 def load(path: str, *, integer: bool = False, static: bool = False) -> nnx.Module:
     """The frozen model saved by ``export`` at ``path``: call it like the port (same arguments),
     or sample it with ``fraqat_jax.diffusion.samplers``. It computes like the trained student, bit for
-    bit on symmetric weights; ``integer=True`` multiplies the integer codes instead (int8 x int8 ->
+    bit on symmetric weights (its float kernels rebuilt from the codes once, here); ``integer=True`` multiplies the integer codes instead (int8 x int8 ->
     int32, see ``fraqat_jax.freeze``), within ``meta["max_rel_diff_integer_matmul"]`` of it.
     ``static=True`` serves every quantized input with its stored static range (what the ONNX graph
     runs) even when the student was trained with dynamic ranges."""

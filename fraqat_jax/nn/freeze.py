@@ -31,13 +31,14 @@ when lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows, decodin
   int32 (``preferred_element_type``).
 * ``"blocked"`` (CPU): a scan over blocks of kernel rows; each block's codes are widened to float32
   (packed nibbles split into the even and odd output columns, so nothing is interleaved) and
-  multiplied by a float32 dot. XLA:CPU neither fuses a widening into a dot nor has a fast int8
-  dot, so the dense form writes and reads the whole widened kernel at every call; the blocked form
-  reads the stored codes once and keeps each widened block in cache. With many input rows the
-  widening is shared by all of them and the dense form's large matmul is the faster one. With quantized inputs the
-  float32 sums are exact integers while every partial sum stays below 2**24 (contraction group
-  ``g`` times 128 times the largest code: ``g < 16384`` for packed codes, ``g < 1024`` for int8
-  codes), so both forms give the same bits; past that bound the CPU uses the dense form too.
+  multiplied by a float32 dot. XLA:CPU fuses neither the unpacking nor a widening into a dot, so at
+  few input rows the dense form writes and reads a kernel-sized array at every call; the blocked
+  form reads the stored codes once and keeps each widened block in cache. With many input rows the
+  widening is shared by all of them and the dense form's large matmul is the faster one. With
+  quantized inputs the float32 sums are exact integers while every partial sum stays below 2**24
+  (contraction group ``g`` times 128 times the largest code: ``g < 16384`` for packed codes,
+  ``g < 1024`` for int8 codes), so both forms give the same bits; past that bound the CPU uses the
+  dense form too.
 
 On TPU the dense form's unpacking of packed ``uint8`` nibbles (shifts, an interleave) is not fused
 into the matmul: XLA writes the unpacked kernel out and reads it back at every call. Codes held as
@@ -261,8 +262,9 @@ class FrozenLinear(_Frozen):
 
     ``matmul`` (a plain attribute, settable after freezing): how the integer path multiplies the
     codes, one of :data:`MATMUL_FORMS` (see the module docstring); ``"auto"`` is ``"blocked"`` when
-    lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows and ``"dense"`` otherwise. The float path holds its rebuilt kernel
-    (``kernel_float``), computed once when the layer is built (or loaded), not at every call.
+    lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows and ``"dense"`` otherwise.
+    The float path holds its rebuilt kernel (``kernel_float``), computed once when the layer is built
+    (or loaded), not at every call.
     """
 
     _LINEAR_CONFIG = ("promote_dtype", "dot_general", "precision", "preferred_element_type", "use_bias")
