@@ -320,7 +320,9 @@ class FrozenLinear(_Frozen):
 
         possible = (not integer or exact_in_float32(g, self.packed or self.int4)) and not (self.packed and n_out % 2)
         stored = self.kernel_codes[...]
-        tokens = int(np.prod(lead))
+        # Symbolic leading sizes (jax.export) take the dense form: the blocks need a concrete row count.
+        tokens = int(np.prod(lead)) if all(isinstance(d, int) for d in lead) else None
+        possible = possible and tokens is not None
         if self.matmul == "dense" or not possible or (self.matmul == "auto" and tokens > BLOCKED_MAX_TOKENS):
             return dense(xg, stored)
         if self.matmul == "blocked":
