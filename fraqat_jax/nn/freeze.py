@@ -315,7 +315,7 @@ class FrozenLinear(_Frozen):
             return _grouped_matmul(xg, codes.astype(jnp.float32), None)
 
         def blocked(xg, stored):
-            flat = xg.astype(jnp.float32).reshape(-1, n_groups, g)
+            flat = xg.astype(jnp.float32).reshape(tokens, n_groups, g)
             return blocked_code_matmul(flat, stored, self.kernel_shape, self.packed).reshape(*lead, n_groups, n_out)
 
         possible = (not integer or exact_in_float32(g, self.packed or self.int4)) and not (self.packed and n_out % 2)
