@@ -34,7 +34,7 @@ from fraqat_jax.quant import rel_diff
 FORMAT_VERSION = 2  # 2: arrays in their trained dtypes, layers keep their trained activation ranges
 TOLERANCE = 1e-4  # exported vs fake-quant student, relative to max |output|, float32
 CALIBRATION_SAMPLES = 100
-_DERIVED = ("kernel_code_sums",)  # recomputed from the codes at load time, not stored
+_DERIVED = ("kernel_code_sums", "kernel_float")  # recomputed from the codes at load time, not stored
 
 
 class ExportError(ValueError):
@@ -125,7 +125,7 @@ def _rules_for(layers: dict) -> list:
 
 def _stored_tree(frozen) -> dict:
     """The frozen model's state as a pure dict of numpy arrays in their trained dtypes, without the
-    derived ``kernel_code_sums`` (recomputed from the codes by :func:`load`)."""
+    derived ``kernel_code_sums`` and ``kernel_float`` (recomputed from the codes by :func:`load`)."""
     return jax.tree.map(np.asarray, _without(nnx.to_pure_dict(nnx.state(frozen)), _DERIVED))
 
 
@@ -235,7 +235,7 @@ def load_metadata(path: str) -> dict:
 def load(path: str, *, integer: bool = False, static: bool = False) -> nnx.Module:
     """The frozen model saved by ``export`` at ``path``: call it like the port (same arguments),
     or sample it with ``fraqat_jax.diffusion.samplers``. It computes like the trained student, bit for
-    bit on symmetric weights; ``integer=True`` multiplies the integer codes instead (int8 x int8 ->
+    bit on symmetric weights (its float kernels rebuilt from the codes once, here); ``integer=True`` multiplies the integer codes instead (int8 x int8 ->
     int32, see ``fraqat_jax.freeze``), within ``meta["max_rel_diff_integer_matmul"]`` of it.
     ``static=True`` serves every quantized input with its stored static range (what the ONNX graph
     runs) even when the student was trained with dynamic ranges."""
@@ -268,6 +268,8 @@ def _fill(frozen, stored) -> nnx.Module:
         if isinstance(layer, FrozenLinear) and layer.kernel_code_sums is not None:
             layer.kernel_code_sums[...] = code_sums(layer.kernel_codes[...], layer.kernel_shape,
                                                      layer.group_size or layer.kernel_shape[0], layer.packed)
+        if isinstance(layer, FrozenLinear) and layer.kernel_float is not None:
+            layer.kernel_float[...] = layer.fake_quant_kernel()  # once here, not at every call
     return model
 
 
