@@ -51,9 +51,14 @@ def objective_of(family: str) -> str:
     return "ddpm" if family in ("dit", "pixart") else "flow"
 
 
+#: The deterministic sampler each family is sampled with: its pipeline's (Sana: flow DPM-Solver++).
+SAMPLER = {"dit": "ddim", "pixart": "ddim", "sd3": "euler", "sana": "flow_dpm", "flux": "euler"}
+
+
 def sampler_of(family: str) -> str:
-    """The deterministic sampler used to evaluate a family: DDIM for DDPM models, Euler for flow."""
-    return "ddim" if objective_of(family) == "ddpm" else "euler"
+    """The deterministic sampler used to evaluate a family (:data:`SAMPLER`): DDIM for the DDPM
+    models, flow DPM-Solver++ for Sana as its pipeline, Euler for the other flow models."""
+    return SAMPLER[family]
 
 
 def model_timestep(family: str, sigma):

@@ -4,8 +4,8 @@ the same prompts and the same noise.
 For each of ``num_samples`` samples ``i`` (prompt ``i mod P`` of a prompt cache, see
 :func:`fraqat_jax.data.latents.read_prompts`; starting noise ``normal(fold_in(key(seed), i))``, so a
 sample does not depend on the batch size or the mesh), the teacher and the student are sampled with
-the family's evaluation sampler (``diffusion.model_sampler``: DDIM for PixArt, Euler for the
-rectified-flow families) and classifier-free guidance against the empty prompt's embeddings, as
+the family's evaluation sampler (``diffusion.model_sampler``: DDIM for PixArt, flow DPM-Solver++
+for Sana, Euler for the other rectified-flow families) and classifier-free guidance against the empty prompt's embeddings, as
 the diffusers pipelines do. Both latents are decoded in JAX by the pipeline's VAE
 (``vae.decode_latents``: ``z = latents / scaling_factor + shift_factor``). Defaults per family are
 the diffusers pipelines' own (:data:`PIPELINE_DEFAULTS`); the time shift of the flow samplers comes
@@ -50,7 +50,7 @@ __all__ = ["PIPELINE_DEFAULTS", "Sharding", "T2IEvaluator", "T2IInputError", "ch
            "latent_shape", "resolve_vae_dir", "settings_for"]
 
 #: The diffusers pipelines' defaults: SD3 (FlowMatchEuler, shift 3.0), PixArt-Sigma (DPM-Solver++
-#: in diffusers; DDIM here, same steps and guidance), Sana (flow DPM-Solver in diffusers, Euler here,
+#: in diffusers; DDIM here, same steps and guidance), Sana (flow DPM-Solver++ 2M as in diffusers,
 #: flow_shift 3.0), FLUX.1-schnell (4 Euler steps, no guidance).
 PIPELINE_DEFAULTS: dict[str, dict[str, float]] = {
     "sd3": {"sample_steps": 28, "guidance_scale": 7.0, "shift": 3.0},
