@@ -178,6 +178,20 @@ class DiffusionFamily(Family):
     def example_size(self, cfg, model_config) -> dict:
         return {"latent_size": self.sample_shape(cfg, model_config)[1]}
 
+    def prompt_pipeline(self, cfg, *, vae: str | None = None):
+        """The teacher's whole prompt-to-image pipeline (``fraqat_jax.diffusion.pipeline``:
+        text encoder, autoencoder, scheduler settings), loaded; ``PipelineError`` (a ``ValueError``)
+        when the teacher is no such pipeline folder."""
+        from fraqat_jax.diffusion.pipeline import PromptPipeline, pipeline_folder
+
+        return PromptPipeline(pipeline_folder(cfg.teacher), vae=vae)
+
+    def pipeline_folder(self, cfg):
+        """The teacher's pipeline folder (``PipelineError`` when it is none)."""
+        from fraqat_jax.diffusion.pipeline import pipeline_folder
+
+        return pipeline_folder(cfg.teacher)
+
     # -- samples -----------------------------------------------------------------------------------
 
     def teacher_sampler(self, cfg, build, out_shardings=None, *, guidance_scale: float | None = None):
