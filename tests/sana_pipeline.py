@@ -100,3 +100,37 @@ def train_run(pipe: str, cache: str, run: str, steps: int = 2) -> str:
                                "--set", "lr=1e-2", "--set", "progress=none", "--set", "schedule=constant"])
     assert code == 0
     return run
+
+
+_BUILT: dict[str, str] = {}
+
+
+def sana_run(tmp_path_factory) -> dict[str, str]:
+    """``{"root", "pipe", "run"}``: the tiny pipeline and a two-step run on it, built once per session."""
+    if not _BUILT:
+        root = tmp_path_factory.mktemp("sana_pipeline")
+        pipe = build_pipeline(str(root / "pipe"))
+        cache = write_cache(pipe, str(root / "cache"))
+        _BUILT.update(root=str(root), pipe=pipe, run=train_run(pipe, cache, str(root / "run")))
+    return dict(_BUILT)
+
+
+def diffusers_images(folder: str, prompts: list[str], noise: np.ndarray, steps: int) -> np.ndarray:
+    """``SanaPipeline.from_pretrained(folder)`` on ``prompts`` from the initial latents ``noise``, at
+    the trained size and text length, guidance at the pipeline's default: images ``[B, 1, S, S]``
+    in [0, 1] (float32 throughout)."""
+    import torch
+    from diffusers import SanaPipeline
+
+    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompts, num_inference_steps=steps, latents=torch.from_numpy(np.asarray(noise, np.float32)),
+               height=IMAGE_SIZE, width=IMAGE_SIZE, use_resolution_binning=False, complex_human_instruction=None,
+               max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np").images
+    return np.asarray(out, np.float64).transpose(0, 3, 1, 2)
+
+
+def psnr01(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of images in [0, 1] (peak 1) over the whole batch."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)

@@ -186,11 +186,17 @@ class DiffusionFamily(Family):
 
         return PromptPipeline(pipeline_folder(cfg.teacher), vae=vae)
 
-    def pipeline_folder(self, cfg):
-        """The teacher's pipeline folder (``PipelineError`` when it is none)."""
-        from fraqat_jax.diffusion.pipeline import pipeline_folder
+    def write_pipeline(self, cfg, out: str, write_transformer: Callable[[str], dict]) -> dict | None:
+        """When the teacher is a whole pipeline folder: writes it to ``out`` with ``transformer/``
+        written by ``write_transformer(dir)`` (``fraqat_jax.diffusion.pipeline.write_pipeline``) and
+        returns that call's dict plus ``pipeline_class`` and the copied ``parts``; else None."""
+        from fraqat_jax.diffusion.pipeline import PipelineError, pipeline_folder, write_pipeline
 
-        return pipeline_folder(cfg.teacher)
+        try:
+            folder = pipeline_folder(cfg.teacher)
+        except PipelineError:
+            return None
+        return write_pipeline(folder, out, write_transformer)
 
     # -- samples -----------------------------------------------------------------------------------
 

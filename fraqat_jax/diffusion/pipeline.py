@@ -133,8 +133,9 @@ class PromptPipeline:
 
 def write_pipeline(source: str | os.PathLike, out: str | os.PathLike, write_transformer: Callable[[str], Any]) -> dict:
     """Writes the pipeline folder ``out``: ``model_index.json``, ``fraqat.json`` and the parts of
-    ``source`` (:data:`PIPELINE_PARTS`, copied) with ``transformer/`` written by ``write_transformer(dir)``.
-    Returns what ``write_transformer`` returned."""
+    ``source`` (:data:`PIPELINE_PARTS`, copied) with ``transformer/`` written by
+    ``write_transformer(dir)``. Returns what that returned plus ``pipeline_class``, ``parts`` and
+    ``path``."""
     from fraqat_jax.data.captions import EXTRAS_FILE
 
     source, out = Path(source), Path(out)
@@ -146,5 +147,7 @@ def write_pipeline(source: str | os.PathLike, out: str | os.PathLike, write_tran
     for name in ("model_index.json", EXTRAS_FILE):
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)
-    info = write_transformer(str(out / "transformer"))
-    return info
+    info = dict(write_transformer(str(out / "transformer")))
+    with open(out / "model_index.json") as f:
+        info["pipeline_class"] = json.load(f).get("_class_name")
+    return {**info, "parts": list(PIPELINE_PARTS), "path": str(out)}

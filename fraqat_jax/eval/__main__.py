@@ -204,7 +204,7 @@ def _evaluate_prompted(args, teacher, student, cfg, out_path: str, t0: float, pr
         teacher, student, cfg, pipeline, prompts, digits, num_samples=args.num_samples,
         num_steps=args.sample_steps or pipeline.default_steps,
         guidance_scale=pipeline.default_guidance if args.guidance_scale is None else args.guidance_scale,
-        seed=args.seed, batch_size=args.batch_size, stem=stem)
+        seed=args.seed, batch_size=args.batch_size, stem=stem, save_arrays=args.save_arrays)
     result = {"workdir": os.path.abspath(args.workdir), "step": args.step or _latest_step(args.workdir),
               "schedule": cfg.schedule, "bits": _bits(student, bits_of), "prompts": os.path.abspath(args.prompts),
               **result, "seconds": round(time.perf_counter() - t0, 2)}

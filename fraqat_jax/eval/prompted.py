@@ -106,9 +106,10 @@ def _psnr(images: np.ndarray, reference: np.ndarray) -> tuple[float, float | Non
 
 def evaluate_prompted(teacher, student, cfg, pipeline, prompts: list[str], digits: np.ndarray, *, num_samples=None,
                       num_steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 8,
-                      stem: str) -> dict[str, Any]:
+                      stem: str, save_arrays: bool = False) -> dict[str, Any]:
     """Samples and scores the three models (see the module docstring); ``pipeline`` is the family's
-    ``prompt_pipeline`` of the run. Writes ``stem + ".png"`` and ``stem + ".jsonl"``."""
+    ``prompt_pipeline`` of the run. Writes ``stem + ".png"`` and ``stem + ".jsonl"`` and, with
+    ``save_arrays``, ``stem + ".npz"`` (``noise``, ``digits`` and each model's ``<name>_images``)."""
     from fraqat_jax.data.sources import digits as real_digits
     from fraqat_jax.eval.classifier import DigitsClassifier
     from fraqat_jax.family import family_for_model
@@ -150,6 +151,10 @@ def evaluate_prompted(teacher, student, cfg, pipeline, prompts: list[str], digit
             row["mse"], row["psnr"] = _psnr(images[name], images["teacher"])
         result[name] = row
 
+    if save_arrays:
+        noise = np.concatenate([np.asarray(noise_of(jax.numpy.arange(i, min(i + bs, n), dtype=np.int32)))
+                                for i in range(0, n, bs)])
+        np.savez(stem + ".npz", noise=noise, digits=want, **{f"{name}_images": x for name, x in images.items()})
     grid, _ = family_for_model(teacher).write_samples(stem, images["teacher"], images["student"])
     with open(stem + ".jsonl", "w") as f:
         for i in range(n):
