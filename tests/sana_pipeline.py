@@ -124,7 +124,7 @@ def diffusers_images(folder: str, prompts: list[str], noise: np.ndarray, steps: 
 
     pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompts, num_inference_steps=steps, latents=torch.from_numpy(np.asarray(noise, np.float32)),
+    out = pipe(prompts, num_inference_steps=steps, latents=torch.tensor(np.asarray(noise, np.float32)),
                height=IMAGE_SIZE, width=IMAGE_SIZE, use_resolution_binning=False, complex_human_instruction=None,
                max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np").images
     return np.asarray(out, np.float64).transpose(0, 3, 1, 2)

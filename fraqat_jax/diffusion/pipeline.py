@@ -127,7 +127,8 @@ class PromptPipeline:
         return np.asarray(self._decode(self._vae_state, latents), np.float32)
 
     def settings(self) -> dict[str, Any]:
-        return {"pipeline": str(self.folder), "vae": str(self.vae_dir), "sampler": sampler_of("sana"), "shift": self.shift,
+        return {"pipeline": str(self.folder), "vae": str(self.vae_dir), "sampler": sampler_of("sana"),
+                "shift": self.shift,
                 "max_sequence_length": self.encoder.max_sequence_length, "null_caption": self.null_caption}
 
 

@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", metavar="FILE|CACHE", default=None,
                    help="a UTF-8 text file, one prompt naming a digit per line, for a run whose teacher is a whole "
                         "pipeline (e.g. builtin:sana): encoded by its text encoder, decoded by its autoencoder, scored "
-                        "by prompted-digit accuracy, FD and PSNR; or a prompt cache written by scripts/cache_latents.py "
-                        "--prompts (with --vae): sample teacher and student on its prompts")
+                        "by prompted-digit accuracy, FD and PSNR; or a prompt cache written by "
+                        "scripts/cache_latents.py --prompts (with --vae): sample teacher and student on its prompts")
     t.add_argument("--vae", metavar="DIR", default=None,
                    help="the pipeline's vae/ folder (or the pipeline folder) to decode the samples with (needs "
                         "--prompts; optional with a prompt file: the run's own autoencoder by default)")
@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
     if args.inception_weights and not os.path.isfile(args.inception_weights):
         fail(f"--inception-weights {args.inception_weights!r} is not a file")
     prompt_file = args.prompts is not None and not os.path.isdir(args.prompts)
-    if args.vae is not None and args.prompts is None or (args.prompts is not None and not prompt_file and args.vae is None):
+    cache_without_vae = args.prompts is not None and not prompt_file and args.vae is None
+    if (args.vae is not None and args.prompts is None) or cache_without_vae:
         fail("--prompts and --vae go together: a prompt cache to sample on and the VAE to decode with")
     if args.prompts is None and args.num_samples is None:
         args.num_samples = 500

@@ -5,8 +5,8 @@ For each of ``num_samples`` samples ``i`` (prompt ``i mod P`` of a prompt cache,
 :func:`fraqat_jax.data.latents.read_prompts`; starting noise ``normal(fold_in(key(seed), i))``, so a
 sample does not depend on the batch size or the mesh), the teacher and the student are sampled with
 the family's evaluation sampler (``diffusion.model_sampler``: DDIM for PixArt, flow DPM-Solver++
-for Sana, Euler for the other rectified-flow families) and classifier-free guidance against the empty prompt's embeddings, as
-the diffusers pipelines do. Both latents are decoded in JAX by the pipeline's VAE
+for Sana, Euler for the other rectified-flow families) and classifier-free guidance against the
+empty prompt's embeddings, as the diffusers pipelines do. Both latents are decoded in JAX by the pipeline's VAE
 (``vae.decode_latents``: ``z = latents / scaling_factor + shift_factor``). Defaults per family are
 the diffusers pipelines' own (:data:`PIPELINE_DEFAULTS`); the time shift of the flow samplers comes
 from the scheduler config recorded in the prompt cache when it has one.
