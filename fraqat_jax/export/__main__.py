@@ -109,14 +109,42 @@ def _export_diffusers(teacher, student, cfg, args) -> dict:
     write = getattr(family, "write_pipeline", None)
     info = write(cfg, args.out, lambda d: export_diffusers(student, d, dtype=jnp.float32)) if write else None
     if info is not None:
+        info["max_rel_diff_vs_float_activations"] = _read_back_diff(teacher, student, cfg, family, info["path"])
         print(f"wrote a {info['pipeline_class']} folder to {args.out}: transformer/ the student ({info['tensors']} "
               f"tensors, {info['bytes']} bytes, float32, fake-quantized weights), {', '.join(info['parts'])} from "
-              f"the teacher's pipeline")
+              f"the teacher's pipeline; transformer/ read back vs the student with float activations: max |diff| / "
+              f"max = {info['max_rel_diff_vs_float_activations']:.2e} (tolerance {TOLERANCE:g})")
+        if info["max_rel_diff_vs_float_activations"] > TOLERANCE:
+            print("error: the exported transformer disagrees with the student beyond the tolerance", file=sys.stderr)
+            raise SystemExit(1)
         return info
     info = export_diffusers(student, args.out)
     print(f"wrote {info['tensors']} tensors ({info['bytes']} bytes, bfloat16, fake-quantized weights) "
           f"and config.json to {args.out}")
     return info
+
+
+def _read_back_diff(teacher, student, cfg, family, folder: str) -> float:
+    """max |exported transformer - student with float activations| / max |student|, on held-out
+    training-style inputs (the folder's ``transformer/`` read back with the port)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from fraqat_jax.export.transformers import float_activation_copy
+    from fraqat_jax.models import from_diffusers
+
+    batches = calibration_batches(teacher, cfg, num_samples=4, batch_size=4, seed=1)
+
+    def outputs(model):
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda st, b: family.apply(nnx.merge(graphdef, st), b))
+        return [np.asarray(fn(state, b), np.float64) for b in batches]
+
+    got = outputs(from_diffusers(os.path.join(folder, "transformer")))
+    ref = outputs(float_activation_copy(student))
+    scale = max(max(float(np.abs(r).max()) for r in ref), 1e-12)
+    return max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) / scale
 
 
 # ----------------------------------------------------------------------------- command line
