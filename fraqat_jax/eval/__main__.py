@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pipeline's vae/ folder (or the pipeline folder) to decode the samples with (needs "
                         "--prompts; optional with a prompt file: the run's own autoencoder by default)")
     t.add_argument("--shift", type=float, default=None,
-                   help="time shift of the flow sampler (default: the scheduler config in the prompt cache, else SD3 3.0)")
+                   help="time shift of the flow sampler (default: the scheduler config in the prompt cache or the "
+                        "run's pipeline, else SD3 3.0)")
     t.add_argument("--batch-size", type=int, default=8, help="prompts sampled at once, over the whole mesh (default 8)")
     t.add_argument("--mesh", default="", metavar="SPEC",
                    help="device mesh like the trainer's, e.g. data=8 or data=4,fsdp=2 (default: data over every device)")
@@ -200,6 +201,8 @@ def _evaluate_prompted(args, teacher, student, cfg, out_path: str, t0: float, pr
         pipeline = family.prompt_pipeline(cfg, vae=args.vae)
     except (ValueError, OSError) as e:
         fail(f"--prompts {args.prompts!r}: {e}")
+    if args.shift is not None:
+        pipeline.shift = float(args.shift)
     stem = os.path.splitext(os.path.abspath(out_path))[0] + "_prompts"
     result = evaluate_prompted(
         teacher, student, cfg, pipeline, prompts, digits, num_samples=args.num_samples,
