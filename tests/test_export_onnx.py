@@ -1,4 +1,4 @@
-"""ONNX QDQ export (issue 12): every family's tiny config, run by onnxruntime against the frozen
+"""ONNX QDQ export: every family's tiny config, run by onnxruntime against the frozen
 JAX model; INT4 initializers hold ``freeze``'s packed codes; one initializer per shared layer."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fraqat_jax.export.onnx import (OnnxExportError, export_onnx, export_onnx_ru
 from fraqat_jax.models import MODEL_CLASSES  # noqa: E402
 from fraqat_jax.nn import quantized_layers  # noqa: E402
 
-TOLERANCE = 1e-3  # max |onnxruntime - frozen JAX| / max |frozen JAX| (issue 12)
+TOLERANCE = 1e-3  # max |onnxruntime - frozen JAX| / max |frozen JAX|
 W4A8 = fraqat_jax.Rule(".*", weight_bits=4, act_bits=8, channel_axis=-1, layer_types=("Linear",))
 # Sana's feed-forward convolutions too (1x1, depthwise 3x3, 1x1): the quantized Conv path.
 CONV_W4A8 = fraqat_jax.Rule(r".*\.ff\..*", weight_bits=4, act_bits=8, channel_axis=-1, layer_types=("Conv",))

@@ -1,4 +1,4 @@
-"""QNN HTP form (issue 21): the export runs whole on Qualcomm's QNN HTP backend (the simulator in
+"""QNN HTP form: the export runs whole on Qualcomm's QNN HTP backend (the simulator in
 the ``onnxruntime-qnn`` wheel), with CPU fallback disabled, and agrees with onnxruntime's CPU
 provider and with the JAX model; each rule of the graph is checked against the backend itself."""
 

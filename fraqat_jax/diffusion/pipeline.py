@@ -28,7 +28,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fraqat_jax.diffusion.families import sampler_of
 from fraqat_jax.diffusion.samplers import model_sampler
 from fraqat_jax.diffusion.teachers import BUILTIN_TEACHERS
 
@@ -81,16 +80,18 @@ def scheduler_shift(folder: Path) -> float:
 
 
 class PromptPipeline:
-    """The prompt-to-image parts of a pipeline folder (see the module docstring), loaded in JAX.
+    """The prompt-to-image parts of a pipeline folder (see the module docstring), loaded in JAX, for
+    the transformer of diffusion family ``family`` (its sampler samples it).
 
     ``vae``: a VAE folder to decode with instead of the pipeline's own ``vae/``.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, vae: str | None = None):
+    def __init__(self, folder: str | os.PathLike, family, *, vae: str | None = None):
         from fraqat_jax.data.captions import PromptEncoder, read_extras
         from fraqat_jax.models import load_vae
 
         self.folder = Path(folder)
+        self.family = family
         self.extras = read_extras(self.folder)
         self.encoder = PromptEncoder(self.folder)
         self.vae_dir = Path(vae) if vae else self.folder / "vae"
@@ -120,14 +121,15 @@ class PromptPipeline:
     def sampler(self, build: Callable, *, num_steps: int, guidance_scale: float) -> Callable:
         """Jitted ``(params, noise, cond, key, null_cond) -> latents`` with the family's sampler at the
         folder's flow shift (see ``fraqat_jax.diffusion.model_sampler``)."""
-        return model_sampler(build, "sana", num_steps=num_steps, guidance_scale=guidance_scale, shift=self.shift)
+        return model_sampler(build, self.family, num_steps=num_steps, guidance_scale=guidance_scale,
+                             shift=self.shift)
 
     def decode(self, latents) -> np.ndarray:
         """Diffusion-space latents ``[B, C, h, w]`` -> images ``[B, channels, H, W]`` float32."""
         return np.asarray(self._decode(self._vae_state, latents), np.float32)
 
     def settings(self) -> dict[str, Any]:
-        return {"pipeline": str(self.folder), "vae": str(self.vae_dir), "sampler": sampler_of("sana"),
+        return {"pipeline": str(self.folder), "vae": str(self.vae_dir), "sampler": self.family.sampler,
                 "shift": self.shift,
                 "max_sequence_length": self.encoder.max_sequence_length, "null_caption": self.null_caption}
 

@@ -17,7 +17,7 @@ The HTP here is the ``onnxruntime-qnn`` wheel's ``libQnnHtp.so`` on x86-64: Qual
 the NPU, the same backend and graph compiler a phone uses, and no timing of a phone.
 
 The rules of the graph (each found from the backend's answers and checked in
-``tests/test_export_qnn.py``; docs/deploy.md gives the measurements):
+``tests/test_export_qnn.py``; docs/deploy.md gives what was measured):
 
 1. **Static shapes.** The provider refuses a dynamic batch ("Dynamic shape is not supported yet"):
    the graph is traced at batch ``N`` (``to_onnx(batch_size=N)``), every Reshape a constant.
@@ -33,13 +33,10 @@ The rules of the graph (each found from the backend's answers and checked in
    grid carried exactly in uint16 (scale / 257, zero point x 257, so code ``q`` is ``257 q``: the
    same values, A8 as trained) and the product is re-quantized to uint16. ``--product-bits 8``: the
    uint8 input itself and a uint8 product, HTP's 8-bit kernels; every product then rounds to 256
-   levels, which the model never saw in training: on the five families' tiny configs (three
-   held-out inputs each, ``benchmarks/qnn_agreement.py``) it measured 1.1-3.6e-2 against
-   onnxruntime and 1.4-5.5e-2 against JAX, outside the agreement below; 16 bits: 0.6-2.2e-2 and
-   0.6-2.2e-2 on the same models and inputs. A layer without input
-   quantization (the paper's W4A16 last layer, the ``keep`` rule) gets uint16 input and output
-   ranges from calibration (a 16-bit grid must span its codes: an 8-bit grid in uint16 codes 0-255
-   gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so
+   levels, which the model never saw in training (``benchmarks/qnn_agreement.py`` measures both
+   widths). A layer without input quantization (a W4A16 layer, the ``keep`` rule) gets uint16
+   input and output ranges from calibration (a 16-bit grid must span its codes, so an 8-bit grid is
+   not written in uint16 codes 0-255). The bias ``Add`` follows the unit in float, so
    onnxruntime's MatMul+Add fusion into ``Gemm`` never sees an INT4 weight. A conv kernel is
    stored transposed (:func:`fold_weight_transposes`) so the Conv reads its DequantizeLinear.
 4. **MatMul, not Einsum** (refused): the converter writes every contraction as Transpose/Reshape
@@ -54,16 +51,17 @@ The rules of the graph (each found from the backend's answers and checked in
 8. **Everything else in fp16**: norms, softmax, GELU/SiLU, residual adds and modulation run as
    float32 ONNX ops, which HTP executes in fp16 (``enable_htp_fp16_precision``, its default). Why
    not uint16 QDQ: it needs a calibrated range for every tensor, and a residual stream or attention
-   logit range calibrated on 100 inputs clips on others; fp16's relative 1e-3 needs no ranges.
-   The one place fp16 fails is ``sin``/``cos`` of large arguments (a timestep of 999 times a
-   frequency near 1 is off by up to 0.5 rad in fp16, giving 0.14 x max|out| on the digits DiT), so
-   those nodes and everything they depend on form the host prologue (``prologue.onnx``).
+   logit range calibrated on some inputs clips on others; fp16's relative precision needs no
+   ranges. The one place fp16 fails is ``sin``/``cos`` of large arguments (a timestep near 1000
+   times a frequency near 1 loses most of its fractional part in fp16), so those nodes and
+   everything they depend on form the host prologue (``prologue.onnx``).
 
 Agreement (``--format qnn`` exits 1 when one fails): on held-out training-style inputs, QNN HTP
 against onnxruntime's CPU provider on ``model.onnx``: ``<= TOL_ORT`` x max|out|; against the
-exported student served in JAX (``fraqat_jax.export.load``): ``<= TOL_STUDENT``; the EPContext
-model against the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A 10-step sampling run from the
-same noise gives the PSNR of the QNN samples against the JAX student's.
+exported student served in JAX (the frozen student with static input ranges, as
+``fraqat_jax.export.load(static=True)`` serves it): ``<= TOL_STUDENT``; the EPContext model against
+the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A sampling run of ``SAMPLING_STEPS`` steps from
+the same noise gives the PSNR of the QNN samples against the JAX student's.
 
 Requires the ``qnn`` extra (``pip install 'fraqat_jax[qnn]'``: ``onnxruntime-qnn``, a plugin
 execution provider for the standard ``onnxruntime`` package, which it leaves in place).
@@ -83,17 +81,18 @@ from fraqat_jax.export.onnx import OUTPUT_NAME, OnnxExportError
 from fraqat_jax.export.qnn_graph import (OUTPUT_MARGIN, PRODUCT_BITS, bool_ands_as_products, bool_layout_as_float,
                                          cpu_session, fold_weight_transposes, lower_rank, quantize_products,
                                          split_prologue, to_qnn)
+from fraqat_jax.quant import rel_diff
 
-__all__ = [  # the graph surgery of qnn_graph is re-exported: one import for the QNN form
+__all__ = [  # qnn_graph's surgery and quant's rel_diff are re-exported: one import for the QNN form
     "CONTEXT_FILE", "DEFAULT_SOC", "EP_NAME", "MODEL_FILE", "OUTPUT_MARGIN", "PRODUCT_BITS", "PROLOGUE_FILE", "REPORT_FILE",
     "REPORT_KEYS", "SOCS", "TOL_CONTEXT", "TOL_ORT", "TOL_STUDENT", "OnnxExportError", "QnnModel", "QnnRefused",
     "QnnUnavailable", "Soc", "bool_ands_as_products", "bool_layout_as_float", "context_bytes", "cpu_session",
     "export_qnn", "fold_weight_transposes", "lower_rank", "qnn_module", "qnn_session", "quantize_products",
-    "refused_nodes", "rel_diff", "rel_diff_over", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
+    "refused_nodes", "rel_diff", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
 ]
 
 EP_NAME = "QNNExecutionProvider"
-TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out| (issue 21)
+TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out|
 TOL_STUDENT = 5e-2  # QNN HTP vs the exported JAX student, x max|out|
 TOL_CONTEXT = 1e-5  # the EPContext model vs the QNN run of model.onnx, x max|out|
 EXTRA = "pip install 'fraqat_jax[qnn]'"
@@ -225,18 +224,6 @@ def context_bytes(ctx_path: str) -> int:
     return total
 
 
-def rel_diff(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
-
-
-def rel_diff_over(got: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
-    """max over the pairs of max|got - ref|, over max|ref| over all ``refs`` (one scale for a set of
-    held-out inputs)."""
-    scale = max(float(np.abs(r).max()) for r in refs)
-    return max(float(np.abs(g - r).max()) for g, r in zip(got, refs)) / max(scale, 1e-12)
-
-
 def node_census(model) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
@@ -283,48 +270,37 @@ def write_qnn(model, example: Mapping[str, Any], calibration: Sequence[Mapping[s
 SAMPLING_STEPS = 10
 
 
-def _feeds(family: str, batch) -> dict[str, np.ndarray]:
+def _feeds(family, batch) -> dict[str, np.ndarray]:
     import jax
 
-    from fraqat_jax.diffusion import model_kwargs
     from fraqat_jax.export.onnx import flat_inputs
 
-    x_t, t, cond = batch
-    return dict(flat_inputs(jax.tree.map(np.asarray, model_kwargs(family, x_t, t, cond)))[0])
+    return dict(flat_inputs(jax.tree.map(np.asarray, family.model_kwargs(batch)))[0])
 
 
-def sampling_psnr(family: str, student_model, run_qnn, out_shape, batch, *, num_steps: int = SAMPLING_STEPS,
+def sampling_psnr(family, student_model, run_qnn, out_shape, batch, *, cfg, num_steps: int = SAMPLING_STEPS,
                   seed: int = 0) -> float:
     """PSNR (peak-to-peak 2) of ``num_steps``-step samples of ``run_qnn`` (flat feeds -> output)
-    against the JAX ``student_model``'s, from the same noise and conditioning (``batch``'s)."""
+    against the JAX ``student_model``'s, from the same noise and conditioning (``batch``'s), both
+    drawn by the family's sampler (``Family.sample_like``)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from fraqat_jax.diffusion import model_kwargs
-    from fraqat_jax.diffusion.families import model_time, sampler_of, unpack_2x2
-    from fraqat_jax.diffusion.heldout import sampling_inputs
-    from fraqat_jax.diffusion.samplers import model_sampler, sample
     from fraqat_jax.export.onnx import flat_inputs
 
-    x_t, _, cond = batch
-    n_cls = getattr(student_model, "config", {}).get("num_embeds_ada_norm")
-    noise, key, cond, _ = sampling_inputs(family, seed, x_t.shape[0], tuple(x_t.shape[1:]),
-                                          num_classes=int(n_cls) if n_cls else None, cond_rows=cond)
+    config = dict(getattr(student_model, "config", {}))
     graphdef, state = nnx.split(student_model)
-    ref = model_sampler(lambda st: nnx.merge(graphdef, st), family, num_steps=num_steps)(state, noise, cond, key)
-    kind = sampler_of(family)
+    ref = family.sample_like(cfg, config, lambda st: nnx.merge(graphdef, st), state, batch, num_steps=num_steps,
+                             seed=seed)
 
-    def fn(x, t, c):
-        kw = model_kwargs(family, x, model_time(family, t), c)
-
+    def served(**kw):  # the QNN model called as the port is
         def host(kw):
             return np.asarray(run_qnn(dict(flat_inputs(jax.tree.map(np.asarray, kw))[0])), np.float32)
 
-        out = jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), kw)
-        return unpack_2x2(out, x.shape) if family == "flux" else out
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), kw)
 
-    got = sample(kind, fn, noise, cond, key=key if kind != "euler" else None, num_steps=num_steps)
+    got = family.sample_like(cfg, config, lambda _: served, None, batch, num_steps=num_steps, seed=seed)
     mse = float(np.mean((np.asarray(got, np.float64) - np.asarray(ref, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
@@ -350,13 +326,13 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     is reported (``ok`` False, ``refused`` naming the nodes), not raised."""
     import tempfile
 
-    from fraqat_jax.diffusion import family_of
     from fraqat_jax.export import onnx as eo
+    from fraqat_jax.family import family_for_model
     from fraqat_jax.export.orbax import calibration_batches, export_orbax, load
 
     qnn_module()
     chip = _checked_options(soc, batch_size, product_bits)
-    family = family_of(teacher)
+    family = family_for_model(teacher)
     n = int(batch_size)
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f) for k, f in
@@ -410,14 +386,14 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     report.update(context_build_seconds=build, nodes_on_qnn=report["nodes"], refused=[])
     htp = QnnModel(session, pro_path)
     got = [htp(f) for f in held_feeds]
-    report["max_rel_diff_ort"] = rel_diff_over(got, ref_ort)
+    report["max_rel_diff_ort"] = rel_diff(got, ref_ort)
     lap("htp")
     # The exported student served in JAX, as export.load gives it (static input ranges).
     with tempfile.TemporaryDirectory() as tmp:
         export_orbax(teacher, student, cfg, os.path.join(tmp, "student"), num_samples=calibration_samples)
         served = load(os.path.join(tmp, "student"), static=True)
     ref_jax = [eo.frozen_output(served, _unflat(f)) for f in held_feeds]
-    report["max_rel_diff_student"] = rel_diff_over(got, ref_jax)
+    report["max_rel_diff_student"] = rel_diff(got, ref_jax)
     lap("student")
     # The EPContext model: loads the compiled binary, no compile.
     ctx_session, load_s = timed(qnn_session, paths["ctx"], chip.name)
@@ -425,10 +401,10 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     got_ctx = [ctx(f) for f in held_feeds]
     report.update(context_load_seconds=load_s, context_bytes=context_bytes(paths["ctx"]),
                   context_file_bytes=os.path.getsize(paths["ctx"]),
-                  max_rel_diff_context=rel_diff_over(got_ctx, got))
+                  max_rel_diff_context=rel_diff(got_ctx, got))
     lap("context")
     if sampling:
-        report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0])
+        report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0], cfg=cfg)
         report["sampling_steps"] = SAMPLING_STEPS
         lap("sampling")
     report["stage_seconds"] = stages

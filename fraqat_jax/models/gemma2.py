@@ -34,7 +34,7 @@ Options (as on the diffusers ports): ``dtype`` (compute) / ``param_dtype`` (stor
 a window size per layer, picked from a table by a layer counter carried through the scan), so the
 whole stack is one ``jax.lax.scan`` over ``num_hidden_layers`` layers whatever ``layer_types``
 holds, and checkpoints keep per-layer names (``model.layers.{i}``); ``attention``: ``"xla"``
-(scores materialised, float32 softmax), ``"auto"`` / ``"flash"`` (``models.softcap_attention``:
+(scores materialised, float32 softmax), ``"auto"`` / ``"flash"`` (``models.attention``'s dispatch:
 on TPU the Pallas *splash* kernel, which takes the local window, the soft cap, grouped heads and
 padding as segment ids; chosen when the program is lowered, so an ahead-of-time TPU compile on a
 CPU host gets it; on CPU XLA runs; on GPU ``"auto"`` runs XLA and ``"flash"`` raises, as no GPU
@@ -59,8 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fraqat_jax.models.attention import check_attention
-from fraqat_jax.models.softcap_attention import NO_WINDOW, gemma2_attention
+from fraqat_jax.models.attention import NO_WINDOW, check_attention, dot_product_attention
 from fraqat_jax.models.common import EMBED, HEADS, MLP, NORM, VOCAB, KeySequence, merge_config, no_eager_sharding
 from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
@@ -219,7 +218,9 @@ class Gemma2Attention(nnx.Module):
     """transformers ``Gemma2Attention``: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
 
     Call ``(x [B, L, hidden], cos, sin [B or 1, L, head_dim], key_valid [B, L] | None, window)``
-    -> ``[B, L, hidden]``; see ``models.softcap_attention.gemma2_attention`` for ``window``."""
+    -> ``[B, L, hidden]``; ``window``: the number of keys each query sees counting itself (an int32
+    scalar, traced under a scan; ``NO_WINDOW`` on a full-attention layer), see
+    ``models.attention.dot_product_attention``."""
 
     def __init__(self, config: Mapping[str, Any], *, rngs, dtype=None, param_dtype=jnp.float32):
         self.implementation = "xla"  # see Gemma2ForCausalLM(attention=...)
@@ -233,7 +234,8 @@ class Gemma2Attention(nnx.Module):
         self.scaling = float(config["query_pre_attn_scalar"]) ** -0.5
         self.softcap = config["attn_logit_softcapping"]
         self.sliding_window = config["sliding_window"]
-        self.kinds = tuple(sorted(set(layer_types(config))))
+        self.windows = tuple(sorted({self.sliding_window if kind == "sliding_attention" and self.sliding_window
+                                     is not None else NO_WINDOW for kind in layer_types(config)}))
         kw = dict(bias=bool(config["attention_bias"]), std=config["initializer_range"], rngs=rngs, dtype=dtype,
                   param_dtype=param_dtype)
         self.q_proj = _linear(h, self.num_heads * self.head_dim, (EMBED, HEADS), **kw)
@@ -246,9 +248,9 @@ class Gemma2Attention(nnx.Module):
         q = _apply_rope(self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim), cos, sin)
         k = _apply_rope(self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
-        q = q * jnp.asarray(self.scaling, q.dtype)
-        out = gemma2_attention(q, k, v, key_valid, window, softcap=self.softcap, sliding_window=self.sliding_window,
-                               kinds=self.kinds, implementation=self.implementation)
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        out = dot_product_attention(q, k, v, mask, self.implementation, scale=self.scaling, softcap=self.softcap,
+                                    window=window, windows=self.windows)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim).astype(x.dtype))
 
 

@@ -1,5 +1,5 @@
-"""text/: the text family (causal language models: Gemma-2) behind the family interface, registered
-as ``gemma2`` on import: token windows as training inputs, forward KL(teacher || student) over the
+"""text/: the text family (causal language models: Gemma-2) behind the family interface, the object
+``GEMMA2`` (``gemma2``, a ``fraqat_jax.families`` entry point): token windows as training inputs, forward KL(teacher || student) over the
 next-token distributions as the distillation loss, held-out windows, LLM-QAT's data-free
 sequences, greedy text samples at each change of bit-width.
 
@@ -8,11 +8,11 @@ sequences, greedy text samples at each change of bit-width.
 buffer. ``samples``: the text sample files. Imports ``data/``, ``models/`` and ``family/``.
 """
 
-from fraqat_jax.text.family import (BUILTIN_TEACHER, CONFIG_KEYS, LOSS_NAMES, PROMPT_TOKENS, TextFamily,
+from fraqat_jax.text.family import (BUILTIN_TEACHER, GEMMA2, LOSS_NAMES, PROMPT_TOKENS, TextConfig, TextFamily,
                                    builtin_teacher_dir)
 from fraqat_jax.text.generate import continue_tokens, datafree_sequences, greedy_continue
 from fraqat_jax.text.loss import LOSSES, logits_mse, next_token_kl
 
-__all__ = ["BUILTIN_TEACHER", "CONFIG_KEYS", "LOSSES", "LOSS_NAMES", "PROMPT_TOKENS", "TextFamily",
+__all__ = ["BUILTIN_TEACHER", "GEMMA2", "LOSSES", "LOSS_NAMES", "PROMPT_TOKENS", "TextConfig", "TextFamily",
            "builtin_teacher_dir", "continue_tokens", "datafree_sequences", "greedy_continue", "logits_mse",
            "next_token_kl"]
