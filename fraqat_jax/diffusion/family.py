@@ -74,7 +74,7 @@ class DiffusionFamily(Family):
     export_format = "diffusers"
     #: ``"ddpm"`` (epsilon prediction) or ``"flow"`` (rectified-flow velocity)
     objective: ClassVar[str] = "ddpm"
-    #: the deterministic evaluation sampler: ``"ddim"`` (DDPM) or ``"euler"`` (flow)
+    #: the deterministic evaluation sampler: ``"ddim"`` (DDPM), ``"euler"`` or ``"flow_dpm"`` (flow)
     sampler: ClassVar[str] = "ddim"
     #: a flow model's timestep per unit of sigma (None for DDPM)
     timesteps_per_sigma: ClassVar[float | None] = None
@@ -229,6 +229,26 @@ class DiffusionFamily(Family):
     def example_size(self, cfg, model_config) -> dict:
         return {"latent_size": self.sample_shape(cfg, model_config)[1]}
 
+    def prompt_pipeline(self, cfg, *, vae: str | None = None):
+        """The teacher's whole prompt-to-image pipeline (``fraqat_jax.diffusion.pipeline``:
+        text encoder, autoencoder, scheduler settings), loaded; ``PipelineError`` (a ``ValueError``)
+        when the teacher is no such pipeline folder."""
+        from fraqat_jax.diffusion.pipeline import PromptPipeline, pipeline_folder
+
+        return PromptPipeline(pipeline_folder(cfg.teacher), self, vae=vae)
+
+    def write_pipeline(self, cfg, out: str, write_transformer: Callable[[str], dict]) -> dict | None:
+        """When the teacher is a whole pipeline folder: writes it to ``out`` with ``transformer/``
+        written by ``write_transformer(dir)`` (``fraqat_jax.diffusion.pipeline.write_pipeline``) and
+        returns that call's dict plus ``pipeline_class`` and the copied ``parts``; else None."""
+        from fraqat_jax.diffusion.pipeline import PipelineError, pipeline_folder, write_pipeline
+
+        try:
+            folder = pipeline_folder(cfg.teacher)
+        except PipelineError:
+            return None
+        return write_pipeline(folder, out, write_transformer)
+
     # -- evaluation and export -------------------------------------------------------------------------
 
     def eval_settings(self, cfg, model_config) -> dict:
@@ -242,7 +262,7 @@ class DiffusionFamily(Family):
     # -- samples -----------------------------------------------------------------------------------
 
     def teacher_sampler(self, cfg, build, out_shardings=None, *, guidance_scale: float | None = None,
-                        num_steps: int | None = None, shift: float = 1.0):
+                        num_steps: int | None = None, shift: float | None = None):
         scale = float(cfg.guidance_scale) if guidance_scale is None else float(guidance_scale)
         steps = int(cfg.sample_steps) if num_steps is None else int(num_steps)
         return _Sampler(model_sampler(build, self, num_steps=steps, guidance_scale=scale, shift=shift,
@@ -320,11 +340,12 @@ class SD3(_Flow):
 
 
 class Sana(_Flow):
-    """Sana (``SanaTransformer2DModel``): rectified flow, a 32x deep-compression VAE (flow DPM-Solver
-    in diffusers, Euler here, flow_shift 3.0)."""
+    """Sana (``SanaTransformer2DModel``): rectified flow, a 32x deep-compression VAE, sampled as its
+    pipeline samples it: flow DPM-Solver++ (2M), flow_shift 3.0."""
 
     name = "sana"
     model_classes = ("SanaTransformer2DModel",)
+    sampler = "flow_dpm"
     text_tokens = 300
     vae_factor = 32
     vae_class = "AutoencoderDC"

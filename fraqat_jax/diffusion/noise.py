@@ -17,7 +17,8 @@ import numpy as np
 
 from fraqat_jax.diffusion.families import model_timestep, objective_of
 
-__all__ = ["ddim_timesteps", "ddpm_alphas_cumprod", "diffusion_inputs", "flow_sigmas", "logit_normal_sigmas"]
+__all__ = ["ddim_timesteps", "ddpm_alphas_cumprod", "diffusion_inputs", "flow_dpm_schedule", "flow_sigmas",
+           "logit_normal_sigmas"]
 
 
 def ddpm_alphas_cumprod(
@@ -71,6 +72,44 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1
     shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
     s = np.linspace(1.0, shifted(1.0 / num_train_timesteps), num_steps, dtype=np.float64)
     return np.concatenate([shifted(s), [0.0]])
+
+
+def flow_dpm_schedule(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> dict[str, np.ndarray]:
+    """The steps of flow DPM-Solver++ (2M), as diffusers' ``DPMSolverMultistepScheduler`` with
+    ``use_flow_sigmas``, ``flow_shift=shift``, ``solver_order=2``, ``final_sigmas_type="zero"``.
+
+    Sigmas: ``num_steps`` points of ``1 - linspace(1, 1/N, num_steps + 1)`` from the top, shifted
+    ``s -> shift s / (1 + (shift - 1) s)``, then 0; timesteps ``floor(N sigma)`` (``N`` =
+    ``num_train_timesteps``). With ``alpha = 1 - sigma``, ``lambda = log(alpha / sigma)``,
+    ``h_i = lambda_{i+1} - lambda_i`` and data predictions ``x0_i``, step ``i`` is
+    ``x_{i+1} = c_x[i] x_i + c_0[i] x0_i + c_1[i] x0_{i-1}``: first order
+    (``c_x = sigma_{i+1} / sigma_i``, ``c_0 = alpha_{i+1} (1 - exp(-h_i))``, ``c_1 = 0``) on the first
+    and last step, second-order midpoint (``D1 = (x0_i - x0_{i-1}) / r``, ``r = h_{i-1} / h_i``) in
+    between. Returns float64 arrays ``sigmas (num_steps + 1,)``, ``timesteps``, ``c_x``, ``c_0``,
+    ``c_1`` (``(num_steps,)`` each); ``sigmas`` are rounded to float32 as diffusers stores them.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    n = num_train_timesteps
+    raw = 1.0 - np.linspace(1.0, 1.0 / n, num_steps + 1)
+    top = np.flip(shift * raw / (1 + (shift - 1) * raw))[:-1].copy()
+    timesteps = (top * n).astype(np.int64).astype(np.float64)
+    sig = np.concatenate([top, [0.0]]).astype(np.float32).astype(np.float64)
+    alpha = 1.0 - sig
+    # exp(-h_i) = (sigma_{i+1} / alpha_{i+1}) / (sigma_i / alpha_i): 0 on the step to sigma = 0
+    decay = (sig[1:] * alpha[:-1]) / (alpha[1:] * sig[:-1])
+    c_x = sig[1:] / sig[:-1]
+    c_0 = alpha[1:] * (1.0 - decay)
+    c_1 = np.zeros(num_steps)
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sig)
+    for i in range(1, num_steps - 1):
+        r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+        c_0[i] = alpha[i + 1] * (1.0 - decay[i]) * (1.0 + 0.5 / r)
+        c_1[i] = -alpha[i + 1] * (1.0 - decay[i]) * 0.5 / r
+    return {"sigmas": sig, "timesteps": timesteps, "c_x": c_x, "c_0": c_0, "c_1": c_1}
 
 
 def logit_normal_sigmas(key, n: int, logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Samplers for the students and teachers: DDPM / DDIM (epsilon prediction) and Euler (rectified flow).
+"""Samplers for the students and teachers: DDPM / DDIM (epsilon prediction), Euler and flow DPM-Solver++
+(rectified flow).
 
 Every sampler takes a *model function* ``model_fn(x, t, cond) -> out`` where
 
@@ -31,11 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fraqat_jax.diffusion.families import apply_model, model_time, sampler_of
-from fraqat_jax.diffusion.noise import ddim_timesteps, ddpm_alphas_cumprod, flow_sigmas
+from fraqat_jax.diffusion.noise import ddim_timesteps, ddpm_alphas_cumprod, flow_dpm_schedule, flow_sigmas
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
-SAMPLERS = ("ddpm", "ddim", "euler")
+SAMPLERS = ("ddpm", "ddim", "euler", "flow_dpm")
+#: The samplers that draw no noise of their own (``key`` unused).
+DETERMINISTIC = ("ddim", "euler", "flow_dpm")
 
 
 def _guided(model_fn: ModelFn, guidance_scale: float, null_cond: Any, channels: int, channel_axis: int):
@@ -181,6 +184,43 @@ def euler_sample(
     return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
 
 
+def flow_dpm_sample(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    cond: Any,
+    *,
+    num_steps: int = 20,
+    shift: float = 3.0,
+    guidance_scale: float = 1.0,
+    null_cond: Any = None,
+    channel_axis: int = 1,
+) -> jax.Array:
+    """Multistep DPM-Solver++ (2M, midpoint) on flow sigmas, as diffusers'
+    ``DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift,
+    prediction_type="flow_prediction", algorithm_type="dpmsolver++", solver_order=2,
+    lower_order_final=True, final_sigmas_type="zero")`` steps the Sana pipeline.
+
+    Convention as :func:`euler_sample` (``x_sigma = (1 - sigma) x_0 + sigma noise``, the model
+    predicts ``v = noise - x_0``). The model is called at the scheduler's integer timesteps
+    ``floor(1000 sigma)`` (what the pipeline passes), its data prediction is ``x - sigma v``, and the
+    update is first order on the first and the last step and second order in between; the
+    coefficients come from :func:`fraqat_jax.diffusion.noise.flow_dpm_schedule`.
+    """
+    sched = flow_dpm_schedule(num_steps, shift)
+    t_in, sig, cx, c0, c1 = (jnp.asarray(sched[k], jnp.float32) for k in ("timesteps", "sigmas", "c_x", "c_0", "c_1"))
+    fn = _guided(model_fn, guidance_scale, null_cond, noise.shape[channel_axis], channel_axis)
+    b = noise.shape[0]
+
+    def body(i, carry):
+        x, x0_prev = carry
+        v = fn(x, jnp.full((b,), t_in[i]), cond).astype(jnp.float32)
+        x0 = x - sig[i] * v
+        return cx[i] * x + c0[i] * x0 + c1[i] * x0_prev, x0
+
+    x = noise.astype(jnp.float32)
+    return jax.lax.fori_loop(0, num_steps, body, (x, jnp.zeros_like(x)))[0]
+
+
 def sample(
     kind: str,
     model_fn: ModelFn,
@@ -190,7 +230,8 @@ def sample(
     key: jax.Array | None = None,
     **kwargs,
 ) -> jax.Array:
-    """Dispatches to ``ddpm_sample``, ``ddim_sample`` or ``euler_sample`` by name."""
+    """Dispatches to ``ddpm_sample``, ``ddim_sample``, ``euler_sample`` or ``flow_dpm_sample`` by name
+    (``key``: the DDPM sampler's noise; the deterministic samplers ignore it)."""
     if kind == "ddim":
         return ddim_sample(model_fn, noise, cond, key=key, **kwargs)
     if kind == "ddpm":
@@ -199,6 +240,8 @@ def sample(
         return ddpm_sample(model_fn, noise, cond, key=key, **kwargs)
     if kind == "euler":
         return euler_sample(model_fn, noise, cond, **kwargs)
+    if kind == "flow_dpm":
+        return flow_dpm_sample(model_fn, noise, cond, **kwargs)
     raise ValueError(f"unknown sampler {kind!r}; allowed: {', '.join(SAMPLERS)}")
 
 
@@ -223,13 +266,13 @@ def make_sampler(kind: str, apply: Callable[[Any, jax.Array, jax.Array, Any], ja
     @jax.jit
     def run(params, noise, cond, key):
         fn = lambda x, t, c: apply(params, x, t, c)  # noqa: E731
-        return sample(kind, fn, noise, cond, key=key if kind != "euler" else None, **kwargs)
+        return sample(kind, fn, noise, cond, key=key, **kwargs)
 
     return run
 
 
 def model_sampler(build: Callable[[Any], Any], family, *, num_steps: int, guidance_scale: float = 1.0,
-                  shift: float = 1.0, out_shardings=None):
+                  shift: float | None = None, out_shardings=None):
     """Samples a model of ``family`` with its evaluation sampler (``sampler_of``): a jitted
     ``(params, noise, cond, key, null_cond) -> samples [B, C, H, W]``.
 
@@ -237,8 +280,9 @@ def model_sampler(build: Callable[[Any], Any], family, *, num_steps: int, guidan
     with its bit-width set); ``params`` is an argument, not closed over, so one compilation serves a
     teacher and students of the same structure at any weights and bit-width. ``null_cond`` is the
     unconditional input for classifier-free guidance (used when ``guidance_scale != 1``); ``key``
-    drives the sampler's own noise (unused by the deterministic DDIM and Euler samplers). ``shift``:
-    the rectified-flow time shift of the Euler sampler's sigmas (SD3: 3.0; ignored by DDIM).
+    drives the sampler's own noise (unused by the deterministic samplers). ``shift``: the
+    rectified-flow time shift of the flow samplers' sigmas (SD3: 3.0; ignored by DDIM; None: the
+    sampler's default, 1.0 for Euler and Sana's 3.0 for flow DPM-Solver++).
     This is the one way the trainer's sample grids, the evaluator, data-free data and the export's
     calibration sample a model.
     """
@@ -250,8 +294,8 @@ def model_sampler(build: Callable[[Any], Any], family, *, num_steps: int, guidan
         kw: dict[str, Any] = {"num_steps": num_steps}
         if guidance_scale != 1.0:
             kw.update(guidance_scale=guidance_scale, null_cond=null_cond)
-        if kind == "euler" and shift != 1.0:
+        if kind in ("euler", "flow_dpm") and shift is not None:
             kw["shift"] = shift
-        return sample(kind, fn, noise, cond, key=key if kind != "euler" else None, **kw)
+        return sample(kind, fn, noise, cond, key=key, **kw)
 
     return jax.jit(run, **({} if out_shardings is None else {"out_shardings": out_shardings}))

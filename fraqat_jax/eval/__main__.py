@@ -9,6 +9,14 @@ the pipeline's VAE in JAX and writes the teacher-above-student PNGs next to ``ev
 missing Inception weights file, an unwritable output, a prompt cache or VAE that does not fit the
 teacher) exits with status 2 and one line on stderr.
 
+A run whose teacher is a whole prompt-to-image pipeline (text encoder, transformer, autoencoder; e.g.
+``builtin:sana``): ``--prompts FILE`` (UTF-8, one prompt naming a digit per line) encodes the prompts
+with the run's own text encoder, samples the teacher, the student and its frozen integer form from
+the same noise, decodes with the run's own autoencoder and writes ``teacher``, ``student`` and
+``student_frozen`` objects (``accuracy`` on the prompted digits, ``fd``, ``psnr``) and a picture
+grid (see :mod:`fraqat_jax.eval.prompted`). An empty or non-UTF-8 file, a prompt naming no digit and a
+run whose teacher has no text encoder exit 2.
+
 Language-model runs (a Gemma-2 teacher): ``--tasks SPEC[,SPEC...] [--text FILE]`` scores the teacher,
 the student as trained (W4A8 fake quant) and its frozen integer form on multiple-choice tasks with
 lm-eval's rule, and their perplexity and the student's KL to the teacher on ``--text`` (one sequence
@@ -44,12 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FID Inception weights (pytorch-fid .pth, .npz or .safetensors) for image samples")
     p.add_argument("--out", default=None, help="output file (default: WORKDIR/eval.json)")
     t = p.add_argument_group("text-to-image (latent teachers: SD3, PixArt, Sana, Flux)")
-    t.add_argument("--prompts", metavar="CACHE", default=None,
-                   help="prompt cache written by scripts/cache_latents.py --prompts: sample teacher and student on its prompts")
+    t.add_argument("--prompts", metavar="FILE|CACHE", default=None,
+                   help="a UTF-8 text file, one prompt naming a digit per line, for a run whose teacher is a whole "
+                        "pipeline (e.g. builtin:sana): encoded by its text encoder, decoded by its autoencoder, scored "
+                        "by prompted-digit accuracy, FD and PSNR; or a prompt cache written by "
+                        "scripts/cache_latents.py --prompts (with --vae): sample teacher and student on its prompts")
     t.add_argument("--vae", metavar="DIR", default=None,
-                   help="the pipeline's vae/ folder (or the pipeline folder) to decode the samples with (needs --prompts)")
+                   help="the pipeline's vae/ folder (or the pipeline folder) to decode the samples with (needs "
+                        "--prompts; optional with a prompt file: the run's own autoencoder by default)")
     t.add_argument("--shift", type=float, default=None,
-                   help="time shift of the flow sampler (default: the scheduler config in the prompt cache, else SD3 3.0)")
+                   help="time shift of the flow sampler (default: the scheduler config in the prompt cache or the "
+                        "run's pipeline, else SD3 3.0)")
     t.add_argument("--batch-size", type=int, default=8, help="prompts sampled at once, over the whole mesh (default 8)")
     t.add_argument("--mesh", default="", metavar="SPEC",
                    help="device mesh like the trainer's, e.g. data=8 or data=4,fsdp=2 (default: data over every device)")
@@ -72,7 +85,9 @@ def main(argv=None) -> dict:
         fail(f"--workdir {args.workdir!r} does not exist")
     if args.inception_weights and not os.path.isfile(args.inception_weights):
         fail(f"--inception-weights {args.inception_weights!r} is not a file")
-    if (args.prompts is None) != (args.vae is None):
+    prompt_file = args.prompts is not None and not os.path.isdir(args.prompts)
+    cache_without_vae = args.prompts is not None and not prompt_file and args.vae is None
+    if (args.vae is not None and args.prompts is None) or cache_without_vae:
         fail("--prompts and --vae go together: a prompt cache to sample on and the VAE to decode with")
     if args.prompts is None and args.num_samples is None:
         args.num_samples = 500
@@ -80,6 +95,14 @@ def main(argv=None) -> dict:
         fail(f"--num-samples must be >= 2 and --num-val >= 1, got {args.num_samples} and {args.num_val}")
     if args.prompts is not None and ((args.num_samples is not None and args.num_samples < 1) or args.batch_size < 1):
         fail(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
+    if prompt_file:
+        from fraqat_jax.eval.prompted import PromptsError, prompt_digits, read_prompt_file
+
+        try:
+            prompts = read_prompt_file(args.prompts)
+            digits = prompt_digits(prompts, repr(args.prompts))
+        except PromptsError as e:
+            fail(str(e))
     out_path = args.out or os.path.join(args.workdir, "eval.json")
     out_dir = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
@@ -109,6 +132,8 @@ def main(argv=None) -> dict:
     from fraqat_jax.data import DataSourceError
     from fraqat_jax.family import family_for_model
 
+    if prompt_file:
+        return _evaluate_prompted(args, teacher, student, cfg, out_path, t0, prompts, digits)
     if family_for_model(teacher).evaluation == "text":
         return _evaluate_text(args, teacher, student, cfg, out_path, t0)
     if args.tasks is not None or args.text is not None:
@@ -158,6 +183,40 @@ def _evaluate_text(args, teacher, student, cfg, out_path: str, t0: float) -> dic
     print("; ".join(shown + [f"perplexity teacher={ppl['teacher']:.4g} student={ppl['student']:.4g} "
                              f"student_frozen={ppl['student_frozen']:.4g}", f"kl={result['kl']:.4g}"])
           + f" ({time.perf_counter() - t0:.0f}s) -> {out_path}")
+    return result
+
+
+def _evaluate_prompted(args, teacher, student, cfg, out_path: str, t0: float, prompts, digits) -> dict:
+    """``--prompts FILE``: the run's own pipeline encodes, samples and decodes (see
+    :mod:`fraqat_jax.eval.prompted`); a teacher that is no whole pipeline exits 2."""
+    from fraqat_jax.eval.prompted import MODELS, evaluate_prompted
+    from fraqat_jax.family import family_for_model
+    from fraqat_jax.nn import bits_of
+
+    family = family_for_model(teacher)
+    if not hasattr(family, "prompt_pipeline"):
+        fail(f"--prompts {args.prompts!r} needs a run whose teacher has a text encoder and an autoencoder; "
+             f"{args.workdir!r} distils {type(teacher).__name__} ({cfg.teacher!r})")
+    try:
+        pipeline = family.prompt_pipeline(cfg, vae=args.vae)
+    except (ValueError, OSError) as e:
+        fail(f"--prompts {args.prompts!r}: {e}")
+    if args.shift is not None:
+        pipeline.shift = float(args.shift)
+    stem = os.path.splitext(os.path.abspath(out_path))[0] + "_prompts"
+    result = evaluate_prompted(
+        teacher, student, cfg, pipeline, prompts, digits, num_samples=args.num_samples,
+        num_steps=args.sample_steps or pipeline.default_steps,
+        guidance_scale=pipeline.default_guidance if args.guidance_scale is None else args.guidance_scale,
+        seed=args.seed, batch_size=args.batch_size, stem=stem, save_arrays=args.save_arrays)
+    result = {"workdir": os.path.abspath(args.workdir), "step": args.step or _latest_step(args.workdir),
+              "schedule": cfg.schedule, "bits": _bits(student, bits_of), "prompts": os.path.abspath(args.prompts),
+              **result, "seconds": round(time.perf_counter() - t0, 2)}
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    shown = " ".join(f"{m}: accuracy={result[m]['accuracy']:.3f} fd={result[m]['fd']:.4g}"
+                     + (f" psnr={result[m]['psnr']:.2f}" if result[m].get("psnr") is not None else "") for m in MODELS)
+    print(f"{shown} -> {out_path}")
     return result
 
 

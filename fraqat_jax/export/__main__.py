@@ -99,6 +99,54 @@ def _export_transformers(teacher, student, cfg, args) -> dict:
     return report
 
 
+def _export_diffusers(teacher, student, cfg, args) -> dict:
+    """``--format diffusers``: the student's fake-quantized weights in diffusers' layout (bfloat16);
+    for a run whose teacher is a whole pipeline folder, that pipeline with the student (float32)
+    as its ``transformer/``, which the diffusers pipeline class loads and runs from a prompt."""
+    from fraqat_jax.family import family_for_model
+
+    family = family_for_model(teacher)
+    write = getattr(family, "write_pipeline", None)
+    info = write(cfg, args.out, lambda d: export_diffusers(student, d, dtype=jnp.float32)) if write else None
+    if info is not None:
+        info["max_rel_diff_vs_float_activations"] = _read_back_diff(teacher, student, cfg, family, info["path"])
+        print(f"wrote a {info['pipeline_class']} folder to {args.out}: transformer/ the student ({info['tensors']} "
+              f"tensors, {info['bytes']} bytes, float32, fake-quantized weights), {', '.join(info['parts'])} from "
+              f"the teacher's pipeline; transformer/ read back vs the student with float activations: max |diff| / "
+              f"max = {info['max_rel_diff_vs_float_activations']:.2e} (tolerance {TOLERANCE:g})")
+        if info["max_rel_diff_vs_float_activations"] > TOLERANCE:
+            print("error: the exported transformer disagrees with the student beyond the tolerance", file=sys.stderr)
+            raise SystemExit(1)
+        return info
+    info = export_diffusers(student, args.out)
+    print(f"wrote {info['tensors']} tensors ({info['bytes']} bytes, bfloat16, fake-quantized weights) "
+          f"and config.json to {args.out}")
+    return info
+
+
+def _read_back_diff(teacher, student, cfg, family, folder: str) -> float:
+    """max |exported transformer - student with float activations| / max |student|, on held-out
+    training-style inputs (the folder's ``transformer/`` read back with the port)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from fraqat_jax.export.transformers import float_activation_copy
+    from fraqat_jax.models import from_diffusers
+
+    batches = calibration_batches(teacher, cfg, num_samples=4, batch_size=4, seed=1)
+
+    def outputs(model):
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda st, b: family.apply(nnx.merge(graphdef, st), b))
+        return [np.asarray(fn(state, b), np.float64) for b in batches]
+
+    got = outputs(from_diffusers(os.path.join(folder, "transformer")))
+    ref = outputs(float_activation_copy(student))
+    scale = max(max(float(np.abs(r).max()) for r in ref), 1e-12)
+    return max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) / scale
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -145,6 +193,7 @@ def _check_out(out: str, fmt: str) -> None:
             raise ExportError(f"--out {out!r} exists and is not a directory")
         marker = {"orbax": "meta", "diffusers": "config.json", "transformers": "config.json", "qnn": "qnn.json"}[fmt]
         ours = os.path.isdir(os.path.join(out, marker)) if fmt == "orbax" else os.path.isfile(os.path.join(out, marker))
+        ours = ours or (fmt == "diffusers" and os.path.isfile(os.path.join(out, "model_index.json")))
         if os.listdir(out) and not ours:
             raise ExportError(f"--out {out!r} exists, is not empty and is not an earlier {fmt} export; "
                               "choose a new path")
@@ -193,10 +242,7 @@ def main(argv=None) -> dict:
         if args.format == "transformers":
             return _export_transformers(teacher, student, cfg, args)
         if args.format == "diffusers":
-            info = export_diffusers(student, args.out)
-            print(f"wrote {info['tensors']} tensors ({info['bytes']} bytes, bfloat16, fake-quantized weights) "
-                  f"and config.json to {args.out}")
-            return info
+            return _export_diffusers(teacher, student, cfg, args)
         if os.path.isdir(args.out):
             shutil.rmtree(args.out)  # an earlier export (checked above): orbax writes a fresh directory
         meta = export_orbax(teacher, student, cfg, args.out, num_samples=args.calibration_samples)

@@ -291,10 +291,10 @@ def fake_quantized_copy(student) -> nnx.Module:
     return nnx.merge(graphdef, quantized_state(state))
 
 
-def export_diffusers(student, out: str) -> dict:
-    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (bfloat16) to ``out``."""
+def export_diffusers(student, out: str, *, dtype=jnp.bfloat16) -> dict:
+    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (in ``dtype``) to ``out``."""
     tensors = to_diffusers_state_dict(fake_quantized_copy(student))
-    tensors = {k: np.ascontiguousarray(v.astype(jnp.bfloat16)) for k, v in tensors.items()}
+    tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in tensors.items()}
     os.makedirs(out, exist_ok=True)
     save_file(tensors, os.path.join(out, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     config = {"_class_name": type(student).__name__, "_diffusers_version": "0.32.0", **dict(student.config)}
