@@ -108,8 +108,8 @@ def jax_greedy(frozen, prompt_ids, num_new: int, context: int, eos_ids=()) -> tu
 
     graphdef, state = nnx.split(frozen)
     forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))
-    buf = np.zeros((1, context), np.int32)
     p = len(prompt_ids)
+    buf = np.zeros((1, min(context, p + num_new)), np.int32)  # causal: the positions after p + i change nothing
     buf[0, :p] = prompt_ids
     tokens, logits = [], []
     for i in range(min(num_new, context - p)):
@@ -119,7 +119,7 @@ def jax_greedy(frozen, prompt_ids, num_new: int, context: int, eos_ids=()) -> tu
         if token in set(eos_ids):
             break
         tokens.append(token)
-        if p + i < context:
+        if p + i < buf.shape[1]:
             buf[0, p + i] = token
     return tokens, np.stack(logits)
 
