@@ -84,7 +84,10 @@ def test_the_folder_holds_both_graphs_whole_on_htp_sharing_one_context(exported)
         assert shapes["past_key_3_in"] == [1, 2, 16, 256 - n] and shapes["past_value_3_in"] == [1, 2, 256 - n, 16]
         assert shapes["past_key_0_out"] == [1, 2, 16, n] and shapes["past_value_0_out"] == [1, 2, n, 16]
         assert shapes["logits"] == [1, n, 2048]
-        assert {n.op_type for n in g.node} >= {"DequantizeLinear", "QuantizeLinear", "MatMul", "Gather"}
+        assert {n.op_type for n in g.node} >= {"DequantizeLinear", "QuantizeLinear", "MatMul", "Gather", "Gemm"}
+        # The tied embedding / LM head: one table, read by the Gather and (transB) by the Gemm.
+        (table,) = [t.name for t in g.initializer if 2048 in t.dims]
+        assert {n.op_type for n in g.node if table in n.input} == {"Gather", "Gemm"}
         ctx = onnx.load(os.path.join(folder, manifest["components"][name]["context"])).graph
         assert [n.op_type for n in ctx.node] == ["EPContext"]
     # One context binary for both graphs, no larger than 1.2x one graph compiled alone.

@@ -5,10 +5,10 @@ sharing one KV-cache layout and one context binary.
 [--context-len C] [--product-bits 16|8]`` on a text run writes into ``DIR``:
 
 * ``prefill.onnx`` (``N`` new tokens, default 128) and ``decode.onnx`` (1 token), both at context
-  length ``C`` (default ``min(512, max_position_embeddings)``): the student's cached step
-  (:mod:`fraqat_jax.text.kv_step`: inputs ``input_ids``, the additive masks ``[1, 1, N, C]``, the
-  rotary tables, per layer ``past_key_{l}_in`` / ``past_value_{l}_in`` holding ``C - N`` cache
-  slots; outputs ``logits`` and the ``N`` new keys / values per layer) in the QNN form of
+  length ``C`` (default ``min(512, max_position_embeddings)``): the student's cached step (the
+  family's ``cached_step``; for Gemma-2 ``fraqat_jax.text.kv_step``: inputs ``input_ids``, the
+  additive masks ``[1, 1, N, C]``, the rotary tables, per layer ``past_key_{l}_in`` /
+  ``past_value_{l}_in`` holding ``C - N`` cache slots; outputs ``logits`` and the ``N`` new keys / values per layer) in the QNN form of
   :mod:`fraqat_jax.export.qnn` (every rule there holds; the product ranges are calibrated on the
   steps the host runner takes over held-out text);
 * ``prefill_ctx.onnx`` and ``decode_ctx.onnx``: their EPContext models for ``--soc``, compiled in
@@ -76,6 +76,43 @@ def _example(geom: Mapping, n: int, c: int) -> dict[str, np.ndarray]:
         feeds[f"past_key_{i}_in"] = np.zeros((1, geom["kv_heads"], geom["head_dim"], c - n), np.float32)
         feeds[f"past_value_{i}_in"] = np.zeros((1, geom["kv_heads"], c - n, geom["head_dim"]), np.float32)
     return feeds
+
+
+def tie_lm_head(model) -> int:
+    """The tied LM head reads the embedding table itself: a ``MatMul`` by a constant that is the
+    transpose of a ``Gather`` table (the converter folds ``table.T`` into a second initializer)
+    becomes ``Reshape -> Gemm(transB=1) -> Reshape`` on the table, so the graph, and the HTP
+    context, store it once. Returns the number of rewritten heads."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    tables = {n.input[0]: numpy_helper.to_array(inits[n.input[0]]) for n in g.node
+              if n.op_type == "Gather" and n.input[0] in inits}
+    count = 0
+    for n in [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]:
+        w = numpy_helper.to_array(inits[n.input[1]])
+        table = next((name for name, t in tables.items() if w.ndim == 2 and t.shape == w.shape[::-1]
+                      and np.array_equal(t.T, w)), None)
+        if table is None:
+            continue
+        hidden, vocab = w.shape
+        index = list(g.node).index(n)
+        x, y, tag = n.input[0], n.output[0], n.name or n.output[0]
+        shape_in, shape_out, flat, prod = (f"{tag}_tied_{k}" for k in ("shape_in", "shape_out", "flat", "gemm"))
+        g.initializer.extend([numpy_helper.from_array(np.asarray([-1, hidden], np.int64), shape_in),
+                              numpy_helper.from_array(np.asarray([1, -1, vocab], np.int64), shape_out)])
+        g.node.remove(n)
+        for j, node in enumerate([helper.make_node("Reshape", [x, shape_in], [flat], name=flat),
+                                  helper.make_node("Gemm", [flat, table], [prod], transB=1, name=prod),
+                                  helper.make_node("Reshape", [prod, shape_out], [y], name=f"{tag}_tied_out")]):
+            g.node.insert(index + j, node)
+        count += 1
+    used = {i for node in g.node for i in node.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return count
 
 
 def _fn(session):
@@ -201,7 +238,7 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
 
     import fraqat_jax
     from fraqat_jax.export import onnx as eo
-    from fraqat_jax.text.kv_step import Gemma2KVStep, geometry
+    from fraqat_jax.family import family_for_model
 
     qnn_module()
     chip = soc_of(soc)
@@ -209,7 +246,9 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
         raise ValueError(f"--product-bits must be one of {', '.join(map(str, PRODUCT_BITS))}, got {product_bits!r}")
     config = dict(student.config)
     n, c = lengths(config, prefill_len, context_len)
-    geom = {**geometry(config), "prefill_len": n, "context_len": c}
+    model = eo.static_view(student)
+    step = family_for_model(student).cached_step(model)
+    geom = {**step.geometry(), "prefill_len": n, "context_len": c}
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -217,9 +256,7 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
     def lap(name):
         stages[name] = round(time.perf_counter() - start - sum(stages.values()), 2)
 
-    model = eo.static_view(student)
     frozen = fraqat_jax.freeze(model)
-    step = Gemma2KVStep(model)
     frozen_step = fraqat_jax.freeze(step)  # the same codes, named by the step's paths
     protos, emitters, counts = {}, {}, {}
     for name, tokens in (("prefill", n), ("decode", 1)):
@@ -227,6 +264,7 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
         protos[name], counts[name] = eo.to_onnx(step, _example(geom, tokens, c), frozen=frozen_step, batch_size=1,
                                                 emitter_out=em)
         emitters[name] = em[0]
+        counts[name]["tied_lm_head"] = tie_lm_head(protos[name])
     lap("onnx")
     raw = {k: _fn(cpu_session(p.SerializeToString())) for k, p in protos.items()}
     record = calibration_steps(geom, raw, calibration_windows)
@@ -247,7 +285,9 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
                               "product_bits": int(product_bits), "prefill_len": n, "context_len": c,
                               "nodes": {k: len(onnx.load(paths[k]).graph.node) for k in GRAPHS},
                               "weight_bytes": int(counts["prefill"]["weight_bytes"]),
-                              "initializer_bytes": int(counts["prefill"]["initializer_bytes"]),
+                              "initializer_bytes": sum(len(t.raw_data) or t.ByteSize()
+                                                       for t in onnx.load(paths["prefill"]).graph.initializer),
+                              "tied_lm_head": counts["prefill"]["tied_lm_head"],
                               "bf16_bytes": int(counts["prefill"]["bf16_bytes"]), "qdq": qcounts}
     log(f"wrote {paths['prefill']} ({n} tokens) and {paths['decode']} (1 token) at context {c}: "
         f"{report['nodes']['prefill']} / {report['nodes']['decode']} nodes, {qcounts['prefill'].get('products', 0)} "
@@ -359,7 +399,7 @@ def _manifest(geom, config, chip, paths, ctx_paths, product_bits, copied) -> dic
 
 
 REPORT_KEYS = ("soc", "htp_arch", "product_bits", "prefill_len", "context_len", "nodes", "weight_bytes",
-               "initializer_bytes", "bf16_bytes", "context_bytes", "context_bytes_alone", "context_ratio_vs_one_graph",
+               "initializer_bytes", "tied_lm_head", "bf16_bytes", "context_bytes", "context_bytes_alone", "context_ratio_vs_one_graph",
                "context_files", "context_build_seconds", "max_rel_diff_logits", "max_rel_diff_logits_cpu",
                "prompts", "prompts_equal", "new_tokens", "prompts_cpu", "prompts_equal_cpu", "new_tokens_cpu", "agreement", "refused", "error", "stage_seconds",
                "export_seconds", "ok")

@@ -75,6 +75,10 @@ class Gemma2KVStep(nnx.Module):
         self.kinds = layer_types(cfg)
         self.window = cfg.get("sliding_window")
 
+    def geometry(self) -> dict:
+        """:func:`geometry` of the wrapped model's config."""
+        return geometry(self.model.config)
+
     def __call__(self, **inputs):
         cfg = self.model.config
         core = self.model.model
