@@ -192,3 +192,18 @@ def test_sampling_draws_within_top_k_and_is_reproducible():
     # top_p: the smallest set holding 0.5 of the mass is the likeliest token alone.
     assert {deploy_text.next_token(logits, np.random.default_rng(s), temperature=1.0, top_p=0.3)
             for s in range(20)} == {1}
+
+
+def test_lengths_default_to_the_model_and_refuse_bad_values(tmp_path, capsys):
+    assert qnn_text.lengths({"max_position_embeddings": 256}, None, None) == (128, 256)
+    assert qnn_text.lengths({"max_position_embeddings": 8192}, None, None) == (128, 512)
+    assert qnn_text.lengths({"max_position_embeddings": 8192}, 64, 4096) == (64, 4096)
+    for n, c, flag in ((None, 300, "--context-len"), (256, 256, "--prefill-len"), (0, 64, "--prefill-len")):
+        with pytest.raises(ValueError, match=flag):
+            qnn_text.lengths({"max_position_embeddings": 256}, n, c)
+    from fraqat_jax.export.__main__ import main as export_main
+
+    with pytest.raises(SystemExit) as e:
+        export_main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), "--format", "orbax", "--prefill-len", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--prefill-len" in err[0]
