@@ -3,8 +3,8 @@
 (``deploy/text.py``), checked against the JAX frozen student's full forward (no cache), greedy.
 
 One generation folder per module, exported at the default lengths of the shipped ``builtin:lm``
-(context 256, prefill 128) from a W4A8 student with static ranges; the QNN simulator takes about a
-second per step, so HTP runs few steps and the long checks run the same graphs on the CPU."""
+(context 256, prefill 128) from a W4A8 student with static ranges; the QNN simulator is slow, so
+HTP runs few steps and the long checks run the same graphs on the CPU."""
 
 from __future__ import annotations
 
@@ -99,9 +99,9 @@ def test_the_folder_holds_both_graphs_whole_on_htp_sharing_one_context(exported)
 
 
 def test_htp_decode_follows_the_jax_student(exported):
-    """The decode graph on QNN HTP (the simulator: about a second a step; the 128-token prefill
-    graph takes a minute there, so its run is the export command's own check) after a CPU prefill:
-    greedy tokens and logits against the JAX frozen student."""
+    """The decode graph on QNN HTP after a CPU prefill (a 128-token prefill call is slow on the
+    simulator: its HTP run is the export command's own check): greedy tokens and logits against
+    the JAX frozen student."""
     folder, frozen = exported["dir"], exported["frozen"]
     manifest = json.load(open(os.path.join(folder, "pipeline.json")))
     (prefill_cpu, _), (_, decode_htp) = (deploy_text.open_graphs(manifest, folder, p) for p in ("cpu", "qnn"))

@@ -344,7 +344,7 @@ def _eos(config: Mapping) -> list[int]:
 def _agreement(frozen, geom, sessions, paths, windows, prompt_len, num_new, eos, htp_prompts, htp_tokens) -> dict:
     """Greedy continuations of held-out prompts against the JAX frozen student's: on onnxruntime's
     CPU (the same QNN-form graphs) for every window, ``num_new`` tokens; on QNN HTP for the first
-    ``htp_prompts``, ``htp_tokens`` tokens (the simulator takes about a second per step). Tokens
+    ``htp_prompts``, ``htp_tokens`` tokens (the simulator is slow). Tokens
     equal, and the logits until the first differing token."""
     runners = {"htp": TextModel(geom, _fn(sessions["prefill"]), _fn(sessions["decode"])),
                "cpu": TextModel(geom, *(_fn(cpu_session(paths[k])) for k in GRAPHS))}
