@@ -8,8 +8,8 @@ sharing one KV-cache layout and one context binary.
   length ``C`` (default ``min(512, max_position_embeddings)``): the student's cached step (the
   family's ``cached_step``; for Gemma-2 ``fraqat_jax.text.kv_step``: inputs ``input_ids``, the
   additive masks ``[1, 1, N, C]``, the rotary tables, per layer ``past_key_{l}_in`` /
-  ``past_value_{l}_in`` holding ``C - N`` cache slots; outputs ``logits`` and the ``N`` new keys / values per layer) in the QNN form of
-  :mod:`fraqat_jax.export.qnn` (every rule there holds; the product ranges are calibrated on the
+  ``past_value_{l}_in`` holding ``C - N`` cache slots; outputs ``logits`` and the ``N`` new
+  keys / values per layer) in the QNN form of :mod:`fraqat_jax.export.qnn` (every rule there holds; the product ranges are calibrated on the
   steps the host runner takes over held-out text);
 * ``prefill_ctx.onnx`` and ``decode_ctx.onnx``: their EPContext models for ``--soc``, compiled in
   one weight-sharing group (``ep.share_ep_contexts``), so both point to one context binary
@@ -401,8 +401,8 @@ def _manifest(geom, config, chip, paths, ctx_paths, product_bits, copied) -> dic
 REPORT_KEYS = ("soc", "htp_arch", "product_bits", "prefill_len", "context_len", "nodes", "weight_bytes",
                "initializer_bytes", "tied_lm_head", "bf16_bytes", "context_bytes", "context_bytes_alone", "context_ratio_vs_one_graph",
                "context_files", "context_build_seconds", "max_rel_diff_logits", "max_rel_diff_logits_cpu",
-               "prompts", "prompts_equal", "new_tokens", "prompts_cpu", "prompts_equal_cpu", "new_tokens_cpu", "agreement", "refused", "error", "stage_seconds",
-               "export_seconds", "ok")
+               "prompts", "prompts_equal", "new_tokens", "prompts_cpu", "prompts_equal_cpu", "new_tokens_cpu",
+               "agreement", "refused", "error", "stage_seconds", "export_seconds", "ok")
 
 
 def _write_json(path: str, report: dict) -> None:
