@@ -9,8 +9,8 @@ sharing one KV-cache layout and one context binary.
   family's ``cached_step``; for Gemma-2 ``fraqat_jax.text.kv_step``: inputs ``input_ids``, the
   additive masks ``[1, 1, N, C]``, the rotary tables, per layer ``past_key_{l}_in`` /
   ``past_value_{l}_in`` holding ``C - N`` cache slots; outputs ``logits`` and the ``N`` new
-  keys / values per layer) in the QNN form of :mod:`fraqat_jax.export.qnn` (every rule there holds; the product ranges are calibrated on the
-  steps the host runner takes over held-out text);
+  keys / values per layer) in the QNN form of :mod:`fraqat_jax.export.qnn` (every rule there
+  holds; the product ranges are calibrated on the steps the host runner takes over held-out text);
 * ``prefill_ctx.onnx`` and ``decode_ctx.onnx``: their EPContext models for ``--soc``, compiled in
   one weight-sharing group (``ep.share_ep_contexts``), so both point to one context binary
   (``prefill_ctx_qnn.bin``) that holds the weights once;
