@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -286,14 +287,23 @@ def frozen_layers(frozen) -> dict[str, Any]:
     return {path_string(p): node for p, node in nnx.iter_graph(frozen) if isinstance(node, (FrozenLinear, FrozenConv))}
 
 
+@dataclass(frozen=True)
+class QdqGraph:
+    """What :func:`to_onnx` returns: the traced QDQ graph and what later stages read from the trace."""
+
+    proto: Any  # the onnx.ModelProto
+    counts: dict[str, Any]  # see export_onnx's report
+    weight_outputs: dict[str, str]  # name of each dequantized INT4/INT8 weight tensor -> its layer's path
+
+
 def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BATCH_FREE, frozen=None,
-            batch_size: int | None = None, emitter_out: list | None = None):
-    """The ``onnx.ModelProto`` of ``model`` (quantized, calibrated) called as ``model(**inputs)``,
-    and a dict of counts (see :func:`export_onnx`). ``inputs`` fix every shape but the batch axis;
-    ``frozen`` is ``fraqat_jax.freeze(model)`` if the caller has it (its codes are written).
-    ``batch_size``: a fixed batch size (every shape static, as QNN HTP needs) instead of the
-    dynamic ``batch`` dimension. ``emitter_out``: a list that receives the layer emitter (its
-    ``weight_outputs`` name each dequantized weight, for :mod:`fraqat_jax.export.qnn`)."""
+            batch_size: int | None = None) -> QdqGraph:
+    """The QDQ graph of ``model`` (quantized, calibrated) called as ``model(**inputs)``: the
+    ``onnx.ModelProto``, its counts (see :func:`export_onnx`) and its weight map (which tensor is
+    which layer's dequantized weight, for :mod:`fraqat_jax.export.qnn`). ``inputs`` fix every shape
+    but the batch axis; ``frozen`` is ``fraqat_jax.freeze(model)`` if the caller has it (its codes
+    are written). ``batch_size``: a fixed batch size (every shape static, as QNN HTP needs) instead
+    of the dynamic ``batch`` dimension."""
     from onnx import helper
 
     model = static_view(model)
@@ -319,8 +329,6 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
         raise OnnxExportError(f"the model returns {len(closed.out_avals)} arrays; the export names one ({OUTPUT_NAME!r}) "
                               "or one per key of a returned dict")
     emitter = _LayerEmitter(layers, frozen_layers(fraqat_jax.freeze(model) if frozen is None else frozen))
-    if emitter_out is not None:
-        emitter_out.append(emitter)
     conv = jaxpr_onnx.Converter(batch_symbol=None if batch_size is not None else b, hooks={LAYER_PREFIX: emitter})
     if batch_size is None:
         first = next(name for (name, _), bat in zip(flat, batched) if bat)
@@ -358,7 +366,7 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
         "bytes_ratio_vs_bf16": init_bytes / max(2 * n_params, 1),
         "act_grid_shift": emitter.grid_shift,
     }
-    return proto, counts
+    return QdqGraph(proto, counts, dict(emitter.weight_outputs))
 
 
 def run_onnx(path: str, inputs: Mapping[str, Any], *, all_optimizations: bool = False) -> np.ndarray:
@@ -414,7 +422,8 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
 
     model = static_view(model)
     frozen = fraqat_jax.freeze(model)
-    proto, report = to_onnx(model, inputs, batch_free=batch_free, frozen=frozen)
+    graph = to_onnx(model, inputs, batch_free=batch_free, frozen=frozen)
+    proto, report = graph.proto, dict(graph.counts)
     too_big = proto.ByteSize() > 2**31 - 2**24  # protobuf's 2 GiB limit: weights go beside the file
     onnx.save(proto, path, save_as_external_data=too_big, location=os.path.basename(path) + ".data")
     report["path"] = path
