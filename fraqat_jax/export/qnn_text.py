@@ -258,12 +258,10 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
 
     frozen = fraqat_jax.freeze(model)
     frozen_step = fraqat_jax.freeze(step)  # the same codes, named by the step's paths
-    protos, emitters, counts = {}, {}, {}
+    protos, weight_outputs, counts = {}, {}, {}
     for name, tokens in (("prefill", n), ("decode", 1)):
-        em: list = []
-        protos[name], counts[name] = eo.to_onnx(step, _example(geom, tokens, c), frozen=frozen_step, batch_size=1,
-                                                emitter_out=em)
-        emitters[name] = em[0]
+        qdq = eo.to_onnx(step, _example(geom, tokens, c), frozen=frozen_step, batch_size=1)
+        protos[name], counts[name], weight_outputs[name] = qdq.proto, qdq.counts, qdq.weight_outputs
         counts[name]["tied_lm_head"] = tie_lm_head(protos[name])
     lap("onnx")
     raw = {k: _fn(cpu_session(p.SerializeToString())) for k, p in protos.items()}
@@ -272,7 +270,7 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
     ctx_paths = {k: os.path.join(out_dir, FILES[k][1]) for k in GRAPHS}
     qcounts = {}
     for name in GRAPHS:
-        main, prologue, qcounts[name] = to_qnn(protos[name], emitters[name].weight_outputs, record[name], product_bits)
+        main, prologue, qcounts[name] = to_qnn(protos[name], weight_outputs[name], record[name], product_bits)
         if prologue is not None:
             raise eo.OnnxExportError("the cached step computes sin/cos; the host gives them")
         for p in (paths[name], ctx_paths[name], ctx_paths[name][:-len(".onnx")] + "_qnn.bin"):
