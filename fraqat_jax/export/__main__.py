@@ -8,6 +8,7 @@ import shutil
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 
 import fraqat_jax
 from fraqat_jax import runs
@@ -60,6 +61,8 @@ def _export_qnn(teacher, student, cfg, args) -> dict:
     from fraqat_jax.export import qnn
 
     student = _static_student(teacher, student, cfg, args)
+    if family_for_model(teacher).decodes_with_cache:
+        return _export_qnn_text(teacher, student, cfg, args)
     try:
         report = qnn.export_qnn(teacher, student, cfg, args.out, soc=args.soc, batch_size=args.batch_size,
                                 product_bits=args.product_bits, calibration_samples=args.calibration_samples)
@@ -73,6 +76,35 @@ def _export_qnn(teacher, student, cfg, args) -> dict:
         else:
             print(f"error: QNN HTP refused {len(report['refused'])} node(s): {', '.join(report['refused'][:20])}",
                   file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
+def _export_qnn_text(teacher, student, cfg, args) -> dict:
+    """``--format qnn`` on a language-model run: the generation folder (prefill and decode graphs,
+    shared HTP context, tokenizer, pipeline.json; see fraqat_jax.export.qnn_text); exit 1 when HTP
+    does not take a graph whole or the logits disagree with the JAX student."""
+    from fraqat_jax.export import qnn_text
+
+    try:
+        qnn_text.lengths(dict(student.config), args.prefill_len, args.context_len)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    windows = [np.asarray(b["input_ids"]) for b in calibration_batches(teacher, cfg, num_samples=8, batch_size=8,
+                                                                        seed=0)]
+    held = [np.asarray(b["input_ids"]) for b in calibration_batches(teacher, cfg, num_samples=10, batch_size=10,
+                                                                     seed=1)]
+    if os.path.isdir(args.out):
+        shutil.rmtree(args.out)  # an earlier qnn export (checked above)
+    report = qnn_text.export_text_qnn(student, args.out, tokenizer_from=family_for_model(teacher).teacher_folder(cfg),
+                                      calibration_windows=[r for w in windows for r in w],
+                                      heldout_windows=[r for w in held for r in w], soc=args.soc,
+                                      product_bits=args.product_bits, prefill_len=args.prefill_len,
+                                      context_len=args.context_len)
+    print(qnn_text.summary(report))
+    if not report["ok"]:
+        print(f"error: the QNN graphs disagree with the JAX student beyond {qnn_text.TOL_LOGITS:g} x max|logits|"
+              if not report.get("refused") else f"error: QNN HTP refused nodes: {report['refused']}", file=sys.stderr)
         raise SystemExit(1)
     return report
 
@@ -172,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format qnn: width of a W4A8 layer's product on HTP: 16 (default: the trained uint8 "
                         "input carried exactly in uint16, a uint16 output; meets the agreement tolerances) or 8 "
                         "(HTP's 8-bit kernels, every product rounded to 256 levels; see docs/deploy.md)")
+    p.add_argument("--prefill-len", type=int, default=None,
+                   help="--format qnn on a language-model run: tokens of the prefill graph (default 128, below "
+                        "--context-len)")
+    p.add_argument("--context-len", type=int, default=None,
+                   help="--format qnn on a language-model run: the context length of both graphs (default "
+                        "min(512, max_position_embeddings))")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
@@ -225,8 +263,10 @@ def main(argv=None) -> dict:
                 qnn.qnn_module()
             except qnn.QnnUnavailable as e:
                 raise ExportError(str(e)) from None
-        elif args.soc != "sm8750" or args.batch_size != 1 or args.product_bits != 16:
-            raise ExportError(f"--soc, --batch-size and --product-bits apply to --format qnn, not --format {args.format}")
+        elif (args.soc != "sm8750" or args.batch_size != 1 or args.product_bits != 16 or args.prefill_len is not None
+              or args.context_len is not None):
+            raise ExportError(f"--soc, --batch-size, --product-bits, --prefill-len and --context-len apply to "
+                              f"--format qnn, not --format {args.format}")
         _check_out(args.out, args.format)
         if not os.path.isdir(args.workdir):
             raise ExportError(f"--workdir {args.workdir!r} does not exist")

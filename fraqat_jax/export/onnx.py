@@ -321,16 +321,22 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     def call(*args):
         return marked(**jax.tree_util.tree_unflatten(tree, list(args)))
 
-    closed = jax.make_jaxpr(call)(*specs)
-    if len(closed.out_avals) != 1:
-        raise OnnxExportError(f"the model returns {len(closed.out_avals)} arrays; the export names one ({OUTPUT_NAME!r})")
+    closed, out_shape = jax.make_jaxpr(call, return_shape=True)(*specs)
+    # A model returning a dict of arrays gives one graph output per key (a cached language-model
+    # step: logits and new keys / values); one array is the output ``sample``.
+    out_names = sorted(out_shape) if isinstance(out_shape, dict) else [OUTPUT_NAME]
+    if len(closed.out_avals) != len(out_names):
+        raise OnnxExportError(f"the model returns {len(closed.out_avals)} arrays; the export names one ({OUTPUT_NAME!r}) "
+                              "or one per key of a returned dict")
     emitter = _LayerEmitter(layers, frozen_layers(fraqat_jax.freeze(model) if frozen is None else frozen))
     conv = jaxpr_onnx.Converter(batch_symbol=None if batch_size is not None else b, hooks={LAYER_PREFIX: emitter})
     if batch_size is None:
         first = next(name for (name, _), bat in zip(flat, batched) if bat)
         conv.batch_size = conv.node("Shape", [first], start=0, end=1)
-    (out,) = conv.run(closed.jaxpr, list(closed.consts), [name for name, _ in flat])
-    conv.nodes.append(helper.make_node("Identity", [conv.name(out)], [OUTPUT_NAME], name="output"))
+    outs = conv.run(closed.jaxpr, list(closed.consts), [name for name, _ in flat])
+    for out, out_name in zip(outs, out_names):
+        conv.nodes.append(helper.make_node("Identity", [conv.name(out)], [out_name],
+                                           name="output" if out_name == OUTPUT_NAME else f"output_{out_name}"))
     # Graph inputs in the order of the model's call signature (hidden_states, timestep, ...).
     order = list(inspect.signature(type(model).__call__).parameters)
     rank = lambda item: order.index(item[0][0].split(".")[0]) if item[0][0].split(".")[0] in order else len(order)  # noqa: E731
@@ -338,7 +344,7 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     graph = helper.make_graph(
         conv.nodes, "fraqat_jax_" + type(model).__name__,
         [conv.value_info(name, spec) for (name, _), spec in in_order],
-        [conv.value_info(OUTPUT_NAME, closed.out_avals[0])],
+        [conv.value_info(name, aval) for name, aval in zip(out_names, closed.out_avals)],
         initializer=conv.initializers)
     jaxpr_onnx.prune(graph, inputs=False)  # every input of the call stays a graph input
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", jaxpr_onnx.OPSET)],
@@ -350,7 +356,7 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     counts = {
         "opset": jaxpr_onnx.OPSET,
         "inputs": [name for (name, _), _ in in_order],
-        "output": OUTPUT_NAME,
+        "output": OUTPUT_NAME if out_names == [OUTPUT_NAME] else out_names,
         "quantized_layers": len(layers),
         "weight_initializers": emitter.weight_initializers,
         "weight_bytes": emitter.weight_bytes,

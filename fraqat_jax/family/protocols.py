@@ -140,6 +140,15 @@ class Export(Protocol):
     def pipeline_components(self, cfg, student) -> Sequence[Component]:
         """The models a phone pipeline runs (``text_encoder``, ``transformer``, ``vae_decoder``, ...)."""
 
+    #: Whether :meth:`cached_step` is implemented (a language model exported as prefill and decode
+    #: graphs against a host-side KV cache).
+    decodes_with_cache: ClassVar[bool]
+
+    def cached_step(self, model):
+        """``model`` as one fixed-shape step against a host-side KV cache: a module called with
+        ``input_ids``, masks, RoPE tables and the past keys/values, returning the logits and the new
+        keys/values (the prefill and decode graphs of a phone export)."""
+
 
 @runtime_checkable
 class Generation(Protocol):
@@ -266,6 +275,11 @@ class Family:
 
     def pipeline_components(self, cfg, student) -> Sequence[Component]:
         raise self._cannot("export a phone pipeline (no pipeline components)")
+
+    decodes_with_cache: ClassVar[bool] = False
+
+    def cached_step(self, model):
+        raise self._cannot("be exported as prefill and decode graphs (no cached step)")
 
     # -- Generation ------------------------------------------------------------------------------------
     def teacher_sampler(self, cfg, build, out_shardings=None, **options):

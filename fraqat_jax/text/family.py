@@ -272,6 +272,17 @@ class TextFamily(Family):
         """``{"seq_len": cfg.seq_len}``: the windows the run trains on."""
         return {"seq_len": int(cfg.seq_len)}
 
+    # -- phone export --------------------------------------------------------------------------------
+
+    decodes_with_cache = True
+
+    def cached_step(self, model):
+        """``model`` as one fixed-shape step against a host-side KV cache (the prefill and decode
+        graphs of ``export --format qnn``): :class:`fraqat_jax.text.kv_step.Gemma2KVStep`."""
+        from fraqat_jax.text.kv_step import Gemma2KVStep
+
+        return Gemma2KVStep(model)
+
     # -- samples -----------------------------------------------------------------------------------
 
     def teacher_sampler(self, cfg, build, out_shardings=None, **options):
