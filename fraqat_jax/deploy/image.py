@@ -232,14 +232,15 @@ def conditioning(folder: str, manifest: Mapping, args, provider: str, timer: Tim
         emb = encoder(feeds)[text["output"]]
     null_emb = np.load(os.path.join(folder, text["uncond_embedding"]))
     null_mask = np.load(os.path.join(folder, text["uncond_mask"]))
-    cond = {io["text"]: emb, io["text_mask"]: mask}
-    uncond = {io["text"]: null_emb, io["text_mask"]: null_mask}
+    cond, uncond = {io["text"]: emb}, {io["text"]: null_emb}
+    if io.get("text_mask"):  # a transformer that takes the caption mask
+        cond[io["text_mask"]], uncond[io["text_mask"]] = mask, null_mask
     return cond, uncond
 
 
-def run(manifest: Mapping, folder: str, args) -> np.ndarray:
+def run(manifest: Mapping, folder: str, args, on_step=None) -> np.ndarray:
     """Writes the PNG of ``args`` (see :func:`~fraqat_jax.deploy.__main__.main`); returns the image
-    ``(C, H, W)`` in the model's range."""
+    ``(C, H, W)`` in the model's range. ``on_step``: as :func:`sample`'s."""
     steps, guidance = _check(manifest, args)
     provider = args.provider
     timer = Timer()
@@ -254,7 +255,7 @@ def run(manifest: Mapping, folder: str, args) -> np.ndarray:
     shape = tuple(manifest["latent"]["shape"])
     noise = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
     x = sample(lambda f: transformer(_typed(transformer, f)), manifest, noise, cond, uncond, steps=steps,
-               guidance=guidance, timer=timer)
+               guidance=guidance, timer=timer, on_step=on_step)
     if decoder is not None:
         latent = manifest["latent"]
         z = x / np.float32(latent.get("scaling_factor", 1.0))
