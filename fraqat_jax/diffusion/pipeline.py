@@ -13,14 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from fraqat_jax.diffusion.families import TIMESTEPS_PER_SIGMA, objective_of
 
-__all__ = ["DDIM_SETTINGS", "DecoderGraph", "TextEncoderGraph", "TransformerGraph", "jitted", "label_settings",
+__all__ = ["DDIM_SETTINGS", "DecoderGraph", "TextEncoderGraph", "TransformerGraph", "label_settings",
            "sampler_settings", "single_network_settings"]
 
 #: The DDIM schedule of ``model_sampler`` for the epsilon families (``ddpm_alphas_cumprod()``'s defaults).
@@ -70,16 +68,14 @@ def single_network_settings(family: str, model_config: Mapping[str, Any], cfg, s
 
 class TextEncoderGraph(nnx.Module):
     """The text encoder as the pipeline folder runs it: ``(input_ids [1, L] int, attention_mask
-    [1, L] float 0/1) -> last hidden state [1, L, D]`` with padded positions zeroed (the
-    transformer then takes no caption mask). The mask is float so that no integer mask meets the
-    QNN form's boolean rewrites."""
+    [1, L] float 0/1) -> last hidden state [1, L, D]``. The mask is float so that the graph's only
+    boolean tensors are made from it (the QNN form writes them back in float)."""
 
     def __init__(self, lm):
         self.lm = lm
 
     def __call__(self, input_ids, attention_mask):
-        hidden = self.lm(input_ids, attention_mask)
-        return hidden * attention_mask[..., None].astype(hidden.dtype)
+        return self.lm(input_ids, attention_mask)
 
 
 class DecoderGraph(nnx.Module):
@@ -95,17 +91,11 @@ class DecoderGraph(nnx.Module):
 
 class TransformerGraph(nnx.Module):
     """A text-conditional denoiser called as the folder calls it: ``(hidden_states, timestep,
-    encoder_hidden_states)``, no caption mask (padded positions carry zero embeddings)."""
+    encoder_hidden_states, encoder_attention_mask)``, the caption mask float 0/1."""
 
     def __init__(self, model):
         self.model = model
 
-    def __call__(self, hidden_states, timestep, encoder_hidden_states):
-        return self.model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states)
-
-
-def jitted(model):
-    """``feeds -> output`` (numpy in and out) of an NNX module called with keyword arguments."""
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda st, kw: nnx.merge(graphdef, st)(**kw))
-    return lambda feeds: np.asarray(fn(state, {k: jnp.asarray(v) for k, v in feeds.items()}), np.float32)
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
+        return self.model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                          encoder_attention_mask=encoder_attention_mask)

@@ -27,7 +27,9 @@ import numpy as np
 
 from fraqat_jax.deploy.common import MANIFEST
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "component_entry", "io_spec", "read_json", "soc_entry", "write_manifest",
+__all__ = ["COMPONENT_BITS", "FORMAT_VERSION", "MANIFEST", "SUBFOLDERS", "build_component", "component_entry",
+           "export_image_pipeline", "io_spec", "jitted", "mask_wheres_as_adds", "prune_dead_nodes", "quantize_after_training",
+           "read_json", "soc_entry", "tanh_as_sigmoid", "trajectories", "write_manifest", "write_qnn_with",
            "write_single_manifest"]
 
 FORMAT_VERSION = 1
@@ -138,48 +140,57 @@ def tanh_as_sigmoid(model) -> int:
     return len(tanhs)
 
 
-def mask_casts_as_values(model) -> int:
-    """``Cast(Greater(a * b, 0.5), float)`` -> ``a * b`` where ``a * b`` is a product of two 0/1
-    masks (the float form of a boolean And): the same values, without a boolean tensor that HTP
-    fails to cast back to float at rank 5 (``QNN_COMMON_ERROR_MEM_ALLOC`` when the graph is
-    finalized). Returns the number of casts removed."""
-    from onnx import TensorProto
+_LAYOUT = ("Unsqueeze", "Squeeze", "Transpose", "Reshape", "Expand", "Identity", "Flatten")
 
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    count = 0
-    for n in list(g.node):
-        if n.op_type != "Cast" or next(a.i for a in n.attribute if a.name == "to") != TensorProto.FLOAT:
-            continue
-        gt = producer.get(n.input[0])
-        if gt is None or gt.op_type != "Greater" or gt.input[1] != "qnn_half":
-            continue
-        prod = producer.get(gt.input[0])
-        # bool_ands_as_products writes And(a, b) as Greater named like the And, reading a Mul named
-        # And + "_m" of the two boolean operands cast to float: a product of 0/1 values.
-        if prod is None or prod.op_type != "Mul" or prod.name != f"{gt.name}_m":
-            continue
-        for user in g.node:
-            for j, i in enumerate(user.input):
-                if i == n.output[0]:
-                    user.input[j] = gt.input[0]
-        for j, o in enumerate(g.output):
-            if o.name == n.output[0]:
-                raise ValueError("a mask cast is a graph output")
-        g.node.remove(n)
-        count += 1
-    return count
+
+def _float_mask(g, name: str, producer, inits, added: list) -> str | None:
+    """A float 0/1 tensor equal to boolean tensor ``name`` (a mask), built from the float it was
+    made of: ``Cast(f, bool)`` or ``Greater(f, 0.5)`` of a 0/1 float ``f``, layout ops of a mask,
+    ``And`` with an all-true constant, ``And`` of two masks (their product). None if not a mask."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = producer.get(name)
+    if n is None:
+        if name in inits and inits[name].data_type == TensorProto.BOOL:
+            f = f"{name}_as_float"
+            if f not in inits:
+                inits[f] = numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float32), f)
+                g.initializer.append(inits[f])
+            return f
+        return None
+    if n.op_type == "Cast" and next(a.i for a in n.attribute if a.name == "to") == TensorProto.BOOL:
+        return n.input[0]
+    if n.op_type == "Greater" and n.input[1] in inits and float(numpy_helper.to_array(inits[n.input[1]])) == 0.5:
+        return n.input[0]
+    if n.op_type in _LAYOUT:
+        inner = _float_mask(g, n.input[0], producer, inits, added)
+        if inner is None:
+            return None
+        node = helper.make_node(n.op_type, [inner, *n.input[1:]], [f"{name}_as_float"], name=f"{n.name}_as_float")
+        node.attribute.extend(n.attribute)
+        added.append((n, node))
+        return node.output[0]
+    if n.op_type == "And":
+        a, b = (_float_mask(g, i, producer, inits, added) for i in n.input)
+        if a is None or b is None:
+            return None
+        node = helper.make_node("Mul", [a, b], [f"{name}_as_float"], name=f"{n.name}_as_float")
+        added.append((n, node))
+        return node.output[0]
+    return None
 
 
 def mask_wheres_as_adds(model, bias: float) -> int:
-    """``Where(Cast(m, bool), x, c)`` with ``m`` a float 0/1 mask and ``c`` a constant at or below
-    ``-bias`` (a masked attention logit) -> ``x + (m - 1) * bias``: after the softmax the same
-    weights (0 where masked) when the logits ``x`` are bounded well inside ``bias`` (soft-capped
-    logits: a few times the cap), without the rank-5 boolean tensors that HTP fails to finalize.
-    A bias far above the logits does not work on HTP: with 1e3 over logits capped at 50 its
-    softmax was off by 0.86 x max|out|, with 200 by 1e-2 (its float16 sums). Returns the number of
+    """``Where(mask, x, c)`` with ``mask`` a boolean attention mask made of a float 0/1 input (see
+    :func:`_float_mask`) and ``c`` a constant at or below ``-bias`` (a masked attention logit) ->
+    ``x + (m - 1) * bias`` with ``m`` the mask in float: after the softmax the same weights (0
+    where masked) when the logits ``x`` stay well inside ``bias``, and no boolean tensors, which
+    HTP fails on (a rank-5 boolean mask: ``QNN_COMMON_ERROR_MEM_ALLOC`` when the graph is
+    finalized; the QNN form's boolean rewrites break on Sana's caption mask). A bias far above the
+    logits does not work on HTP: 1e3 over Gemma-2's logits capped at 50 put its output off by 0.86 x
+    max|out|, 200 by 1e-2 (its float16 sums). Run it before the QNN form. Returns the number of
     nodes rewritten."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
@@ -188,22 +199,28 @@ def mask_wheres_as_adds(model, bias: float) -> int:
     for n in list(g.node):
         if n.op_type != "Where" or n.input[2] not in inits:
             continue
-        cast = producer.get(n.input[0])
-        if cast is None or cast.op_type != "Cast" or next(a.i for a in cast.attribute if a.name == "to") != TensorProto.BOOL:
-            continue
         if float(numpy_helper.to_array(inits[n.input[2]]).max()) > -bias:
+            continue
+        added: list = []
+        m = _float_mask(g, n.input[0], producer, inits, added)
+        if m is None:
             continue
         if not count:
             g.initializer.extend([numpy_helper.from_array(np.asarray(np.float32(bias)), "qnn_mask_bias"),
                                   numpy_helper.from_array(np.asarray(np.float32(1.0)), "qnn_mask_one")])
+        for old, node in added:  # each float copy right after the boolean node it mirrors
+            if node.output[0] not in producer:
+                g.node.insert(list(g.node).index(old) + 1, node)
+                producer[node.output[0]] = node
         index = list(g.node).index(n)
         g.node.remove(n)
         s, b = f"{n.name}_m1", f"{n.name}_bias"
-        for j, node in enumerate([helper.make_node("Sub", [cast.input[0], "qnn_mask_one"], [s], name=s),
+        for j, node in enumerate([helper.make_node("Sub", [m, "qnn_mask_one"], [s], name=s),
                                   helper.make_node("Mul", [s, "qnn_mask_bias"], [b], name=b),
                                   helper.make_node("Add", [n.input[1], b], list(n.output), name=n.name)]):
             g.node.insert(index + j, node)
         count += 1
+    prune_dead_nodes(model)
     return count
 
 
@@ -243,6 +260,40 @@ def quantize_after_training(model, bits: int):
     return fraqat_jax.quantize_model(model, [fraqat_jax.Rule(".*", weight_bits=bits, act_bits=None, channel_axis=-1)])
 
 
+def jitted(model):
+    """``feeds -> output`` (numpy in and out) of an NNX module called with keyword arguments."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, kw: nnx.merge(graphdef, st)(**kw))
+    return lambda feeds: np.asarray(fn(state, {k: jnp.asarray(v) for k, v in feeds.items()}), np.float32)
+
+
+def write_qnn_with(model, example: Mapping, calibration, out_dir: str, passes=()) -> dict:
+    """:func:`fraqat_jax.export.qnn.write_qnn` with ``passes`` (``proto -> count``) run on the traced
+    graph before the QNN form; also returns their ``rewrites`` counts."""
+    import onnx
+
+    import fraqat_jax
+    from fraqat_jax.export import onnx as eo
+    from fraqat_jax.export.qnn import MODEL_FILE, PROLOGUE_FILE, to_qnn
+
+    emitters: list = []
+    proto, counts = eo.to_onnx(model, example, frozen=fraqat_jax.freeze(eo.static_view(model)), batch_size=1,
+                               emitter_out=emitters)
+    rewrites = {getattr(fn, "__name__", None) or fn.func.__name__: fn(proto) for fn in passes}
+    main, prologue, qcounts = to_qnn(proto, emitters[0].weight_outputs, calibration, 16)
+    paths = {"model": os.path.join(out_dir, MODEL_FILE)}
+    onnx.save(main, paths["model"])
+    onnx.checker.check_model(paths["model"], full_check=True)
+    if prologue is not None:
+        paths["prologue"] = os.path.join(out_dir, PROLOGUE_FILE)
+        onnx.save(prologue, paths["prologue"])
+    return {"model": main, "prologue": prologue, "paths": paths, "counts": counts, "qdq": qcounts, "rewrites": rewrites}
+
+
 def build_component(model, example: Mapping, calibration, held, out_dir: str, sub: str, *, soc: str,
                     passes=(), log=print) -> dict:
     """``out_dir/sub``: ``model.onnx`` (+ prologue) of ``model`` in the QNN form, rewritten by
@@ -260,12 +311,9 @@ def build_component(model, example: Mapping, calibration, held, out_dir: str, su
 
     folder = os.path.join(out_dir, sub)
     os.makedirs(folder, exist_ok=True)
-    written = qnn.write_qnn(model, example, calibration, folder)
-    path, prologue = written["paths"]["model"], written["paths"].get("prologue")
-    proto = onnx.load(path)
-    rewrites = {fn.__name__: fn(proto) for fn in passes}
-    prune_dead_nodes(proto)
-    onnx.save(proto, path)
+    written = write_qnn_with(model, example, calibration, folder, passes)
+    path, prologue, proto, rewrites = (written["paths"]["model"], written["paths"].get("prologue"), written["model"],
+                                       written["rewrites"])
     ctx = os.path.join(folder, qnn.CONTEXT_FILE)
     try:
         session, build_s = qnn.timed(qnn.qnn_session, path, soc, context_path=ctx)
@@ -322,9 +370,9 @@ def trajectories(transformer, settings: Mapping, cond_rows, uncond: Mapping, lat
 def export_image_pipeline(text_encoder, transformer, vae, tokenizer_file: str, out_dir: str, *,  # long: one pass over the three networks
                           prompts, heldout_prompts, text_length: int, sampler: Mapping, latent_shape, pad_id: int = 0,
                           soc: str = "sm8750", component_bits: int = 8, calibration_steps: int | None = None,
-                          log=print) -> dict:
+                          mask_bias: float = 200.0, log=print) -> dict:
     """Writes the text-to-image folder (module doc) for a trained W4A8 ``transformer`` (static input
-    ranges; called ``(hidden_states, timestep, encoder_hidden_states)``), a text encoder
+    ranges; called ``(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)``), a text encoder
     (``(input_ids, attention_mask) -> [1, L, D]``) and a decoder (raw latents -> images in
     [-1, 1]), e.g. :class:`fraqat_jax.diffusion.pipeline.TextEncoderGraph` / ``DecoderGraph``.
 
@@ -332,11 +380,13 @@ def export_image_pipeline(text_encoder, transformer, vae, tokenizer_file: str, o
     activations on HTP), calibrated on the tokenized ``prompts`` and on the final latents of the
     sampler's own trajectories for them; the transformer's product ranges on those trajectories'
     inputs. ``heldout_prompts`` (neither traced nor calibrated on) give the agreement figures.
+    ``mask_bias``: the transformer's masked cross-attention logits as ``x - mask_bias``
+    (:func:`mask_wheres_as_adds`; the text encoder uses 4 x its soft cap).
     Returns the manifest and each component's figures."""
+    import functools
     import shutil
 
     from fraqat_jax.deploy.image import tokenize
-    from fraqat_jax.diffusion.pipeline import jitted
     from fraqat_jax.export.onnx import static_view
     from fraqat_jax.export.qnn import CONTEXT_FILE, MODEL_FILE, PROLOGUE_FILE, REPORT_FILE, soc_of
 
@@ -364,18 +414,22 @@ def export_image_pipeline(text_encoder, transformer, vae, tokenizer_file: str, o
     soft_cap = float(getattr(text_encoder, "lm", text_encoder).config.get("attn_logit_softcapping") or 50.0)
     figures = {"text_encoder": build_component(
         encoder, held_feeds[0], feeds, held_feeds, out_dir, "text_encoder", soc=chip.name, log=log,
-        passes=(tanh_as_sigmoid, mask_casts_as_values, lambda m: mask_wheres_as_adds(m, 4 * soft_cap)))}
+        passes=(tanh_as_sigmoid, functools.partial(mask_wheres_as_adds, bias=4 * soft_cap)))}
     # 2. The transformer on the sampler's own inputs (JAX, the frozen student).
     steps = int(calibration_steps or sampler["steps"])
     denoise = jitted(fraqat_jax.freeze(static_view(transformer)))
-    calls, finals = trajectories(denoise, sampler, [{"encoder_hidden_states": encode(f)} for f in feeds],
-                                 {"encoder_hidden_states": null_emb}, latent_shape, steps=steps,
-                                 guidance=float(sampler["guidance"]), seed=0)
-    held_calls, held_finals = trajectories(denoise, sampler, [{"encoder_hidden_states": encode(f)} for f in held_feeds],
-                                           {"encoder_hidden_states": null_emb}, latent_shape, steps=steps,
-                                           guidance=float(sampler["guidance"]), seed=10_000)
+    def cond(f):
+        return {"encoder_hidden_states": encode(f), "encoder_attention_mask": f["attention_mask"]}
+
+    uncond = {"encoder_hidden_states": null_emb, "encoder_attention_mask": null["attention_mask"]}
+    guidance = float(sampler["guidance"])
+    calls, finals = trajectories(denoise, sampler, [cond(f) for f in feeds], uncond, latent_shape, steps=steps,
+                                 guidance=guidance, seed=0)
+    held_calls, held_finals = trajectories(denoise, sampler, [cond(f) for f in held_feeds], uncond, latent_shape,
+                                           steps=steps, guidance=guidance, seed=10_000)
     figures["transformer"] = build_component(transformer, held_calls[0], calls, held_calls[:: max(1, len(held_calls) // 4)],
-                                             out_dir, "transformer", soc=chip.name, log=log)
+                                             out_dir, "transformer", soc=chip.name, log=log,
+                                             passes=(functools.partial(mask_wheres_as_adds, bias=mask_bias),))
     # 3. The decoder on the trajectories' final latents.
     scale = float(vae.vae.scaling_factor) if hasattr(vae, "vae") else 1.0
     decoder = quantize_after_training(vae, component_bits)
@@ -390,7 +444,7 @@ def export_image_pipeline(text_encoder, transformer, vae, tokenizer_file: str, o
         "conditioning": "text", "text": text, "sampler": dict(sampler),
         "latent": {"shape": [int(d) for d in latent_shape], "scaling_factor": scale},
         "transformer_io": {"latent": "hidden_states", "timestep": "timestep", "output": "sample",
-                           "text": "encoder_hidden_states"},
+                           "text": "encoder_hidden_states", "text_mask": "encoder_attention_mask"},
         "vae_io": {"latent": "latent", "output": "sample"},
         "components": {
             "text_encoder": component_entry(out_dir, "text_encoder", w_act, files),
