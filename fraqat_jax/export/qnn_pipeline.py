@@ -131,7 +131,7 @@ def tanh_as_sigmoid(model) -> int:
     for n in tanhs:
         index = list(g.node).index(n)
         g.node.remove(n)
-        a, s, m = (f"{n.name}_{k}" for k in ("x2", "sig", "m2"))
+        a, s, m = (f"{n.output[0]}_{k}" for k in ("x2", "sig", "m2"))
         for j, node in enumerate([helper.make_node("Mul", [n.input[0], "qnn_two"], [a], name=a),
                                   helper.make_node("Sigmoid", [a], [s], name=s),
                                   helper.make_node("Mul", [s, "qnn_two"], [m], name=m),
@@ -166,7 +166,7 @@ def _float_mask(g, name: str, producer, inits, added: list) -> str | None:
         inner = _float_mask(g, n.input[0], producer, inits, added)
         if inner is None:
             return None
-        node = helper.make_node(n.op_type, [inner, *n.input[1:]], [f"{name}_as_float"], name=f"{n.name}_as_float")
+        node = helper.make_node(n.op_type, [inner, *n.input[1:]], [f"{name}_as_float"], name=f"{name}_as_float")
         node.attribute.extend(n.attribute)
         added.append((n, node))
         return node.output[0]
@@ -174,7 +174,7 @@ def _float_mask(g, name: str, producer, inits, added: list) -> str | None:
         a, b = (_float_mask(g, i, producer, inits, added) for i in n.input)
         if a is None or b is None:
             return None
-        node = helper.make_node("Mul", [a, b], [f"{name}_as_float"], name=f"{n.name}_as_float")
+        node = helper.make_node("Mul", [a, b], [f"{name}_as_float"], name=f"{name}_as_float")
         added.append((n, node))
         return node.output[0]
     return None
@@ -214,7 +214,7 @@ def mask_wheres_as_adds(model, bias: float) -> int:
                 producer[node.output[0]] = node
         index = list(g.node).index(n)
         g.node.remove(n)
-        s, b = f"{n.name}_m1", f"{n.name}_bias"
+        s, b = f"{n.output[0]}_m1", f"{n.output[0]}_bias"
         for j, node in enumerate([helper.make_node("Sub", [m, "qnn_mask_one"], [s], name=s),
                                   helper.make_node("Mul", [s, "qnn_mask_bias"], [b], name=b),
                                   helper.make_node("Add", [n.input[1], b], list(n.output), name=n.name)]):
