@@ -194,6 +194,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
             deploy.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err and err.count("\n") == 1, (argv, err)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    alone = dict(manifest, components={"transformer": manifest["components"]["transformer"]})
+    del alone["text"]  # a text-conditional transformer exported alone
+    (folder / "pipeline.json").write_text(json.dumps(alone))
+    with pytest.raises(SystemExit) as e:
+        deploy.main([str(folder), "--prompt", "a", "--out", png, "--provider", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "text_encoder" in err and "missing" in err and err.count("\n") == 1
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
     os.remove(folder / "vae_decoder" / "model.onnx")
     with pytest.raises(SystemExit) as e:
         deploy.main([str(folder), "--prompt", "a", "--out", png, "--provider", "cpu"])

@@ -223,6 +223,9 @@ def conditioning(folder: str, manifest: Mapping, args, provider: str, timer: Tim
     if manifest["conditioning"] == "label":
         label = manifest["label"]
         return ({label["input"]: np.asarray([args.label])}, {label["input"]: np.asarray([label["null"]])})
+    if "text" not in manifest or "text_encoder" not in manifest.get("components", {}):
+        raise DeployError(f"{folder!r} has no text encoder (component 'text_encoder' is missing): a text-conditional "
+                          "transformer exported alone cannot turn a prompt into its input")
     text = manifest["text"]
     ids, mask = tokenize(folder, text, args.prompt)
     with timer("load text_encoder"):
