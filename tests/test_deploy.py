@@ -97,7 +97,8 @@ def _text_folder(tmp):
     np.save(tmp / "constants" / "uncond_mask.npy", null_mask)
     comp = lambda sub: {"onnx": f"{sub}/model.onnx", "context": f"{sub}/model_ctx.onnx"}  # noqa: E731
     manifest = {"kind": "image", "conditioning": "text",
-                "text": {"tokenizer": "tokenizer/tokenizer.json", "length": L, "pad_id": 0, "ids_input": "input_ids",
+                "text": {"tokenizer": "tokenizer/tokenizer.json", "length": L, "pad_id": 0, "lowercase": True,
+                         "ids_input": "input_ids",
                          "mask_input": "attention_mask", "output": "last_hidden_state",
                          "uncond_embedding": "constants/uncond_embedding.npy", "uncond_mask": "constants/uncond_mask.npy"},
                 "sampler": {"name": "flow_euler", "num_train_timesteps": 1000, "shift": 3.0, "timesteps_per_sigma": 1000.0,
@@ -139,8 +140,8 @@ def test_text_folder_samples_as_the_jax_euler_sampler(tmp_path):
 
     folder, table = _text_folder(tmp_path)
     out = tmp_path / "img.png"
-    got = deploy.main([str(folder), "--prompt", "a digit 3", "--out", str(out), "--provider", "cpu", "--steps", "3"])
-    ids = Tokenizer.from_file(TOKENIZER).encode("a digit 3").ids
+    got = deploy.main([str(folder), "--prompt", " A Digit 3 ", "--out", str(out), "--provider", "cpu", "--steps", "3"])
+    ids = Tokenizer.from_file(TOKENIZER).encode("a digit 3").ids  # lower-cased and stripped first
     mask = (np.arange(L) < len(ids)).astype(np.float32)[None]
     emb = table[ids + [0] * (L - len(ids))][None] * mask[..., None]
     null = np.load(folder / "constants" / "uncond_embedding.npy")

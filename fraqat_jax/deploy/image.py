@@ -202,12 +202,15 @@ def _check(manifest: Mapping, args) -> tuple[int, float]:
 
 def tokenize(folder: str, text_settings: Mapping, prompt: str) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, attention_mask)`` ``(1, length)`` int64: the tokenizer's ids (special tokens
-    included), padded with ``pad_id`` to the text length; :class:`DeployError` when longer."""
+    included; the prompt lower-cased and stripped first when the settings say ``lowercase``),
+    padded with ``pad_id`` to the text length; :class:`DeployError` when longer."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(folder, text_settings["tokenizer"]))
     tok.no_padding()
     tok.no_truncation()
+    if text_settings.get("lowercase"):  # the pipeline's text preprocessing (Sana: lower().strip())
+        prompt = prompt.lower().strip()
     ids = tok.encode(prompt).ids
     length = int(text_settings["length"])
     if len(ids) > length:

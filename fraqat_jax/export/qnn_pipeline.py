@@ -340,8 +340,9 @@ def build_component(model, example: Mapping, calibration, held, out_dir: str, su
     return report
 
 
-def _text_settings(text_length: int, pad_id: int) -> dict:
+def _text_settings(text_length: int, pad_id: int, lowercase: bool) -> dict:
     return {"tokenizer": "tokenizer/tokenizer.json", "length": int(text_length), "pad_id": int(pad_id),
+            "lowercase": bool(lowercase),
             "ids_input": "input_ids", "mask_input": "attention_mask", "output": "sample",
             "uncond_embedding": "constants/uncond_embedding.npy", "uncond_mask": "constants/uncond_mask.npy"}
 
@@ -370,7 +371,7 @@ def trajectories(transformer, settings: Mapping, cond_rows, uncond: Mapping, lat
 def export_image_pipeline(text_encoder, transformer, vae, tokenizer_file: str, out_dir: str, *,  # long: one pass over the three networks
                           prompts, heldout_prompts, text_length: int, sampler: Mapping, latent_shape, pad_id: int = 0,
                           soc: str = "sm8750", component_bits: int = 8, calibration_steps: int | None = None,
-                          mask_bias: float = 200.0, log=print) -> dict:
+                          mask_bias: float = 200.0, lowercase: bool = False, log=print) -> dict:
     """Writes the text-to-image folder (module doc) for a trained W4A8 ``transformer`` (static input
     ranges; called ``(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)``), a text encoder
     (``(input_ids, attention_mask) -> [1, L, D]``) and a decoder (raw latents -> images in
@@ -381,7 +382,8 @@ def export_image_pipeline(text_encoder, transformer, vae, tokenizer_file: str, o
     sampler's own trajectories for them; the transformer's product ranges on those trajectories'
     inputs. ``heldout_prompts`` (neither traced nor calibrated on) give the agreement figures.
     ``mask_bias``: the transformer's masked cross-attention logits as ``x - mask_bias``
-    (:func:`mask_wheres_as_adds`; the text encoder uses 4 x its soft cap).
+    (:func:`mask_wheres_as_adds`; the text encoder uses 4 x its soft cap). ``lowercase``: the
+    runner lower-cases and strips prompts before tokenizing (Sana's text preprocessing).
     Returns the manifest and each component's figures."""
     import functools
     import shutil
@@ -396,7 +398,7 @@ def export_image_pipeline(text_encoder, transformer, vae, tokenizer_file: str, o
     os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "constants"), exist_ok=True)
     shutil.copy(tokenizer_file, os.path.join(out_dir, "tokenizer", "tokenizer.json"))
-    text = _text_settings(text_length, pad_id)
+    text = _text_settings(text_length, pad_id, lowercase)
 
     def tokens(prompt):
         ids, mask = tokenize(out_dir, text, prompt)
