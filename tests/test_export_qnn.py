@@ -367,7 +367,9 @@ def test_default_folder_runs_through_the_deploy_command_with_labels(default_stat
     assert manifest["sampler"]["name"] == "ddim" and manifest["soc"]["htp_arch"] == 79
     names = [i["name"] for i in manifest["components"]["transformer"]["inputs"]]
     assert set(names) == {"timestep", "hidden_states", "class_labels"}
-    steps, guidance, labels = 3, 2.0, list(range(10))  # 3 DDIM steps with guidance: the JAX student draws all ten
+    # 3 DDIM steps with guidance: the JAX student draws all ten digits; five of them keep the HTP
+    # simulator's share of the suite small (30 calls).
+    steps, guidance, labels = 3, 2.0, [0, 2, 4, 6, 8]
     qnn_imgs, cpu_imgs = [], []
     for k in labels:
         qnn_imgs.append(deploy.main([str(out), "--label", str(k), "--out", str(tmp_path / f"q{k}.png"), "--seed", str(k),
@@ -391,4 +393,4 @@ def test_default_folder_runs_through_the_deploy_command_with_labels(default_stat
     print(f"digits default via deploy: PSNR QNN vs JAX {psnr_jax:.1f} dB, QNN vs CPU {psnr_cpu:.1f} dB; "
           f"classifier accuracy QNN {acc_qnn:.2f}, JAX {acc_jax:.2f}")
     assert psnr_jax >= 30 and psnr_cpu >= 25
-    assert acc_qnn >= 0.8 and abs(acc_qnn - acc_jax) <= 0.1
+    assert acc_qnn >= 0.8 and abs(acc_qnn - acc_jax) <= 0.2  # at most one of the five apart
