@@ -266,21 +266,32 @@ def default_static_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow
-def test_default_run_exports_whole_to_qnn_htp_from_the_command_line(default_static_run, tmp_path, capsys,
-                                                                      monkeypatch):
+@pytest.fixture(scope="module")
+def default_qnn_export(default_static_run, tmp_path_factory):
+    """``export --format qnn`` of the default run: ``(folder, report, printed)`` (shared by the
+    export's checks and the runner's, tests/test_deploy_qnn.py)."""
+    import contextlib
+    import io
+
     from fraqat_jax import export
     from fraqat_jax.export import orbax
 
     def no_round_trip(*args, **kwargs):
         raise AssertionError("the QNN export builds its JAX reference in memory, not through an orbax folder")
 
-    monkeypatch.setattr(orbax, "export_orbax", no_round_trip)
-    monkeypatch.setattr(orbax, "load", no_round_trip)
-    out = tmp_path / "qnn"
-    report = export.main(["--workdir", default_static_run, "--out", str(out), "--format", "qnn",
-                          "--calibration-samples", "16"])
-    printed = capsys.readouterr().out
+    out = tmp_path_factory.mktemp("default_qnn") / "qnn"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(orbax, "export_orbax", no_round_trip)
+        mp.setattr(orbax, "load", no_round_trip)
+        report = export.main(["--workdir", default_static_run, "--out", str(out), "--format", "qnn",
+                              "--calibration-samples", "16"])
+    return out, report, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_default_run_exports_whole_to_qnn_htp_from_the_command_line(default_qnn_export):
+    out, report, printed = default_qnn_export
     assert "all" in printed and "PSNR" in printed
     saved = json.loads((out / "qnn.json").read_text())
     assert list(saved) == ["soc", "htp_arch", "nodes", "nodes_on_qnn", "max_rel_diff_ort", "max_rel_diff_student",
@@ -332,3 +343,60 @@ def test_bad_input_exits_2(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         export.main(["--workdir", default_static_run, "--out", str(tmp_path / "c"), "--format", "qnn"])
     assert e.value.code == 2 and "pip install 'fraqat_jax[qnn]'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pipeline.json and the runner
+
+
+def _psnr(a, b) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)  # peak to peak 2: images in [-1, 1]
+
+
+@pytest.mark.slow
+def test_default_folder_runs_through_the_deploy_command_with_labels(default_static_run, default_qnn_export, tmp_path,
+                                                                    capsys):
+    """The digits default's folder keeps today's layout and gains pipeline.json; ``python -m
+    fraqat_jax.deploy --label K`` makes digits the shipped classifier recognises, on QNN HTP as on
+    the JAX student (same frozen quantization, noise and sampler), and QNN agrees with the CPU."""
+    from flax import nnx
+
+    from fraqat_jax import deploy, runs
+    from fraqat_jax.diffusion import model_sampler
+    from fraqat_jax.eval.classifier import DigitsClassifier
+
+    out, _, printed = default_qnn_export
+    assert {"model.onnx", "model_ctx.onnx", "qnn.json", "pipeline.json"} <= set(os.listdir(out))
+    manifest = json.loads((out / "pipeline.json").read_text())
+    assert manifest["kind"] == "image" and manifest["conditioning"] == "label"
+    assert manifest["label"] == {"input": "class_labels", "num_classes": 10, "null": 10}
+    assert manifest["sampler"]["name"] == "ddim" and manifest["soc"]["htp_arch"] == 79
+    names = [i["name"] for i in manifest["components"]["transformer"]["inputs"]]
+    assert set(names) == {"timestep", "hidden_states", "class_labels"}
+    # 3 DDIM steps with guidance: the JAX student draws all ten digits; five of them keep the HTP
+    # simulator's share of the suite small (30 calls).
+    steps, guidance, labels = 3, 2.0, [0, 2, 4, 6, 8]
+    qnn_imgs, cpu_imgs = [], []
+    for k in labels:
+        qnn_imgs.append(deploy.main([str(out), "--label", str(k), "--out", str(tmp_path / f"q{k}.png"), "--seed", str(k),
+                                     "--steps", str(steps), "--guidance", str(guidance)]))
+        cpu_imgs.append(deploy.main([str(out), "--label", str(k), "--out", str(tmp_path / f"c{k}.png"), "--seed", str(k),
+                                     "--steps", str(steps), "--guidance", str(guidance), "--provider", "cpu"]))
+    assert "transformer:" in capsys.readouterr().out
+    # The JAX student, frozen as exported, from the runner's noise.
+    _, student, _ = runs.load_run(default_static_run, unscan=True, attention="xla")
+    frozen = fraqat_jax.freeze(static_view(student))
+    graphdef, state = nnx.split(frozen)
+    sampler = model_sampler(lambda st: nnx.merge(graphdef, st), "dit", num_steps=steps, guidance_scale=guidance)
+    noise = np.stack([np.random.default_rng(k).standard_normal((1, 8, 8)).astype(np.float32) for k in labels])
+    ref = np.asarray(sampler(state, noise, {"class_labels": np.asarray(labels, np.int32)}, jax.random.key(0),
+                             {"class_labels": np.int32(10)}))
+    qnn_imgs, cpu_imgs = np.stack(qnn_imgs), np.stack(cpu_imgs)
+    psnr_jax = min(_psnr(q, r) for q, r in zip(qnn_imgs, ref))
+    psnr_cpu = min(_psnr(q, c) for q, c in zip(qnn_imgs, cpu_imgs))
+    clf = DigitsClassifier.load()
+    acc_qnn, acc_jax = clf.accuracy(qnn_imgs, np.asarray(labels)), clf.accuracy(ref, np.asarray(labels))
+    print(f"digits default via deploy: PSNR QNN vs JAX {psnr_jax:.1f} dB, QNN vs CPU {psnr_cpu:.1f} dB; "
+          f"classifier accuracy QNN {acc_qnn:.2f}, JAX {acc_jax:.2f}")
+    assert psnr_jax >= 30 and psnr_cpu >= 25
+    assert acc_qnn >= 0.8 and abs(acc_qnn - acc_jax) <= 0.2  # at most one of the five apart

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from fraqat_jax.cli import Parser, fail
-from fraqat_jax.deploy.common import PROVIDERS, DeployError, read_manifest
+from fraqat_jax.deploy.common import PROVIDERS, DeployError, qnn_library, read_manifest
 
 __all__ = ["base_parser", "main"]
 
@@ -42,6 +42,8 @@ def main(argv=None):
         parser = base_parser()
         kind.add_arguments(parser)
         args = parser.parse_args(argv)
+        if args.provider == "qnn":
+            qnn_library()  # the plugin first: without it, exit 2 before anything is read
         return kind.run(manifest, args.folder, args)
     except DeployError as e:
         fail(e)

@@ -255,6 +255,13 @@ class DiffusionFamily(Family):
         return {"sampler": self.sampler, "objective": self.objective,
                 "sample_shape": self.sample_shape(cfg, model_config), "num_classes": self.num_classes(model_config)}
 
+    def single_network_manifest(self, cfg, model_config) -> dict:
+        """The ``pipeline.json`` keys of a one-network phone folder: conditioning, label or text inputs,
+        the sampler and the latent shape (``fraqat_jax.diffusion.phone``)."""
+        from fraqat_jax.diffusion.phone import single_network_settings
+
+        return single_network_settings(self, model_config, cfg, self.sample_shape(cfg, model_config))
+
     def model_kwargs(self, inputs) -> dict:
         x_t, t, cond = inputs
         return model_kwargs(self, x_t, t, cond)

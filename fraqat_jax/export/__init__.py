@@ -4,9 +4,11 @@ or transformers, an ONNX QDQ graph, or a QNN HTP folder for Qualcomm's Hexagon N
 The part holds ``orbax.py`` (the exact serving form, :func:`load`), ``onnx.py`` (ONNX QDQ, checked by
 onnxruntime), ``jaxpr_onnx.py`` (the jaxpr-to-ONNX converter), ``qnn.py`` and ``qnn_graph.py`` (the
 QDQ form QNN HTP executes whole, its compiled EPContext model and ``qnn.json``, checked on the
-``onnxruntime-qnn`` HTP simulator), ``transformers.py`` (a text student as a transformers folder) and
+``onnxruntime-qnn`` HTP simulator), ``qnn_pipeline.py`` (``pipeline.json`` and the text-to-image folder:
+text encoder, transformer and decoder on HTP, for ``python -m fraqat_jax.deploy``), ``transformers.py`` (a text student as a transformers folder) and
 ``__main__.py`` (the command line).
-It imports the parts below it (diffusion, models, nn, quant, data) and ``runs/`` for a finished run;
+It imports the parts below it (diffusion, models, nn, quant, data), ``deploy/`` (the runner's
+manifest and tokenization) and ``runs/`` for a finished run;
 nothing imports it but command lines and ``compare/``.
 
 ``python -m fraqat_jax.export --workdir DIR --out PATH [--format orbax|diffusers|transformers|onnx|qnn]``

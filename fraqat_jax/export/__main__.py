@@ -77,6 +77,7 @@ def _export_qnn(teacher, student, cfg, args) -> dict:
             print(f"error: QNN HTP refused {len(report['refused'])} node(s): {', '.join(report['refused'][:20])}",
                   file=sys.stderr)
         raise SystemExit(1)
+    _write_pipeline_manifest(teacher, cfg, args, report)  # pipeline.json for fraqat_jax.deploy
     return report
 
 
@@ -107,6 +108,14 @@ def _export_qnn_text(teacher, student, cfg, args) -> dict:
               if not report.get("refused") else f"error: QNN HTP refused nodes: {report['refused']}", file=sys.stderr)
         raise SystemExit(1)
     return report
+
+
+def _write_pipeline_manifest(teacher, cfg, args, report) -> None:
+    """``pipeline.json`` of a one-network folder (see fraqat_jax.export.qnn_pipeline)."""
+    from fraqat_jax.export.qnn_pipeline import write_single_manifest
+
+    settings = family_for_model(teacher).single_network_manifest(cfg, dict(teacher.config))
+    print(f"wrote {write_single_manifest(args.out, report, settings)}: run it with python -m fraqat_jax.deploy {args.out}")
 
 
 def _export_transformers(teacher, student, cfg, args) -> dict:
@@ -229,9 +238,10 @@ def _check_out(out: str, fmt: str) -> None:
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise ExportError(f"--out {out!r} exists and is not a directory")
-        marker = {"orbax": "meta", "diffusers": "config.json", "transformers": "config.json", "qnn": "qnn.json"}[fmt]
+        marker = {"orbax": "meta", "diffusers": "config.json", "transformers": "config.json", "qnn": "pipeline.json"}[fmt]
         ours = os.path.isdir(os.path.join(out, marker)) if fmt == "orbax" else os.path.isfile(os.path.join(out, marker))
         ours = ours or (fmt == "diffusers" and os.path.isfile(os.path.join(out, "model_index.json")))
+        ours = ours or (fmt == "qnn" and os.path.isfile(os.path.join(out, "qnn.json")))
         if os.listdir(out) and not ours:
             raise ExportError(f"--out {out!r} exists, is not empty and is not an earlier {fmt} export; "
                               "choose a new path")

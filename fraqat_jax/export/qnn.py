@@ -11,7 +11,9 @@ writes into the folder ``DIR``:
 * ``prologue.onnx``: the host part (float32, onnxruntime's CPU provider): the sinusoidal features
   of the timestep (and of guidance, sizes, position ids), which are ``model.onnx``'s extra inputs;
 * ``qnn.json``: ``soc``, ``htp_arch``, ``nodes`` (of ``model.onnx``), ``nodes_on_qnn``,
-  ``max_rel_diff_ort``, ``max_rel_diff_student``, ``context_bytes`` and ``weight_bytes``.
+  ``max_rel_diff_ort``, ``max_rel_diff_student``, ``context_bytes`` and ``weight_bytes``;
+* ``pipeline.json`` (written by the command line, :mod:`fraqat_jax.export.qnn_pipeline`): the
+  manifest ``python -m fraqat_jax.deploy`` runs the folder with.
 
 The HTP here is the ``onnxruntime-qnn`` wheel's ``libQnnHtp.so`` on x86-64: Qualcomm's simulator of
 the NPU, the same backend and graph compiler a phone uses, and no timing of a phone.

@@ -140,6 +140,10 @@ class Export(Protocol):
     def pipeline_components(self, cfg, student) -> Sequence[Component]:
         """The models a phone pipeline runs (``text_encoder``, ``transformer``, ``vae_decoder``, ...)."""
 
+    def single_network_manifest(self, cfg, model_config) -> dict:
+        """The keys of ``pipeline.json`` (the host runner's manifest) that describe a folder holding
+        this family's one exported network: its conditioning, inputs, sampler and latent shape."""
+
     #: Whether :meth:`cached_step` is implemented (a language model exported as prefill and decode
     #: graphs against a host-side KV cache).
     decodes_with_cache: ClassVar[bool]
@@ -275,6 +279,9 @@ class Family:
 
     def pipeline_components(self, cfg, student) -> Sequence[Component]:
         raise self._cannot("export a phone pipeline (no pipeline components)")
+
+    def single_network_manifest(self, cfg, model_config) -> dict:
+        raise self._cannot("describe a one-network phone folder (no single_network_manifest)")
 
     decodes_with_cache: ClassVar[bool] = False
 
