@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax import data
+from fraqat_jax.data import captions
 from fraqat_jax.data.streams import stream
 from fraqat_jax.diffusion import teachers
 from fraqat_jax.diffusion.families import FAMILIES, apply_model
@@ -37,7 +38,7 @@ CONFIG_KEYS: dict[str, tuple[Any, str]] = {
     "sample_steps": (20, "sampler steps for the PNG grids and the data-free source"),
     "guidance_scale": (1.0, "classifier-free guidance for the PNG grids (1: none)"),
 }
-DATA_FORMS = "digits, datafree, tfds:NAME[:SPLIT] or latents:DIR"
+DATA_FORMS = "digits, captions, datafree, tfds:NAME[:SPLIT] or latents:DIR"
 
 #: Text lengths of the diffusers pipelines' defaults (cached text embeddings per example).
 TEXT_TOKENS = {"sd3": 333, "pixart": 300, "sana": 300, "flux_dev": 512, "flux_schnell": 256}
@@ -97,8 +98,11 @@ class DiffusionFamily(Family):
             if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
                 raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a positive integer")
         spec = cfg.data
-        if not (spec in ("digits", "datafree") or spec.startswith("tfds:") or spec.startswith("latents:")):
+        if not (spec in ("digits", "captions", "datafree") or spec.startswith("tfds:") or spec.startswith("latents:")):
             raise ConfigError(f"data={spec!r} is not allowed: use {DATA_FORMS}")
+        if spec == "captions" and teachers.teacher_pipeline(cfg.teacher) is None:  # -- captioned digits
+            raise ConfigError(f"data=captions needs a text-to-image pipeline teacher (e.g. builtin:sana), got "
+                              f"teacher={cfg.teacher!r}, which has no text encoder, autoencoder and captions")
         if spec.startswith("latents:") and not os.path.isdir(spec[len("latents:"):]):
             raise ConfigError(f"data={spec!r}: latents directory {spec[len('latents:'):]!r} does not exist")
 
@@ -131,6 +135,11 @@ class DiffusionFamily(Family):
 
     def make_source(self, cfg, teacher_config, sample_teacher=None, *, seed: int | None = None):
         shape = self.sample_shape(cfg, teacher_config)
+        if cfg.data == "captions":  # -- captioned digits through the teacher pipeline's own text encoder and DC-AE
+            source = captions.captioned_digits(teachers.teacher_pipeline(cfg.teacher),
+                                               seed=cfg.seed if seed is None else seed)
+            data.check_fits_teacher(cfg.data, source.element_spec, teacher_config, family=self.name)
+            return source
         if cfg.data != "datafree":
             source = data.make_source(cfg.data, seed=cfg.seed if seed is None else seed, image_size=shape[1],
                                       data_dir=cfg.data_dir or None)
