@@ -231,7 +231,7 @@ def pretrain_vae(steps: int = 250, *, batch_size: int = 32, lr: float = 2e-3, se
 
 
 def pretrain_transformer(folder: Path, steps: int = 1200, *, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-                         ema_decay: float = 0.995, resume: bool = False):
+                         ema_decay: float = 0.995, resume: bool = False, logit_mean: float = 0.0):
     """The Sana transformer trained with rectified flow on the folder's DC-AE latents and captions
     (``resume``: from the folder's transformer instead of a random init)."""
     source = captioned_digits(folder, seed=seed, caption_dropout=CAPTION_DROPOUT)
@@ -242,7 +242,7 @@ def pretrain_transformer(folder: Path, steps: int = 1200, *, batch_size: int = 3
         x0 = batch["latents"]
         k_sigma, k_noise = jax.random.split(key)
         noise = jax.random.normal(k_noise, x0.shape)
-        sigma = logit_normal_sigmas(k_sigma, x0.shape[0])
+        sigma = logit_normal_sigmas(k_sigma, x0.shape[0], logit_mean)
         s = sigma[:, None, None, None]
         out = model((1 - s) * x0 + s * noise, batch["encoder_hidden_states"], model_timestep("sana", sigma),
                     encoder_attention_mask=batch["encoder_attention_mask"])
@@ -276,6 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="transformer peak learning rate")
     parser.add_argument("--resume", action="store_true", help="continue from the folder's transformer")
+    parser.add_argument("--logit-mean", type=float, default=0.0,
+                        help="mean of the logit-normal sigma density (> 0: more weight on high noise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: the package's assets/tiny_sana)")
     args = parser.parse_args(argv)
@@ -304,10 +306,11 @@ def main(argv=None) -> int:
     write_extras(out, pretraining)
     if args.part in ("all", "transformer"):
         model, seconds = pretrain_transformer(out, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                              resume=args.resume)
+                                              resume=args.resume, logit_mean=args.logit_mean)
         _save_diffusers(model, out / "transformer")
         runs = (pretraining.get("transformer", {}).get("runs", []) if args.resume else []) + [
-            {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "cpu_seconds": round(seconds, 1)}]
+            {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "logit_mean": args.logit_mean,
+             "cpu_seconds": round(seconds, 1)}]
         pretraining["transformer"] = {"runs": runs, "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1),
                                       "cpu": os.cpu_count()}
         write_extras(out, pretraining)
