@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax import data
+from fraqat_jax.data import captions
 from fraqat_jax.data.streams import stream
 from fraqat_jax.diffusion import teachers
 from fraqat_jax.diffusion.families import apply_model, model_kwargs
@@ -52,7 +53,7 @@ class DiffusionConfig:
     guidance_scale: float = setting(1.0, "classifier-free guidance for the PNG grids (1: none)")
 
 
-DATA_FORMS = "digits, datafree, tfds:NAME[:SPLIT] or latents:DIR"
+DATA_FORMS = "digits, captions, datafree, tfds:NAME[:SPLIT] or latents:DIR"
 
 
 class _Sampler:
@@ -102,8 +103,11 @@ class DiffusionFamily(Family):
 
     def validate_config(self, cfg) -> None:
         spec = cfg.data
-        if not (spec in ("digits", "datafree") or spec.startswith("tfds:") or spec.startswith("latents:")):
+        if not (spec in ("digits", "captions", "datafree") or spec.startswith("tfds:") or spec.startswith("latents:")):
             raise ConfigError(f"data={spec!r} is not allowed: use {DATA_FORMS}")
+        if spec == "captions" and teachers.teacher_pipeline(cfg.teacher) is None:  # -- captioned digits
+            raise ConfigError(f"data=captions needs a text-to-image pipeline teacher (e.g. builtin:sana), got "
+                              f"teacher={cfg.teacher!r}, which has no text encoder, autoencoder and captions")
         if spec.startswith("latents:") and not os.path.isdir(spec[len("latents:"):]):
             raise ConfigError(f"data={spec!r}: latents directory {spec[len('latents:'):]!r} does not exist")
 
@@ -124,7 +128,7 @@ class DiffusionFamily(Family):
 
     def teacher_folder(self, cfg) -> str | None:
         t = cfg.teacher
-        return t if os.path.isdir(t) else None
+        return teachers.teacher_pipeline(t) or (t if os.path.isdir(t) else None)
 
     def port(self, class_name: str) -> type:
         return port_class(class_name)
@@ -162,6 +166,11 @@ class DiffusionFamily(Family):
 
     def make_source(self, cfg, model_config, sample_teacher=None, *, seed: int | None = None):
         shape = self.sample_shape(cfg, model_config)
+        if cfg.data == "captions":  # -- captioned digits through the teacher pipeline's own text encoder and DC-AE
+            source = captions.captioned_digits(teachers.teacher_pipeline(cfg.teacher),
+                                               seed=cfg.seed if seed is None else seed)
+            data.check_fits_teacher(cfg.data, source.element_spec, model_config, family=self.name)
+            return source
         if cfg.data != "datafree":
             source = data.make_source(cfg.data, seed=cfg.seed if seed is None else seed, image_size=shape[1],
                                       data_dir=cfg.data_dir or None)

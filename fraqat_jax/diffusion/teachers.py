@@ -1,7 +1,8 @@
 """Diffusion teachers: the shipped digits DiTs, presets with random weights, diffusers folders.
 
-``teacher=`` takes ``builtin`` / ``builtin:m`` (:data:`BUILTIN_TEACHERS`, ``python -m
-fraqat_jax.pretrain`` builds them), ``preset:NAME`` (``fraqat_jax.models.PRESETS``, random weights,
+``teacher=`` takes ``builtin`` / ``builtin:m`` / ``builtin:sana`` (:data:`BUILTIN_TEACHERS`, ``python -m
+fraqat_jax.pretrain`` builds them; ``builtin:sana`` is a whole ``SanaPipeline`` folder whose
+transformer is the teacher), ``preset:NAME`` (``fraqat_jax.models.PRESETS``, random weights,
 ``teacher_config`` overriding keys of the preset's config) or a diffusers model folder / file.
 """
 
@@ -22,11 +23,28 @@ from fraqat_jax.family import ConfigError
 from fraqat_jax.models.convert import read_config, resolve_model_dir
 from fraqat_jax.models.registry import port_class
 
-__all__ = ["BUILTIN_TEACHERS", "DTYPES", "build_options", "init_preset", "load_builtin_teacher", "load_teacher",
+__all__ = ["BUILTIN_TEACHERS", "DTYPES", "teacher_pipeline", "build_options", "init_preset", "load_builtin_teacher", "load_teacher",
            "save_builtin_teacher", "teacher_class", "teacher_spec"]
 
 #: ``teacher=`` value -> folder under ``fraqat_jax/assets`` (diffusers layout).
-BUILTIN_TEACHERS = {"builtin": "digits_dit", "builtin:m": "digits_dit_m"}
+BUILTIN_TEACHERS = {"builtin": "digits_dit", "builtin:m": "digits_dit_m", "builtin:sana": "tiny_sana"}
+# -- text-to-image pipeline teachers (builtin:sana) ----------------------------------------------
+_BUILTIN_CLASSES = {"builtin:sana": "SanaTransformer2DModel"}  # the rest are digits DiTs
+_PIPELINE_EXTRAS = "fraqat.json"
+
+
+def teacher_pipeline(teacher: str) -> str | None:
+    """The pipeline folder (``model_index.json`` + ``fraqat.json``: text encoder, tokenizer,
+    autoencoder and captions beside the transformer) a teacher comes from, or None: the folder
+    itself or, for its ``transformer/`` subfolder, the folder above."""
+    if teacher.startswith("preset:"):
+        return None
+    directory = _asset_dir(teacher) if teacher in BUILTIN_TEACHERS else teacher
+    for candidate in (directory, os.path.dirname(os.path.normpath(directory))):
+        if os.path.isfile(os.path.join(candidate, _PIPELINE_EXTRAS)) and os.path.isdir(os.path.join(candidate, "vae")):
+            return candidate
+    return None
+# ------------------------------------------------------------------------------------------------
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -46,10 +64,12 @@ def save_builtin_teacher(model, directory: str | None = None) -> str:
 
 
 def load_builtin_teacher(name: str = "builtin", *, dtype=None, param_dtype=jnp.float32, **options):
-    """A shipped class-conditional DiT trained on the digits (``python -m fraqat_jax.pretrain``):
-    ``builtin`` (tiny) or ``builtin:m`` (about 10x larger)."""
+    """A shipped teacher trained on the digits (``python -m fraqat_jax.pretrain``): the class-conditional
+    DiTs ``builtin`` (tiny) or ``builtin:m`` (about 10x larger), or the transformer of the text-to-image
+    pipeline ``builtin:sana``."""
     directory = _asset_dir(name)
-    if not os.path.isfile(os.path.join(directory, "config.json")):
+    if not os.path.isfile(os.path.join(directory, "config.json")) and not os.path.isfile(
+            os.path.join(directory, "transformer", "config.json")):
         size = "" if name == "builtin" else f" --size {name.split(':')[1]}"
         raise ValueError(f"the built-in teacher {name!r} is missing ({directory}); run python -m fraqat_jax.pretrain{size}")
     return models.from_diffusers(directory, dtype=dtype, param_dtype=param_dtype, **options)
@@ -82,7 +102,7 @@ def teacher_class(teacher: str) -> str | None:
     """The class name ``teacher`` names (a built-in name, a preset, or a diffusers folder / file with a
     ``_class_name``), or None when it is none of these."""
     if teacher in BUILTIN_TEACHERS:
-        return "DiTTransformer2DModel"
+        return _BUILTIN_CLASSES.get(teacher, "DiTTransformer2DModel")
     if teacher.startswith("preset:"):
         name = teacher[len("preset:"):]
         if name not in models.PRESETS:
@@ -105,7 +125,7 @@ def teacher_spec(cfg) -> tuple[type, dict]:
             raise ConfigError(f"teacher preset {name!r} is unknown; allowed: {', '.join(models.PRESETS)}")
         cls_name, config = models.PRESETS[name]
         return models.MODEL_CLASSES[cls_name], {**config, **_overrides(cfg)}
-    directory = _asset_dir(cfg.teacher) if cfg.teacher in BUILTIN_TEACHERS else resolve_model_dir(cfg.teacher)
+    directory = resolve_model_dir(_asset_dir(cfg.teacher) if cfg.teacher in BUILTIN_TEACHERS else cfg.teacher)
     config = read_config(directory)
     return port_class(config.get("_class_name")), config
 
