@@ -274,23 +274,15 @@ def jitted(model):
 def write_qnn_with(model, example: Mapping, calibration, out_dir: str, passes=()) -> dict:
     """:func:`fraqat_jax.export.qnn.write_qnn` with ``passes`` (``proto -> count``) run on the traced
     graph before the QNN form; also returns their ``rewrites`` counts."""
-    import onnx
-
     import fraqat_jax
     from fraqat_jax.export import onnx as eo
-    from fraqat_jax.export.qnn import MODEL_FILE, PROLOGUE_FILE, to_qnn
+    from fraqat_jax.export.qnn import save_qnn, to_qnn
 
-    emitters: list = []
-    proto, counts = eo.to_onnx(model, example, frozen=fraqat_jax.freeze(eo.static_view(model)), batch_size=1,
-                               emitter_out=emitters)
+    qdq = eo.to_onnx(model, example, frozen=fraqat_jax.freeze(eo.static_view(model)), batch_size=1)
+    proto, counts = qdq.proto, qdq.counts
     rewrites = {getattr(fn, "__name__", None) or fn.func.__name__: fn(proto) for fn in passes}
-    main, prologue, qcounts = to_qnn(proto, emitters[0].weight_outputs, calibration, 16)
-    paths = {"model": os.path.join(out_dir, MODEL_FILE)}
-    onnx.save(main, paths["model"])
-    onnx.checker.check_model(paths["model"], full_check=True)
-    if prologue is not None:
-        paths["prologue"] = os.path.join(out_dir, PROLOGUE_FILE)
-        onnx.save(prologue, paths["prologue"])
+    main, prologue, qcounts = to_qnn(proto, qdq.weight_outputs, calibration, 16)
+    paths = save_qnn(main, prologue, out_dir)
     return {"model": main, "prologue": prologue, "paths": paths, "counts": counts, "qdq": qcounts, "rewrites": rewrites}
 
 
@@ -327,9 +319,9 @@ def build_component(model, example: Mapping, calibration, held, out_dir: str, su
     got = [htp(f) for f in held]
     chip = qnn.soc_of(soc)
     report = {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model, "nodes": len(proto.graph.node),
-              "nodes_on_qnn": len(proto.graph.node), "max_rel_diff_ort": qnn.rel_diff_over(got, [cpu(f) for f in held]),
-              "max_rel_diff_student": qnn.rel_diff_over(got, [frozen_output(frozen, f) for f in held]),
-              "max_rel_diff_context": qnn.rel_diff_over([ctx_model(f) for f in held], got),
+              "nodes_on_qnn": len(proto.graph.node), "max_rel_diff_ort": qnn.rel_diff(got, [cpu(f) for f in held]),
+              "max_rel_diff_student": qnn.rel_diff(got, [frozen_output(frozen, f) for f in held]),
+              "max_rel_diff_context": qnn.rel_diff([ctx_model(f) for f in held], got),
               "context_bytes": qnn.context_bytes(ctx), "weight_bytes": int(written["counts"]["weight_bytes"]),
               "weight_bytes_bf16": int(written["counts"]["weight_bytes_bf16"]), "context_build_seconds": round(build_s, 2),
               "qdq": written["qdq"], "rewrites": rewrites}
