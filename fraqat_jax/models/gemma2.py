@@ -60,9 +60,9 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax.models.attention import check_attention
-from fraqat_jax.models.softcap_attention import NO_WINDOW, gemma2_attention
+from fraqat_jax.models.softcap_attention import NO_WINDOW, gemma2_attention, masked_attention
 from fraqat_jax.models.common import EMBED, HEADS, MLP, NORM, VOCAB, KeySequence, merge_config, no_eager_sharding
-from fraqat_jax.models.scan import block_list, check_remat, run_blocks
+from fraqat_jax.models.scan import ScannedBlocks, block_list, check_remat, run_blocks
 
 __all__ = [
     "GEMMA2_DEFAULTS",
@@ -246,10 +246,28 @@ class Gemma2Attention(nnx.Module):
         q = _apply_rope(self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim), cos, sin)
         k = _apply_rope(self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
-        q = q * jnp.asarray(self.scaling, q.dtype)
         out = gemma2_attention(q, k, v, key_valid, window, softcap=self.softcap, sliding_window=self.sliding_window,
-                               kinds=self.kinds, implementation=self.implementation)
+                               kinds=self.kinds, implementation=self.implementation, scale=self.scaling)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim).astype(x.dtype))
+
+    def cached(self, x, cos, sin, cache, layer, slot, allowed):
+        """The call on new tokens ``x [B, T, hidden]`` against a key-value cache: their keys and
+        values are written to slots ``slot .. slot + T - 1`` of layer ``layer`` of ``cache``
+        (``{"k", "v"}`` ``[layers, B, S, Hkv, D]``; ``layer`` and ``slot`` may be traced), then the
+        queries attend to all ``S`` slots under ``allowed [B, T, S]``. -> ``(out [B, T, hidden],
+        cache)``."""
+        b, n, _ = x.shape
+        q = _apply_rope(self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim), cos, sin)
+        k = _apply_rope(self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+        zero = jnp.zeros((), jnp.int32)
+        start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(slot, jnp.int32), zero, zero)
+        cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), start),
+                 "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), start)}
+        keys = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
+        out = masked_attention(q, keys.astype(q.dtype), values.astype(q.dtype), allowed, self.softcap, self.scaling)
+        return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim).astype(x.dtype)), cache
 
 
 class Gemma2DecoderLayer(nnx.Module):
@@ -268,6 +286,12 @@ class Gemma2DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, key_valid, window):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, key_valid, window))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+    def cached(self, x, cos, sin, cache, layer, slot, allowed):
+        """The call against a key-value cache (``Gemma2Attention.cached``) -> ``(x, cache)``."""
+        h, cache = self.self_attn.cached(self.input_layernorm(x), cos, sin, cache, layer, slot, allowed)
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
 
 
 class Gemma2Model(nnx.Module):
@@ -297,8 +321,7 @@ class Gemma2Model(nnx.Module):
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer token ids [B, L], got {input_ids.dtype} {input_ids.shape}")
         b, n = input_ids.shape
-        x = self.embed_tokens(input_ids)
-        x = x * jnp.asarray(math.sqrt(self.config["hidden_size"]), x.dtype)
+        x = self.embed(input_ids)
         key_valid = None
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask)
@@ -319,6 +342,55 @@ class Gemma2Model(nnx.Module):
 
         x, _ = run_blocks(self.layers, step, (x, jnp.int32(0)), cos, sin, key_valid, windows, remat=self.remat)
         return self.norm(x)
+
+    def embed(self, input_ids):
+        """The token embedding times ``sqrt(hidden_size)``, the factor rounded to the embedding's
+        storage dtype first (transformers' ``embed_scale.to(weight.dtype)``) and the product in the
+        compute dtype."""
+        x = self.embed_tokens(input_ids)
+        normalizer = jnp.asarray(math.sqrt(self.config["hidden_size"]), self.embed_tokens.param_dtype)
+        return (x * normalizer.astype(jnp.promote_types(x.dtype, normalizer.dtype))).astype(x.dtype)
+
+    def cached(self, input_ids, valid, cache):
+        """The stack on new tokens against a key-value cache (see ``Gemma2ForCausalLM.init_cache``):
+        ``input_ids [B, T]`` with ``valid [B, T]`` (0 on left padding) go to slots ``cache["slot"]``
+        onwards -> ``(final hidden states [B, T, hidden], cache)``."""
+        b, n = input_ids.shape
+        valid = jnp.asarray(valid).astype(bool)
+        positions = cache["next"][:, None] + jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
+        stored = jnp.where(valid, positions, -1).astype(jnp.int32)
+        slot = cache["slot"]
+        key_pos = jax.lax.dynamic_update_slice(cache["pos"], stored, (jnp.zeros((), jnp.int32), slot))
+        query = jnp.maximum(positions, 0)[:, :, None]
+        # Masked by the stored positions of the slots, never by slot indices: on a left-padded row the
+        # slot index runs ahead of the position by the pad count, and a window over slots would let
+        # the row see that many keys too many (the pitfall of comparing slots with positions).
+        seen = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= query)
+        cos, sin = rotary_tables(jnp.maximum(positions, 0), head_dim(self.config), rope_theta(self.config))
+        windows = jnp.asarray(self.windows, jnp.int32)
+        x = self.embed(input_ids)
+        kv = {"k": cache["k"], "v": cache["v"]}
+
+        def step(layer, x, kv, index):
+            allowed = seen & (query - key_pos[:, None, :] < windows[index])
+            return layer.cached(x, cos, sin, kv, index, slot, allowed)
+
+        if isinstance(self.layers, ScannedBlocks):
+            for stack in self.layers.stacks:
+                graphdef, state = nnx.split(stack.block)
+
+                def body(carry, layer_state, graphdef=graphdef):
+                    x, kv, index = carry
+                    x, kv = step(nnx.merge(graphdef, layer_state), x, kv, index)
+                    return (x, kv, index + 1), None
+
+                (x, kv, _), _ = jax.lax.scan(body, (x, kv, jnp.int32(stack.start)), state)
+        else:
+            for index, layer in enumerate(self.layers):
+                x, kv = step(layer, x, kv, jnp.int32(index))
+        cache = {**kv, "pos": key_pos, "slot": slot + n,
+                 "next": cache["next"] + jnp.sum(valid, axis=1, dtype=jnp.int32)}
+        return self.norm(x), cache
 
 
 class Gemma2LMHead(nnx.Module):
@@ -375,12 +447,48 @@ class Gemma2ForCausalLM(nnx.Module):
                 node.implementation = attention
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
-        x = self.model(input_ids, attention_mask, position_ids)
+        return self.head(self.model(input_ids, attention_mask, position_ids))
+
+    def head(self, x):
+        """Logits of final hidden states ``x [..., hidden]``: the LM head, soft-capped in float32."""
         logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         cap = self.config["final_logit_softcapping"]
         if cap is not None:
             logits = (jnp.tanh(logits.astype(jnp.float32) / cap) * cap).astype(logits.dtype)
         return logits
+
+    # -- key-value cache ---------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> dict:
+        """An empty key-value cache of ``length`` slots per row, preallocated for every layer (as the
+        JAX samplers keep theirs, e.g. tunix's and ``gemma``'s ``gm.text.Sampler``):
+        ``{"k", "v"}`` ``[num_hidden_layers, batch, length, num_key_value_heads, head_dim]`` (in
+        ``dtype``, default the compute dtype), ``"pos" [batch, length]`` int32 (the position of the
+        token each slot holds, -1 while empty or padding), ``"slot"`` (the next slot to write) and
+        ``"next" [batch]`` (each row's next position). Sliding-window layers keep every slot and
+        mask by the stored positions. A pytree: it goes through ``jit`` and can be donated."""
+        attn = self.model.embed_tokens
+        dtype = dtype or attn.dtype or attn.param_dtype
+        shape = (self.config["num_hidden_layers"], int(batch), int(length), self.config["num_key_value_heads"],
+                 head_dim(self.config))
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "pos": jnp.full((int(batch), int(length)), -1, jnp.int32), "slot": jnp.zeros((), jnp.int32),
+                "next": jnp.zeros((int(batch),), jnp.int32)}
+
+    def prefill(self, input_ids, attention_mask, cache):
+        """Writes a left-padded batch of prompts (``input_ids``, ``attention_mask`` ``[B, P]``; 0 on
+        padding) to an empty ``cache`` -> ``(logits of the last slot [B, vocab], cache)``. Positions
+        come from the mask (``positions_from_mask``), so a padded row computes what it computes
+        alone; the LM head runs on the last token only."""
+        x, cache = self.model.cached(jnp.asarray(input_ids), attention_mask, cache)
+        return self.head(x[:, -1]), cache
+
+    def decode_step(self, tokens, cache):
+        """One new token per row (``tokens [B]``) at each row's next position -> ``(logits [B,
+        vocab], cache)``."""
+        tokens = jnp.asarray(tokens).reshape(-1, 1)
+        x, cache = self.model.cached(tokens, jnp.ones(tokens.shape, bool), cache)
+        return self.head(x[:, -1]), cache
 
 
 # Published sizes (google/gemma-2-2b, -9b, -27b config.json; the -it models share them).

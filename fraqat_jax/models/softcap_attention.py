@@ -1,15 +1,18 @@
 """Gemma-2's self-attention (``models.gemma2``): grouped-query heads, soft-capped scores, causal or
 sliding-window masks and key padding, as XLA ops or as JAX's Pallas *splash* kernel on TPU.
 
-Layout ``[B, L, H, D]`` (tokens before heads). ``q`` comes scaled (``query_pre_attn_scalar **
--0.5``); a score ``s`` becomes ``cap * tanh(s / cap)`` when a cap is set. A sliding window of ``w``
-lets query ``t`` see keys ``t - w < s <= t`` (itself included), as transformers' masks do.
+Layout ``[B, L, H, D]`` (tokens before heads). Scores are scaled by ``query_pre_attn_scalar **
+-0.5`` (``scale``, applied to the float32 scores; the splash kernel takes ``q`` pre-scaled); a
+score ``s`` becomes ``cap * tanh(s / cap)`` when a cap is set. A sliding window of ``w`` lets query
+``t`` see keys ``t - w < s <= t`` (itself included), as transformers' masks do.
 
 - :func:`xla_attention`: transformers' eager attention (float32 scores and softmax; a row whose
   keys are all masked becomes uniform over every key, as transformers' additive mask makes it).
 - :func:`splash_attention`: the TPU kernel (``jax.experimental.pallas.ops.tpu.splash_attention``),
   which takes the local window, the soft cap and grouped heads itself; padding travels as segment
   ids, so a padded query row differs from the XLA one (it sees the padding keys): ignore those rows.
+- :func:`masked_attention`: the XLA form under an explicit ``[B, T, S]`` mask (the key-value cache
+  of ``models.gemma2`` masks by the stored positions of its slots).
 - :func:`gemma2_attention`: picks one (``attention=`` of the port) when the program is lowered.
 """
 
@@ -23,28 +26,40 @@ import jax.numpy as jnp
 
 from fraqat_jax.models.attention import check_attention, dividing_axes
 
-__all__ = ["NO_WINDOW", "gemma2_attention", "splash_attention", "xla_attention"]
+__all__ = ["NO_WINDOW", "gemma2_attention", "masked_attention", "splash_attention", "xla_attention"]
 
 #: Window size of a full-attention layer: larger than any sequence.
 NO_WINDOW = 2**30
 _TPU_BLOCK = 128  # the splash kernel's default tile along both token axes and the lane width
 
 
-def xla_attention(q, k, v, key_valid, window, softcap):
-    """Eager Gemma-2 attention. ``q [B, T, Hq, D]`` (already scaled), ``k``, ``v`` ``[B, S, Hkv, D]``,
-    ``key_valid [B, S]`` bool or None, ``window`` int (traced or not) -> ``[B, T, Hq, D]``."""
+def xla_attention(q, k, v, key_valid, window, softcap, scale: float = 1.0):
+    """Eager Gemma-2 attention. ``q [B, T, Hq, D]``, ``k``, ``v`` ``[B, S, Hkv, D]``, ``key_valid
+    [B, S]`` bool or None, ``window`` int (traced or not) -> ``[B, T, Hq, D]``. ``scale`` multiplies
+    the float32 scores (a Python float, never rounded to ``q``'s dtype, as transformers multiplies
+    its scores by the float ``scaling``); pass 1.0 for a ``q`` that comes scaled."""
+    t, s = q.shape[1], k.shape[1]
+    offset = jnp.arange(t)[:, None] - jnp.arange(s)[None, :]  # query index - key index
+    allowed = ((offset >= 0) & (offset < window))[None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    return masked_attention(q, k, v, allowed, softcap, scale)
+
+
+def masked_attention(q, k, v, allowed, softcap, scale: float = 1.0):
+    """Grouped-query attention with an explicit mask: ``q [B, T, Hq, D]``, ``k``, ``v`` ``[B, S, Hkv,
+    D]``, ``allowed [B or 1, T, S]`` bool -> ``[B, T, Hq, D]``. Scores in float32, times ``scale``,
+    soft-capped, masked, softmax in float32 cast to ``v``'s dtype (transformers' eager attention)."""
     b, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        scores = scores * jnp.float32(scale)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    offset = jnp.arange(t)[:, None] - jnp.arange(s)[None, :]  # query index - key index
-    allowed = ((offset >= 0) & (offset < window))[None, None, None]
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, None, :]
     # transformers adds the dtype's minimum: a row with no allowed key becomes uniform, as here
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, hq, d)
@@ -94,9 +109,11 @@ def splash_attention(q, k, v, key_valid, *, window: int | None, softcap, interpr
 def gemma2_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None, window: Any, *,
     softcap: float | None, sliding_window: int | None, kinds: tuple[str, ...], implementation: str = "xla",
+    scale: float = 1.0,
 ) -> jax.Array:
-    """Gemma-2 self-attention on ``q [B, L, Hq, D]`` (scaled by ``query_pre_attn_scalar ** -0.5``),
-    ``k``, ``v`` ``[B, L, Hkv, D]`` -> ``[B, L, Hq, D]``.
+    """Gemma-2 self-attention on ``q [B, L, Hq, D]``, ``k``, ``v`` ``[B, L, Hkv, D]`` -> ``[B, L, Hq,
+    D]``, scores scaled by ``scale`` (``query_pre_attn_scalar ** -0.5``; the XLA path scales the
+    float32 scores, the TPU kernel takes ``q`` scaled in float32 and rounded once).
 
     ``key_valid [B, L]`` bool (None: no padding); ``window``: the number of keys each query sees
     counting itself (an int32 scalar, possibly traced; ``2**30`` on a full-attention layer);
@@ -104,13 +121,15 @@ def gemma2_attention(
     both, the TPU kernel picks its mask with ``jax.lax.cond`` on ``window``; with one, the mask is
     static); ``implementation``: see the module docstring."""
     check_attention(implementation)
-    xla = lambda q, k, v, m, w: xla_attention(q, k, v, m, w, softcap)
+    xla = lambda q, k, v, m, w: xla_attention(q, k, v, m, w, softcap, scale)
     if implementation == "xla":
         return xla(q, k, v, key_valid, window)
+    scaled = lambda q: (q.astype(jnp.float32) * jnp.float32(scale)).astype(q.dtype)
     if jax.default_backend() == "gpu" and implementation == "flash":
         raise ValueError("attention='flash' has no GPU kernel for Gemma-2 (soft-capped scores): use 'auto' or 'xla'")
 
     def tpu(q, k, v, m, w):
+        q = scaled(q)
         causal = functools.partial(splash_attention, window=None, softcap=softcap)
         if sliding_window is None or "sliding_attention" not in kinds:
             return causal(q, k, v, m)

@@ -1,0 +1,149 @@
+"""The cached decoder (``models.gemma2`` cache + ``text.sampler``) against transformers' ``generate``
+on tiny random Gemma-2s: greedy tokens equal and the logits of every step close, with left-padded
+batches, outputs past the sliding window, scanned layers and bf16 with 27B-shaped scalars."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from fraqat_jax.models import from_transformers
+from fraqat_jax.text.sampler import Sampler, SamplerError, filter_logits
+
+CONFIG = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+              max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def _reference(tmp_path, seed=0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    ref = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**{**CONFIG, **overrides},
+                                                                   attn_implementation="eager")).eval()
+    with torch.no_grad():  # weights scaled up and random norms: next-token distributions far from uniform
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(0.3 * torch.randn(p.shape))
+            else:
+                p.mul_(8.0)
+    ref.save_pretrained(tmp_path)
+    return ref.to(dtype)
+
+
+def _prompts():
+    rng = np.random.default_rng(1)
+    lengths = [7, 3, 5]
+    return [[2, *rng.integers(3, 61, n - 1).tolist()] for n in lengths]
+
+
+def _transformers_generate(ref, prompts, new):
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, width:].numpy(), torch.stack(out.logits, 1).float().numpy()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_greedy_tokens_and_step_logits_equal_transformers_generate_on_a_left_padded_batch(tmp_path, scan):
+    ref = _reference(tmp_path)
+    prompts, new = _prompts(), 14  # 7 + 14 positions: far past the sliding window of 4
+    want_tokens, want_logits = _transformers_generate(ref, prompts, new)
+    model = from_transformers(str(tmp_path), scan_layers=scan)
+    sampler = Sampler(model, eos_ids=(), length_multiple=8)  # no end token: every row runs 14 steps
+    rows = sampler.generate_ids(prompts, max_new_tokens=new, keep_logits=True)
+    for r, row in enumerate(rows):
+        np.testing.assert_array_equal(row["tokens"], want_tokens[r])
+        scale = np.abs(want_logits[r]).max()
+        np.testing.assert_allclose(row["step_logits"], want_logits[r], atol=1e-4 * scale, rtol=0)
+
+
+def test_a_padded_row_decodes_what_it_decodes_alone(tmp_path):
+    # the sliding window masked by stored positions: a row with 4 pads must not see 4 keys more
+    _reference(tmp_path)
+    model = from_transformers(str(tmp_path))
+    prompts = _prompts()
+    batch = Sampler(model, eos_ids=(), length_multiple=16).generate_ids(prompts, max_new_tokens=10, keep_logits=True)
+    for prompt, row in zip(prompts, batch):
+        alone = Sampler(model, eos_ids=(), length_multiple=1).generate_ids([prompt], max_new_tokens=10,
+                                                                           keep_logits=True)[0]
+        assert row["tokens"] == alone["tokens"]
+        np.testing.assert_allclose(row["step_logits"], alone["step_logits"], atol=1e-5 * np.abs(alone["step_logits"]).max())
+
+
+def test_end_tokens_stop_a_row_and_greedy_stops_as_transformers(tmp_path):
+    ref = _reference(tmp_path, seed=3)
+    prompts = _prompts()
+    free, _ = _transformers_generate(ref, prompts, 12)
+    end = int(free[0, 4])  # make the fifth greedy token of row 0 the end token
+    model = from_transformers(str(tmp_path))
+    rows = Sampler(model, eos_ids=(end,), length_multiple=8).generate_ids(prompts, max_new_tokens=12)
+    for r, row in enumerate(rows):
+        hits = [i for i, t in enumerate(free[r]) if t == end]
+        assert row["tokens"] == free[r][:hits[0] if hits else 12].tolist()
+    assert len(rows[0]["tokens"]) <= 4
+
+
+def test_bf16_logits_follow_transformers_in_bf16_with_27b_scalars(tmp_path):
+    # query_pre_attn_scalar 144 (27B's): its scale is not a bf16 number; the embedding normalizer
+    # rounds to the weights' dtype; both as transformers computes them in bf16.
+    overrides = dict(query_pre_attn_scalar=144, hidden_size=48, head_dim=16, num_attention_heads=4,
+                     num_key_value_heads=2)
+    ref = _reference(tmp_path, seed=5, dtype=torch.bfloat16, **overrides)
+    prompts = _prompts()
+    _, want = _transformers_generate(ref, prompts, 6)
+    ref32 = ref.float()
+    _, exact = _transformers_generate(ref32, prompts, 6)  # same tokens fed? only where both agree
+    model = from_transformers(str(tmp_path), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    rows = Sampler(model, eos_ids=(), length_multiple=8).generate_ids(prompts, max_new_tokens=6, keep_logits=True)
+    for r, row in enumerate(rows):
+        first = row["step_logits"][0]
+        scale = np.abs(want[r][0]).max()
+        # bf16 carries 8 bits: a few roundings of the residual stream move logits by ~1-2 %
+        assert np.abs(first - want[r][0]).max() < 0.05 * scale
+        assert np.abs(first - exact[r][0]).max() < 0.05 * scale
+
+
+def test_filter_logits_keeps_the_top_k_and_the_top_p_mass():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
+    keep = lambda **kw: np.isfinite(np.asarray(filter_logits(logits, 1.0, **kw)))[0].tolist()  # noqa: E731
+    assert keep(top_k=2, top_p=1.0) == [True, True, False, False]
+    assert keep(top_k=0, top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7: the second one is needed
+    assert keep(top_k=0, top_p=0.5) == [True, False, False, False]
+    assert keep(top_k=0, top_p=0.96) == [True, True, True, True]
+    assert keep(top_k=3, top_p=0.9) == [True, True, True, False]
+
+
+def test_sampling_draws_from_the_filtered_distribution_and_repeats_with_the_seed(tmp_path):
+    _reference(tmp_path)
+    model = from_transformers(str(tmp_path))
+    sampler = Sampler(model, eos_ids=(), length_multiple=8)
+    prompts = _prompts()
+    a = sampler.generate_ids(prompts, max_new_tokens=8, temperature=1.0, top_k=3, seed=4, keep_logits=True)
+    again = sampler.generate_ids(prompts, max_new_tokens=8, temperature=1.0, top_k=3, seed=4)
+    other = sampler.generate_ids(prompts, max_new_tokens=8, temperature=1.0, top_k=3, seed=5)
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in again]
+    assert [r["tokens"] for r in a] != [r["tokens"] for r in other]
+    greedy = sampler.generate_ids(prompts, max_new_tokens=8)
+    assert [r["tokens"] for r in a] != [r["tokens"] for r in greedy]
+    for row in a:  # every draw among the 3 largest logits of its step
+        top3 = np.argsort(-row["step_logits"], axis=-1)[:, :3]
+        assert all(t in top3[i] for i, t in enumerate(row["tokens"]))
+
+
+def test_bad_options_and_prompts_name_the_value(tmp_path):
+    _reference(tmp_path)
+    sampler = Sampler(from_transformers(str(tmp_path)), eos_ids=())
+    for kwargs, match in [(dict(top_p=2.0), "top_p=2.0"), (dict(temperature=-1.0), "temperature=-1.0"),
+                          (dict(top_k=-2), "top_k=-2"), (dict(max_new_tokens=0), "max_new_tokens=0")]:
+        with pytest.raises(SamplerError, match=match):
+            sampler.generate_ids([[2, 5]], **{"max_new_tokens": 2, **kwargs})
+    with pytest.raises(SamplerError, match="64 tokens, longer than the cache"):
+        sampler.generate_ids([[2] * 64], max_new_tokens=2)
+    with pytest.raises(SamplerError, match="empty"):
+        sampler.generate_ids([[]], max_new_tokens=2)
