@@ -270,7 +270,7 @@ class TextFamily(Family):
         def sample(params, prompts):
             model = build(params)
             key = jax.random.wrap_key_data(prompts["key"])
-            ids = continue_tokens(lambda x: model(x), prompts["input_ids"], prompts["prompt_len"],
+            ids = continue_tokens(model, prompts["input_ids"], prompts["prompt_len"],
                                   prompts["greedy_until"], key)
             return {"input_ids": ids, "prompt_len": prompts["prompt_len"]}
 
