@@ -45,8 +45,10 @@ ALLOWED = {  # part -> parts it may import (itself always allowed)
     "plan": {"train", "family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
     "compare": {"train", "eval", "export", "family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
     "pretrain": {"family", "data", *FAMILY_PACKAGES, *BELOW},
+    "generate": {"family", "data", "parallel", "runs", "export", *BELOW},
 }
-FORBIDDEN = {"train": {"eval", *FAMILY_PACKAGES}, "eval": {"train"}}  # command lines included
+FORBIDDEN = {"train": {"eval", *FAMILY_PACKAGES}, "eval": {"train"},  # command lines included
+             "generate": set(FAMILY_PACKAGES)}
 ROOT_MODULES = {"__init__.py", "schedules.py"}
 
 
@@ -144,12 +146,14 @@ def _family_words() -> set[str]:
     return words
 
 
-def test_train_names_no_family():
-    """``train/`` asks the family interface: no import of a family package, no family or model class
-    name as a value in its code, no noise or DDPM (help texts and docstrings may name examples)."""
+@pytest.mark.parametrize("part", ["train", "generate"])
+def test_train_names_no_family(part):
+    """``train/`` and ``generate/`` ask the family interface: no import of a family package, no family
+    or model class name as a value in their code, no noise or DDPM (help texts and docstrings may name
+    examples)."""
     words, bad = _family_words(), []
     for name, path in MODULES.items():
-        if _part(name) != "train":
+        if _part(name) != part:
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

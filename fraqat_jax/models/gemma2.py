@@ -7,12 +7,13 @@ transposed; ``model.layers.3.input_layernorm.scale`` and ``model.embed_tokens.em
 (``models.transformers_folder.from_transformers``).
 
 What the forward pass reproduces (transformers' ``modeling_gemma2.py``, eager attention):
-- the token embedding times ``sqrt(hidden_size)``, the factor rounded to the compute dtype first;
+- the token embedding times ``sqrt(hidden_size)``, the factor rounded to the embedding's storage
+  dtype first (transformers' ``embed_scale.to(weight.dtype)``);
 - per layer ``x += post_attention_layernorm(attn(input_layernorm(x)))`` then
   ``x += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``; every RMSNorm computes
   ``x / rms(x) * (1 + w)`` in float32 (``w`` is stored as trained, zero-initialised);
 - grouped-query attention (``num_key_value_heads`` shared by ``num_attention_heads //
-  num_key_value_heads`` query heads), scores scaled by ``query_pre_attn_scalar ** -0.5`` and
+  num_key_value_heads`` query heads), float32 scores scaled by ``query_pre_attn_scalar ** -0.5`` and
   soft-capped (``cap * tanh(s / cap)``, ``attn_logit_softcapping``), rotary positions (halves
   rotated, ``rope_theta``);
 - sliding-window attention on the layers ``layer_types`` names ``"sliding_attention"`` (by default
@@ -40,6 +41,12 @@ padding as segment ids; chosen when the program is lowered, so an ahead-of-time 
 CPU host gets it; on CPU XLA runs; on GPU ``"auto"`` runs XLA and ``"flash"`` raises, as no GPU
 kernel takes a soft cap).
 
+Key-value cache (``models.kv_cache``; how ``text.sampler`` decodes): ``init_cache(batch, length)``
+preallocates every layer's slots; ``prefill(input_ids, attention_mask, cache)`` writes left-padded
+prompts (positions from the mask) and returns the last token's logits only; ``decode_step(tokens,
+cache)`` adds one token per row. Sliding-window layers mask by the positions stored in the slots.
+The projections run as in the forward pass, so the fake-quantized and frozen students decode too.
+
 Quantization. The seven projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
 ``gate_proj``, ``up_proj``, ``down_proj``) are plain ``nnx.Linear`` (what ``quantize_model``
 replaces); the embedding, which is also the LM head, is an ``nnx.Embed`` and stays in float.
@@ -62,7 +69,8 @@ from flax import nnx
 from fraqat_jax.models.attention import check_attention
 from fraqat_jax.models.softcap_attention import NO_WINDOW, gemma2_attention, masked_attention
 from fraqat_jax.models.common import EMBED, HEADS, MLP, NORM, VOCAB, KeySequence, merge_config, no_eager_sharding
-from fraqat_jax.models.scan import ScannedBlocks, block_list, check_remat, run_blocks
+from fraqat_jax.models.kv_cache import empty as empty_cache, run_layers, write_positions
+from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
 __all__ = [
     "GEMMA2_DEFAULTS",
@@ -355,41 +363,17 @@ class Gemma2Model(nnx.Module):
         """The stack on new tokens against a key-value cache (see ``Gemma2ForCausalLM.init_cache``):
         ``input_ids [B, T]`` with ``valid [B, T]`` (0 on left padding) go to slots ``cache["slot"]``
         onwards -> ``(final hidden states [B, T, hidden], cache)``."""
-        b, n = input_ids.shape
-        valid = jnp.asarray(valid).astype(bool)
-        positions = cache["next"][:, None] + jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
-        stored = jnp.where(valid, positions, -1).astype(jnp.int32)
-        slot = cache["slot"]
-        key_pos = jax.lax.dynamic_update_slice(cache["pos"], stored, (jnp.zeros((), jnp.int32), slot))
+        positions, key_pos, seen, cache = write_positions(cache, valid)
         query = jnp.maximum(positions, 0)[:, :, None]
-        # Masked by the stored positions of the slots, never by slot indices: on a left-padded row the
-        # slot index runs ahead of the position by the pad count, and a window over slots would let
-        # the row see that many keys too many (the pitfall of comparing slots with positions).
-        seen = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= query)
         cos, sin = rotary_tables(jnp.maximum(positions, 0), head_dim(self.config), rope_theta(self.config))
         windows = jnp.asarray(self.windows, jnp.int32)
-        x = self.embed(input_ids)
-        kv = {"k": cache["k"], "v": cache["v"]}
 
         def step(layer, x, kv, index):
             allowed = seen & (query - key_pos[:, None, :] < windows[index])
-            return layer.cached(x, cos, sin, kv, index, slot, allowed)
+            return layer.cached(x, cos, sin, kv, index, cache["slot"], allowed)
 
-        if isinstance(self.layers, ScannedBlocks):
-            for stack in self.layers.stacks:
-                graphdef, state = nnx.split(stack.block)
-
-                def body(carry, layer_state, graphdef=graphdef):
-                    x, kv, index = carry
-                    x, kv = step(nnx.merge(graphdef, layer_state), x, kv, index)
-                    return (x, kv, index + 1), None
-
-                (x, kv, _), _ = jax.lax.scan(body, (x, kv, jnp.int32(stack.start)), state)
-        else:
-            for index, layer in enumerate(self.layers):
-                x, kv = step(layer, x, kv, jnp.int32(index))
-        cache = {**kv, "pos": key_pos, "slot": slot + n,
-                 "next": cache["next"] + jnp.sum(valid, axis=1, dtype=jnp.int32)}
+        x, kv = run_layers(self.layers, step, self.embed(input_ids), {"k": cache["k"], "v": cache["v"]})
+        cache = {**cache, **kv, "slot": cache["slot"] + input_ids.shape[1]}
         return self.norm(x), cache
 
 
@@ -467,13 +451,9 @@ class Gemma2ForCausalLM(nnx.Module):
         token each slot holds, -1 while empty or padding), ``"slot"`` (the next slot to write) and
         ``"next" [batch]`` (each row's next position). Sliding-window layers keep every slot and
         mask by the stored positions. A pytree: it goes through ``jit`` and can be donated."""
-        attn = self.model.embed_tokens
-        dtype = dtype or attn.dtype or attn.param_dtype
-        shape = (self.config["num_hidden_layers"], int(batch), int(length), self.config["num_key_value_heads"],
-                 head_dim(self.config))
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "pos": jnp.full((int(batch), int(length)), -1, jnp.int32), "slot": jnp.zeros((), jnp.int32),
-                "next": jnp.zeros((int(batch),), jnp.int32)}
+        embed = self.model.embed_tokens
+        return empty_cache(self.config["num_hidden_layers"], batch, length, self.config["num_key_value_heads"],
+                              head_dim(self.config), dtype or embed.dtype or embed.param_dtype)
 
     def prefill(self, input_ids, attention_mask, cache):
         """Writes a left-padded batch of prompts (``input_ids``, ``attention_mask`` ``[B, P]``; 0 on

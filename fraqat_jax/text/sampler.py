@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
@@ -33,13 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fraqat_jax.family import ConfigError
+
 __all__ = ["Completion", "Sampler", "SamplerError", "apply_chat_template", "chat_template", "decode_loop",
            "end_token_ids", "filter_logits", "generate_tokens", "pick_tokens"]
 
 END_OF_TURN = "<end_of_turn>"
 
 
-class SamplerError(ValueError):
+class SamplerError(ConfigError):
     """Bad generation input (an empty prompt, a prompt longer than the cache, a bad option): the
     message names the value and what is allowed."""
 
@@ -198,14 +199,21 @@ def apply_chat_template(template: str, messages: list[dict], *, bos_token: str =
 # ----------------------------------------------------------------------------- the host side
 
 
-@dataclass
-class Completion:
-    """One continuation: ``text`` (decoded with special tokens skipped, cut before a stop string)
-    and ``tokens`` (its token ids, the end token excluded)."""
+class Completion(str):
+    """One continuation: the text itself (a ``str``: decoded with special tokens skipped, cut before
+    a stop string), with ``prompt`` and ``tokens`` (its token ids, the end token excluded)."""
 
     prompt: str
-    text: str
     tokens: list[int]
+
+    def __new__(cls, prompt: str, text: str, tokens: Sequence[int]):
+        obj = super().__new__(cls, text)
+        obj.prompt, obj.tokens = prompt, [int(t) for t in tokens]
+        return obj
+
+    @property
+    def text(self) -> str:
+        return str(self)
 
 
 def _round_up(n: int, multiple: int) -> int:
