@@ -68,7 +68,11 @@ def pick_tokens(logits, key, *, sample: bool, greedy, temperature=1.0, top_k=0, 
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if not sample:
         return best
-    drawn = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+    if isinstance(top_k, int) and top_k <= 0 and isinstance(top_p, (int, float)) and top_p >= 1:
+        scaled = logits / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)  # no cut: no sort
+    else:
+        scaled = filter_logits(logits, temperature, top_k, top_p)
+    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
     return jnp.where(greedy, best, drawn)
 
 

@@ -31,6 +31,16 @@ def _reference(tmp_path, seed=0, dtype=torch.float32, **overrides):
     return ref.to(dtype)
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The seed-0 reference, its folder, our port and one sampler shared by the tests (one compilation)."""
+    folder = tmp_path_factory.mktemp("tiny_gemma2")
+    ref = _reference(folder)
+    model = from_transformers(str(folder))
+    return {"ref": ref, "folder": str(folder), "model": model,
+            "sampler": Sampler(model, eos_ids=(), length_multiple=8)}  # no end token: every row runs every step
+
+
 def _prompts():
     rng = np.random.default_rng(1)
     lengths = [7, 3, 5]
@@ -49,13 +59,16 @@ def _transformers_generate(ref, prompts, new):
     return out.sequences[:, width:].numpy(), torch.stack(out.logits, 1).float().numpy()
 
 
+NEW = 14  # 7 + 14 positions: far past the sliding window of 4
+
+
 @pytest.mark.parametrize("scan", [False, True])
-def test_greedy_tokens_and_step_logits_equal_transformers_generate_on_a_left_padded_batch(tmp_path, scan):
-    ref = _reference(tmp_path)
-    prompts, new = _prompts(), 14  # 7 + 14 positions: far past the sliding window of 4
-    want_tokens, want_logits = _transformers_generate(ref, prompts, new)
-    model = from_transformers(str(tmp_path), scan_layers=scan)
-    sampler = Sampler(model, eos_ids=(), length_multiple=8)  # no end token: every row runs 14 steps
+def test_greedy_tokens_and_step_logits_equal_transformers_generate_on_a_left_padded_batch(tiny, scan):
+    prompts, new = _prompts(), NEW
+    want_tokens, want_logits = _transformers_generate(tiny["ref"], prompts, new)
+    sampler = tiny["sampler"]
+    if scan:
+        sampler = Sampler(from_transformers(tiny["folder"], scan_layers=True), eos_ids=(), length_multiple=8)
     rows = sampler.generate_ids(prompts, max_new_tokens=new, keep_logits=True)
     for r, row in enumerate(rows):
         np.testing.assert_array_equal(row["tokens"], want_tokens[r])
@@ -63,15 +76,13 @@ def test_greedy_tokens_and_step_logits_equal_transformers_generate_on_a_left_pad
         np.testing.assert_allclose(row["step_logits"], want_logits[r], atol=1e-4 * scale, rtol=0)
 
 
-def test_a_padded_row_decodes_what_it_decodes_alone(tmp_path):
+def test_a_padded_row_decodes_what_it_decodes_alone(tiny):
     # the sliding window masked by stored positions: a row with 4 pads must not see 4 keys more
-    _reference(tmp_path)
-    model = from_transformers(str(tmp_path))
     prompts = _prompts()
-    batch = Sampler(model, eos_ids=(), length_multiple=16).generate_ids(prompts, max_new_tokens=10, keep_logits=True)
+    batch = tiny["sampler"].generate_ids(prompts, max_new_tokens=NEW, keep_logits=True)
+    single = Sampler(tiny["model"], eos_ids=(), length_multiple=1)
     for prompt, row in zip(prompts, batch):
-        alone = Sampler(model, eos_ids=(), length_multiple=1).generate_ids([prompt], max_new_tokens=10,
-                                                                           keep_logits=True)[0]
+        alone = single.generate_ids([prompt], max_new_tokens=NEW, keep_logits=True)[0]
         assert row["tokens"] == alone["tokens"]
         np.testing.assert_allclose(row["step_logits"], alone["step_logits"], atol=1e-5 * np.abs(alone["step_logits"]).max())
 
@@ -160,26 +171,23 @@ def test_filter_logits_keeps_the_top_k_and_the_top_p_mass():
     assert keep(top_k=3, top_p=0.9) == [True, True, True, False]
 
 
-def test_sampling_draws_from_the_filtered_distribution_and_repeats_with_the_seed(tmp_path):
-    _reference(tmp_path)
-    model = from_transformers(str(tmp_path))
-    sampler = Sampler(model, eos_ids=(), length_multiple=8)
-    prompts = _prompts()
-    a = sampler.generate_ids(prompts, max_new_tokens=8, temperature=1.0, top_k=3, seed=4, keep_logits=True)
-    again = sampler.generate_ids(prompts, max_new_tokens=8, temperature=1.0, top_k=3, seed=4)
-    other = sampler.generate_ids(prompts, max_new_tokens=8, temperature=1.0, top_k=3, seed=5)
+def test_sampling_draws_from_the_filtered_distribution_and_repeats_with_the_seed(tiny):
+    sampler, prompts = tiny["sampler"], _prompts()
+    kw = dict(max_new_tokens=NEW, keep_logits=True)
+    a = sampler.generate_ids(prompts, temperature=1.0, top_k=3, seed=4, **kw)
+    again = sampler.generate_ids(prompts, temperature=1.0, top_k=3, seed=4, **kw)
+    other = sampler.generate_ids(prompts, temperature=1.0, top_k=3, seed=5, **kw)
     assert [r["tokens"] for r in a] == [r["tokens"] for r in again]
     assert [r["tokens"] for r in a] != [r["tokens"] for r in other]
-    greedy = sampler.generate_ids(prompts, max_new_tokens=8)
+    greedy = sampler.generate_ids(prompts, **kw)
     assert [r["tokens"] for r in a] != [r["tokens"] for r in greedy]
     for row in a:  # every draw among the 3 largest logits of its step
         top3 = np.argsort(-row["step_logits"], axis=-1)[:, :3]
         assert all(t in top3[i] for i, t in enumerate(row["tokens"]))
 
 
-def test_bad_options_and_prompts_name_the_value(tmp_path):
-    _reference(tmp_path)
-    sampler = Sampler(from_transformers(str(tmp_path)), eos_ids=())
+def test_bad_options_and_prompts_name_the_value(tiny):
+    sampler = tiny["sampler"]
     for kwargs, match in [(dict(top_p=2.0), "top_p=2.0"), (dict(temperature=-1.0), "temperature=-1.0"),
                           (dict(top_k=-2), "top_k=-2"), (dict(max_new_tokens=0), "max_new_tokens=0")]:
         with pytest.raises(SamplerError, match=match):
@@ -188,3 +196,32 @@ def test_bad_options_and_prompts_name_the_value(tmp_path):
         sampler.generate_ids([[2] * 64], max_new_tokens=2)
     with pytest.raises(SamplerError, match="empty"):
         sampler.generate_ids([[]], max_new_tokens=2)
+
+
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+                  "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+                  "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
+
+
+def test_chat_template_and_end_tokens_follow_transformers(tmp_path):
+    import json
+
+    from text_fixtures import build_tokenizer
+
+    from fraqat_jax.text.sampler import apply_chat_template, chat_template, end_token_ids
+
+    tok = build_tokenizer()
+    tok.add_special_tokens(["<start_of_turn>", "<end_of_turn>"])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+    fast.chat_template = GEMMA_TEMPLATE
+    fast.save_pretrained(tmp_path)
+    messages = [{"role": "user", "content": " Is the sky blue? "}]
+    want = fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = chat_template(str(tmp_path))
+    assert template == GEMMA_TEMPLATE
+    assert apply_chat_template(template, messages, bos_token="<bos>") == want
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
+    turn = tok.token_to_id("<end_of_turn>")
+    assert end_token_ids(str(tmp_path), {"eos_token_id": 1}, tok) == (1, 7, turn)
+    (tmp_path / "generation_config.json").unlink()
+    assert end_token_ids(str(tmp_path), {"eos_token_id": 1}, tok) == (1, turn)
