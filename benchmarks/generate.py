@@ -7,7 +7,7 @@ of about 100 M parameters with a 32k vocabulary (hidden 768, 8 layers, MLP 3072,
 Rows, all greedy, at each batch size (``--batches``) and prompt length (``--prompts``), with
 ``--new`` new tokens and no end token (every row decodes all of them):
 
-- ``ours_float``: ``text.sampler``'s prefill + decode loop on the float32 teacher;
+- ``ours_float``: ``models.sampler``'s prefill + decode loop on the float32 teacher;
 - ``ours_w4a8``: the same on the frozen W4A8 student (``fraqat_jax.freeze`` of the paper's rule,
   every Linear at 4-bit weights, 8-bit per-token inputs; integer matmuls);
 - ``recompute``: the decoder this replaced (the whole ``[B, P + new]`` buffer through the model at
@@ -45,7 +45,7 @@ from flax import nnx
 from fraqat_jax import Rule, freeze, quantize_model
 from fraqat_jax.models import from_transformers
 from fraqat_jax.text import builtin_teacher_dir
-from fraqat_jax.text.sampler import Sampler
+from fraqat_jax.models.sampler import Sampler
 
 RANDOM_100M = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=8,
                    num_attention_heads=12, num_key_value_heads=4, head_dim=64, query_pre_attn_scalar=64,

@@ -119,7 +119,7 @@ def diffusers_model(config):
 
 
 # ---------------------------------------------------------------------------------------------
-# PixArt-Sigma, Sana and FLUX.1 (issue 5): same protocol, ~1024 image tokens each.
+# PixArt-Sigma, Sana and FLUX.1: same protocol, ~1024 image tokens each.
 #   python benchmarks/models.py --model pixart|sana|flux [--layers N] [--runs 3]
 # --layers N keeps the first N blocks (Flux: N double-stream and 2N single-stream blocks).
 # ---------------------------------------------------------------------------------------------

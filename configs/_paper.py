@@ -1,4 +1,4 @@
-"""Shared settings of the paper's runs (PAPER.md), imported by the preset files.
+"""Shared settings of the paper's runs (FraQAT, W4A8 diffusion transformers), imported by the preset files.
 
 The paper trains 25 epochs of YE-POP at 512x512 with fused Adam, no weight decay, seed 1234 and
 the FraQAT schedule; it states the learning rate and batch but no learning-rate schedule, so we

@@ -4,7 +4,7 @@
 is the same). Every key and its meaning: ``python -m fraqat_jax.train --help``.
 """
 
-from fraqat_jax.train.config import get_config as _default
+from fraqat_jax.recipe.config import get_config as _default
 
 
 def get_config():

@@ -28,6 +28,8 @@ from _paper import paper_config
 
 
 def get_config():
-    return paper_config("gemma-2-2b", lr=1e-5, batch_size=64, latents="",
-                        data="text:" + os.environ.get("FRAQAT_TEXT", "data/c4_subset"),
-                        seq_len=512, loss="kl", steps=150000, num_samples=4, sample_tokens=32)
+    cfg = paper_config("gemma-2-2b", lr=1e-5, batch_size=64, latents="",
+                       data="text:" + os.environ.get("FRAQAT_TEXT", "data/c4_subset"),
+                       seq_len=512, loss="kl", steps=150000, num_samples=4, sample_tokens=32)
+    cfg.pop("sample_steps")  # the image runs' sampler steps: a language-model run has no such key
+    return cfg

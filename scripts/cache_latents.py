@@ -103,10 +103,10 @@ def pipeline_family(pipeline: str) -> str:
         raise SystemExit(f"error: --pipeline {pipeline!r} is not a diffusers pipeline folder (no model_index.json)")
     with open(path) as f:
         cls = (json.load(f).get("transformer") or [None, None])[1]
-    family = FAMILIES.get(cls)
+    family = next((f.name for f in FAMILIES if cls in f.model_classes), None)
     if family not in _OUTPUTS:
         raise SystemExit(f"error: --pipeline {pipeline!r} has transformer {cls!r}; text-to-image pipelines of "
-                         f"{', '.join(c for c, f in FAMILIES.items() if f in _OUTPUTS)} are supported")
+                         f"{', '.join(c for f in FAMILIES if f.name in _OUTPUTS for c in f.model_classes)} are supported")
     return family
 
 

@@ -2,13 +2,21 @@
 
 - the package root holds ``__init__.py``, ``schedules.py`` and packages, nothing else;
 - every part has a rule (:data:`ALLOWED`): ``quant/`` and ``schedules.py`` import nothing of Flax and
-  nothing of the package but ``quant/``; ``models/`` only ``quant/``; ``nn/`` only ``quant/`` and
-  ``schedules.py``; a family package (``diffusion/``, ``text/``) only the interface, data and the layers
-  below; ``train/`` names no family (no import of a family package, no family name in its code);
-- ``train/`` and ``eval/`` never import each other, their command lines (``__main__``) included;
-- a command line may import any other part;
+  nothing of the package but ``quant/``; ``models/`` only ``quant/`` and
+  ``parallel/`` (the mesh axis names its attention kernels split over); ``parallel/`` nothing of the
+  package; ``nn/`` only ``quant/`` and
+  ``schedules.py``; ``family/`` (the interface) only ``nn/`` below it and no implementation, not even
+  by name in a string; a family package (``diffusion/``, ``text/``) only the interface, data and the
+  layers below; ``recipe/`` (what a run is) the interface and the layers below, never a command part;
+- the commands (``train/``, ``eval/``, ``export/``, ``plan/``, ``compare/``, ``runs/``, ``recipe/``)
+  learn about a model only through its family: they import no family package and name no family or
+  model class in their code (help texts, docstrings and comments may), command lines included;
+- ``runs/``, ``eval/``, ``export/`` and ``plan/`` import nothing of ``train/`` (they read what a run
+  is from ``recipe/``), and ``train/`` nothing of ``eval/``, their command lines (``__main__``)
+  included; any other command line may import any other part;
 - no private name (``_x``) is imported from another module of the package;
-- no import circle between modules;
+- no import circle between modules, counting the implicit edge from a module to the packages it is in
+  (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first);
 - no source module over 500 lines and no function over 100 lines, unless a ``# long: <reason>``
   comment sits on the ``def`` line or the line above it.
 """
@@ -26,29 +34,38 @@ MAX_FUNCTION_LINES = 100
 
 BELOW = {"quant", "schedules", "models", "nn"}
 FAMILY_PACKAGES = {"diffusion", "text"}
-APPS = {"export", "plan", "compare", "pretrain"}
+#: The parts that learn about a model only through its family object.
+THROUGH_THE_FAMILY = {"train", "eval", "export", "plan", "compare", "runs", "recipe", "generate"}
 ALLOWED = {  # part -> parts it may import (itself always allowed)
     "quant": set(),
     "schedules": {"quant"},
-    "models": {"quant"},
+    "models": {"quant", "parallel"},
     "nn": {"quant", "schedules"},
     "parallel": set(),
     "cli": set(),
     "data": {"models", "quant"},
-    "family": {"nn", "quant", "schedules"},
+    "family": {"nn"},
     "diffusion": {"family", "data", *BELOW},
     "text": {"family", "data", *BELOW},
-    "train": {"family", "data", "parallel", "runs", *BELOW},
-    "runs": {"train", "family", "parallel", *BELOW},
-    "eval": {"family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
-    "export": {"family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
-    "plan": {"train", "family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
-    "compare": {"train", "eval", "export", "family", "data", "parallel", "runs", *FAMILY_PACKAGES, *BELOW},
+    "recipe": {"family", "data", "parallel", *BELOW},
+    "train": {"recipe", "family", "data", "parallel", "runs", *BELOW},
+    "runs": {"recipe", "family", "parallel", *BELOW},
+    "eval": {"recipe", "family", "data", "parallel", "runs", *BELOW},
+    "export": {"recipe", "family", "data", "parallel", "runs", *BELOW},
+    "plan": {"recipe", "family", "data", "parallel", "runs", *BELOW},
+    "compare": {"train", "eval", "export", "recipe", "family", "data", "parallel", "runs", *BELOW},
     "pretrain": {"family", "data", *FAMILY_PACKAGES, *BELOW},
-    "generate": {"family", "data", "parallel", "runs", "export", *BELOW},
+    "generate": {"recipe", "family", "data", "parallel", "runs", "export", *BELOW},
 }
-FORBIDDEN = {"train": {"eval", *FAMILY_PACKAGES}, "eval": {"train"},  # command lines included
-             "generate": set(FAMILY_PACKAGES)}
+FORBIDDEN = {  # command lines included
+    **{part: set(FAMILY_PACKAGES) for part in THROUGH_THE_FAMILY},
+    "train": {"eval", *FAMILY_PACKAGES},
+    "eval": {"train", *FAMILY_PACKAGES},
+    "runs": {"train", *FAMILY_PACKAGES},
+    "plan": {"train", *FAMILY_PACKAGES},
+    "export": {"train", *FAMILY_PACKAGES},
+    "recipe": {"train", "runs", "eval", "export", "plan", "compare", *FAMILY_PACKAGES},
+}
 ROOT_MODULES = {"__init__.py", "schedules.py"}
 
 
@@ -146,25 +163,72 @@ def _family_words() -> set[str]:
     return words
 
 
-@pytest.mark.parametrize("part", ["train", "generate"])
-def test_train_names_no_family(part):
-    """``train/`` and ``generate/`` ask the family interface: no import of a family package, no family
-    or model class name as a value in their code, no noise or DDPM (help texts and docstrings may name
-    examples)."""
+#: Model-family names that the command parts must not hold in their code (any case, as a word).
+FAMILY_NAMES = ("dit", "pixart", "sd3", "sana", "flux", "gemma")
+
+
+def _help_strings(tree) -> set[int]:
+    """ids of the string constants that are docstrings, ``help=``/``description=``/``epilog=`` texts,
+    argument and group titles, or a config key's help (``setting(default, help)``): they may name
+    examples."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+        if isinstance(node, ast.keyword) and node.arg in ("help", "description", "epilog"):
+            out.update(id(n) for n in ast.walk(node.value) if isinstance(n, ast.Constant))
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("add_argument_group", "add_argument")):
+            out.update(id(n) for a in node.args for n in ast.walk(a) if isinstance(n, ast.Constant))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "setting":
+            out.update(id(n) for a in node.args[1:2] for n in ast.walk(a) if isinstance(n, ast.Constant))
+    return out
+
+
+def _names_a_family(text: str, words: set[str]) -> str | None:
+    import re
+
+    for w in (*FAMILY_NAMES, *words):
+        if re.search(rf"(?<![a-z0-9]){re.escape(w.lower())}", text.lower()):
+            return w
+    return None
+
+
+@pytest.mark.parametrize("part", sorted(THROUGH_THE_FAMILY))
+def test_command_parts_learn_about_a_model_only_through_its_family(part):
+    """No import of a family package and no family or model class name in code (identifiers and
+    string values; docstrings, help texts and comments may name examples); ``train/`` and
+    ``recipe/`` name no noise or DDPM either."""
     words, bad = _family_words(), []
     for name, path in MODULES.items():
         if _part(name) != part:
             continue
         tree = ast.parse(path.read_text())
+        helps = _help_strings(tree)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in words:
-                bad.append(f"{name}:{node.lineno} uses the family name {node.value!r}")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in helps:
+                hit = _names_a_family(node.value, words)
+                if hit:
+                    bad.append(f"{name}:{node.lineno} names the family {hit!r} in {node.value[:60]!r}")
             ident = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
-            if ident and any(w in ident.lower() for w in ("noise", "ddpm", "diffusion", "latent")):
+            if ident and _names_a_family(ident, words):
+                bad.append(f"{name}:{node.lineno} names {ident!r}")
+            if part in ("train", "recipe") and ident and any(
+                    w in ident.lower() for w in ("noise", "ddpm", "diffusion", "latent")):
                 bad.append(f"{name}:{node.lineno} names {ident!r}")
         for mod, _ in _imports(name, path):
             if _part(mod) in FAMILY_PACKAGES:
                 bad.append(f"{name} imports {mod}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_interface_names_no_implementation():
+    """``family/`` finds its implementations through entry points: no file in it names a family
+    package, docstrings included."""
+    bad = [f"{p.relative_to(ROOT.parent)} names fraqat_jax.{pkg}" for p in sorted((ROOT / "family").rglob("*.py"))
+           for pkg in sorted(FAMILY_PACKAGES) if f"fraqat_jax.{pkg}" in p.read_text()]
     assert not bad, "\n".join(bad)
 
 
@@ -178,11 +242,17 @@ def test_no_private_names_across_modules():
     assert not bad, "\n".join(bad)
 
 
+def _with_packages(module: str) -> set[str]:
+    """``module`` and the packages it is in below the root (``fraqat_jax.a.b.c`` -> ``fraqat_jax.a``,
+    ``fraqat_jax.a.b``, itself): importing it runs each of their ``__init__`` first."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(2, len(parts) + 1)} & set(MODULES)
+
+
 def test_no_import_circles():
-    graph = {name: sorted({m for m, _ in _imports(name, path) if m in MODULES and m != name})
+    graph = {name: sorted({t for m, _ in _imports(name, path) if m in MODULES for t in _with_packages(m)}
+                          - {name} - _with_packages(name))
              for name, path in MODULES.items()}
-    # Importing a submodule runs its package's __init__ first; that edge is implicit and not a circle
-    # by itself, so only explicit imports are followed.
     state, cycles = {}, []
 
     def visit(node, stack):

@@ -96,10 +96,14 @@ def _check_block(r):
 def _check_peers(r):
     """The keys of ``peers.py --json`` that the issue names, with sensible values."""
     assert set(r["ratios"]) == {"mlp", "stack4x512"}
+    assert set(r["step_ms"]) == set(r["ratios"])
     for model, ratios in r["ratios"].items():
-        assert ratios["fp32"] == pytest.approx(1.0)
+        ms = r["step_ms"][model]
+        assert set(ratios) == set(ms) == {"fp32", "fraqat", "qwix", "qwix_absmax", "qwix_minmax"}
         for form in ("fraqat", "qwix", "qwix_absmax", "qwix_minmax"):
-            assert _finite_positive(ratios[form]), (model, form, ratios)
+            assert _finite_positive(ms[form]) and _finite_positive(ratios[form]), (model, form, ratios)
+            # each form's step time over the float32 step's, measured in the same run
+            assert ratios[form] == pytest.approx(ms[form] / ms["fp32"], rel=1e-9), (model, form)
     # Bits are data in fraqat: one compile for all nine stages; Qwix compiles once per integer width.
     assert r["compiles"] == {"fraqat": 1, "qwix": 5}
     assert r["schedule"]["qwix"]["fractional_bits"].startswith("rejected")

@@ -1,4 +1,4 @@
-"""ONNX QDQ export (issue 12): every family's tiny config, run by onnxruntime against the frozen
+"""ONNX QDQ export: every family's tiny config, run by onnxruntime against the frozen
 JAX model; INT4 initializers hold ``freeze``'s packed codes; one initializer per shared layer."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 import fraqat_jax  # noqa: E402
 from fraqat_jax.diffusion import model_kwargs  # noqa: E402
 from fraqat_jax.export.onnx import (OnnxExportError, export_onnx, export_onnx_run, frozen_layers,  # noqa: E402
-                                    frozen_output, run_onnx, static_view, summary)
+                                    frozen_output, run_onnx, static_view, summary, to_onnx)
 from fraqat_jax.models import MODEL_CLASSES  # noqa: E402
 from fraqat_jax.nn import quantized_layers  # noqa: E402
 
-TOLERANCE = 1e-3  # max |onnxruntime - frozen JAX| / max |frozen JAX| (issue 12)
+TOLERANCE = 1e-3  # max |onnxruntime - frozen JAX| / max |frozen JAX|
 W4A8 = fraqat_jax.Rule(".*", weight_bits=4, act_bits=8, channel_axis=-1, layer_types=("Linear",))
 # Sana's feed-forward convolutions too (1x1, depthwise 3x3, 1x1): the quantized Conv path.
 CONV_W4A8 = fraqat_jax.Rule(r".*\.ff\..*", weight_bits=4, act_bits=8, channel_axis=-1, layer_types=("Conv",))
@@ -241,6 +241,13 @@ def test_shared_layer_gets_one_initializer_and_group_scales(tmp_path):
     ref = np.asarray(fraqat_jax.freeze(static_view(model))(jnp.asarray(x)))
     got = run_onnx(str(path), {"hidden_states": x})
     assert np.abs(got - ref).max() <= TOLERANCE * np.abs(ref).max()
+    # The traced graph's weight map: each layer's one weight DequantizeLinear, named by the layer's path.
+    traced = to_onnx(model, {"hidden_states": x})
+    dequantized = {n.output[0]: n.input[0] for n in traced.proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert sorted(traced.weight_outputs.values()) == ["blocks.0", "out"]  # the shared layer once (its first path)
+    for output, layer_path in traced.weight_outputs.items():
+        assert dequantized[output].startswith(layer_path + ".kernel_codes")
+    assert traced.counts["quantized_layers"] == 2
 
 
 def test_unsupported_settings_name_the_layer(tmp_path):

@@ -1,4 +1,4 @@
-"""QNN HTP form (issue 21): the export runs whole on Qualcomm's QNN HTP backend (the simulator in
+"""QNN HTP form: the export runs whole on Qualcomm's QNN HTP backend (the simulator in
 the ``onnxruntime-qnn`` wheel), with CPU fallback disabled, and agrees with onnxruntime's CPU
 provider and with the JAX model; each rule of the graph is checked against the backend itself."""
 
@@ -267,9 +267,16 @@ def default_static_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_default_run_exports_whole_to_qnn_htp_from_the_command_line(default_static_run, tmp_path, capsys):
+def test_default_run_exports_whole_to_qnn_htp_from_the_command_line(default_static_run, tmp_path, capsys,
+                                                                      monkeypatch):
     from fraqat_jax import export
+    from fraqat_jax.export import orbax
 
+    def no_round_trip(*args, **kwargs):
+        raise AssertionError("the QNN export builds its JAX reference in memory, not through an orbax folder")
+
+    monkeypatch.setattr(orbax, "export_orbax", no_round_trip)
+    monkeypatch.setattr(orbax, "load", no_round_trip)
     out = tmp_path / "qnn"
     report = export.main(["--workdir", default_static_run, "--out", str(out), "--format", "qnn",
                           "--calibration-samples", "16"])

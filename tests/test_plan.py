@@ -260,7 +260,7 @@ def test_text_family_plans_and_runs_locally(tmp_path, capsys):
 @needs_libtpu
 @pytest.mark.slow
 def test_tiny_gemma2_compiles_for_a_v5e_with_the_splash_kernel(tmp_path):
-    """Issue 22's proof without a TPU: the Gemma-2 step compiles for a TPU topology with the splash
+    """Without a TPU: the Gemma-2 step compiles for a TPU topology with the splash
     kernel in the program (and without it under attention=xla)."""
     kernels = {}
     for attention in ("flash", "xla"):

@@ -241,3 +241,21 @@ def test_bad_inputs_raise():
         quantize(jnp.ones(4), jnp.ones(2) * 4)
     with pytest.raises(ValueError, match="floating"):
         quantize(jnp.ones(4, jnp.int32), 4)
+
+
+def test_rel_diff_is_the_largest_difference_over_the_largest_reference():
+    """``quant.rel_diff``, the one relative difference of the export checks, by hand: one pair, and a
+    set of pairs sharing one scale (the largest |ref| of all of them)."""
+    from fraqat_jax.quant import rel_diff
+
+    ref = [np.array([1.0, -4.0]), np.array([[0.5, 2.0]])]
+    got = [np.array([1.5, -4.0]), np.array([[0.5, 2.25]], np.float32)]
+    assert rel_diff(got[0], ref[0]) == 0.5 / 4.0
+    assert rel_diff(got[1], ref[1]) == 0.25 / 2.0
+    assert rel_diff(got, ref) == 0.5 / 4.0  # not the mean, not per-pair scales
+    assert rel_diff(tuple(reversed(got)), tuple(reversed(ref))) == 0.5 / 4.0
+    assert rel_diff(np.zeros(3), np.zeros(3)) == 0.0
+    with pytest.raises(ValueError, match=r"one shape, got \(2,\) and \(1, 2\)"):
+        rel_diff(got[0], ref[1])
+    with pytest.raises(ValueError, match="one length"):
+        rel_diff(got, ref[:1])

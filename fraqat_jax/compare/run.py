@@ -137,9 +137,11 @@ class _Runner:
 def _evaluator(teacher, cfg, **kwargs):
     """The image :class:`Evaluator`, or for a language model the text one (held-out KL as the
     validation loss, perplexity; no samples, so no FD)."""
-    from fraqat_jax.eval.text import TextEvaluator, is_text_model
+    from fraqat_jax.eval.text import TextEvaluator
+    from fraqat_jax.family import family_for_model
 
-    return TextEvaluator(teacher, cfg, **kwargs) if is_text_model(teacher) else Evaluator(teacher, cfg, **kwargs)
+    text = family_for_model(teacher).evaluation == "text"
+    return TextEvaluator(teacher, cfg, **kwargs) if text else Evaluator(teacher, cfg, **kwargs)
 
 
 def _tune(runner, methods, tune, tune_seeds, num_val, log):

@@ -16,15 +16,15 @@ __all__ = ["check_fits_teacher"]
 
 
 def check_fits_teacher(source: str, element_spec: Mapping[str, tuple[tuple[int, ...], Any]],
-                       teacher_config: Mapping[str, Any], *, family: str) -> None:
+                       model_config: Mapping[str, Any], *, family: str, packed: bool = False) -> None:
     """Raises :class:`DataSourceError` (one line naming ``source``) when the teacher cannot take the
     source's ``latents`` rows.
 
     ``source``: the data spec as the user wrote it (``tfds:NAME``, ``latents:DIR``, ...);
     ``element_spec``: the source's ``{field: (per-example shape, dtype)}``, ``latents`` being
-    ``[C, H, W]``; ``teacher_config``: the teacher's diffusers config (``in_channels``,
-    ``patch_size``, ``pos_embed_max_size``); ``family``: ``dit | pixart | sd3 | sana | flux``. Flux
-    packs 2x2 latent patches into tokens, so it takes ``C = in_channels / 4`` and even sizes.
+    ``[C, H, W]``; ``model_config``: the teacher's diffusers config (``in_channels``,
+    ``patch_size``, ``pos_embed_max_size``); ``family``: the family's name (for the message); ``packed``: the model
+    packs 2x2 latent patches into tokens (Flux), so it takes ``C = in_channels / 4`` and even sizes.
     """
     if "latents" not in element_spec:
         raise DataSourceError(source, f"has no 'latents' field (it has {sorted(element_spec)}); the teacher "
@@ -33,9 +33,8 @@ def check_fits_teacher(source: str, element_spec: Mapping[str, tuple[tuple[int, 
     if len(shape) != 3:
         raise DataSourceError(source, f"gives latents of shape {list(shape)} per example; the teacher needs [C, H, W]")
     c, h, w = shape
-    packed = family == "flux"
-    patch = 2 if packed else int(teacher_config.get("patch_size") or 1)
-    in_channels = teacher_config.get("in_channels")
+    patch = 2 if packed else int(model_config.get("patch_size") or 1)
+    in_channels = model_config.get("in_channels")
     resize = _how_to_resize(source)
     if in_channels:
         want = int(in_channels) // 4 if packed else int(in_channels)
@@ -49,7 +48,7 @@ def check_fits_teacher(source: str, element_spec: Mapping[str, tuple[tuple[int, 
             raise DataSourceError(source, f"gives latents {list(shape)} whose {side} {size} the {family} teacher "
                                           f"cannot take: it must be a multiple of {patch} (the "
                                           f"{'2x2 packing' if packed else 'patch_size'}); {resize} {fix}")
-    max_patches = teacher_config.get("pos_embed_max_size")
+    max_patches = model_config.get("pos_embed_max_size")
     if max_patches and max(h, w) > int(max_patches) * patch:
         raise DataSourceError(source, f"gives latents {list(shape)} larger than the {family} teacher takes: at most "
                                       f"{int(max_patches) * patch} per side (pos_embed_max_size={max_patches} "

@@ -232,16 +232,16 @@ class TfdsTextSource(Source):
         return self._windows(self.heldout_start + np.arange(n) % self.num_heldout)
 
 
-def make_text_source(spec: str, *, tokenizer_dir: str, teacher_config: dict, seq_len: int, seed: int = 0,
+def make_text_source(spec: str, *, tokenizer_dir: str, model_config: dict, seq_len: int, seed: int = 0,
                      data_dir: str | None = None):
     """A :class:`TextSource` (``text:PATH``) or :class:`TfdsTextSource` (``tfds:NAME[:SPLIT]``) cut into
     ``seq_len`` windows with the tokenizer of ``tokenizer_dir`` and the special tokens and position
-    count (``max_position_embeddings``) of ``teacher_config``."""
+    count (``max_position_embeddings``) of ``model_config``."""
     if not (spec.startswith("text:") or spec.startswith("tfds:")):
         raise DataSourceError(spec, "is not a text source: use text:PATH (a .txt / .jsonl file or a folder of "
                                     "them) or tfds:NAME[:SPLIT]")
-    check_seq_len(int(seq_len), teacher_config.get("max_position_embeddings"), spec)
-    tokens = SpecialTokens.from_config(teacher_config, spec)
+    check_seq_len(int(seq_len), model_config.get("max_position_embeddings"), spec)
+    tokens = SpecialTokens.from_config(model_config, spec)
     tokenizer = load_tokenizer(tokenizer_dir, spec)
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition(":")

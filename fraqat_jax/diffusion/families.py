@@ -1,4 +1,5 @@
-"""The model families: which port is which family, how each is called, and its timestep convention.
+"""How each diffusion family's model is called and its timestep convention, read from the family
+object (:mod:`fraqat_jax.diffusion.family`: one class per model, its constants as attributes).
 
 ======  =============================  ==========================  =================================
 family  class                          training objective          timestep the model receives
@@ -11,8 +12,8 @@ flux    FluxTransformer2DModel         rectified flow, 2x2 packed  sigma (the mo
 ======  =============================  ==========================  =================================
 
 The samplers work in *sampler time*: the DDPM step for DDPM families and ``1000 * sigma`` for
-rectified flow (as diffusers' schedulers pass it to SD3). :data:`TIMESTEPS_PER_SIGMA` is the one
-place that says how a flow family's model timestep relates to sigma.
+rectified flow (as diffusers' schedulers pass it to SD3). A family's ``timesteps_per_sigma`` says
+how its model timestep relates to sigma. Every function takes a family object or a family's name.
 """
 
 from __future__ import annotations
@@ -22,52 +23,46 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FAMILIES", "TIMESTEPS_PER_SIGMA", "apply_model", "family_of", "model_kwargs", "model_time",
-           "model_timestep", "objective_of", "pack_2x2", "sampler_of", "unpack_2x2", "flux_ids"]
+from fraqat_jax.family import family_for_model, family_named
 
-FAMILIES = {
-    "DiTTransformer2DModel": "dit",
-    "PixArtTransformer2DModel": "pixart",
-    "SD3Transformer2DModel": "sd3",
-    "SanaTransformer2DModel": "sana",
-    "FluxTransformer2DModel": "flux",
-}
+__all__ = ["SAMPLER_TIMESTEPS_PER_SIGMA", "apply_model", "as_family", "family_of", "flux_ids", "model_kwargs",
+           "model_time", "model_timestep", "objective_of", "pack_2x2", "sampler_of", "unpack_2x2"]
 
-#: Model timestep per unit of sigma for the rectified-flow families (sampler time is 1000 per sigma).
-TIMESTEPS_PER_SIGMA = {"sd3": 1000.0, "sana": 1000.0, "flux": 1.0}
 SAMPLER_TIMESTEPS_PER_SIGMA = 1000.0
 
 
-def family_of(model) -> str:
-    """The family of a port instance (or of its class name)."""
-    name = model if isinstance(model, str) else type(model).__name__
-    if name not in FAMILIES:
-        raise ValueError(f"teacher class {name!r} is not supported; supported: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+def as_family(family):
+    """A diffusion family object from itself or its name."""
+    return family_named(family) if isinstance(family, str) else family
 
 
-def objective_of(family: str) -> str:
+def family_of(model):
+    """The family object of a port instance (or of its class name)."""
+    return family_for_model(model)
+
+
+def objective_of(family) -> str:
     """``"ddpm"`` (epsilon prediction) or ``"flow"`` (rectified-flow velocity)."""
-    return "ddpm" if family in ("dit", "pixart") else "flow"
+    return as_family(family).objective
 
 
-def sampler_of(family: str) -> str:
+def sampler_of(family) -> str:
     """The deterministic sampler used to evaluate a family: DDIM for DDPM models, Euler for flow."""
-    return "ddim" if objective_of(family) == "ddpm" else "euler"
+    return as_family(family).sampler
 
 
-def model_timestep(family: str, sigma):
+def model_timestep(family, sigma):
     """A flow family's model timestep for noise level ``sigma`` (float32 ``(B,)``)."""
-    per_sigma = TIMESTEPS_PER_SIGMA[family]
+    per_sigma = as_family(family).timesteps_per_sigma
     return sigma if per_sigma == 1.0 else sigma * per_sigma
 
 
-def model_time(family: str, t):
+def model_time(family, t):
     """Sampler time ``t`` (DDPM step or ``1000 * sigma``) -> the family's model timestep."""
-    if objective_of(family) == "ddpm":
+    fam = as_family(family)
+    if fam.objective == "ddpm":
         return t
-    return t / (SAMPLER_TIMESTEPS_PER_SIGMA / TIMESTEPS_PER_SIGMA[family])
-
+    return t / (SAMPLER_TIMESTEPS_PER_SIGMA / fam.timesteps_per_sigma)
 
 def pack_2x2(x):
     """Flux packing: [B, C, H, W] -> [B, (H/2)(W/2), 4C] (diffusers' ``_pack_latents``)."""
@@ -91,14 +86,14 @@ def flux_ids(h: int, w: int, text_len: int):
     return jnp.asarray(img.reshape(-1, 3)), jnp.zeros((text_len, 3), jnp.float32)
 
 
-def model_kwargs(family: str, x, timestep, cond: Mapping[str, Any]) -> dict:
+def model_kwargs(family, x, timestep, cond: Mapping[str, Any]) -> dict:
     """Keyword arguments of the diffusers-style ``__call__`` for noisy ``x`` [B, C, H, W].
 
     ``timestep`` is in the family's convention (see the module docstring); ``cond`` holds the
     batch's conditioning fields, passed through by name.
     """
     kw = dict(cond)
-    if family == "flux":
+    if as_family(family).packed_2x2:
         _, _, h, w = x.shape
         text_len = cond["encoder_hidden_states"].shape[1]
         img_ids, txt_ids = flux_ids(h, w, text_len)
@@ -108,9 +103,9 @@ def model_kwargs(family: str, x, timestep, cond: Mapping[str, Any]) -> dict:
     return kw
 
 
-def apply_model(model, family: str, x, t_model, cond):
+def apply_model(model, family, x, t_model, cond):
     """Runs ``model`` on noisy ``x`` [B, C, H, W]; returns [B, C_out, H, W] (Flux unpacked)."""
     out = model(**model_kwargs(family, x, t_model, cond))
-    if family == "flux":
+    if as_family(family).packed_2x2:
         out = unpack_2x2(out, x.shape)
     return out

@@ -1,16 +1,19 @@
-"""The five diffusion families behind the :class:`fraqat_jax.family.Family` interface.
+"""The five diffusion families, one object per model: :data:`DIT`, :data:`PIXART`, :data:`SD3`,
+:data:`SANA`, :data:`FLUX` (``fraqat_jax.families`` entry points).
 
-One :class:`DiffusionFamily` per family (``dit``, ``pixart``, ``sd3``, ``sana``, ``flux``), all
-registered when ``fraqat_jax.diffusion`` is imported. Training inputs are DDPM noise and uniform
-timesteps (DiT, PixArt) or rectified-flow interpolants with logit-normal sigma (SD3, Sana, Flux);
-the loss is the mean squared error over every output channel; samples are PNG grids, teacher above
-student, from the same noise.
+:class:`DiffusionFamily` holds what they share; each subclass carries its model's constants as
+class attributes (training objective, evaluation sampler, timestep convention, 2x2 packing, text
+tokens and widths, its VAE, its diffusers pipeline and that pipeline's sampling defaults). Training
+inputs are DDPM noise and uniform timesteps (DiT, PixArt) or rectified-flow interpolants with
+logit-normal sigma (SD3, Sana, Flux); the loss is the mean squared error over every output channel;
+samples are PNG grids, teacher above student, from the same noise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Callable
+from typing import Callable, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,54 +22,37 @@ from flax import nnx
 from fraqat_jax import data
 from fraqat_jax.data.streams import stream
 from fraqat_jax.diffusion import teachers
-from fraqat_jax.diffusion.families import FAMILIES, apply_model
+from fraqat_jax.diffusion.families import apply_model, model_kwargs
 from fraqat_jax.diffusion.grids import save_grid
 from fraqat_jax.diffusion.heldout import heldout_inputs, sampling_inputs, teacher_examples
 from fraqat_jax.diffusion.noise import diffusion_inputs
 from fraqat_jax.diffusion.samplers import make_noise, model_sampler
-from fraqat_jax.family import ConfigError, Family, register
+from fraqat_jax.family import ConfigError, Family
+from fraqat_jax.family.settings import int_at_least, setting
+from fraqat_jax.models.registry import port_class
 
-__all__ = ["CONFIG_KEYS", "DiffusionFamily", "TEXT_TOKENS", "batch_fields"]
+__all__ = ["DIT", "DiffusionConfig", "DiffusionFamily", "FAMILIES", "FLUX", "PIXART", "SANA", "SD3"]
 
-#: The diffusion families' own config keys: ``{key: (default, help)}``.
-CONFIG_KEYS: dict[str, tuple[Any, str]] = {
-    "image_size": (0, "resize TFDS images to this size (0: the teacher's sample_size)"),
-    "num_train_timesteps": (1000, "DDPM training timesteps (DiT, PixArt)"),
-    "logit_mean": (0.0, "rectified flow: mean of the logit-normal timestep density"),
-    "logit_std": (1.0, "rectified flow: std of the logit-normal timestep density"),
-    "sample_steps": (20, "sampler steps for the PNG grids and the data-free source"),
-    "guidance_scale": (1.0, "classifier-free guidance for the PNG grids (1: none)"),
-}
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The diffusion families' own config keys."""
+
+    #: resize TFDS images to this size (0: the teacher's sample_size)
+    image_size: int = setting(0, "resize TFDS images to this size (0: the teacher's sample_size)", int_at_least(0))
+    #: DDPM training timesteps (DDPM families)
+    num_train_timesteps: int = setting(1000, "DDPM training timesteps (DiT, PixArt)", int_at_least(1))
+    #: mean of the logit-normal timestep density (rectified flow)
+    logit_mean: float = setting(0.0, "rectified flow: mean of the logit-normal timestep density")
+    #: std of the logit-normal timestep density (rectified flow)
+    logit_std: float = setting(1.0, "rectified flow: std of the logit-normal timestep density")
+    #: sampler steps of the sample grids and the data-free source
+    sample_steps: int = setting(20, "sampler steps for the PNG grids and the data-free source", int_at_least(1))
+    #: classifier-free guidance of the sample grids
+    guidance_scale: float = setting(1.0, "classifier-free guidance for the PNG grids (1: none)")
+
+
 DATA_FORMS = "digits, datafree, tfds:NAME[:SPLIT] or latents:DIR"
-
-#: Text lengths of the diffusers pipelines' defaults (cached text embeddings per example).
-TEXT_TOKENS = {"sd3": 333, "pixart": 300, "sana": 300, "flux_dev": 512, "flux_schnell": 256}
-
-
-def batch_fields(family: str, model_config, *, latent_size: int) -> dict:
-    """Per-example batch fields ``{name: (shape, dtype name)}`` a data source yields for ``family``.
-
-    ``latent_size``: latent height = width. Text-to-image families read cached text embeddings
-    (``fraqat_jax.data.latents``): ``encoder_hidden_states [L, D]`` and, for SD3 and Flux,
-    ``pooled_projections [D']``; the class-conditional DiT reads ``class_labels``.
-    """
-    c = model_config
-    s = int(latent_size)
-    if family == "dit":
-        return {"latents": ((int(c.get("in_channels", 4)), s, s), "float32"), "class_labels": ((), "int32")}
-    if family == "flux":
-        channels = int(c.get("in_channels", 64)) // 4  # 2x2 packing: 64 packed = 16 latent channels
-        length = TEXT_TOKENS["flux_dev" if c.get("guidance_embeds") else "flux_schnell"]
-        width = int(c.get("joint_attention_dim", 4096))
-    elif family == "sd3":
-        channels, length, width = int(c.get("in_channels", 16)), TEXT_TOKENS["sd3"], int(c.get("joint_attention_dim", 4096))
-    else:  # pixart, sana
-        channels, length = int(c.get("in_channels", 4)), TEXT_TOKENS[family]
-        width = int(c.get("caption_channels", 4096 if family == "pixart" else 2304))
-    spec = {"latents": ((channels, s, s), "float32"), "encoder_hidden_states": ((length, width), "float32")}
-    if family in ("sd3", "flux"):
-        spec["pooled_projections"] = ((int(c.get("pooled_projection_dim", 2048)),), "float32")
-    return spec
 
 
 class _Sampler:
@@ -81,21 +67,40 @@ class _Sampler:
 
 
 class DiffusionFamily(Family):
-    """A diffusion family: ``name`` one of ``dit | pixart | sd3 | sana | flux``."""
+    """What the diffusion families share; a subclass per model sets the class attributes."""
 
-    def __init__(self, name: str, model_class: str):
-        self.name = name
-        self.model_classes = (model_class,)
+    Config = DiffusionConfig
+    evaluation = "images"
+    export_format = "diffusers"
+    #: ``"ddpm"`` (epsilon prediction) or ``"flow"`` (rectified-flow velocity)
+    objective: ClassVar[str] = "ddpm"
+    #: the deterministic evaluation sampler: ``"ddim"`` (DDPM) or ``"euler"`` (flow)
+    sampler: ClassVar[str] = "ddim"
+    #: a flow model's timestep per unit of sigma (None for DDPM)
+    timesteps_per_sigma: ClassVar[float | None] = None
+    #: the model takes 2x2-packed latent tokens (Flux)
+    packed_2x2: ClassVar[bool] = False
+    #: class labels condition the model (DiT); else cached text embeddings
+    class_conditional: ClassVar[bool] = False
+    #: text tokens of the diffusers pipeline's default (cached embeddings per example)
+    text_tokens: ClassVar[int] = 0
+    #: the model takes a pooled text embedding (``pooled_projections``)
+    pooled: ClassVar[bool] = False
+    #: pixels per latent: the VAE's downsampling factor
+    vae_factor: ClassVar[int] = 8
+    #: the diffusers class of the pipeline's VAE
+    vae_class: ClassVar[str] = "AutoencoderKL"
+    #: the diffusers pipeline class that runs this transformer
+    pipeline_class: ClassVar[str] = ""
+    #: the pipeline's sampling defaults (``sample_steps``, ``guidance_scale``, ``shift``); None: the
+    #: family is not text-to-image
+    pipeline_defaults: ClassVar[dict | None] = None
+    #: the pipeline's scheduler config may carry a flow time shift (``shift`` / ``flow_shift``)
+    scheduler_shift: ClassVar[bool] = True
 
     # -- configuration ---------------------------------------------------------------------------
 
-    def config_keys(self):
-        return CONFIG_KEYS
-
     def validate_config(self, cfg) -> None:
-        for key in ("num_train_timesteps", "sample_steps"):
-            if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-                raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use a positive integer")
         spec = cfg.data
         if not (spec in ("digits", "datafree") or spec.startswith("tfds:") or spec.startswith("latents:")):
             raise ConfigError(f"data={spec!r} is not allowed: use {DATA_FORMS}")
@@ -117,30 +122,57 @@ class DiffusionFamily(Family):
         cls, config = teachers.teacher_spec(cfg)
         return lambda: cls(config, rngs=nnx.Rngs(cfg.seed), **teachers.build_options(cfg))
 
+    def teacher_folder(self, cfg) -> str | None:
+        t = cfg.teacher
+        return t if os.path.isdir(t) else None
+
+    def port(self, class_name: str) -> type:
+        return port_class(class_name)
+
+    # -- model constants ---------------------------------------------------------------------------
+
+    def latent_channels(self, model_config) -> int:
+        """Channels of the latents the model denoises (unpacked)."""
+        c = int(model_config.get("in_channels", 4))
+        return c // 4 if self.packed_2x2 else c
+
+    def text_width(self, model_config) -> tuple[str, int]:
+        """``(config key, width)`` of the text embeddings the model takes."""
+        width = model_config.get("caption_channels")
+        if width is None:  # without a caption projection, captions come at the model's own width
+            return ("num_attention_heads * attention_head_dim",
+                    int(model_config["num_attention_heads"] * model_config["attention_head_dim"]))
+        return "caption_channels", int(width)
+
+    def patch_size(self, model_config) -> int:
+        """Latent pixels per token side."""
+        return 2 if self.packed_2x2 else int(model_config.get("patch_size", 1) or 1)
+
+    def sample_shape(self, cfg, model_config) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one clean example: the teacher's channels, ``image_size`` or its sample size."""
+        size = int(cfg.image_size or model_config.get("sample_size", 8))
+        return self.latent_channels(model_config), size, size
+
+    def num_classes(self, model_config) -> int | None:
+        """The class count of a class-conditional model (its null class is this number), else None."""
+        n = model_config.get("num_embeds_ada_norm")
+        return int(n) if n and self.class_conditional else None
+
     # -- data and inputs ---------------------------------------------------------------------------
 
-    def sample_shape(self, cfg, teacher_config) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one clean example: the teacher's channels, ``image_size`` or its sample size."""
-        size = int(cfg.image_size or teacher_config.get("sample_size", 8))
-        return int(teacher_config.get("in_channels", 4)), size, size
-
-    def num_classes(self, teacher_config) -> int | None:
-        """The class count of a class-conditional DiT (its null class is this number), else None."""
-        n = teacher_config.get("num_embeds_ada_norm")
-        return int(n) if n and self.name == "dit" else None
-
-    def make_source(self, cfg, teacher_config, sample_teacher=None, *, seed: int | None = None):
-        shape = self.sample_shape(cfg, teacher_config)
+    def make_source(self, cfg, model_config, sample_teacher=None, *, seed: int | None = None):
+        shape = self.sample_shape(cfg, model_config)
         if cfg.data != "datafree":
             source = data.make_source(cfg.data, seed=cfg.seed if seed is None else seed, image_size=shape[1],
                                       data_dir=cfg.data_dir or None)
             # before anything compiles: a size or channel count the teacher cannot take, named here
-            data.check_fits_teacher(cfg.data, source.element_spec, teacher_config, family=self.name)
+            data.check_fits_teacher(cfg.data, source.element_spec, model_config, family=self.name,
+                                    packed=self.packed_2x2)
             return source
-        if self.name != "dit":
-            raise ConfigError(f"data=datafree needs a class-conditional DiT teacher, got a {self.name} teacher "
+        if not self.class_conditional:
+            raise ConfigError(f"data=datafree needs a class-conditional teacher, got a {self.name} teacher "
                               "(text-to-image teachers need cached text embeddings: data=latents:DIR)")
-        num_classes = self.num_classes(teacher_config)
+        num_classes = self.num_classes(model_config)
 
         def generate(key, n):
             return teacher_examples(key, n, shape, num_classes, lambda noise, cond, k: sample_teacher((noise, k, cond, None)))
@@ -151,44 +183,89 @@ class DiffusionFamily(Family):
     def training_inputs(self, key, batch, cfg):
         latents = batch["latents"]
         cond = {k: v for k, v in batch.items() if k != "latents"}
-        x_t, t = diffusion_inputs(self.name, key, latents, num_train_timesteps=int(cfg.num_train_timesteps),
+        x_t, t = diffusion_inputs(self, key, latents, num_train_timesteps=int(cfg.num_train_timesteps),
                                   logit_mean=float(cfg.logit_mean), logit_std=float(cfg.logit_std))
         return x_t, t, cond
 
     def apply(self, model, inputs):
-        return apply_model(model, self.name, *inputs)
+        return apply_model(model, self, *inputs)
 
     def loss(self, student_out, teacher_out, inputs):
         return jnp.mean(jnp.square(student_out.astype(jnp.float32) - teacher_out.astype(jnp.float32)))
 
-    def heldout_inputs(self, cfg, teacher_config, rows, key, num, sample_teacher=None):
+    def heldout_inputs(self, cfg, model_config, rows, key, num, sample_teacher=None):
         sample_clean = None
         if sample_teacher is not None:
             sample_clean = lambda noise, cond, k: sample_teacher((noise, k, cond, None))  # noqa: E731
-        n_cls = teacher_config.get("num_embeds_ada_norm")
-        return heldout_inputs(self.name, key, rows=rows, sample_clean=sample_clean, num=num,
-                              sample_shape=self.sample_shape(cfg, teacher_config),
+        n_cls = model_config.get("num_embeds_ada_norm")
+        return heldout_inputs(self, key, rows=rows, sample_clean=sample_clean, num=num,
+                              sample_shape=self.sample_shape(cfg, model_config),
                               num_classes=int(n_cls) if n_cls else None,
                               num_train_timesteps=int(cfg.num_train_timesteps), logit_mean=float(cfg.logit_mean),
                               logit_std=float(cfg.logit_std))
 
     def example_batch(self, model_config, *, latent_size: int) -> dict:
-        return batch_fields(self.name, model_config, latent_size=latent_size)
+        """Per-example batch fields ``{name: (shape, dtype name)}`` at latent height = width
+        ``latent_size``: latents and, for text-to-image families, cached text embeddings
+        ``encoder_hidden_states [L, D]`` (and ``pooled_projections [D']`` where pooled)."""
+        s = int(latent_size)
+        spec = {"latents": ((self.latent_channels(model_config), s, s), "float32")}
+        if self.class_conditional:
+            return {**spec, "class_labels": ((), "int32")}
+        spec["encoder_hidden_states"] = ((self.text_length(model_config), self.default_text_width(model_config)),
+                                         "float32")
+        if self.pooled:
+            spec["pooled_projections"] = ((int(model_config.get("pooled_projection_dim", 2048)),), "float32")
+        return spec
+
+    def text_length(self, model_config) -> int:
+        """Text tokens per example of the pipeline's default."""
+        return self.text_tokens
+
+    def default_text_width(self, model_config) -> int:
+        """The text embedding width, with the pipeline's default when the config leaves it out."""
+        return int(model_config.get("caption_channels", 4096))
 
     def example_size(self, cfg, model_config) -> dict:
         return {"latent_size": self.sample_shape(cfg, model_config)[1]}
 
+    # -- evaluation and export -------------------------------------------------------------------------
+
+    def eval_settings(self, cfg, model_config) -> dict:
+        return {"sampler": self.sampler, "objective": self.objective,
+                "sample_shape": self.sample_shape(cfg, model_config), "num_classes": self.num_classes(model_config)}
+
+    def model_kwargs(self, inputs) -> dict:
+        x_t, t, cond = inputs
+        return model_kwargs(self, x_t, t, cond)
+
     # -- samples -----------------------------------------------------------------------------------
 
-    def teacher_sampler(self, cfg, build, out_shardings=None, *, guidance_scale: float | None = None):
+    def teacher_sampler(self, cfg, build, out_shardings=None, *, guidance_scale: float | None = None,
+                        num_steps: int | None = None, shift: float = 1.0):
         scale = float(cfg.guidance_scale) if guidance_scale is None else float(guidance_scale)
-        return _Sampler(model_sampler(build, self.name, num_steps=int(cfg.sample_steps), guidance_scale=scale,
+        steps = int(cfg.sample_steps) if num_steps is None else int(num_steps)
+        return _Sampler(model_sampler(build, self, num_steps=steps, guidance_scale=scale, shift=shift,
                                       out_shardings=out_shardings))
 
-    def sample_prompts(self, cfg, teacher_config, source, num):
-        rows = None if self.name == "dit" else source.batch(0, num)
-        return sampling_inputs(self.name, stream(cfg.seed, "sample_grid"), num, self.sample_shape(cfg, teacher_config),
-                               num_classes=self.num_classes(teacher_config), cond_rows=rows)
+    def sample_prompts(self, cfg, model_config, source, num, *, seed: int | None = None):
+        rows = None if self.class_conditional or source is None else source.batch(0, num)
+        return sampling_inputs(self, stream(cfg.seed, "sample_grid") if seed is None else int(seed), num,
+                               self.sample_shape(cfg, model_config), num_classes=self.num_classes(model_config),
+                               cond_rows=rows)
+
+    def sample_like(self, cfg, model_config, build, params, inputs, *, num_steps, seed=0):
+        x_t, _, cond = inputs
+        prompts = sampling_inputs(self, seed, x_t.shape[0], tuple(x_t.shape[1:]),
+                                  num_classes=self.num_classes(model_config), cond_rows=cond)
+        return self.teacher_sampler(cfg, build, num_steps=num_steps, guidance_scale=1.0)(params, prompts)
+
+    def take_prompts(self, prompts, start, stop):
+        noise, key, cond, null = prompts
+        return noise[start:stop], key, {k: v[start:stop] for k, v in cond.items()}, null
+
+    def prompt_labels(self, prompts):
+        return prompts[2].get("class_labels") if self.class_conditional else None
 
     def write_samples(self, path_stem, teacher_samples, student_samples):
         path = f"{path_stem}.png"
@@ -196,11 +273,9 @@ class DiffusionFamily(Family):
 
     # -- generation (python -m fraqat_jax.generate) -----------------------------------------------
 
-    @property
-    def generates(self) -> frozenset:
-        """``{"labels"}`` for the class-conditional DiT; none for the text-to-image families, whose
-        prompts need the pipeline's text encoders."""
-        return frozenset({"labels"}) if self.name == "dit" else frozenset()
+    #: ``{"labels"}`` on the class-conditional DiT; none on the text-to-image families, whose
+    #: prompts need the pipeline's text encoders.
+    generates: ClassVar[frozenset] = frozenset()
 
     def generate_images(self, model, cfg, *, labels=None, prompts=None, num_steps=None, guidance_scale=None,
                         seed: int = 0):
@@ -227,7 +302,7 @@ class DiffusionFamily(Family):
         if steps < 1 or not scale >= 0:
             raise ConfigError(f"--steps {steps} / --guidance {scale} not allowed: steps >= 1, guidance >= 0")
         graphdef, state = nnx.split(model)
-        run = model_sampler(lambda st: nnx.merge(graphdef, st), self.name, num_steps=steps, guidance_scale=scale)
+        run = model_sampler(lambda st: nnx.merge(graphdef, st), self, num_steps=steps, guidance_scale=scale)
         noise, key = make_noise(int(seed), (len(labels), *shape))
         x = run(state, noise, {"class_labels": jnp.asarray(labels, jnp.int32)}, key,
                 {"class_labels": jnp.int32(num_classes)})
@@ -235,5 +310,95 @@ class DiffusionFamily(Family):
         return pixels.transpose(0, 2, 3, 1)
 
 
-for _class, _name in FAMILIES.items():
-    register(DiffusionFamily(_name, _class))
+class DiT(DiffusionFamily):
+    """DiT (``DiTTransformer2DModel``): class-conditional, DDPM."""
+
+    name = "dit"
+    model_classes = ("DiTTransformer2DModel",)
+    class_conditional = True
+    pipeline_class = "DiTPipeline"
+    generates = frozenset({"labels"})
+
+
+class PixArt(DiffusionFamily):
+    """PixArt-Sigma (``PixArtTransformer2DModel``): text-to-image, DDPM (DPM-Solver++ in diffusers,
+    DDIM here with the same steps and guidance)."""
+
+    name = "pixart"
+    model_classes = ("PixArtTransformer2DModel",)
+    text_tokens = 300
+    pipeline_class = "PixArtSigmaPipeline"
+    pipeline_defaults = {"sample_steps": 20, "guidance_scale": 4.5, "shift": 1.0}
+    scheduler_shift = False
+
+
+class _Flow(DiffusionFamily):
+    objective = "flow"
+    sampler = "euler"
+    timesteps_per_sigma = 1000.0
+
+
+class SD3(_Flow):
+    """Stable Diffusion 3 (``SD3Transformer2DModel``): rectified flow, 77 CLIP + 256 T5 tokens, pooled."""
+
+    name = "sd3"
+    model_classes = ("SD3Transformer2DModel",)
+    text_tokens = 333
+    pooled = True
+    pipeline_class = "StableDiffusion3Pipeline"
+    pipeline_defaults = {"sample_steps": 28, "guidance_scale": 7.0, "shift": 3.0}
+
+    def text_width(self, model_config):
+        return "joint_attention_dim", int(model_config["joint_attention_dim"])
+
+    def default_text_width(self, model_config):
+        return int(model_config.get("joint_attention_dim", 4096))
+
+    def latent_channels(self, model_config):
+        return int(model_config.get("in_channels", 16))
+
+
+class Sana(_Flow):
+    """Sana (``SanaTransformer2DModel``): rectified flow, a 32x deep-compression VAE (flow DPM-Solver
+    in diffusers, Euler here, flow_shift 3.0)."""
+
+    name = "sana"
+    model_classes = ("SanaTransformer2DModel",)
+    text_tokens = 300
+    vae_factor = 32
+    vae_class = "AutoencoderDC"
+    pipeline_class = "SanaPipeline"
+    pipeline_defaults = {"sample_steps": 20, "guidance_scale": 4.5, "shift": 3.0}
+
+    def default_text_width(self, model_config):
+        return int(model_config.get("caption_channels", 2304))
+
+
+class Flux(_Flow):
+    """FLUX.1 (``FluxTransformer2DModel``): rectified flow on 2x2-packed latents, sigma as its
+    timestep (the model scales by 1000); dev pads prompts to 512 T5 tokens, schnell to 256."""
+
+    name = "flux"
+    model_classes = ("FluxTransformer2DModel",)
+    timesteps_per_sigma = 1.0
+    packed_2x2 = True
+    pooled = True
+    pipeline_class = "FluxPipeline"
+    pipeline_defaults = {"sample_steps": 4, "guidance_scale": 1.0, "shift": 1.0}
+
+    def text_length(self, model_config):
+        return 512 if model_config.get("guidance_embeds") else 256
+
+    def text_width(self, model_config):
+        return "joint_attention_dim", int(model_config["joint_attention_dim"])
+
+    def default_text_width(self, model_config):
+        return int(model_config.get("joint_attention_dim", 4096))
+
+    def latent_channels(self, model_config):
+        return int(model_config.get("in_channels", 64)) // 4
+
+
+DIT, PIXART, SD3, SANA, FLUX = DiT(), PixArt(), SD3(), Sana(), Flux()
+#: The five families (what the ``fraqat_jax.families`` entry points name).
+FAMILIES = (DIT, PIXART, SD3, SANA, FLUX)

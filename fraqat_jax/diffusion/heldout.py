@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fraqat_jax.diffusion.noise import diffusion_inputs
+from fraqat_jax.diffusion.families import as_family
 
 __all__ = ["heldout_inputs", "sampling_inputs", "teacher_examples"]
 
@@ -33,7 +34,7 @@ def teacher_examples(key, num: int, sample_shape: tuple[int, ...], num_classes: 
     return {"latents": sample_clean(noise, cond, k_sample), **cond}
 
 
-def heldout_inputs(family: str, key, *, rows: Mapping[str, Any] | None = None,
+def heldout_inputs(family, key, *, rows: Mapping[str, Any] | None = None,
                    sample_clean: Callable | None = None, num: int = 0, sample_shape: tuple[int, ...] = (),
                    num_classes: int | None = None, num_train_timesteps: int = 1000, logit_mean: float = 0.0,
                    logit_std: float = 1.0):
@@ -57,18 +58,18 @@ def heldout_inputs(family: str, key, *, rows: Mapping[str, Any] | None = None,
     return x_t, t, cond
 
 
-def sampling_inputs(family: str, seed: int, num: int, sample_shape: tuple[int, ...], *,
+def sampling_inputs(family, seed: int, num: int, sample_shape: tuple[int, ...], *,
                     num_classes: int | None = None, cond_rows: Mapping[str, Any] | None = None):
     """``(noise, key, cond, null_cond)`` for sampling ``num`` images from ``seed``.
 
     ``noise`` [num, *sample_shape] and the sampler's ``key`` are the two halves of
-    ``split(key(seed))``. Class-conditional DiT: ``cond`` = labels ``0, 1, ..., num_classes - 1, 0, ...``
+    ``split(key(seed))``. A class-conditional family (DiT): ``cond`` = labels ``0, 1, ..., num_classes - 1, 0, ...``
     and ``null_cond`` the null class ``num_classes``. Other families: the conditioning fields of
     ``cond_rows`` (e.g. text embeddings of the data) and a zero ``null_cond`` of one row.
     """
     k_init, k_steps = jax.random.split(jax.random.key(seed))
     noise = jax.random.normal(k_init, (num, *sample_shape), jnp.float32)
-    if family == "dit":
+    if as_family(family).class_conditional:
         n_cls = num_classes or 1
         cond = {"class_labels": jnp.arange(num, dtype=jnp.int32) % n_cls}
         null = {"class_labels": jnp.int32(num_classes)} if num_classes else None

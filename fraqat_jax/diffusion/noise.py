@@ -78,7 +78,7 @@ def logit_normal_sigmas(key, n: int, logit_mean: float = 0.0, logit_std: float =
     return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (n,), jnp.float32))
 
 
-def diffusion_inputs(family: str, key, latents, *, num_train_timesteps: int = 1000, logit_mean: float = 0.0,
+def diffusion_inputs(family, key, latents, *, num_train_timesteps: int = 1000, logit_mean: float = 0.0,
                      logit_std: float = 1.0):
     """Noisy inputs and model timesteps for clean ``latents`` [B, C, H, W] of ``family``.
 

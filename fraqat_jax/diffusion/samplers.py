@@ -228,7 +228,7 @@ def make_sampler(kind: str, apply: Callable[[Any, jax.Array, jax.Array, Any], ja
     return run
 
 
-def model_sampler(build: Callable[[Any], Any], family: str, *, num_steps: int, guidance_scale: float = 1.0,
+def model_sampler(build: Callable[[Any], Any], family, *, num_steps: int, guidance_scale: float = 1.0,
                   shift: float = 1.0, out_shardings=None):
     """Samples a model of ``family`` with its evaluation sampler (``sampler_of``): a jitted
     ``(params, noise, cond, key, null_cond) -> samples [B, C, H, W]``.

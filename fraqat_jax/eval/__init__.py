@@ -1,8 +1,10 @@
-"""Evaluation: how faithful a student is to its teacher; imports ``diffusion/``, ``models/``, ``nn/``,
-``quant/``, ``data/``, never ``train/`` (its command line may).
+"""Evaluation: how faithful a student is to its teacher. Learns about the model only through its
+family (``family/``: ``evaluation`` picks the evaluator; the family's inputs, apply, loss and
+sampler feed it); imports ``recipe/``, ``runs/``, ``models/``, ``nn/``, ``quant/``, ``data/``,
+``parallel/``, never ``train/`` nor a family package, its command line neither.
 
-- the samplers (DDPM / DDIM / Euler) live in :mod:`fraqat_jax.diffusion.samplers` and are re-exported
-  here.
+- :mod:`fraqat_jax.eval.evaluate`: :class:`~fraqat_jax.eval.evaluate.Evaluator`, validation loss and
+  sample metrics for any family that samples (images: Frechet distance, digits accuracy).
 - :mod:`fraqat_jax.eval.fid`: the Frechet distance between feature sets.
 - :mod:`fraqat_jax.eval.inception`: Inception-v3 (pool3, 2048 features) for FID, loading the
   standard FID weights from a user-supplied file.
@@ -20,16 +22,5 @@
 """
 
 from fraqat_jax.eval.fid import feature_statistics, frechet_distance, frechet_distance_from_features
-from fraqat_jax.diffusion.samplers import ddim_sample, ddpm_sample, euler_sample, make_noise, make_sampler, sample
 
-__all__ = [
-    "ddim_sample",
-    "ddpm_sample",
-    "euler_sample",
-    "feature_statistics",
-    "frechet_distance",
-    "frechet_distance_from_features",
-    "make_noise",
-    "make_sampler",
-    "sample",
-]
+__all__ = ["feature_statistics", "frechet_distance", "frechet_distance_from_features"]

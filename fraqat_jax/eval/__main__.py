@@ -107,9 +107,9 @@ def main(argv=None) -> dict:
         fail(f"no trained student in {args.workdir!r}: {e}")
     t0 = time.perf_counter()
     from fraqat_jax.data import DataSourceError
-    from fraqat_jax.eval.text import is_text_model
+    from fraqat_jax.family import family_for_model
 
-    if is_text_model(teacher):
+    if family_for_model(teacher).evaluation == "text":
         return _evaluate_text(args, teacher, student, cfg, out_path, t0)
     if args.tasks is not None or args.text is not None:
         fail(f"--tasks and --text apply to language-model runs; {args.workdir!r} distils {type(teacher).__name__}")
@@ -168,12 +168,12 @@ def _evaluate_t2i(args, teacher, student, cfg, out_path: str) -> dict:
 
     from fraqat_jax.data import DataSourceError, read_latents
     from fraqat_jax.data.latents import read_prompts
-    from fraqat_jax.diffusion import family_of
     from fraqat_jax.eval import t2i
+    from fraqat_jax.family import family_for_model
     from fraqat_jax.models import load_vae
     from fraqat_jax.parallel import mesh as mesh_lib
 
-    family, teacher_name = family_of(teacher), repr(cfg.teacher)
+    family, teacher_name = family_for_model(teacher), repr(cfg.teacher)
     try:
         prompts = read_prompts(args.prompts)
         t2i.check_prompts(prompts, repr(args.prompts), teacher.config, family, teacher_name)

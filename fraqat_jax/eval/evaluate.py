@@ -23,7 +23,6 @@ teacher (the runs of ``compare``, or the checkpoints of one run) on the same inp
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -32,37 +31,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fraqat_jax import data
 from fraqat_jax.data.streams import stream
-from fraqat_jax.diffusion import (apply_model, family_of, heldout_inputs, model_sampler, objective_of,
-                                  sampler_of, sampling_inputs)
 from fraqat_jax.eval.fid import frechet_distance_from_features
+from fraqat_jax.family import family_for_model
+
+_COMPILED: list = []  # [(graphdef, family, {name: fn})]: GraphDefs holding dict configs are unhashable
 
 
-
-_COMPILED: list = []  # [(graphdef, family, {name: jitted fn})]: GraphDefs holding dict configs are unhashable
-
-
-def _compiled(graphdef, family: str) -> dict:
-    """Jitted ``outputs(state, x_t, t, cond)`` and ``sampler(steps, guidance)(state, ...)`` for a graph.
-
-    One entry per model structure, so students of one teacher (any weights, any bit-width) share
-    their compilations.
-    """
+def _compiled(graphdef, family, cfg) -> dict:
+    """Jitted ``outputs(state, inputs)`` and ``sampler(steps, guidance)`` for a graph (the family's
+    ``apply`` and ``teacher_sampler``). One entry per model structure, so students of one teacher (any
+    weights, any bit-width) share their compilations."""
     for g, f, fns in _COMPILED:
-        if f == family and g == graphdef:
+        if f is family and g == graphdef:
             return fns
 
     @jax.jit
-    def outputs(state, x_t, t, cond):
-        return apply_model(nnx.merge(graphdef, state), family, x_t, t, cond).astype(jnp.float32)
+    def outputs(state, inputs):
+        return family.apply(nnx.merge(graphdef, state), inputs).astype(jnp.float32)
 
     samplers_by_setting = {}
 
     def sampler(num_steps, guidance):
         if (num_steps, guidance) not in samplers_by_setting:
-            samplers_by_setting[(num_steps, guidance)] = model_sampler(
-                lambda state: nnx.merge(graphdef, state), family, num_steps=num_steps, guidance_scale=guidance)
+            samplers_by_setting[(num_steps, guidance)] = family.teacher_sampler(
+                cfg, lambda state: nnx.merge(graphdef, state), num_steps=num_steps, guidance_scale=guidance)
         return samplers_by_setting[(num_steps, guidance)]
 
     fns = {"outputs": outputs, "sampler": sampler}
@@ -70,20 +63,11 @@ def _compiled(graphdef, family: str) -> dict:
     return fns
 
 
-def _outputs(graphdef, family, state, x_t, t, cond):
-    return _compiled(graphdef, family)["outputs"](state, x_t, t, cond)
-
-
-def _sample(graphdef, family, num_steps, guidance, state, noise, cond, key, null_cond):
-    return _compiled(graphdef, family)["sampler"](num_steps, guidance)(state, noise, cond, key, null_cond)
-
-
-def _batched(fn, n: int, batch_size: int, *arrays):
-    """Runs ``fn`` over the leading axis of pytrees ``arrays`` in chunks; concatenates numpy outputs."""
+def _batched(fn, n: int, batch_size: int, tree):
+    """Runs ``fn`` over the leading axis of pytree ``tree`` in chunks; concatenates numpy outputs."""
     outs = []
     for i in range(0, n, batch_size):
-        chunk = jax.tree.map(lambda a: a[i : i + batch_size], arrays)
-        outs.append(np.asarray(fn(*chunk)))
+        outs.append(np.asarray(fn(jax.tree.map(lambda a: a[i : i + batch_size], tree))))
     return np.concatenate(outs)
 
 
@@ -110,53 +94,60 @@ class Evaluator:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {num_samples}")
         self.cfg = cfg
-        self.family = family_of(teacher)
-        self.objective = objective_of(self.family)
-        self.kind = sampler_of(self.family)
-        self.sample_steps = int(sample_steps or cfg.sample_steps)
+        self.family = family_for_model(teacher)
+        config = dict(teacher.config)
+        settings = self.family.eval_settings(cfg, config)
+        self.kind = settings.get("sampler")
+        self.objective = settings.get("objective")
+        self.sample_shape = tuple(settings.get("sample_shape") or ())
+        self.num_classes = settings.get("num_classes")
+        self.sample_steps = int(sample_steps or cfg.get("sample_steps", 0) or 0) or None
         self.num_samples = int(num_samples)
         self.num_val = int(num_val)
         self.guidance = float(guidance_scale)
         self.batch_size = int(batch_size)
         self.teacher_graph, self.teacher_state = nnx.split(teacher)
-        config = teacher.config
-        self.num_classes = int(config["num_embeds_ada_norm"]) if self.family == "dit" else None
-        channels = int(config.get("in_channels", 4))
-        size = int(cfg.image_size or config.get("sample_size", 8))
-        self.sample_shape = (channels, size, size)
+        self._config = config
+        self.sampling = self.family.can_sample
 
         self._val = self._validation_inputs(seed)
-        self.val_target = _batched(
-            functools.partial(_outputs, self.teacher_graph, self.family, self.teacher_state),
-            self.num_val, self.batch_size, *self._val,
-        )
-        rows = None if self.family == "dit" else self._source_rows(self.num_samples, stream(seed, "eval_samples"))
-        self._noise, self._key, self._cond, self._null = sampling_inputs(
-            self.family, seed, self.num_samples, self.sample_shape, num_classes=self.num_classes, cond_rows=rows)
-        self.teacher_samples = self._draw(self.teacher_graph, self.teacher_state)
-        self._features, self.fd_features = self._feature_fn(inception_weights)
-        self._teacher_features = self._features(self.teacher_samples) if self._features else None
-        self.teacher_accuracy = self._accuracy(self.teacher_samples)
+        self.val_target = _batched(self._outputs_fn(self.teacher_graph, self.teacher_state), self.num_val,
+                                   self.batch_size, self._val)
+        self.teacher_samples = self._features = self._teacher_features = None
+        self.fd_features = self.teacher_accuracy = self.classifier = None
+        if self.sampling:
+            source = self._source(stream(seed, "eval_samples"))
+            self._prompts = self.family.sample_prompts(cfg, config, source, self.num_samples, seed=seed)
+            self.teacher_samples = self._draw(self.teacher_graph, self.teacher_state)
+            self._features, self.fd_features = self._feature_fn(inception_weights)
+            self._teacher_features = self._features(self.teacher_samples) if self._features else None
+            self.teacher_accuracy = self._accuracy(self.teacher_samples)
 
     # ------------------------------------------------------------------ inputs
 
-    def _source_rows(self, n: int, seed: int) -> dict | None:
+    def _outputs_fn(self, graphdef, state):
+        fn = _compiled(graphdef, self.family, self.cfg)["outputs"]
+        return lambda inputs: fn(state, inputs)
+
+    def _sample_fn(self, graphdef, guidance):
+        return _compiled(graphdef, self.family, self.cfg)["sampler"](self.sample_steps, guidance)
+
+    def _source(self, seed: int):
+        """The run's data source (seeded apart from training), None for data made by the teacher."""
         if self.cfg.data == "datafree":
             return None
-        src = data.make_source(self.cfg.data, seed=stream(int(self.cfg.seed) + seed, "validation"),
-                               image_size=self.sample_shape[-1], data_dir=self.cfg.data_dir or None)
-        return dict(src.batch(0, n))
+        return self.family.make_source(self.cfg, self._config, seed=stream(int(self.cfg.seed) + seed, "validation"))
 
     def _validation_inputs(self, seed: int):
-        def teacher_samples(noise, cond, key):
-            return _sample(self.teacher_graph, self.family, self.sample_steps, 1.0, self.teacher_state, noise, cond,
-                           key, None)
-
-        return heldout_inputs(self.family, jax.random.key(stream(int(self.cfg.seed) + seed, "validation")),
-                              rows=self._source_rows(self.num_val, seed), sample_clean=teacher_samples,
-                              num=self.num_val, sample_shape=self.sample_shape, num_classes=self.num_classes,
-                              num_train_timesteps=int(self.cfg.num_train_timesteps),
-                              logit_mean=float(self.cfg.logit_mean), logit_std=float(self.cfg.logit_std))
+        source = self._source(seed)
+        rows = None if source is None else dict(source.batch(0, self.num_val))
+        sample_teacher = None
+        if self.sampling:
+            sample = self._sample_fn(self.teacher_graph, 1.0)
+            sample_teacher = lambda prompts: sample(self.teacher_state, prompts)  # noqa: E731
+        return self.family.heldout_inputs(self.cfg, self._config, rows,
+                                          jax.random.key(stream(int(self.cfg.seed) + seed, "validation")),
+                                          self.num_val, sample_teacher)
 
     def _feature_fn(self, inception_weights):
         if self.sample_shape == (1, 8, 8):
@@ -175,20 +166,21 @@ class Evaluator:
     def _accuracy(self, images) -> float | None:
         if self.classifier is None or self.num_classes != 10:
             return None
-        return self.classifier.accuracy(np.clip(images, -1, 1), np.asarray(self._cond["class_labels"]))
+        labels = self.family.prompt_labels(self._prompts)
+        return None if labels is None else self.classifier.accuracy(np.clip(images, -1, 1), np.asarray(labels))
 
     def _draw(self, graphdef, state) -> np.ndarray:
-        fn = functools.partial(_sample, graphdef, self.family, self.sample_steps, self.guidance, state)
-        return _batched(lambda noise, cond: fn(noise, cond, self._key, self._null), self.num_samples,
-                        self.batch_size, self._noise, self._cond)
+        fn = self._sample_fn(graphdef, self.guidance)
+        outs = [np.asarray(fn(state, self.family.take_prompts(self._prompts, i, i + self.batch_size)))
+                for i in range(0, self.num_samples, self.batch_size)]
+        return np.concatenate(outs)
 
     # ------------------------------------------------------------------ scores
 
     def val_loss(self, student) -> float:
         """Teacher-student mean squared error on the held-out inputs (all output channels)."""
         graphdef, state = nnx.split(student)
-        out = _batched(functools.partial(_outputs, graphdef, self.family, state), self.num_val, self.batch_size,
-                       *self._val)
+        out = _batched(self._outputs_fn(graphdef, state), self.num_val, self.batch_size, self._val)
         return float(np.mean(np.square(out.astype(np.float64) - self.val_target)))
 
     def student_samples(self, student) -> np.ndarray:
@@ -208,8 +200,9 @@ class Evaluator:
         return out
 
     def evaluate(self, student) -> dict[str, Any]:
-        """``val_loss`` and the sample metrics in one dict."""
-        return {"val_loss": self.val_loss(student), **self.sample_metrics(student)}
+        """``val_loss`` and, for a family that samples, the sample metrics in one dict."""
+        out = {"val_loss": self.val_loss(student)}
+        return {**out, **self.sample_metrics(student)} if self.sampling else out
 
     def settings(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,7 @@ the model's ``max_position_embeddings``) apply to all.
 Requests are served by :class:`fraqat_jax.eval.text.TokenScorer`, the scorer of ``python -m
 fraqat_jax.eval --tasks``: ``loglikelihood`` (lm-eval's own context/continuation split, BOS as the
 tokenizer adds it), ``loglikelihood_rolling`` (lm-eval's disjoint rolling windows of ``max_length``
-tokens) and ``generate_until`` (:class:`fraqat_jax.text.sampler.Sampler`, the one decoder: batched,
+tokens) and ``generate_until`` (:class:`fraqat_jax.models.sampler.Sampler`, the one decoder: batched,
 left-padded, key-value cache; greedy unless ``do_sample`` with ``temperature`` > 0, ``top_k``,
 ``top_p``; stopping at the end tokens, any of the ``until`` strings or ``max_gen_toks``). Chat
 templates (``--apply_chat_template``): the folder's ``chat_template`` (``tokenizer_config.json`` or
@@ -34,7 +34,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from fraqat_jax.eval.text import TokenScorer
-from fraqat_jax.text.sampler import Sampler, apply_chat_template, chat_template, end_token_ids
+from fraqat_jax.models.sampler import Sampler, apply_chat_template, chat_template, end_token_ids
 
 __all__ = ["FraqatLM"]
 

@@ -4,11 +4,11 @@ the same prompts and the same noise.
 For each of ``num_samples`` samples ``i`` (prompt ``i mod P`` of a prompt cache, see
 :func:`fraqat_jax.data.latents.read_prompts`; starting noise ``normal(fold_in(key(seed), i))``, so a
 sample does not depend on the batch size or the mesh), the teacher and the student are sampled with
-the family's evaluation sampler (``diffusion.model_sampler``: DDIM for PixArt, Euler for the
-rectified-flow families) and classifier-free guidance against the empty prompt's embeddings, as
+the family's evaluation sampler (its ``teacher_sampler``: DDIM for DDPM models, Euler for the
+rectified-flow ones) and classifier-free guidance against the empty prompt's embeddings, as
 the diffusers pipelines do. Both latents are decoded in JAX by the pipeline's VAE
 (``vae.decode_latents``: ``z = latents / scaling_factor + shift_factor``). Defaults per family are
-the diffusers pipelines' own (:data:`PIPELINE_DEFAULTS`); the time shift of the flow samplers comes
+the diffusers pipelines' own (the family's ``pipeline_defaults``); the time shift of the flow samplers comes
 from the scheduler config recorded in the prompt cache when it has one.
 
 Metrics (images clipped to [-1, 1], float64 on the host):
@@ -42,24 +42,13 @@ from flax import nnx
 
 from fraqat_jax.data.latents import PromptCache
 from fraqat_jax.data.streams import stream
-from fraqat_jax.diffusion import family_of, model_sampler, sampler_of
 from fraqat_jax.eval.fid import frechet_distance_from_features
+from fraqat_jax.family import families, family_for_model
 from fraqat_jax.models.convert import pipeline_component
 
-__all__ = ["PIPELINE_DEFAULTS", "Sharding", "T2IEvaluator", "T2IInputError", "check_prompts", "check_vae_config",
+__all__ = ["Sharding", "T2IEvaluator", "T2IInputError", "check_prompts", "check_vae_config",
            "latent_shape", "resolve_vae_dir", "settings_for"]
 
-#: The diffusers pipelines' defaults: SD3 (FlowMatchEuler, shift 3.0), PixArt-Sigma (DPM-Solver++
-#: in diffusers; DDIM here, same steps and guidance), Sana (flow DPM-Solver in diffusers, Euler here,
-#: flow_shift 3.0), FLUX.1-schnell (4 Euler steps, no guidance).
-PIPELINE_DEFAULTS: dict[str, dict[str, float]] = {
-    "sd3": {"sample_steps": 28, "guidance_scale": 7.0, "shift": 3.0},
-    "pixart": {"sample_steps": 20, "guidance_scale": 4.5, "shift": 1.0},
-    "sana": {"sample_steps": 20, "guidance_scale": 4.5, "shift": 3.0},
-    "flux": {"sample_steps": 4, "guidance_scale": 1.0, "shift": 1.0},
-}
-_VAE_CLASS = {"sd3": "AutoencoderKL", "pixart": "AutoencoderKL", "flux": "AutoencoderKL", "sana": "AutoencoderDC"}
-_POOLED = ("sd3", "flux")
 
 
 class T2IInputError(ValueError):
@@ -82,38 +71,29 @@ class Sharding:
 # ------------------------------------------------------------------ input checks
 
 
-def _channels(family: str, config) -> int:
-    c = int(config.get("in_channels"))
-    return c // 4 if family == "flux" else c
+def _is_t2i(family) -> bool:
+    return getattr(family, "pipeline_defaults", None) is not None
 
 
-def _text_width(family: str, config) -> tuple[str, int]:
-    if family in ("sd3", "flux"):
-        return "joint_attention_dim", int(config["joint_attention_dim"])
-    width = config.get("caption_channels")
-    if width is None:  # PixArt without a caption projection takes captions at its own width
-        return "num_attention_heads * attention_head_dim", int(config["num_attention_heads"] * config["attention_head_dim"])
-    return "caption_channels", int(width)
-
-
-def check_prompts(prompts: PromptCache, where: str, teacher_config, family: str, teacher_name: str) -> None:
+def check_prompts(prompts: PromptCache, where: str, model_config, family, teacher_name: str) -> None:
     """Raises :class:`T2IInputError` when the prompt cache ``where`` cannot condition the teacher:
-    another embedding or pooled width, or a missing field."""
-    if family not in PIPELINE_DEFAULTS:
-        raise T2IInputError(f"--prompts {where}: the teacher {teacher_name} is a {family} model, not text-to-image "
-                            f"(text-to-image families: {', '.join(PIPELINE_DEFAULTS)})")
+    another embedding or pooled width, or a missing field. ``family``: the teacher's family object."""
+    if not _is_t2i(family):
+        t2i = [f.name for f in families().values() if _is_t2i(f)]
+        raise T2IInputError(f"--prompts {where}: the teacher {teacher_name} is a {family.name} model, not text-to-image "
+                            f"(text-to-image families: {', '.join(t2i)})")
     source = prompts.info.get("pipeline", "its pipeline")
     emb = prompts.cond.get("encoder_hidden_states")
-    key, want = _text_width(family, teacher_config)
+    key, want = family.text_width(model_config)
     if emb is None or emb.shape[-1] != want:
         got = "no encoder_hidden_states" if emb is None else f"encoder_hidden_states {emb.shape[-1]} wide"
-        raise T2IInputError(f"--prompts {where} holds {got} (encoded by {source}) but the {family} teacher "
+        raise T2IInputError(f"--prompts {where} holds {got} (encoded by {source}) but the {family.name} teacher "
                             f"{teacher_name} takes {key}={want}; encode the prompts with the teacher's own pipeline")
-    if family in _POOLED:
-        pooled, want = prompts.cond.get("pooled_projections"), int(teacher_config["pooled_projection_dim"])
+    if family.pooled:
+        pooled, want = prompts.cond.get("pooled_projections"), int(model_config["pooled_projection_dim"])
         if pooled is None or pooled.shape[-1] != want:
             got = "no pooled_projections" if pooled is None else f"pooled_projections {pooled.shape[-1]} wide"
-            raise T2IInputError(f"--prompts {where} holds {got} (encoded by {source}) but the {family} teacher "
+            raise T2IInputError(f"--prompts {where} holds {got} (encoded by {source}) but the {family.name} teacher "
                                 f"{teacher_name} takes pooled_projection_dim={want}; encode the prompts with the "
                                 "teacher's own pipeline")
 
@@ -124,11 +104,11 @@ def resolve_vae_dir(path: str) -> str:
     return str(pipeline_component(path, "vae"))
 
 
-def check_vae_config(vae_dir: str, teacher_config, family: str, teacher_name: str) -> dict:
+def check_vae_config(vae_dir: str, model_config, family, teacher_name: str) -> dict:
     """The VAE's diffusers config, after checking (before any weight is read) that it is the VAE
     class and latent channel count the teacher samples; :class:`T2IInputError` names both."""
-    want_cls, want_c = _VAE_CLASS[family], _channels(family, teacher_config)
-    need = f"the {family} teacher {teacher_name} samples {want_c}-channel latents for an {want_cls}"
+    want_cls, want_c = family.vae_class, family.latent_channels(model_config)
+    need = f"the {family.name} teacher {teacher_name} samples {want_c}-channel latents for an {want_cls}"
     path = os.path.join(vae_dir, "config.json")
     try:
         with open(path) as f:
@@ -146,23 +126,23 @@ def check_vae_config(vae_dir: str, teacher_config, family: str, teacher_name: st
     return config
 
 
-def latent_shape(family: str, teacher_config, data_latents_shape=None) -> tuple[int, int, int]:
+def latent_shape(family, model_config, data_latents_shape=None) -> tuple[int, int, int]:
     """``(C, H, W)`` of the sampled latents: the run's training latents when known, else the
     teacher's ``sample_size`` (the pipelines' default resolution; Flux: 1024 px, 128 latents)."""
-    c = _channels(family, teacher_config)
+    c = family.latent_channels(model_config)
     if data_latents_shape is not None and int(data_latents_shape[0]) == c:
         return c, int(data_latents_shape[1]), int(data_latents_shape[2])
-    size = int(teacher_config.get("sample_size") or 128)
+    size = int(model_config.get("sample_size") or 128)
     return c, size, size
 
 
-def settings_for(family: str, info, *, sample_steps=None, guidance_scale=None, shift=None) -> dict[str, float]:
+def settings_for(family, info, *, sample_steps=None, guidance_scale=None, shift=None) -> dict[str, float]:
     """Steps, guidance and time shift: the given ones, else the pipeline's (the shift from the
     scheduler config the prompt cache recorded: ``shift``, or Sana's ``flow_shift``), else
-    :data:`PIPELINE_DEFAULTS`."""
-    d = dict(PIPELINE_DEFAULTS[family])
+    the family's ``pipeline_defaults``."""
+    d = dict(family.pipeline_defaults)
     sched = dict((info or {}).get("scheduler") or {})
-    if family != "pixart" and not sched.get("use_dynamic_shifting"):
+    if family.scheduler_shift and not sched.get("use_dynamic_shifting"):
         for key in ("shift", "flow_shift"):
             if sched.get(key) is not None:
                 d["shift"] = float(sched[key])
@@ -204,7 +184,7 @@ class T2IEvaluator:
     def __init__(self, teacher, vae, prompts: PromptCache, *, latent_shape: tuple[int, int, int],
                  settings: dict[str, float], num_samples: int | None = None, seed: int = 0, batch_size: int = 8,
                  inception: Callable | None = None, sharding: Sharding | None = None):
-        self.family = family_of(teacher)
+        self.family = family_for_model(teacher)
         self.prompts = prompts
         self.num_prompts = len(prompts.prompts)
         self.num_samples = int(num_samples or self.num_prompts)
@@ -241,9 +221,9 @@ class T2IEvaluator:
 
     def _sampler(self, graph):
         out = None if self.sharding is None else self.sharding.batch(4)
-        return model_sampler(lambda state: nnx.merge(graph, state), self.family, num_steps=self.settings["sample_steps"],
-                             guidance_scale=self.settings["guidance_scale"], shift=self.settings["shift"],
-                             out_shardings=out)
+        return self.family.teacher_sampler(None, lambda state: nnx.merge(graph, state), out,
+                                           num_steps=self.settings["sample_steps"],
+                                           guidance_scale=self.settings["guidance_scale"], shift=self.settings["shift"])
 
     def _batches(self):
         """``(indices, valid)`` per step: sample indices padded to ``batch_size`` with the last one."""
@@ -264,8 +244,9 @@ class T2IEvaluator:
         for idx, valid in self._batches():
             noise = self._noise(self._put(idx.astype(np.int32)))
             cond = {k: self._put(np.asarray(v[idx % self.num_prompts])) for k, v in self.prompts.cond.items()}
-            lat_t = teacher_sample(self.teacher_state, noise, cond, self._key, self.null)
-            lat_s = student_sample(student_state, noise, cond, self._key, self.null)
+            prompts = (noise, self._key, cond, self.null)  # an image family's sampling prompts
+            lat_t = teacher_sample(self.teacher_state, prompts)
+            lat_s = student_sample(student_state, prompts)
             img_t, img_s = self._decode(self.vae_state, lat_t), self._decode(self.vae_state, lat_s)
             lat_t, lat_s, img_t, img_s = (_host(a)[valid].astype(np.float64) for a in (lat_t, lat_s, img_t, img_s))
             img_t, img_s = np.clip(img_t, -1.0, 1.0), np.clip(img_s, -1.0, 1.0)
@@ -310,7 +291,7 @@ class T2IEvaluator:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": "t2i", "family": self.family, "sampler": sampler_of(self.family), **self.settings,
+        return {"mode": "t2i", "family": self.family.name, "sampler": self.family.sampler, **self.settings,
                 "num_samples": self.num_samples, "num_prompts": self.num_prompts, "batch_size": self.batch_size,
                 "seed": self.seed, "latent_shape": list(self.latent_shape),
                 "fd_features": "inception" if self.inception is not None else None}

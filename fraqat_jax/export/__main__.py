@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import fraqat_jax
 from fraqat_jax import runs
 from fraqat_jax.cli import Parser, fail
-from fraqat_jax.diffusion import family_of
 from fraqat_jax.export.orbax import (CALIBRATION_SAMPLES, TOLERANCE, ExportError, calibration_batches,
-                                     export_diffusers, export_orbax, model_forward)
+                                     export_diffusers, export_orbax)
+from fraqat_jax.family import family_for_model
 from fraqat_jax.nn import quantized_layers
 
 
@@ -26,7 +26,7 @@ def _export_onnx(teacher, student, cfg, args) -> dict:
         from fraqat_jax.export.onnx import OnnxExportError, export_onnx_run, summary
     except ImportError as e:
         raise ExportError(f"--format onnx needs the onnx extra: pip install 'fraqat_jax[onnx]' ({e})") from None
-    family = family_of(teacher)
+    family = family_for_model(teacher)
     student = _static_student(teacher, student, cfg, args)
     held_out = calibration_batches(teacher, cfg, num_samples=6, batch_size=6, seed=1)[0]
     try:
@@ -44,13 +44,13 @@ def _export_onnx(teacher, student, cfg, args) -> dict:
 def _static_student(teacher, student, cfg, args):
     """The student with static input ranges: the trained ones, or calibrated now (a dynamically
     trained student; a note says so)."""
-    family = family_of(teacher)
+    family = family_for_model(teacher)
     if any(layer.act_bits is not None and not bool(jnp.isfinite(layer.act_range[...]).all())
            for _, layer in quantized_layers(student)):
         print("note: the student was trained with dynamic activation ranges; the graph uses static ranges "
               "calibrated now (train with --set act_ranges=static for a phone model that is the trained one)")
         fraqat_jax.calibrate(student, calibration_batches(teacher, cfg, num_samples=args.calibration_samples),
-                             forward=model_forward(family), switch_to_static=False)
+                             forward=family.apply, switch_to_static=False)
     return student
 
 
@@ -81,13 +81,13 @@ def _export_transformers(teacher, student, cfg, args) -> dict:
     """``--format transformers``: the folder, checked against the student with float activations
     (exit 1 above the tolerance); the gap to the W4A8 student is printed (see export.transformers)."""
     from fraqat_jax.export import transformers as hf_export
-    from fraqat_jax.family import family_for_model
 
-    if not hf_export.is_transformers_port(student):
+    family = family_for_model(teacher)
+    if family.export_format != "transformers":
         raise ExportError(f"--format transformers takes a language-model run; {args.workdir!r} distils "
-                          f"{type(student).__name__} (use --format diffusers for a diffusion transformer)")
+                          f"{type(student).__name__} (use --format {family.export_format} for it)")
     batches = calibration_batches(teacher, cfg, num_samples=4, batch_size=4, seed=1)
-    report = hf_export.export_transformers(student, args.out, tokenizer_from=family_for_model(teacher).teacher_folder(cfg),
+    report = hf_export.export_transformers(student, args.out, tokenizer_from=family.teacher_folder(cfg),
                                            check_batches=batches)
     print(f"wrote {report['tensors']} tensors ({report['bytes']} bytes, bfloat16, dequantized weights), config.json"
           f"{' and the tokenizer' if report['tokenizer'] else ''} to {args.out}; max |transformers - student with float "

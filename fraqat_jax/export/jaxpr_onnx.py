@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -190,16 +190,22 @@ class Converter:
                 for d in aval.shape]
         return helper.make_tensor_value_info(name, onnx_dtype(aval.dtype), dims)
 
-    def prune(self, outputs: list[str]) -> None:
-        """Drops nodes and initializers that no graph output depends on."""
-        needed = set(outputs)
-        kept = []
-        for node in reversed(self.nodes):
-            if any(o in needed for o in node.output):
-                kept.append(node)
-                needed.update(i for i in node.input if i)
-        self.nodes = kept[::-1]
-        self.initializers = [t for t in self.initializers if t.name in needed]
+
+def prune(graph: onnx.GraphProto, outputs: Sequence[str] | None = None, *, inputs: bool = True) -> None:
+    """Drops the nodes and initializers of ``graph`` that no output in ``outputs`` (default: the
+    graph's outputs) depends on, and with ``inputs`` the graph inputs that none needs (in place)."""
+    need = set(outputs if outputs is not None else [o.name for o in graph.output])
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(o in need for o in node.output):
+            kept.append(node)
+            need.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(kept[::-1])
+    for field in (graph.initializer, graph.input) if inputs else (graph.initializer,):
+        keep = [t for t in field if t.name in need]
+        del field[:]
+        field.extend(keep)
 
 
 # ----------------------------------------------------------------------------- rules

@@ -36,12 +36,11 @@ Agreement: the integer grid of a static range is exact only when ``-lo / scale``
 With ``check=True`` onnxruntime (CPU, basic graph optimizations) runs the file on the given inputs
 and the report's ``max_rel_diff`` is ``max |onnx - frozen| / max |frozen|`` against
 ``fraqat_jax.freeze`` of the same model run in JAX (float32). Where no activation code differs
-the two agree to ~2e-7 (every family's tiny test model). A code differs by one step where a value
-sits on a rounding boundary: ONNX rounds ``x / scale + zero_point``, JAX ``(x - lo) / scale``,
-and float ops (``exp``, summation order) differ by ~1e-7. On the built-in digits DiT at W4A8
-about half of the 6-input batches have such a step somewhere, giving 0.9e-3 to 2.3e-3 (the others
-2e-7). ``TOLERANCE`` (1e-2: a few such steps, never a wrong graph) is enforced: the command line
-exits 1 above it, as the orbax export does.
+the two agree to float rounding. A code differs by one step where a value sits on a rounding
+boundary: ONNX rounds ``x / scale + zero_point``, JAX ``(x - lo) / scale``, and float ops
+(``exp``, summation order) differ in their last bits; one such step moves the output by a small
+fraction of max|out| (docs/deploy.md gives the measurements). ``TOLERANCE`` (a few such steps,
+never a wrong graph) is enforced: the command line exits 1 above it, as the orbax export does.
 
 Requires the ``onnx`` extra (``onnx``, ``onnxruntime``).
 """
@@ -50,6 +49,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -59,7 +59,7 @@ from flax import nnx
 
 import fraqat_jax
 from fraqat_jax.export import jaxpr_onnx
-from fraqat_jax.diffusion import model_kwargs
+from fraqat_jax.family import family_named
 from fraqat_jax.export.jaxpr_onnx import onnx_dtype
 from fraqat_jax.nn import (
     FrozenConv,
@@ -71,7 +71,7 @@ from fraqat_jax.nn import (
 )
 from fraqat_jax.nn.graph import path_string
 from fraqat_jax.nn.layers import KernelView
-from fraqat_jax.quant import static_codes
+from fraqat_jax.quant import rel_diff, static_codes
 
 LAYER_PREFIX = "fraqat_onnx_layer_"
 OUTPUT_NAME = "sample"
@@ -287,14 +287,23 @@ def frozen_layers(frozen) -> dict[str, Any]:
     return {path_string(p): node for p, node in nnx.iter_graph(frozen) if isinstance(node, (FrozenLinear, FrozenConv))}
 
 
+@dataclass(frozen=True)
+class QdqGraph:
+    """What :func:`to_onnx` returns: the traced QDQ graph and what later stages read from the trace."""
+
+    proto: Any  # the onnx.ModelProto
+    counts: dict[str, Any]  # see export_onnx's report
+    weight_outputs: dict[str, str]  # name of each dequantized INT4/INT8 weight tensor -> its layer's path
+
+
 def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BATCH_FREE, frozen=None,
-            batch_size: int | None = None, emitter_out: list | None = None):
-    """The ``onnx.ModelProto`` of ``model`` (quantized, calibrated) called as ``model(**inputs)``,
-    and a dict of counts (see :func:`export_onnx`). ``inputs`` fix every shape but the batch axis;
-    ``frozen`` is ``fraqat_jax.freeze(model)`` if the caller has it (its codes are written).
-    ``batch_size``: a fixed batch size (every shape static, as QNN HTP needs) instead of the
-    dynamic ``batch`` dimension. ``emitter_out``: a list that receives the layer emitter (its
-    ``weight_outputs`` name each dequantized weight, for :mod:`fraqat_jax.export.qnn`)."""
+            batch_size: int | None = None) -> QdqGraph:
+    """The QDQ graph of ``model`` (quantized, calibrated) called as ``model(**inputs)``: the
+    ``onnx.ModelProto``, its counts (see :func:`export_onnx`) and its weight map (which tensor is
+    which layer's dequantized weight, for :mod:`fraqat_jax.export.qnn`). ``inputs`` fix every shape
+    but the batch axis; ``frozen`` is ``fraqat_jax.freeze(model)`` if the caller has it (its codes
+    are written). ``batch_size``: a fixed batch size (every shape static, as QNN HTP needs) instead
+    of the dynamic ``batch`` dimension."""
     from onnx import helper
 
     model = static_view(model)
@@ -316,15 +325,12 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     if len(closed.out_avals) != 1:
         raise OnnxExportError(f"the model returns {len(closed.out_avals)} arrays; the export names one ({OUTPUT_NAME!r})")
     emitter = _LayerEmitter(layers, frozen_layers(fraqat_jax.freeze(model) if frozen is None else frozen))
-    if emitter_out is not None:
-        emitter_out.append(emitter)
     conv = jaxpr_onnx.Converter(batch_symbol=None if batch_size is not None else b, hooks={LAYER_PREFIX: emitter})
     if batch_size is None:
         first = next(name for (name, _), bat in zip(flat, batched) if bat)
         conv.batch_size = conv.node("Shape", [first], start=0, end=1)
     (out,) = conv.run(closed.jaxpr, list(closed.consts), [name for name, _ in flat])
     conv.nodes.append(helper.make_node("Identity", [conv.name(out)], [OUTPUT_NAME], name="output"))
-    conv.prune([OUTPUT_NAME])
     # Graph inputs in the order of the model's call signature (hidden_states, timestep, ...).
     order = list(inspect.signature(type(model).__call__).parameters)
     rank = lambda item: order.index(item[0][0].split(".")[0]) if item[0][0].split(".")[0] in order else len(order)  # noqa: E731
@@ -334,12 +340,13 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
         [conv.value_info(name, spec) for (name, _), spec in in_order],
         [conv.value_info(OUTPUT_NAME, closed.out_avals[0])],
         initializer=conv.initializers)
+    jaxpr_onnx.prune(graph, inputs=False)  # every input of the call stays a graph input
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", jaxpr_onnx.OPSET)],
                               producer_name="fraqat_jax")
     proto.ir_version = 10  # INT4 needs IR 10; the oldest that has it, for older runtimes
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     q_params = sum(int(np.size(layer.kernel[...])) for _, layer in quantized_layers(model) if layer.bits is not None)
-    init_bytes = sum(len(t.raw_data) or len(t.SerializeToString()) for t in conv.initializers)
+    init_bytes = sum(len(t.raw_data) or len(t.SerializeToString()) for t in graph.initializer)
     counts = {
         "opset": jaxpr_onnx.OPSET,
         "inputs": [name for (name, _), _ in in_order],
@@ -353,7 +360,7 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
         "bytes_ratio_vs_bf16": init_bytes / max(2 * n_params, 1),
         "act_grid_shift": emitter.grid_shift,
     }
-    return proto, counts
+    return QdqGraph(proto, counts, dict(emitter.weight_outputs))
 
 
 def run_onnx(path: str, inputs: Mapping[str, Any], *, all_optimizations: bool = False) -> np.ndarray:
@@ -361,8 +368,8 @@ def run_onnx(path: str, inputs: Mapping[str, Any], *, all_optimizations: bool = 
 
     By default with onnxruntime's *basic* graph optimizations (constant folding, no fusions), so the
     graph runs as written. ``all_optimizations=True`` adds the CPU fusions; one of them turns an
-    INT4 ``DequantizeLinear`` + ``MatMul`` into ``MatMulNBits``, which is not exact (measured
-    1.6e-2 x max|out| on a weights-only tiny SD3; the QDQ pairs of static inputs keep it off).
+    INT4 ``DequantizeLinear`` + ``MatMul`` into ``MatMulNBits``, which is not exact (docs/deploy.md;
+    the QDQ pairs of static inputs keep it off).
     """
     import onnxruntime as ort
 
@@ -409,7 +416,8 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
 
     model = static_view(model)
     frozen = fraqat_jax.freeze(model)
-    proto, report = to_onnx(model, inputs, batch_free=batch_free, frozen=frozen)
+    graph = to_onnx(model, inputs, batch_free=batch_free, frozen=frozen)
+    proto, report = graph.proto, dict(graph.counts)
     too_big = proto.ByteSize() > 2**31 - 2**24  # protobuf's 2 GiB limit: weights go beside the file
     onnx.save(proto, path, save_as_external_data=too_big, location=os.path.basename(path) + ".data")
     report["path"] = path
@@ -420,18 +428,17 @@ def export_onnx(model, inputs: Mapping[str, Any], path: str, *, batch_free: Sequ
         ref = frozen_output(frozen, inputs) if reference is None else np.asarray(reference, np.float64)
         if got.shape != ref.shape:
             raise RuntimeError(f"onnxruntime returned shape {got.shape}, the model {ref.shape}")
-        report["max_rel_diff"] = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+        report["max_rel_diff"] = rel_diff(got, ref)
     return report
 
 
-def export_onnx_run(student, family: str, held_out, path: str, *, check: bool = True) -> dict:
-    """:func:`export_onnx` for the command line: ``held_out`` is one training-style batch
-    ``(x_t [B, C, H, W], t [B], cond)`` (as ``fraqat_jax.export.calibration_batches`` returns),
-    turned into the model's keyword arguments by ``fraqat_jax.diffusion.model_kwargs`` (Flux:
-    packed tokens plus ``img_ids``/``txt_ids``). ``student`` must hold static ranges."""
-
-    x_t, t, cond = held_out
-    inputs = jax.tree.map(np.asarray, model_kwargs(family, x_t, t, cond))
+def export_onnx_run(student, family, held_out, path: str, *, check: bool = True) -> dict:
+    """:func:`export_onnx` for the command line: ``held_out`` is one training-style batch (as
+    ``fraqat_jax.export.calibration_batches`` returns), turned into the model's keyword arguments by
+    its family's ``model_kwargs`` (``family``: the object or its name). ``student`` must hold static
+    ranges."""
+    family = family_named(family) if isinstance(family, str) else family
+    inputs = jax.tree.map(np.asarray, family.model_kwargs(held_out))
     return export_onnx(student, inputs, path, check=check)
 
 

@@ -27,15 +27,16 @@ from safetensors.numpy import save_file
 
 import fraqat_jax
 from fraqat_jax.data.streams import stream
-from fraqat_jax.family import families, family_for_model
-from fraqat_jax.models import MODEL_CLASSES, to_diffusers_state_dict
+from fraqat_jax.family import FamilyError, family_for_model, family_named
+from fraqat_jax.models import to_diffusers_state_dict
 from fraqat_jax.nn import FrozenLinear, quantized_layers
 from fraqat_jax.nn.freeze import code_sums
+from fraqat_jax.quant import rel_diff
 
 FORMAT_VERSION = 2  # 2: arrays in their trained dtypes, layers keep their trained activation ranges
 TOLERANCE = 1e-4  # exported vs fake-quant student, relative to max |output|, float32
 CALIBRATION_SAMPLES = 100
-_DERIVED = ("kernel_code_sums",)  # recomputed from the codes at load time, not stored
+_DERIVED = ("kernel_code_sums", "kernel_float")  # recomputed from the codes at load time, not stored
 
 
 class ExportError(ValueError):
@@ -53,35 +54,31 @@ def calibration_batches(teacher, cfg, *, num_samples: int = CALIBRATION_SAMPLES,
     family = family_for_model(teacher)
     config = dict(teacher.config)
     graphdef, state = nnx.split(teacher)
-    sampler = family.teacher_sampler(cfg, lambda st: nnx.merge(graphdef, st), guidance_scale=1.0)
+    sample_teacher = None
+    if family.can_sample:  # data-free data is the teacher's samples
+        sampler = family.teacher_sampler(cfg, lambda st: nnx.merge(graphdef, st), guidance_scale=1.0)
+        sample_teacher = lambda prompts: sampler(state, prompts)  # noqa: E731
     rows = None
     if cfg.data != "datafree":
         source = family.make_source(cfg, config, seed=stream(int(cfg.seed) + seed, "export"))
         rows = dict(source.batch(0, num_samples))
     return family.calibration_inputs(cfg, config, rows, jax.random.key(stream(seed, "export")), num_samples,
-                                     batch_size, lambda prompts: sampler(state, prompts))
+                                     batch_size, sample_teacher)
 
 
 def model_forward(family):
     """``forward(model, inputs)`` -> the model's output (``calibrate``'s ``forward``); ``family`` a
     family name or :class:`fraqat_jax.family.Family`."""
     if isinstance(family, str):
-        family = families()[family]
+        family = family_named(family)
     return family.apply
 
 
-def _max_rel_diff(model, reference, batches, family) -> float:
-    """max |model - reference| / max |reference| over ``batches`` (each model jitted once)."""
-    forward = model_forward(family)
-
-    def outputs(m):
-        graphdef, state = nnx.split(m)
-        fn = jax.jit(lambda st, b: forward(nnx.merge(graphdef, st), b))
-        return [np.asarray(fn(state, b), np.float64) for b in batches]
-
-    got, ref = outputs(model), outputs(reference)
-    scale = max(max(float(np.abs(r).max()) for r in ref), 1e-12)
-    return max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) / scale
+def _outputs(model, batches, forward) -> list[np.ndarray]:
+    """``forward(model, batch)`` for each of ``batches`` (the model jitted once), float64."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, b: forward(nnx.merge(graphdef, st), b))
+    return [np.asarray(fn(state, b), np.float64) for b in batches]
 
 
 # ----------------------------------------------------------------------------- orbax export
@@ -130,7 +127,7 @@ def _rules_for(layers: dict) -> list:
 
 def _stored_tree(frozen) -> dict:
     """The frozen model's state as a pure dict of numpy arrays in their trained dtypes, without the
-    derived ``kernel_code_sums`` (recomputed from the codes by :func:`load`)."""
+    derived ``kernel_code_sums`` and ``kernel_float`` (recomputed from the codes by :func:`load`)."""
     return jax.tree.map(np.asarray, _without(nnx.to_pure_dict(nnx.state(frozen)), _DERIVED))
 
 
@@ -147,11 +144,13 @@ def _param_count(model) -> int:
 def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict, dtype: str | None = None,
                   param_dtype: str | None = None, *, integer: bool = False):
     """The frozen structure of an export (weights not yet loaded); ``integer`` as in ``freeze``."""
-    if model_class not in MODEL_CLASSES:
-        raise ExportError(f"export holds model class {model_class!r}; known: {', '.join(sorted(MODEL_CLASSES))}")
+    try:
+        cls = family_for_model(model_class).port(model_class)
+    except FamilyError as e:
+        raise ExportError(f"export holds model class {model_class!r}, which no family drives: {e}") from None
     # The structure only: built abstractly, then zeros (the stored arrays replace them).
     dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[model_class](
+    abstract = nnx.eval_shape(lambda: cls(
         dict(config), rngs=nnx.Rngs(0), dtype=dtypes.get(dtype), param_dtype=dtypes.get(param_dtype, jnp.float32)))
     graphdef, state = nnx.split(abstract)
     model = nnx.merge(graphdef, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), state))
@@ -172,8 +171,8 @@ def _build_frozen(model_class: str, config: dict, quant_rules: str, layers: dict
 
 def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRATION_SAMPLES) -> dict:
     """Freezes and saves ``student`` to ``out`` (see the module docstring); returns the metadata."""
-    family = family_for_model(teacher).name
-    forward = model_forward(family)
+    family = family_for_model(teacher)
+    forward = family.apply
     layers = quantized_layers(student)
     uncalibrated = [p for p, layer in layers if layer.act_ranges == "static" and layer.act_bits is not None
                     and not bool(jnp.isfinite(layer.act_range[...]).all())]
@@ -192,7 +191,7 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
         "format_version": FORMAT_VERSION,
         "model_class": type(teacher).__name__,
         "config": dict(teacher.config),
-        "family": family,
+        "family": family.name,
         "quant_rules": cfg.quant_rules,
         "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype,
@@ -209,10 +208,11 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
     # What you train is what you serve: the model as load() will rebuild it, against the
     # fake-quant student, on held-out inputs drawn as training draws them, before anything is written.
     check = calibration_batches(teacher, cfg, num_samples=min(num_samples, 50), seed=1)
-    worst = _max_rel_diff(_fill(frozen, tree), student, check, family)
+    reference = _outputs(student, check, forward)
+    worst = rel_diff(_outputs(_fill(frozen, tree), check, forward), reference)
     meta["max_rel_diff_vs_fake_quant"] = worst
-    meta["max_rel_diff_integer_matmul"] = _max_rel_diff(_fill(fraqat_jax.freeze(student), tree), student, check,
-                                                        family)
+    meta["max_rel_diff_integer_matmul"] = rel_diff(_outputs(_fill(fraqat_jax.freeze(student), tree), check, forward),
+                                                   reference)
     if worst > TOLERANCE:
         raise RuntimeError(f"exported model differs from the fake-quant student by {worst:.3g} (relative), "
                            f"above the tolerance {TOLERANCE}")
@@ -266,7 +266,7 @@ def load_metadata(path: str) -> dict:
 def load(path: str, *, integer: bool = False, static: bool = False) -> nnx.Module:
     """The frozen model saved by ``export`` at ``path``: call it like the port (same arguments),
     or sample it with ``fraqat_jax.diffusion.samplers``. It computes like the trained student, bit for
-    bit on symmetric weights; ``integer=True`` multiplies the integer codes instead (int8 x int8 ->
+    bit on symmetric weights (its float kernels rebuilt from the codes once, here); ``integer=True`` multiplies the integer codes instead (int8 x int8 ->
     int32, see ``fraqat_jax.freeze``), within ``meta["max_rel_diff_integer_matmul"]`` of it.
     ``static=True`` serves every quantized input with its stored static range (what the ONNX graph
     runs) even when the student was trained with dynamic ranges."""
@@ -299,6 +299,8 @@ def _fill(frozen, stored) -> nnx.Module:
         if isinstance(layer, FrozenLinear) and layer.kernel_code_sums is not None:
             layer.kernel_code_sums[...] = code_sums(layer.kernel_codes[...], layer.kernel_shape,
                                                      layer.group_size or layer.kernel_shape[0], layer.packed)
+        if isinstance(layer, FrozenLinear) and layer.kernel_float is not None:
+            layer.kernel_float[...] = layer.fake_quant_kernel()  # once here, not at every call
     return model
 
 

@@ -17,7 +17,7 @@ The HTP here is the ``onnxruntime-qnn`` wheel's ``libQnnHtp.so`` on x86-64: Qual
 the NPU, the same backend and graph compiler a phone uses, and no timing of a phone.
 
 The rules of the graph (each found from the backend's answers and checked in
-``tests/test_export_qnn.py``; docs/deploy.md gives the measurements):
+``tests/test_export_qnn.py``; docs/deploy.md gives what was measured):
 
 1. **Static shapes.** The provider refuses a dynamic batch ("Dynamic shape is not supported yet"):
    the graph is traced at batch ``N`` (``to_onnx(batch_size=N)``), every Reshape a constant.
@@ -33,15 +33,10 @@ The rules of the graph (each found from the backend's answers and checked in
    grid carried exactly in uint16 (scale / 257, zero point x 257, so code ``q`` is ``257 q``: the
    same values, A8 as trained) and the product is re-quantized to uint16. ``--product-bits 8``: the
    uint8 input itself and a uint8 product, HTP's 8-bit kernels; every product then rounds to 256
-   levels, which the model never saw in training: on the five families' tiny configs (three
-   held-out inputs each, ``benchmarks/qnn_agreement.py``) it measured 1.1-3.6e-2 against
-   onnxruntime and 1.4-5.5e-2 against JAX, outside the agreement below; 16 bits: 0.6-2.2e-2 and
-   0.6-2.2e-2 on the same models and inputs. A layer without input
-   quantization (the paper's W4A16 last layer, the ``keep`` rule) gets uint16 input and output
-   ranges from calibration (a 16-bit grid must span its codes: an 8-bit grid in uint16 codes 0-255
-   gave 5e-2 on HTP). The bias ``Add`` follows the unit in float, so
-   onnxruntime's MatMul+Add fusion into ``Gemm`` never sees an INT4 weight. A conv kernel is
-   stored transposed (:func:`fold_weight_transposes`) so the Conv reads its DequantizeLinear.
+   levels, which training never did. A layer without input quantization (W4A16, the ``keep``
+   rule) gets uint16 input and output ranges from calibration. The bias ``Add`` follows the unit
+   in float, so onnxruntime's MatMul+Add fusion into ``Gemm`` never sees an INT4 weight. A conv
+   kernel is stored transposed (:func:`fold_weight_transposes`) so the Conv reads its DQ.
 4. **MatMul, not Einsum** (refused): the converter writes every contraction as Transpose/Reshape
    and one batched MatMul.
 5. **Rank <= 5**: a Reshape -> Transpose -> Reshape through a rank-6 tensor (unpatchify) is
@@ -52,18 +47,18 @@ The rules of the graph (each found from the backend's answers and checked in
 7. **Graph inputs quantized on HTP** (``offload_graph_io_quantization=0``): otherwise a
    QuantizeLinear of a graph input is left to the CPU.
 8. **Everything else in fp16**: norms, softmax, GELU/SiLU, residual adds and modulation run as
-   float32 ONNX ops, which HTP executes in fp16 (``enable_htp_fp16_precision``, its default). Why
-   not uint16 QDQ: it needs a calibrated range for every tensor, and a residual stream or attention
-   logit range calibrated on 100 inputs clips on others; fp16's relative 1e-3 needs no ranges.
-   The one place fp16 fails is ``sin``/``cos`` of large arguments (a timestep of 999 times a
-   frequency near 1 is off by up to 0.5 rad in fp16, giving 0.14 x max|out| on the digits DiT), so
-   those nodes and everything they depend on form the host prologue (``prologue.onnx``).
+   float32 ONNX ops, which HTP executes in fp16 (``enable_htp_fp16_precision``, its default): unlike
+   uint16 QDQ it needs no calibrated range for every tensor (a residual stream's range calibrated
+   on some inputs clips on others). fp16 fails on ``sin``/``cos`` of large arguments (a timestep
+   near 1000 keeps little of its fraction), so those nodes and everything they depend on form the
+   host prologue (``prologue.onnx``).
 
 Agreement (``--format qnn`` exits 1 when one fails): on held-out training-style inputs, QNN HTP
 against onnxruntime's CPU provider on ``model.onnx``: ``<= TOL_ORT`` x max|out|; against the
-exported student served in JAX (``fraqat_jax.export.load``): ``<= TOL_STUDENT``; the EPContext
-model against the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A 10-step sampling run from the
-same noise gives the PSNR of the QNN samples against the JAX student's.
+exported student served in JAX (the frozen student with static input ranges, as
+``fraqat_jax.export.load(static=True)`` serves it): ``<= TOL_STUDENT``; the EPContext model against
+the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A sampling run of ``SAMPLING_STEPS`` steps from
+the same noise gives the PSNR of the QNN samples against the JAX student's.
 
 Requires the ``qnn`` extra (``pip install 'fraqat_jax[qnn]'``: ``onnxruntime-qnn``, a plugin
 execution provider for the standard ``onnxruntime`` package, which it leaves in place).
@@ -73,7 +68,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -83,17 +77,19 @@ from fraqat_jax.export.onnx import OUTPUT_NAME, OnnxExportError
 from fraqat_jax.export.qnn_graph import (OUTPUT_MARGIN, PRODUCT_BITS, bool_ands_as_products, bool_layout_as_float,
                                          cpu_session, fold_weight_transposes, lower_rank, quantize_products,
                                          split_prologue, to_qnn)
+from fraqat_jax.quant import rel_diff
 
-__all__ = [  # the graph surgery of qnn_graph is re-exported: one import for the QNN form
+__all__ = [  # qnn_graph's surgery and quant's rel_diff are re-exported: one import for the QNN form
     "CONTEXT_FILE", "DEFAULT_SOC", "EP_NAME", "MODEL_FILE", "OUTPUT_MARGIN", "PRODUCT_BITS", "PROLOGUE_FILE", "REPORT_FILE",
     "REPORT_KEYS", "SOCS", "TOL_CONTEXT", "TOL_ORT", "TOL_STUDENT", "OnnxExportError", "QnnModel", "QnnRefused",
     "QnnUnavailable", "Soc", "bool_ands_as_products", "bool_layout_as_float", "context_bytes", "cpu_session",
     "export_qnn", "fold_weight_transposes", "lower_rank", "qnn_module", "qnn_session", "quantize_products",
-    "refused_nodes", "rel_diff", "rel_diff_over", "sampling_psnr", "soc_of", "split_prologue", "summary", "to_qnn", "write_qnn",
+    "refused_nodes", "rel_diff", "sampling_psnr", "save_qnn", "soc_of", "split_prologue", "summary", "to_qnn",
+    "write_qnn",
 ]
 
 EP_NAME = "QNNExecutionProvider"
-TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out| (issue 21)
+TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out|
 TOL_STUDENT = 5e-2  # QNN HTP vs the exported JAX student, x max|out|
 TOL_CONTEXT = 1e-5  # the EPContext model vs the QNN run of model.onnx, x max|out|
 EXTRA = "pip install 'fraqat_jax[qnn]'"
@@ -180,7 +176,6 @@ def qnn_session(path: str, soc: str = DEFAULT_SOC, *, fallback: bool = False, co
 # ----------------------------------------------------------------------------- running
 
 
-
 class QnnModel:
     """``prologue.onnx`` on the CPU, then ``model.onnx`` (or the EPContext model) on a session:
     call with the flat feeds of the exported model's original inputs."""
@@ -225,29 +220,17 @@ def context_bytes(ctx_path: str) -> int:
     return total
 
 
-def rel_diff(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
-
-
-def rel_diff_over(got: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
-    """max over the pairs of max|got - ref|, over max|ref| over all ``refs`` (one scale for a set of
-    held-out inputs)."""
-    scale = max(float(np.abs(r).max()) for r in refs)
-    return max(float(np.abs(g - r).max()) for g, r in zip(got, refs)) / max(scale, 1e-12)
-
-
-def node_census(model) -> dict[str, int]:
-    return dict(Counter(n.op_type for n in model.graph.node))
-
-
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
-# ----------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------- stages
+#
+# trace -> QDQ graph with its weight map (onnx.to_onnx) -> QNN passes (qnn_graph.to_qnn) -> the
+# files (save_qnn); then the checks that make the report: onnxruntime's CPU run of the file, the
+# HTP compile, the JAX student, the EPContext model, a sampling run.
 
 
 def write_qnn(model, example: Mapping[str, Any], calibration: Sequence[Mapping[str, np.ndarray]], out_dir: str,
@@ -255,76 +238,71 @@ def write_qnn(model, example: Mapping[str, Any], calibration: Sequence[Mapping[s
     """Writes ``out_dir/model.onnx`` (and ``prologue.onnx`` when there are sin/cos features) for
     ``model`` (quantized, static input ranges) called as ``model(**example)``; the batch size is
     ``example``'s. ``calibration``: flat feeds (``onnx.flat_inputs`` names) of the same shapes, for
-    the product ranges. Returns ``model`` / ``prologue`` (protos), ``paths``, the exporter's
-    ``counts``, the QNN rewrite's ``qdq`` counts and ``seconds`` (trace, rewrite)."""
-    import onnx
-
-    import fraqat_jax
+    the product ranges; ``frozen``: ``fraqat_jax.freeze`` of ``model``'s static view if the caller
+    has it (its codes are written). Returns ``model`` / ``prologue`` (protos), ``paths``, the
+    exporter's ``counts``, the QNN rewrite's ``qdq`` counts and ``seconds`` (trace, rewrite)."""
     from fraqat_jax.export import onnx as eo
 
     start = time.perf_counter()
     flat, _ = eo.flat_inputs(example)
     batch = next(a.shape[0] for name, a in flat if name not in eo.BATCH_FREE)
-    emitters: list = []
-    frozen = fraqat_jax.freeze(eo.static_view(model)) if frozen is None else frozen
-    proto, counts = eo.to_onnx(model, example, frozen=frozen, batch_size=int(batch), emitter_out=emitters)
+    qdq = eo.to_onnx(model, example, frozen=frozen, batch_size=int(batch))
     traced = time.perf_counter() - start
-    main, prologue, qcounts = to_qnn(proto, emitters[0].weight_outputs, calibration, product_bits)
+    main, prologue, qcounts = to_qnn(qdq.proto, qdq.weight_outputs, calibration, product_bits)
+    paths = save_qnn(main, prologue, out_dir)
+    return {"model": main, "prologue": prologue, "paths": paths, "counts": qdq.counts, "qdq": qcounts,
+            "seconds": (round(traced, 2), round(time.perf_counter() - start - traced, 2))}
+
+
+def save_qnn(main, prologue, out_dir: str) -> dict[str, str]:
+    """Writes ``model.onnx`` (checked with ``onnx.checker``, ``full_check``) and, when there is one,
+    ``prologue.onnx`` into ``out_dir``; returns their paths (``model``, ``prologue``)."""
+    import onnx
+
     paths = {"model": os.path.join(out_dir, MODEL_FILE)}
     onnx.save(main, paths["model"])
     onnx.checker.check_model(paths["model"], full_check=True)
     if prologue is not None:
         paths["prologue"] = os.path.join(out_dir, PROLOGUE_FILE)
         onnx.save(prologue, paths["prologue"])
-    return {"model": main, "prologue": prologue, "paths": paths, "counts": counts, "qdq": qcounts,
-            "seconds": (round(traced, 2), round(time.perf_counter() - start - traced, 2))}
+    return paths
 
 
 SAMPLING_STEPS = 10
 
 
-def _feeds(family: str, batch) -> dict[str, np.ndarray]:
+def _feeds(family, batch) -> dict[str, np.ndarray]:
+    """The flat feeds of a training-style batch: the model's keyword arguments (``family.model_kwargs``)."""
     import jax
 
-    from fraqat_jax.diffusion import model_kwargs
     from fraqat_jax.export.onnx import flat_inputs
 
-    x_t, t, cond = batch
-    return dict(flat_inputs(jax.tree.map(np.asarray, model_kwargs(family, x_t, t, cond)))[0])
+    return dict(flat_inputs(jax.tree.map(np.asarray, family.model_kwargs(batch)))[0])
 
 
-def sampling_psnr(family: str, student_model, run_qnn, out_shape, batch, *, num_steps: int = SAMPLING_STEPS,
+def sampling_psnr(family, student_model, run_qnn, out_shape, batch, *, cfg, num_steps: int = SAMPLING_STEPS,
                   seed: int = 0) -> float:
     """PSNR (peak-to-peak 2) of ``num_steps``-step samples of ``run_qnn`` (flat feeds -> output)
-    against the JAX ``student_model``'s, from the same noise and conditioning (``batch``'s)."""
+    against the JAX ``student_model``'s, from the same noise and conditioning (``batch``'s), both
+    drawn by the family's sampler (``Family.sample_like``)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from fraqat_jax.diffusion import model_kwargs
-    from fraqat_jax.diffusion.families import model_time, sampler_of, unpack_2x2
-    from fraqat_jax.diffusion.heldout import sampling_inputs
-    from fraqat_jax.diffusion.samplers import model_sampler, sample
     from fraqat_jax.export.onnx import flat_inputs
 
-    x_t, _, cond = batch
-    n_cls = getattr(student_model, "config", {}).get("num_embeds_ada_norm")
-    noise, key, cond, _ = sampling_inputs(family, seed, x_t.shape[0], tuple(x_t.shape[1:]),
-                                          num_classes=int(n_cls) if n_cls else None, cond_rows=cond)
+    config = dict(getattr(student_model, "config", {}))
     graphdef, state = nnx.split(student_model)
-    ref = model_sampler(lambda st: nnx.merge(graphdef, st), family, num_steps=num_steps)(state, noise, cond, key)
-    kind = sampler_of(family)
+    ref = family.sample_like(cfg, config, lambda st: nnx.merge(graphdef, st), state, batch, num_steps=num_steps,
+                             seed=seed)
 
-    def fn(x, t, c):
-        kw = model_kwargs(family, x, model_time(family, t), c)
-
+    def served(**kw):  # the QNN model called as the port is
         def host(kw):
             return np.asarray(run_qnn(dict(flat_inputs(jax.tree.map(np.asarray, kw))[0])), np.float32)
 
-        out = jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), kw)
-        return unpack_2x2(out, x.shape) if family == "flux" else out
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), kw)
 
-    got = sample(kind, fn, noise, cond, key=key if kind != "euler" else None, num_steps=num_steps)
+    got = family.sample_like(cfg, config, lambda _: served, None, batch, num_steps=num_steps, seed=seed)
     mse = float(np.mean((np.asarray(got, np.float64) - np.asarray(ref, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
@@ -339,6 +317,65 @@ def _checked_options(soc: str, batch_size, product_bits) -> Soc:
     return chip
 
 
+class _Clock:
+    """Seconds per stage: each ``lap`` takes the time since the last one."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        self.stages[name] = round(self.elapsed() - sum(self.stages.values()), 2)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _fresh_paths(out_dir: str) -> dict[str, str]:
+    """The output files in ``out_dir`` (created), any earlier copy removed."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f) for k, f in
+             (("model", MODEL_FILE), ("ctx", CONTEXT_FILE), ("prologue", PROLOGUE_FILE), ("json", REPORT_FILE))}
+    for p in paths.values():
+        if os.path.exists(p):
+            os.remove(p)
+    return paths
+
+
+def _graph_report(chip: Soc, product_bits: int, batch_size: int, written: dict) -> dict[str, Any]:
+    """The report's entries about the written graph: SoC, node count, sizes, QDQ counts."""
+    counts = written["counts"]
+    return {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model, "product_bits": int(product_bits),
+            "nodes": len(written["model"].graph.node), "weight_bytes": int(counts["weight_bytes"]),
+            "weight_bytes_bf16": int(counts["weight_bytes_bf16"]), "bf16_bytes": int(counts["bf16_bytes"]),
+            "quantized_layers": counts["quantized_layers"], "batch_size": batch_size, "qdq": written["qdq"],
+            "model_bytes": os.path.getsize(written["paths"]["model"])}
+
+
+def _written_line(path: str, report: dict) -> str:
+    q = report["qdq"]
+    return (f"wrote {path}: {report['nodes']} nodes, batch {report['batch_size']}, {q.get('products', 0)} QDQ products "
+            f"({q.get('out8', 0)} uint8, {q.get('out16', 0)} uint16 outputs; {q.get('act8_in16', 0)} A8 inputs "
+            f"carried in uint16), {report['export_seconds']:.1f} s")
+
+
+def _compile_htp(model_path: str, ctx_path: str, chip: Soc):
+    """``((session, build seconds), [])`` for ``model_path`` on HTP with CPU fallback disabled (the
+    compile also writes the EPContext model to ``ctx_path``), or ``(None, refused)`` naming what HTP
+    did not take (the nodes, else the compile's error)."""
+    import tempfile
+
+    try:
+        return timed(qnn_session, model_path, chip.name, context_path=ctx_path), []
+    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own Fail/RuntimeException types)
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                refused = refused_nodes(model_path, chip.name, scratch)
+            except Exception as inner:  # noqa: BLE001
+                refused = [f"(compile failed: {str(inner).splitlines()[0][:300]})"]
+        return None, refused or [f"(compile failed: {str(e).splitlines()[0][:300]})"]
+
+
 def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, batch_size: int = 1,
                product_bits: int = PRODUCT_BITS[0], calibration_samples: int = 100, heldout_samples: int = 4,
                sampling: bool = True, log=print) -> dict:
@@ -346,92 +383,56 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
     (see the module doc) for a student with static input ranges; returns the report (``qnn.json``'s
     keys, ``ok``, ``refused``, ``max_rel_diff_context``, ``psnr_sampling``, times and sizes).
 
+    The JAX reference is the student frozen in memory with its static ranges (what
+    ``fraqat_jax.export.load(..., static=True)`` serves), whose codes the graph holds.
     Raises :class:`QnnUnavailable` without ``onnxruntime-qnn``; a graph that HTP does not take whole
     is reported (``ok`` False, ``refused`` naming the nodes), not raised."""
-    import tempfile
-
-    from fraqat_jax.diffusion import family_of
-    from fraqat_jax.export import onnx as eo
-    from fraqat_jax.export.orbax import calibration_batches, export_orbax, load
+    import fraqat_jax
+    from fraqat_jax.export.onnx import frozen_output, static_view
+    from fraqat_jax.export.orbax import calibration_batches
+    from fraqat_jax.family import family_for_model
 
     qnn_module()
     chip = _checked_options(soc, batch_size, product_bits)
-    family = family_of(teacher)
-    n = int(batch_size)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f) for k, f in
-             (("model", MODEL_FILE), ("ctx", CONTEXT_FILE), ("prologue", PROLOGUE_FILE), ("json", REPORT_FILE))}
-    for p in paths.values():
-        if os.path.exists(p):
-            os.remove(p)
-    report: dict[str, Any] = {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model,
-                              "product_bits": int(product_bits)}
-    start = time.perf_counter()
-    stages: dict[str, float] = {}
-
-    def lap(name):
-        stages[name] = round(time.perf_counter() - start - sum(stages.values()), 2)
-
-    held = calibration_batches(teacher, cfg, num_samples=n * -(-heldout_samples // n), batch_size=n, seed=1)
-    calib = calibration_batches(teacher, cfg, num_samples=n * -(-calibration_samples // n), batch_size=n, seed=0)
-    lap("inputs")
-    model = eo.static_view(student)
+    n, family, paths, clock = int(batch_size), family_for_model(teacher), _fresh_paths(out_dir), _Clock()
+    held, calib = (calibration_batches(teacher, cfg, num_samples=n * -(-count // n), batch_size=n, seed=seed)
+                   for count, seed in ((heldout_samples, 1), (calibration_samples, 0)))
+    clock.lap("inputs")
+    model = static_view(student)
+    served = fraqat_jax.freeze(model, integer=False)
     written = write_qnn(model, _unflat(_feeds(family, held[0])), [_feeds(family, b) for b in calib], out_dir,
-                        product_bits=product_bits)
-    counts, qcounts, main, prologue = written["counts"], written["qdq"], written["model"], written["prologue"]
-    stages["onnx"], stages["qnn_form"] = written["seconds"]
-    report.update(nodes=len(main.graph.node), weight_bytes=int(counts["weight_bytes"]),
-                  weight_bytes_bf16=int(counts["weight_bytes_bf16"]), bf16_bytes=int(counts["bf16_bytes"]),
-                  quantized_layers=counts["quantized_layers"], batch_size=n, qdq=qcounts,
-                  export_seconds=time.perf_counter() - start, model_bytes=os.path.getsize(paths["model"]))
-    log(f"wrote {paths['model']}: {report['nodes']} nodes, batch {n}, {qcounts.get('products', 0)} QDQ products "
-        f"({qcounts.get('out8', 0)} uint8, {qcounts.get('out16', 0)} uint16 outputs; "
-        f"{qcounts.get('act8_in16', 0)} A8 inputs carried in uint16), "
-        f"{report['export_seconds']:.1f} s")
-    pro_path = paths["prologue"] if prologue is not None else None
-    held_feeds = [_feeds(family, b) for b in held]
-    cpu = QnnModel(cpu_session(paths["model"]), pro_path)
-    ref_ort = [cpu(f) for f in held_feeds]
-    lap("ort_cpu")
-    # The HTP compile, with CPU fallback disabled; it also writes the EPContext model.
-    try:
-        session, build = timed(qnn_session, paths["model"], chip.name, context_path=paths["ctx"])
-    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own Fail/RuntimeException types)
-        with tempfile.TemporaryDirectory() as scratch:
-            try:
-                refused = refused_nodes(paths["model"], chip.name, scratch)
-            except Exception as inner:  # noqa: BLE001
-                refused = [f"(compile failed: {str(inner).splitlines()[0][:300]})"]
-        report.update(ok=False, refused=refused or [f"(compile failed: {str(e).splitlines()[0][:300]})"],
-                      nodes_on_qnn=report["nodes"] - sum(1 for r in refused if not r.startswith("(")),
+                        frozen=served, product_bits=product_bits)
+    clock.stages["onnx"], clock.stages["qnn_form"] = written["seconds"]
+    report = _graph_report(chip, product_bits, n, written)
+    report["export_seconds"] = clock.elapsed()
+    log(_written_line(paths["model"], report))
+    pro_path, feeds = written["paths"].get("prologue"), [_feeds(family, b) for b in held]
+    ref_ort = [QnnModel(cpu_session(paths["model"]), pro_path)(f) for f in feeds]
+    clock.lap("ort_cpu")
+    compiled, refused = _compile_htp(paths["model"], paths["ctx"], chip)
+    if compiled is None:
+        report.update(ok=False, refused=refused, nodes_on_qnn=report["nodes"] - sum(not r.startswith("(") for r in refused),
                       max_rel_diff_ort=None, max_rel_diff_student=None, context_bytes=0)
         _write_json(paths["json"], report)
         return report
-    report.update(context_build_seconds=build, nodes_on_qnn=report["nodes"], refused=[])
-    htp = QnnModel(session, pro_path)
-    got = [htp(f) for f in held_feeds]
-    report["max_rel_diff_ort"] = rel_diff_over(got, ref_ort)
-    lap("htp")
-    # The exported student served in JAX, as export.load gives it (static input ranges).
-    with tempfile.TemporaryDirectory() as tmp:
-        export_orbax(teacher, student, cfg, os.path.join(tmp, "student"), num_samples=calibration_samples)
-        served = load(os.path.join(tmp, "student"), static=True)
-    ref_jax = [eo.frozen_output(served, _unflat(f)) for f in held_feeds]
-    report["max_rel_diff_student"] = rel_diff_over(got, ref_jax)
-    lap("student")
-    # The EPContext model: loads the compiled binary, no compile.
-    ctx_session, load_s = timed(qnn_session, paths["ctx"], chip.name)
+    htp = QnnModel(compiled[0], pro_path)
+    got = [htp(f) for f in feeds]
+    report.update(context_build_seconds=compiled[1], nodes_on_qnn=report["nodes"], refused=[],
+                  max_rel_diff_ort=rel_diff(got, ref_ort))
+    clock.lap("htp")
+    report["max_rel_diff_student"] = rel_diff(got, [frozen_output(served, _unflat(f)) for f in feeds])
+    clock.lap("student")
+    ctx_session, load_s = timed(qnn_session, paths["ctx"], chip.name)  # loads the compiled binary, no compile
     ctx = QnnModel(ctx_session, pro_path)
-    got_ctx = [ctx(f) for f in held_feeds]
     report.update(context_load_seconds=load_s, context_bytes=context_bytes(paths["ctx"]),
                   context_file_bytes=os.path.getsize(paths["ctx"]),
-                  max_rel_diff_context=rel_diff_over(got_ctx, got))
-    lap("context")
+                  max_rel_diff_context=rel_diff([ctx(f) for f in feeds], got))
+    clock.lap("context")
     if sampling:
-        report["psnr_sampling"] = sampling_psnr(family, served, htp, got[0].shape, held[0])
-        report["sampling_steps"] = SAMPLING_STEPS
-        lap("sampling")
-    report["stage_seconds"] = stages
+        report.update(psnr_sampling=sampling_psnr(family, served, htp, got[0].shape, held[0], cfg=cfg),
+                      sampling_steps=SAMPLING_STEPS)
+        clock.lap("sampling")
+    report["stage_seconds"] = clock.stages
     report["ok"] = (report["max_rel_diff_ort"] <= TOL_ORT and report["max_rel_diff_student"] <= TOL_STUDENT
                     and report["max_rel_diff_context"] <= TOL_CONTEXT)
     _write_json(paths["json"], report)

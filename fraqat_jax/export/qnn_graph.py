@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fraqat_jax.export.jaxpr_onnx import prune
 from fraqat_jax.export.onnx import OnnxExportError
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
@@ -38,23 +39,6 @@ def _graph_maps(graph):
     return producer, consumers
 
 
-def _prune(model, outputs: Sequence[str] | None = None) -> None:
-    """Drops nodes, initializers and graph inputs that no output needs."""
-    g = model.graph
-    need = set(outputs if outputs is not None else [o.name for o in g.output])
-    kept = []
-    for n in reversed(list(g.node)):
-        if any(o in need for o in n.output):
-            kept.append(n)
-            need.update(i for i in n.input if i)
-    del g.node[:]
-    g.node.extend(kept[::-1])
-    for field in (g.initializer, g.input):
-        keep = [t for t in field if t.name in need]
-        del field[:]
-        field.extend(keep)
-
-
 def split_prologue(model):
     """``(main, prologue)``: ``prologue`` computes every ``Sin``/``Cos`` of ``model`` from its graph
     inputs (float32, for the CPU); ``main`` takes their outputs as inputs instead. ``prologue`` is
@@ -73,7 +57,7 @@ def split_prologue(model):
     prologue.CopyFrom(model)
     del prologue.graph.output[:]
     prologue.graph.output.extend([info[o] for o in cut])
-    _prune(prologue)
+    prune(prologue.graph)
     heavy = sorted({n.op_type for n in prologue.graph.node if n.op_type in ("MatMul", "Conv", "Gemm", "DequantizeLinear")})
     if heavy:
         raise OnnxExportError(f"the sin/cos features depend on {', '.join(heavy)} nodes; the host prologue "
@@ -87,7 +71,7 @@ def split_prologue(model):
     g.input.extend([helper.make_tensor_value_info(o, info[o].type.tensor_type.elem_type,
                                                   [d.dim_value for d in info[o].type.tensor_type.shape.dim])
                     for o in cut])
-    _prune(main)
+    prune(main.graph)
     del g.value_info[:]
     return main, prologue
 
@@ -159,7 +143,7 @@ def lower_rank(model, max_rank: int = 5) -> int:
         for j, node in enumerate(nodes):
             g.node.insert(index + j, node)
         count += 1
-    _prune(model)
+    prune(model.graph)
     return count
 
 
@@ -251,7 +235,7 @@ def bool_layout_as_float(model) -> int:
                 if i == n.output[0]:
                     user.input[j] = src.input[0]
         g.node.remove(n)
-    _prune(model)
+    prune(model.graph)
     return moved
 
 

@@ -27,17 +27,12 @@ from flax import nnx
 
 from fraqat_jax.export.orbax import fake_quantized_copy
 from fraqat_jax.models import from_transformers, save_transformers
-from fraqat_jax.models.transformers_folder import TRANSFORMERS_CLASSES
 from fraqat_jax.nn import quantized_layers
+from fraqat_jax.quant import rel_diff
 
-__all__ = ["TOLERANCE", "export_transformers", "float_activation_copy", "is_transformers_port"]
+__all__ = ["TOLERANCE", "export_transformers", "float_activation_copy"]
 
 TOLERANCE = 1e-2  # exported (bf16 weights) vs the student with float activations, relative to max |logits|
-
-
-def is_transformers_port(model) -> bool:
-    """Whether ``model`` is a port of a transformers model (a language model) this format writes."""
-    return type(model).__name__ in TRANSFORMERS_CLASSES
 
 
 def float_activation_copy(student) -> nnx.Module:
@@ -60,11 +55,6 @@ def _logits(model, batches) -> list[np.ndarray]:
     return out
 
 
-def _rel(got, ref) -> float:
-    scale = max(max(float(np.abs(r).max()) for r in ref), 1e-12)
-    return max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) / scale
-
-
 def export_transformers(student, out: str, *, tokenizer_from: str | None, check_batches=None) -> dict:
     """Writes the transformers folder ``out`` (see the module docstring) and returns a report:
     ``tensors``, ``bytes`` (of ``model.safetensors``), ``dtype`` and, when ``check_batches`` (a list
@@ -81,8 +71,8 @@ def export_transformers(student, out: str, *, tokenizer_from: str | None, check_
               "tokenizer": bool(tokenizer_from)}
     if check_batches:
         exported = _logits(from_transformers(folder), check_batches)
-        report["max_rel_diff_vs_float_activations"] = _rel(exported, _logits(float_activation_copy(student),
+        report["max_rel_diff_vs_float_activations"] = rel_diff(exported, _logits(float_activation_copy(student),
                                                                               check_batches))
-        report["max_rel_diff_vs_w4a8"] = _rel(exported, _logits(student, check_batches))
+        report["max_rel_diff_vs_w4a8"] = rel_diff(exported, _logits(student, check_batches))
         report["tolerance"] = TOLERANCE
     return report

@@ -1,6 +1,7 @@
 """Flax NNX ports of diffusion transformers and VAEs that load diffusers checkpoints, and of
 Gemma-2 (transformers ``Gemma2ForCausalLM``, ``models.gemma2``) that loads transformers folders; imports only
-``quant/`` of the rest of the package (and nothing of it today).
+``quant/`` and ``parallel/`` (the mesh axis names the attention kernels split over) of the rest of
+the package.
 
 - ``MODEL_CLASSES`` (``models.registry``): diffusers ``_class_name`` -> port class. A port is built as
   ``Cls(config, *, rngs, dtype=None, param_dtype=jnp.float32, remat=False)``.
@@ -9,7 +10,8 @@ Gemma-2 (transformers ``Gemma2ForCausalLM``, ``models.gemma2``) that loads trans
 - ``from_transformers(path, *, dtype=None)``, ``to_transformers_state_dict``, ``save_transformers``:
   transformers folders in and out (``models.transformers_folder``).
 - Shared building blocks: ``models.common`` (linear, norms, config), ``models.embeddings``,
-  ``models.normalization`` (adaLN), ``models.activations`` (feed-forward), ``models.attention``.
+  ``models.normalization`` (adaLN), ``models.activations`` (feed-forward), ``models.attention``
+  (diffusers' attention module and the one attention dispatch: XLA, TPU flash/splash, cuDNN).
 """
 
 from __future__ import annotations

@@ -7,27 +7,33 @@ dropout slot), ``norm_q``/``norm_k`` (per-head qk-norm), and for joint attention
 Layout: tokens ``[B, N, D]``; heads are split to ``[B, N, H, Dh]`` (the BTNH layout of
 ``jax.nn.dot_product_attention``).
 
+Every port's attention goes through :func:`dot_product_attention`, one dispatch for plain scores
+(diffusers) and soft-capped, sliding-window, grouped-query scores (Gemma-2), which are its arguments.
 Implementations (``attention=`` on every port, :func:`set_attention`):
-- ``"xla"``: ``jax.nn.dot_product_attention`` as XLA ops; materialises the ``[B, H, T, S]``
-  scores (float32 softmax), what the diffusers parity tests check.
+- ``"xla"``: XLA ops that materialise the ``[B, H, T, S]`` scores (float32 softmax):
+  ``jax.nn.dot_product_attention`` for plain scores, :func:`eager_attention` (transformers' eager
+  form) for the others; what the parity tests check.
 - ``"auto"``: a fused kernel that never holds the score matrix where one exists and suits the
-  call, else ``"xla"``: on TPU the Pallas flash kernel
-  (``jax.experimental.pallas.ops.tpu.flash_attention``), on GPU cuDNN
-  (``jax.nn.dot_product_attention(implementation="cudnn")``, bf16/fp16 and no mask), on CPU XLA.
-  The TPU branch is chosen when the program is *lowered* (``jax.lax.platform_dependent``), so a
-  program compiled ahead of time for a TPU topology on a CPU host gets the kernel.
-- ``"flash"``: like ``"auto"`` but a call the GPU kernel cannot take (float32, a mask) raises
-  instead of falling back; on CPU there is no kernel and XLA runs.
-The TPU kernel pads the token axes to a multiple of 128 and masks the padding (and a caption
-mask ``[B, 1, 1, S]``: PixArt, Sana) with segment ids; other mask shapes use XLA. Under a mesh
-(``jax.set_mesh``) it runs in ``jax.shard_map`` with the batch split over the mesh axes
-``data`` and ``fsdp`` and the heads over ``tensor`` (DESIGN.md's names; other axes replicate);
-a multi-device program traced without a mesh context cannot partition the kernel.
+  call, else ``"xla"``: on TPU the Pallas *flash* kernel
+  (``jax.experimental.pallas.ops.tpu.flash_attention``) for plain scores and the *splash* kernel
+  (``jax.experimental.pallas.ops.tpu.splash_attention``, which takes the window, the soft cap and
+  grouped heads itself) for a causal window; on GPU cuDNN
+  (``jax.nn.dot_product_attention(implementation="cudnn")``, plain scores, bf16/fp16 and no mask);
+  on CPU XLA. The TPU branch is chosen when the program is *lowered* (``jax.lax.platform_dependent``),
+  so a program compiled ahead of time for a TPU topology on a CPU host gets the kernel.
+- ``"flash"``: like ``"auto"`` but a call no GPU kernel takes (float32, a mask, a soft cap or a
+  window) raises instead of falling back; on CPU there is no kernel and XLA runs.
+The TPU kernels pad the token axes to a multiple of 128 and mask the padding (and a key mask
+``[B, 1, 1, S]``: PixArt's and Sana's captions, Gemma-2's padding) with segment ids; other mask
+shapes use XLA. Under a mesh (``jax.set_mesh``) they run in ``jax.shard_map`` with the batch split
+over ``parallel.mesh.BATCH_AXES`` and the key-value heads over ``parallel.mesh.HEAD_AXES`` (other
+axes replicate); a multi-device program traced without a mesh context cannot partition a kernel.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +48,7 @@ from fraqat_jax.models.common import (
     RMSNorm,
     linear,
 )
+from fraqat_jax.parallel.mesh import BATCH_AXES, HEAD_AXES, dividing_axes
 
 
 def apply_rotary_emb(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -59,9 +66,8 @@ def apply_rotary_emb(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "flash")
-_TPU_BLOCK = 128  # the Pallas TPU kernel's default tile along both token axes
-_BATCH_MESH_AXES = ("data", "fsdp")
-_HEAD_MESH_AXES = ("tensor",)
+NO_WINDOW = 2**30  # a causal window larger than any sequence: every earlier key (full causal attention)
+_TPU_BLOCK = 128  # the Pallas TPU kernels' default tile along both token axes (and the lane width)
 
 
 def check_attention(implementation: str) -> str:
@@ -80,27 +86,85 @@ def set_attention(module: nnx.Module, implementation: str) -> nnx.Module:
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, implementation: str = "xla"
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, implementation: str = "xla", *,
+    scale: float | None = None, softcap: float | None = None, window: Any = None,
+    windows: tuple[int, ...] | None = None,
 ) -> jax.Array:
-    """Softmax attention with scale ``Dh**-0.5``. ``q [B, T, H, Dh]``, ``k, v [B, S, H, Dh]``,
-    ``mask`` boolean (True = attend) broadcastable to ``[B, H, T, S]`` -> ``[B, T, H, Dh]``.
-    ``implementation``: see the module docstring."""
+    """Softmax attention, the one dispatch of every port. ``q [B, T, Hq, D]``, ``k, v [B, S, Hkv, D]``
+    with ``Hq`` a multiple of ``Hkv`` (grouped queries: ``Hq / Hkv`` query heads share a key-value
+    head) -> ``[B, T, Hq, D]``.
+
+    - ``scale``: a score is ``q . k * scale`` (default ``D**-0.5``);
+    - ``softcap``: a score ``s`` becomes ``softcap * tanh(s / softcap)``;
+    - ``window``: None lets every query see every key; an int (traced or not) makes attention causal
+      with a sliding window: query ``t`` sees keys ``t - window < s <= t`` (:data:`NO_WINDOW`: all
+      earlier keys). ``windows``: the values a traced ``window`` can take (static; default
+      ``(window,)``), one TPU kernel mask each;
+    - ``mask``: boolean (True = attend) broadcastable to ``[B, Hq, T, S]``.
+
+    ``implementation``: see the module docstring. ``"xla"`` computes ``jax.nn.dot_product_attention``
+    for plain scores (no soft cap, no window, one key-value head per query head) and
+    :func:`eager_attention` otherwise. The fused kernels: on TPU Pallas *flash* for plain scores
+    and *splash* for a causal window (both when ``mask`` is None or masks keys only, ``[B or 1, 1, 1,
+    S]``), on GPU cuDNN for plain scores (bf16/fp16 without a mask under ``"auto"``)."""
     check_attention(implementation)
-
-    def xla(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
-
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    plain = window is None and softcap is None
+    if plain and hq == hkv:
+        xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)  # noqa: E731
+    else:
+        xla = functools.partial(eager_attention, mask=mask, scale=scale, softcap=softcap, window=window)
     if implementation == "xla":
         return xla(q, k, v)
     branches = {}
     # The cuDNN branch cannot even be traced without a GPU, so it is offered only on one.
-    suits_cudnn = mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
-    if jax.default_backend() == "gpu" and (implementation == "flash" or suits_cudnn):
-        branches["cuda"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-    key_mask = _key_padding_mask(mask, q.shape[0], k.shape[1])
-    if mask is None or key_mask is not None:
-        branches["tpu"] = functools.partial(_tpu_flash, key_mask=key_mask)
+    if jax.default_backend() == "gpu" and plain:
+        suits_cudnn = mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+        if implementation == "flash" or suits_cudnn:
+            branches["cuda"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                                                            implementation="cudnn")
+    elif jax.default_backend() == "gpu" and implementation == "flash":
+        raise ValueError("attention='flash' has no GPU kernel for soft-capped or causal-window scores: "
+                         "use 'auto' or 'xla'")
+    key_valid = _key_padding_mask(mask, b, s)
+    if mask is None or key_valid is not None:
+        if plain and hq == hkv:
+            branches["tpu"] = functools.partial(_tpu_flash, key_valid=key_valid, scale=scale)
+        elif window is not None and t == s:
+            branches["tpu"] = functools.partial(_tpu_splash, key_valid=key_valid, scale=scale, softcap=softcap,
+                                                window=window, windows=windows)
     return jax.lax.platform_dependent(q, k, v, default=xla, **branches)
+
+
+def eager_attention(q, k, v, *, mask=None, scale=None, softcap=None, window=None) -> jax.Array:
+    """:func:`dot_product_attention` as XLA ops in transformers' eager form: float32 scores times
+    ``scale`` (a Python float, never rounded to ``q``'s dtype: transformers multiplies its scores by
+    the float), float32 softmax, grouped heads as a reshape; a row whose keys are all masked becomes
+    uniform over every key, as transformers' additive mask makes it."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(d**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    allowed = jnp.ones((1, 1, 1, t, s), bool)
+    if window is not None:
+        offset = jnp.arange(t)[:, None] - jnp.arange(s)[None, :]  # query index - key index
+        allowed = ((offset >= 0) & (offset < window))[None, None, None]
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, T|1, S|1]
+        if mask.shape[1] == 1:
+            allowed = allowed & mask[:, :, None]
+        else:
+            allowed = allowed & mask.reshape(mask.shape[0], hkv, hq // hkv, *mask.shape[2:])
+    # transformers adds the dtype's minimum: a row with no allowed key becomes uniform, as here
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, hq, d)
 
 
 def _key_padding_mask(mask: jax.Array | None, batch: int, kv_len: int) -> jax.Array | None:
@@ -110,50 +174,92 @@ def _key_padding_mask(mask: jax.Array | None, batch: int, kv_len: int) -> jax.Ar
     return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
 
 
-def _tpu_flash(q, k, v, *, key_mask):
-    """The Pallas TPU flash kernel on BTNH inputs, token axes padded to the tile, in a
-    ``shard_map`` when a mesh is set (Mosaic kernels are not partitioned automatically)."""
+def _on_mesh(local, q, k, v, key_valid):
+    """``local(q, k, v, key_valid)`` in a ``shard_map`` when a mesh is set (Mosaic kernels are not
+    partitioned automatically): the batch over :data:`parallel.mesh.BATCH_AXES`, the key-value
+    heads (and their query heads) over :data:`parallel.mesh.HEAD_AXES`, where the sizes divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, key_valid)
+    batch_axes = dividing_axes(mesh, BATCH_AXES, q.shape[0])
+    head_axes = dividing_axes(mesh, HEAD_AXES, k.shape[2])
+    spec = jax.sharding.PartitionSpec(batch_axes or None, None, head_axes or None, None)
+    mask_spec = jax.sharding.PartitionSpec(batch_axes or None, None)
+    in_specs = (spec, spec, spec, None if key_valid is None else mask_spec)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(q, k, v, key_valid)
+
+
+def _tpu_flash(q, k, v, *, key_valid, scale):
+    """The Pallas TPU flash kernel on BTNH inputs, token axes padded to the tile (the padding keys
+    masked with segment ids, as are the keys ``key_valid [B, S]`` marks False)."""
     from jax.experimental.pallas.ops.tpu.flash_attention import (
         SegmentIds,
         flash_attention,
     )
 
-    b, t, h, _ = q.shape
+    b, t, h, d = q.shape
     s = k.shape[1]
     t_pad, s_pad = -t % _TPU_BLOCK, -s % _TPU_BLOCK
-    if key_mask is None and s_pad:
-        key_mask = jnp.ones((b, s), bool)
+    if key_valid is None and s_pad:
+        key_valid = jnp.ones((b, s), bool)
 
-    def local(q, k, v, key_mask):
-        to_bhsd = lambda x, pad: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    def local(q, k, v, key_valid):
+        to_bhsd = lambda x, pad: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
         segments = None
-        if key_mask is not None:
-            kv_ids = jnp.pad(key_mask, ((0, 0), (0, s_pad))).astype(jnp.int32)
+        if key_valid is not None:
+            kv_ids = jnp.pad(key_valid, ((0, 0), (0, s_pad))).astype(jnp.int32)
             segments = SegmentIds(q=jnp.ones((q.shape[0], t + t_pad), jnp.int32), kv=kv_ids)
         out = flash_attention(to_bhsd(q, t_pad), to_bhsd(k, s_pad), to_bhsd(v, s_pad), segment_ids=segments,
-                              sm_scale=q.shape[-1] ** -0.5)
+                              sm_scale=d**-0.5 if scale is None else scale)
         return out.transpose(0, 2, 1, 3)[:, :t]
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return local(q, k, v, key_mask)
-    batch_axes = dividing_axes(mesh, _BATCH_MESH_AXES, b)
-    head_axes = dividing_axes(mesh, _HEAD_MESH_AXES, h)
-    spec = jax.sharding.PartitionSpec(batch_axes or None, None, head_axes or None, None)
-    mask_spec = jax.sharding.PartitionSpec(batch_axes or None, None)
-    in_specs = (spec, spec, spec, None if key_mask is None else mask_spec)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(q, k, v, key_mask)
+    return _on_mesh(local, q, k, v, key_valid)
 
 
-def dividing_axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...]:
-    """The mesh axes among ``names`` (in mesh order) whose product divides ``size``."""
-    axes, product = [], 1
-    for name in mesh.axis_names:
-        n = mesh.shape[name]
-        if name in names and n > 1 and size % (product * n) == 0:
-            axes.append(name)
-            product *= n
-    return tuple(axes)
+def _tpu_splash(q, k, v, *, key_valid, scale, softcap, window, windows):
+    """The splash kernel for a causal ``window``: one static mask per value in ``windows`` (a traced
+    window picks its kernel with ``jax.lax.switch``)."""
+    q = (q.astype(jnp.float32) * jnp.float32(q.shape[-1] ** -0.5 if scale is None else scale)).astype(q.dtype)
+    if windows is None:
+        windows = (int(window),)
+    kernels = [functools.partial(splash_attention, window=None if w >= NO_WINDOW else int(w), softcap=softcap)
+               for w in sorted(windows)]
+    if len(kernels) == 1:
+        return kernels[0](q, k, v, key_valid)
+    index = jnp.searchsorted(jnp.asarray(sorted(windows)), window)
+    return jax.lax.switch(index, kernels, q, k, v, key_valid)
+
+
+def splash_attention(q, k, v, key_valid, *, window: int | None, softcap, interpret: bool = False):
+    """The Pallas splash kernel on ``[B, T, H, D]`` self-attention inputs (``q`` already scaled):
+    causal, or local with ``window`` keys (itself included); padding as segment ids (0 = padding,
+    1 = token), so a padded query row sees the padding keys (unlike :func:`eager_attention`: ignore
+    those rows); the token axes padded to the tile, the head size padded to a multiple of 128 with
+    zeros (which changes no score); grouped heads taken by the kernel. ``interpret=True`` runs the
+    kernel's Python interpreter (CPU tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, _, d = q.shape
+    t_pad, d_pad = -t % _TPU_BLOCK, -d % _TPU_BLOCK
+    if key_valid is None:
+        key_valid = jnp.ones((b, t), bool)
+
+    def local(q, k, v, key_valid):
+        heads = q.shape[2]
+        n = t + t_pad
+        shape = (n, n)
+        base = (masks.CausalMask(shape) if window is None
+                else masks.LocalMask(shape, window_size=(window - 1, 0), offset=0))
+        kernel = splash.make_splash_mha(masks.MultiHeadMask([base] * heads), head_shards=1, q_seq_shards=1,
+                                        attn_logits_soft_cap=softcap, interpret=interpret)
+        to_bhld = lambda x: jnp.pad(x, ((0, 0), (0, t_pad), (0, 0), (0, d_pad))).transpose(0, 2, 1, 3)  # noqa: E731
+        segments = jnp.pad(key_valid, ((0, 0), (0, t_pad))).astype(jnp.int32)
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(
+            to_bhld(q), to_bhld(k), to_bhld(v), segments)
+        return out.transpose(0, 2, 1, 3)[:, :t, :, :d]
+
+    return _on_mesh(local, q, k, v, key_valid)
 
 
 def _qk_norm(kind: str | None, dim_head: int, eps: float, elementwise_affine: bool, dtype, param_dtype):

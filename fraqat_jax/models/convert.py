@@ -80,8 +80,7 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
     validated header. ``ckpt[name]`` is a read-only view of that tensor in the memory-mapped file
     (bfloat16/float8 through ``ml_dtypes``): nothing is copied until the caller copies it, so
     loading a model holds one copy of the weights, not two. Why not the library's readers: its
-    numpy reader rejects bfloat16, and its flax reader copies each tensor twice on the host (and
-    JAX's allocator kept ~8 tensors' worth of them alive when measured).
+    numpy reader rejects bfloat16, and its flax reader copies each tensor twice on the host.
     """
 
     def __init__(self, files: Iterable[str | Path], *, source: str | None = None):

@@ -35,13 +35,13 @@ Options (as on the diffusers ports): ``dtype`` (compute) / ``param_dtype`` (stor
 a window size per layer, picked from a table by a layer counter carried through the scan), so the
 whole stack is one ``jax.lax.scan`` over ``num_hidden_layers`` layers whatever ``layer_types``
 holds, and checkpoints keep per-layer names (``model.layers.{i}``); ``attention``: ``"xla"``
-(scores materialised, float32 softmax), ``"auto"`` / ``"flash"`` (``models.softcap_attention``:
+(scores materialised, float32 softmax), ``"auto"`` / ``"flash"`` (``models.attention``'s dispatch:
 on TPU the Pallas *splash* kernel, which takes the local window, the soft cap, grouped heads and
 padding as segment ids; chosen when the program is lowered, so an ahead-of-time TPU compile on a
 CPU host gets it; on CPU XLA runs; on GPU ``"auto"`` runs XLA and ``"flash"`` raises, as no GPU
 kernel takes a soft cap).
 
-Key-value cache (``models.kv_cache``; how ``text.sampler`` decodes): ``init_cache(batch, length)``
+Key-value cache (``models.kv_cache``; how ``models.sampler`` decodes): ``init_cache(batch, length)``
 preallocates every layer's slots; ``prefill(input_ids, attention_mask, cache)`` writes left-padded
 prompts (positions from the mask) and returns the last token's logits only; ``decode_step(tokens,
 cache)`` adds one token per row. Sliding-window layers mask by the positions stored in the slots.
@@ -66,8 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fraqat_jax.models.attention import check_attention
-from fraqat_jax.models.softcap_attention import NO_WINDOW, gemma2_attention, masked_attention
+from fraqat_jax.models.attention import NO_WINDOW, check_attention, dot_product_attention, eager_attention
 from fraqat_jax.models.common import EMBED, HEADS, MLP, NORM, VOCAB, KeySequence, merge_config, no_eager_sharding
 from fraqat_jax.models.kv_cache import empty as empty_cache, run_layers, write_positions
 from fraqat_jax.models.scan import block_list, check_remat, run_blocks
@@ -227,7 +226,9 @@ class Gemma2Attention(nnx.Module):
     """transformers ``Gemma2Attention``: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
 
     Call ``(x [B, L, hidden], cos, sin [B or 1, L, head_dim], key_valid [B, L] | None, window)``
-    -> ``[B, L, hidden]``; see ``models.softcap_attention.gemma2_attention`` for ``window``."""
+    -> ``[B, L, hidden]``; ``window``: the number of keys each query sees counting itself (an int32
+    scalar, traced under a scan; ``NO_WINDOW`` on a full-attention layer), see
+    ``models.attention.dot_product_attention``."""
 
     def __init__(self, config: Mapping[str, Any], *, rngs, dtype=None, param_dtype=jnp.float32):
         self.implementation = "xla"  # see Gemma2ForCausalLM(attention=...)
@@ -241,7 +242,8 @@ class Gemma2Attention(nnx.Module):
         self.scaling = float(config["query_pre_attn_scalar"]) ** -0.5
         self.softcap = config["attn_logit_softcapping"]
         self.sliding_window = config["sliding_window"]
-        self.kinds = tuple(sorted(set(layer_types(config))))
+        self.windows = tuple(sorted({self.sliding_window if kind == "sliding_attention" and self.sliding_window
+                                     is not None else NO_WINDOW for kind in layer_types(config)}))
         kw = dict(bias=bool(config["attention_bias"]), std=config["initializer_range"], rngs=rngs, dtype=dtype,
                   param_dtype=param_dtype)
         self.q_proj = _linear(h, self.num_heads * self.head_dim, (EMBED, HEADS), **kw)
@@ -254,8 +256,9 @@ class Gemma2Attention(nnx.Module):
         q = _apply_rope(self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim), cos, sin)
         k = _apply_rope(self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
-        out = gemma2_attention(q, k, v, key_valid, window, softcap=self.softcap, sliding_window=self.sliding_window,
-                               kinds=self.kinds, implementation=self.implementation, scale=self.scaling)
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        out = dot_product_attention(q, k, v, mask, self.implementation, scale=self.scaling, softcap=self.softcap,
+                                    window=window, windows=self.windows)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim).astype(x.dtype))
 
     def cached(self, x, cos, sin, cache, layer, slot, allowed):
@@ -274,7 +277,8 @@ class Gemma2Attention(nnx.Module):
                  "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), start)}
         keys = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
         values = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
-        out = masked_attention(q, keys.astype(q.dtype), values.astype(q.dtype), allowed, self.softcap, self.scaling)
+        out = eager_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=allowed[:, None],
+                              scale=self.scaling, softcap=self.softcap)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim).astype(x.dtype)), cache
 
 

@@ -5,10 +5,9 @@
 
 * ``kernel_codes`` (:class:`Codes`): the integer codes of the kernel at the layer's current bit-width.
   At <= 4 bits two codes are packed per ``uint8`` (low nibble = even flat index, high nibble = odd,
-  two's complement); at 5..8 bits (fractional widths included: INT5.5 codes lie in [-22, 21]) one
-  ``int8`` per code. We pack into uint8 rather than use ``jnp.int4`` because uint8 has the same byte
-  count on every backend and checkpoint format (orbax, numpy, safetensors have no int4), and
-  unpacking is two shifts that XLA fuses into the matmul's operand.
+  two's complement; ONNX's INT4 layout); at 5..8 bits (fractional widths included: INT5.5 codes lie
+  in [-22, 21]) one ``int8`` per code. We pack into uint8 rather than use ``jnp.int4`` because uint8
+  has the same byte count in every checkpoint format (orbax, numpy, safetensors have no int4).
 * ``kernel_scale`` (:class:`Scale`, float32) and, for asymmetric weights only, ``kernel_zero``:
   the scale layout of ``fraqat_jax.quant.quantize_codes`` (per tensor, per output channel or per
   group). Asymmetric codes are stored shifted by 8 (nibbles) or 128 (int8) to be signed; the zero
@@ -22,9 +21,30 @@ Forward pass with a quantized input (``act_bits`` <= 8, asymmetric, shifted by 1
     x = s_x * q_x + z_x          W = s_w * q_w + z_w      (per group G of the contraction)
     x W = sum_G s_w (s_x q_x.q_w + z_x sum q_w) + z_w (s_x sum q_x + z_x g)
 
-``q_x . q_w`` is an int8 x int8 matmul accumulating in int32 (``preferred_element_type``); the
-float scales are applied once per output (per output and group with ``group_size``). With
-``act_bits=None`` the input stays float and multiplies the widened codes.
+``q_x . q_w`` is an integer matmul; the float scales are applied once per output (per output and
+group with ``group_size``). With ``act_bits=None`` the input stays float and multiplies the codes.
+Two forms compute ``q_x . q_w`` (:attr:`FrozenLinear.matmul`; ``"auto"`` picks the blocked form
+when lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows, decoding's regime, through
+``lax.platform_dependent``, and the dense form otherwise):
+
+* ``"dense"`` (accelerators): the codes unpacked to int8 and one int8 x int8 matmul accumulating in
+  int32 (``preferred_element_type``).
+* ``"blocked"`` (CPU): a scan over blocks of kernel rows; each block's codes are widened to float32
+  (packed nibbles split into the even and odd output columns, so nothing is interleaved) and
+  multiplied by a float32 dot. XLA:CPU fuses neither the unpacking nor a widening into a dot, so at
+  few input rows the dense form writes and reads a kernel-sized array at every call; the blocked
+  form reads the stored codes once and keeps each widened block in cache. With many input rows the
+  widening is shared by all of them and the dense form's large matmul is the faster one. With
+  quantized inputs the float32 sums are exact integers while every partial sum stays below 2**24
+  (contraction group ``g`` times 128 times the largest code: ``g < 16384`` for packed codes,
+  ``g < 1024`` for int8 codes), so both forms give the same bits; past that bound the CPU uses the
+  dense form too.
+
+On TPU the dense form's unpacking of packed ``uint8`` nibbles (shifts, an interleave) is not fused
+into the matmul: XLA writes the unpacked kernel out and reads it back at every call. Codes held as
+``jnp.int4`` (``freeze(..., int4=True)``) are stored two per byte by XLA itself and read by the
+matmul directly (int8 x int4 on the matrix unit), so that is the accelerator layout; on CPU XLA
+widens ``int4`` values slowly, so there the packed ``uint8`` layout is the fast one.
 
 Agreement with the fake-quant model: the codes are those of ``quantize_codes`` at the same bits,
 so the two differ only by float32 rounding order. Tests check ``|frozen - fake| <= 1e-4 * max|fake|``
@@ -54,6 +74,11 @@ from fraqat_jax.quant import quantize_codes
 
 class Codes(nnx.Variable):
     """Integer weight codes (packed uint8 nibbles or int8)."""
+
+
+class DerivedKernel(nnx.Variable):
+    """A float kernel rebuilt from the codes once (the float path's ``codes * scale``); derived
+    state, never stored in an export."""
 
 
 class Scale(nnx.Variable):
@@ -99,7 +124,7 @@ def _out_dtype(layer, x):
 class _Frozen(nnx.Module):
     """Shared construction: integer codes + scales from a quantized layer."""
 
-    def _freeze_weights(self, layer: QuantMixin, path: str, *, allow_asymmetric: bool):
+    def _freeze_weights(self, layer: QuantMixin, path: str, *, allow_asymmetric: bool, int4: bool = False):
         bits = float(layer.weight_bits[...])
         if bits > 8:
             raise ValueError(f"freeze: layer {path!r} has weight bits {bits:g}; frozen codes need <= 8 bits")
@@ -117,6 +142,9 @@ class _Frozen(nnx.Module):
                                            packed=self.packed)
         self.weight_bits = bits
         self.kernel_shape = tuple(kernel.shape)
+        self.int4 = bool(int4 and self.packed)
+        if self.int4:  # the same nibbles as one jnp.int4 per code (XLA packs them two per byte)
+            codes, self.packed = unpack_nibbles(codes, self.kernel_shape).astype(jnp.int4), False
         self.kernel_codes = Codes(codes)
         self.kernel_scale = Scale(scale)
         self.kernel_zero = None if layer.weight_symmetric else Scale(zero)
@@ -131,7 +159,7 @@ class _Frozen(nnx.Module):
     def weight_codes(self) -> jax.Array:
         """int8 codes of the kernel's shape."""
         codes = self.kernel_codes[...]
-        return unpack_nibbles(codes, self.kernel_shape) if self.packed else codes
+        return unpack_nibbles(codes, self.kernel_shape) if self.packed else codes.astype(jnp.int8)
 
     def input_codes(self, x):
         """int8 activation codes and float32 ``(scale, zero)`` with the 128 shift absorbed."""
@@ -161,6 +189,67 @@ def _grouped_matmul(x, w, preferred):
     return jnp.einsum("...Gi,Gio->...Go", x, w, preferred_element_type=preferred)
 
 
+EXACT_FLOAT_SUM = 2**24  # float32 holds every integer of smaller magnitude
+
+
+def exact_in_float32(group: int, packed: bool) -> bool:
+    """Whether a float32 dot of int8 activation codes (|q| <= 128) and weight codes over ``group``
+    terms keeps every partial sum an exact integer (weight codes |q| <= 8 packed, <= 128 int8)."""
+    return group * 128 * (8 if packed else 128) < EXACT_FLOAT_SUM
+
+
+def block_rows(group: int, n_out: int, tokens: int) -> int:
+    """Kernel rows per block of the blocked form: the largest divisor of ``group`` whose widened
+    float32 block (rows x ``n_out``) holds at most 2**17 values (512 KiB) for up to 16 tokens, 2**19
+    beyond (a longer input reuses each block more, so a bigger one pays)."""
+    budget = 2**17 if tokens <= 16 else 2**19
+    target = max(1, budget // max(n_out, 1))
+    if group <= target:
+        return group
+    return max(d for d in range(1, target + 1) if group % d == 0)
+
+
+def _block_products(x, w, packed):
+    """``x (M, rows) @ codes (rows, cols)`` in float32: for packed codes the (even, odd) output
+    columns, else the one product."""
+    if not packed:
+        return (x @ w.astype(jnp.float32),)
+    u = w ^ jnp.uint8(0x88)  # each two's complement nibble q becomes q + 8 in [0, 15]
+    lo = (u & jnp.uint8(15)).astype(jnp.float32) - 8.0
+    hi = (u >> jnp.uint8(4)).astype(jnp.float32) - 8.0
+    return x @ lo, x @ hi
+
+
+def blocked_code_matmul(x, stored, shape, packed: bool) -> jax.Array:
+    """``x (M, G, g)`` float32 times the stored codes of a ``shape = (in, out)`` kernel grouped as
+    ``(G, g, out)`` -> ``(M, G, out)`` float32, by a scan over blocks of :func:`block_rows` rows
+    (packed codes need an even ``out``: each row then holds whole nibble pairs)."""
+    m, n_groups, g = x.shape
+    n_out = shape[1]
+    cols = n_out // 2 if packed else n_out
+    rows = block_rows(g, n_out, m)
+    steps = g // rows
+    w = stored.reshape(n_groups, steps, rows, cols)
+    xb = x.reshape(m, n_groups, steps, rows).transpose(1, 2, 0, 3)  # (G, steps, M, rows)
+
+    def group(xg, wg):
+        if steps == 1:
+            parts = _block_products(xg[0], wg[0], packed)
+        else:
+            def step(acc, blk):
+                return tuple(a + p for a, p in zip(acc, _block_products(blk[0], blk[1], packed))), None
+            zero = jnp.zeros((m, cols), jnp.float32)
+            parts, _ = lax.scan(step, (zero,) * (2 if packed else 1), (xg, wg))
+        return jnp.stack(parts, -1).reshape(m, n_out)
+
+    y = group(xb[0], w[0])[None] if n_groups == 1 else lax.map(lambda a: group(*a), (xb, w))
+    return y.transpose(1, 0, 2)
+
+
+MATMUL_FORMS = ("auto", "blocked", "dense")
+BLOCKED_MAX_TOKENS = 32  # "auto" runs the blocked form on CPU up to this many tokens (rows of the input)
+
+
 class FrozenLinear(_Frozen):
     """Serving form of :class:`QuantLinear` (see the module docstring).
 
@@ -170,13 +259,20 @@ class FrozenLinear(_Frozen):
     output equals the trained student's bit for bit (symmetric weights). The integer path agrees with
     it per layer within float32 rounding, but through a deep model a rounding difference can move a
     later layer's activation code by one step (about 5e-3 of max |output| seen on the digits DiT).
+
+    ``matmul`` (a plain attribute, settable after freezing): how the integer path multiplies the
+    codes, one of :data:`MATMUL_FORMS` (see the module docstring); ``"auto"`` is ``"blocked"`` when
+    lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows and ``"dense"`` otherwise.
+    The float path holds its rebuilt kernel (``kernel_float``), computed once when the layer is built
+    (or loaded), not at every call.
     """
 
     _LINEAR_CONFIG = ("promote_dtype", "dot_general", "precision", "preferred_element_type", "use_bias")
 
-    def __init__(self, layer: QuantLinear, path: str = "", *, integer: bool = True):
-        self._freeze_weights(layer, path, allow_asymmetric=True)
+    def __init__(self, layer: QuantLinear, path: str = "", *, integer: bool = True, int4: bool = False):
+        self._freeze_weights(layer, path, allow_asymmetric=True, int4=int4)
         self.integer = integer
+        self.matmul = "auto"
         for name in self._LINEAR_CONFIG:
             setattr(self, name, nnx.static(getattr(layer, name)))
         self.group_size = layer.group_size
@@ -187,6 +283,7 @@ class FrozenLinear(_Frozen):
         self.kernel_code_sums = None if self.act_bits is None else Codes(
             code_sums(self.kernel_codes[...], self.kernel_shape, self.group_size or self.kernel_shape[0],
                        self.packed))
+        self.kernel_float = None if integer else DerivedKernel(self.fake_quant_kernel())
 
     def fake_quant_kernel(self) -> jax.Array:
         """The kernel as the fake-quant student saw it, rebuilt from the codes (``codes * scale + zero``
@@ -199,20 +296,52 @@ class FrozenLinear(_Frozen):
         zero = jnp.zeros_like(scale) if self.kernel_zero is None else self.kernel_zero[...]
         return (codes * scale + zero).reshape(self.kernel_shape).astype(self.param_dtype)
 
+    def codes_matmul(self, xg) -> jax.Array:
+        """``xg (..., G, g)`` (int8 activation codes, or float inputs) times the kernel codes grouped
+        as ``(G, g, out)`` -> ``(..., G, out)`` float32, in the form :attr:`matmul` names; with
+        integer codes the result holds the exact integer sums."""
+        if self.matmul not in MATMUL_FORMS:
+            raise ValueError(f"FrozenLinear.matmul is {self.matmul!r}; allowed: {', '.join(MATMUL_FORMS)}")
+        n_in, n_out = self.kernel_shape
+        n_groups, g = xg.shape[-2:]
+        integer = jnp.issubdtype(xg.dtype, jnp.integer)
+        lead = xg.shape[:-2]
+
+        def dense(xg, stored):
+            codes = (unpack_nibbles(stored, self.kernel_shape) if self.packed else stored.astype(jnp.int8))
+            codes = codes.reshape(n_groups, g, n_out)
+            if integer:
+                return _grouped_matmul(xg, codes, jnp.int32).astype(jnp.float32)
+            return _grouped_matmul(xg, codes.astype(jnp.float32), None)
+
+        def blocked(xg, stored):
+            flat = xg.astype(jnp.float32).reshape(tokens, n_groups, g)
+            return blocked_code_matmul(flat, stored, self.kernel_shape, self.packed).reshape(*lead, n_groups, n_out)
+
+        possible = (not integer or exact_in_float32(g, self.packed or self.int4)) and not (self.packed and n_out % 2)
+        stored = self.kernel_codes[...]
+        # Symbolic leading sizes (jax.export) take the dense form: the blocks need a concrete row count.
+        tokens = int(np.prod(lead)) if all(isinstance(d, int) for d in lead) else None
+        possible = possible and tokens is not None
+        if self.matmul == "dense" or not possible or (self.matmul == "auto" and tokens > BLOCKED_MAX_TOKENS):
+            return dense(xg, stored)
+        if self.matmul == "blocked":
+            return blocked(xg, stored)
+        return lax.platform_dependent(xg, stored, cpu=blocked, default=dense)
+
     def __call__(self, x):
         if not self.integer:
             x_q = QuantMixin.quantize_input(self, x)
-            return nnx.Linear.__call__(KernelView(self, kernel=self.fake_quant_kernel()), x_q)
+            return nnx.Linear.__call__(KernelView(self, kernel=self.kernel_float[...]), x_q)
         n_in, n_out = self.kernel_shape
         g = self.group_size or n_in
         n_groups = n_in // g
-        qw = self.weight_codes().reshape(n_groups, g, n_out)
         sw = _groups_by_out(self.kernel_scale[...])
         zw = None if self.kernel_zero is None else _groups_by_out(self.kernel_zero[...])
         lead = x.shape[:-1]
         if self.act_bits is None:
             xg = x.astype(jnp.float32).reshape(*lead, n_groups, g)
-            y = _grouped_matmul(xg, qw.astype(jnp.float32), None) * sw
+            y = self.codes_matmul(xg) * sw
             if zw is not None:
                 y = y + xg.sum(-1, keepdims=True) * zw
         else:
@@ -221,9 +350,9 @@ class FrozenLinear(_Frozen):
             zx = jnp.broadcast_to(zx, (*lead, 1)) if zx.ndim else zx
             sx, zx = sx[..., None], zx[..., None]  # (..., 1, 1) against (..., G, out)
             xg = qx.reshape(*lead, n_groups, g)
-            acc = _grouped_matmul(xg, qw, jnp.int32)
+            acc = self.codes_matmul(xg)
             col = self.kernel_code_sums[...].astype(jnp.float32)  # (G, out)
-            y = sw * (sx * acc.astype(jnp.float32) + zx * col)
+            y = sw * (sx * acc + zx * col)
             if zw is not None:
                 row = xg.astype(jnp.int32).sum(-1, keepdims=True).astype(jnp.float32)
                 y = y + zw * (sx * row + zx * g)
@@ -279,12 +408,16 @@ class FrozenConv(_Frozen):
 FROZEN_TYPES = {QuantLinear: FrozenLinear, QuantConv: FrozenConv}
 
 
-def freeze(model: nnx.Module, *, integer: bool = True) -> nnx.Module:
+def freeze(model: nnx.Module, *, integer: bool = True, int4: bool = False) -> nnx.Module:
     """The serving form of a quantized model: a copy whose quantized layers hold integer codes.
 
     ``integer``: linear layers multiply integer codes (int8 x int8 -> int32); False computes with the
     fake-quant student's float arithmetic on the same codes, equal to the student bit for bit (see
     :class:`FrozenLinear`).
+
+    ``int4``: linear layers at <= 4 bits hold their codes as ``jnp.int4`` arrays (the accelerator
+    layout, see the module docstring) instead of packed ``uint8``; the values and outputs are the
+    same. Exports and ONNX read the packed layout, so they freeze without it.
 
     The input model is left unchanged. Each :class:`QuantLinear` / :class:`QuantConv` with quantized
     weights becomes a :class:`FrozenLinear` / :class:`FrozenConv` at its current (concrete) weight
@@ -304,7 +437,7 @@ def freeze(model: nnx.Module, *, integer: bool = True) -> nnx.Module:
             targets.append((path, node))
     for path, layer in targets:
         name = path_string(path)
-        frozen = (FrozenLinear(layer, name, integer=integer) if type(layer) is QuantLinear
+        frozen = (FrozenLinear(layer, name, integer=integer, int4=int4) if type(layer) is QuantLinear
                   else FROZEN_TYPES[type(layer)](layer, name))
         if not path:
             return frozen

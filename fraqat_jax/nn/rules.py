@@ -5,7 +5,7 @@ A module's *path* is the attribute names (and list indices) from the root joined
 expression that must match the *whole* path (``re.fullmatch``): ``r".*\\.attn\\..*"`` picks every
 attention projection, ``r"proj_out"`` only the root's ``proj_out``.
 
-Bit-widths over training. The trainer (``fraqat_jax.train.step``) drives every layer with one
+Bit-widths over training. The trainer (``fraqat_jax.recipe.step``) drives every layer with one
 schedule, and the layers whose rule gave their own (config key ``layer_schedules``) with theirs::
 
     bits = schedule(step)                   # float32, may be traced

@@ -17,17 +17,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["AXES", "LOGICAL_RULES", "MeshError", "batch_sharding", "build_mesh", "param_spec", "parse_mesh",
-           "names_of", "place", "replicated", "shard_params", "state_shardings", "variable_sharding"]
+__all__ = ["AXES", "BATCH_AXES", "HEAD_AXES", "LOGICAL_RULES", "MeshError", "batch_sharding", "build_mesh",
+           "dividing_axes", "param_spec", "parse_mesh", "names_of", "place", "replicated", "shard_params",
+           "state_shardings", "variable_sharding"]
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch (and an attention kernel's batch axis) is split over
+HEAD_AXES = ("tensor",)  # the mesh axes attention heads (logical "heads") are split over
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
-    ("heads", "tensor"),
+    ("heads", HEAD_AXES[0]),
     ("kv", None),
     ("head_dim", None),
     ("norm", None),
@@ -100,6 +102,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def dividing_axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...]:
+    """The axes of ``mesh`` among ``names`` (in mesh order) whose sizes multiply to a divisor of ``size``."""
+    axes, product = [], 1
+    for name in mesh.axis_names:
+        n = mesh.shape[name]
+        if name in names and n > 1 and size % (product * n) == 0:
+            axes.append(name)
+            product *= n
+    return tuple(axes)
 
 
 def _axis_size(mesh: Mesh, axis) -> int:

@@ -23,7 +23,7 @@ Exit status: 0 compiled and fits; 1 does not fit (the compiler's RESOURCE_EXHAUS
 
 The part holds ``topology.py`` (TPU generations, input shapes), ``build.py`` (the abstract train
 state, compilation, the report), ``flops.py`` (the analytic FLOP count) and ``__main__.py``. It
-imports ``train/`` (the config, the state builder, the run's family), ``parallel/`` (the mesh) and
+imports ``recipe/`` (the config, the state builder, the run's family; never ``train/``), ``parallel/`` (the mesh) and
 ``nn/``; nothing imports it but its command line. JAX must not start before
 ``topology.prepare_environment``, so this package imports no JAX at import time.
 """

@@ -2,7 +2,7 @@
 
 :func:`plan` loads the trainer config, builds the teacher, the quantized student, the optimizer
 state, the mesh and the shardings from shapes alone, lowers the trainer's jitted step
-(``fraqat_jax.train.step.make_train_step``) on ``jax.ShapeDtypeStruct`` inputs, compiles it for the
+(``fraqat_jax.recipe.step.make_train_step``) on ``jax.ShapeDtypeStruct`` inputs, compiles it for the
 topology's devices and returns the report. Imported only after the environment is set for libtpu.
 """
 
@@ -23,7 +23,6 @@ from fraqat_jax.plan import flops as flops_lib
 from fraqat_jax.nn import set_bits
 from fraqat_jax.plan.topology import (
     GENERATIONS,
-    VAE_FACTOR,
     PlanError,
     Topology,
     parse_oom,
@@ -31,9 +30,9 @@ from fraqat_jax.plan.topology import (
     topology_devices,
 )
 from fraqat_jax.parallel import mesh as mesh_lib
-from fraqat_jax.train.config import HELP, ConfigError, load_config
-from fraqat_jax.train.models import family_of_run
-from fraqat_jax.train.state import build as build_state
+from fraqat_jax.recipe.config import TRAIN_KEYS, ConfigError, family_keys, load_config
+from fraqat_jax.recipe.models import family_of_run
+from fraqat_jax.recipe.state import build as build_state
 
 __all__ = ["plan"]
 
@@ -47,7 +46,8 @@ def _load(path, overrides, batch_size, mesh):
     exist here (the usual case when planning) is accepted."""
     overrides = list(overrides)
     resolution = None
-    if "resolution" not in HELP:
+    planner_key = "resolution" not in TRAIN_KEYS and "resolution" not in family_keys()
+    if planner_key:
         keep = []
         for item in overrides:
             key, _, value = item.partition("=")
@@ -73,7 +73,7 @@ def _load(path, overrides, batch_size, mesh):
         # Planning needs the batch's shapes, not the cache: stand in a source of the same kind.
         cfg = load_config(path, overrides + ["data=datafree"])
         return cfg, resolution, "latents"
-    if "resolution" in HELP:
+    if not planner_key and "resolution" in cfg:
         resolution = int(cfg.resolution) or None
     kind = cfg.data.split(":")[0]
     return cfg, resolution, kind
@@ -88,7 +88,7 @@ def _plain(tree):
 
 
 def _build(cfg, mesh, spec):
-    """The trainer's state and step, abstract and sharded (``train.state.build(abstract=True)``),
+    """The trainer's state and step, abstract and sharded (``recipe.state.build(abstract=True)``),
     plus the batch: ``(setup, step_fn, (train_state, teacher_state, rest, batch))``."""
     setup = build_state(cfg, mesh, abstract=True)
     b = int(cfg.batch_size)
@@ -192,7 +192,7 @@ def _example_size(cfg, family, config, resolution, data_kind) -> tuple[dict, int
             raise PlanError(f"resolution={resolution} is not allowed for a {family.name} teacher: it sizes image "
                             f"families; set {', '.join(f'{k}=N' for k in size) or 'the family size keys'} instead")
         return size, None
-    factor = 1 if data_kind in ("digits", "tfds") else VAE_FACTOR[family.name]
+    factor = 1 if data_kind in ("digits", "tfds") else int(getattr(family, "vae_factor", 1))
     if resolution is None:
         return size, size["latent_size"] * factor
     if resolution % factor:
@@ -226,7 +226,7 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
     setup, step_fn, args = _build(cfg, mesh_obj, spec)
     _progress("counting FLOPs")
     teacher_fwd, student_fwd = _model_flops(setup, args)
-    image_tokens, text_tokens = tokens_of(family.name, model_config, spec)
+    image_tokens, text_tokens = tokens_of(family, model_config, spec)
     if top.name == "local":
         hbm, peak = _local_capacity(devices[0])
     else:
@@ -249,7 +249,7 @@ def plan(config_path, top: Topology, *, overrides=(), batch_size=None, mesh=None
         "mfu": mfu, "oom": None, "measured_step_seconds": None, "peak_bytes": None, "run_steps": run_steps,
     }
     for key in ("scan_layers", "attention"):
-        if key in HELP:
+        if key in cfg:
             report[key] = cfg[key]
     report["estimated_step_seconds"] = (report["flops_per_step"] / (len(devices) * peak * mfu)) if peak else None
     _progress(f"compiling the train step for {top.name}")

@@ -35,10 +35,6 @@ GENERATIONS: dict[str, Generation] = {
     "v6e": Generation("v6e", "default", 32 * GiB, 918e12, _SHAPES_2D),
 }
 
-# Default text-encoder tokens of each family's diffusers pipeline: SD3 joins 77 CLIP tokens and
-# max_sequence_length=256 T5 tokens; PixArt-Sigma and Sana pad to 300; FLUX.1-dev to 512 T5
-# tokens, FLUX.1-schnell (no guidance embedding) to 256 (its model card and max allowed).
-VAE_FACTOR = {"dit": 8, "pixart": 8, "sd3": 8, "flux": 8, "sana": 32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,20 +109,27 @@ def prepare_environment(top: Topology) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def input_spec(family: str, model_config, *, latent_size: int, pixel_data: bool = False) -> dict:
+def _family(family):
+    from fraqat_jax.family import family_named
+
+    return family_named(family) if isinstance(family, str) else family
+
+
+def input_spec(family, model_config, *, latent_size: int, pixel_data: bool = False) -> dict:
     """Per-example batch fields ``{name: (shape, dtype name)}`` the trainer's data source yields:
-    the family's ``example_batch`` (``fraqat_jax.family``) at latent height = width ``latent_size``."""
-    from fraqat_jax.family import families
+    the family's ``example_batch`` (``fraqat_jax.family``; the object or its name) at latent
+    height = width ``latent_size``."""
+    return _family(family).example_batch(model_config, latent_size=latent_size)
 
-    return families()[family].example_batch(model_config, latent_size=latent_size)
 
-
-def tokens_of(family: str, model_config, spec: dict) -> tuple[int, int]:
-    """(image tokens, text tokens) per example (a language model's window: all text)."""
+def tokens_of(family, model_config, spec: dict) -> tuple[int, int]:
+    """(image tokens, text tokens) per example (a language model's window: all text); ``family``:
+    the object or its name (an image family's ``patch_size`` gives latent pixels per token)."""
     if "latents" not in spec:
         return 0, int(spec["input_ids"][0][0]) if "input_ids" in spec else 0
     _, h, w = spec["latents"][0]
-    patch = 2 if family == "flux" else int(model_config.get("patch_size", 1) or 1)
+    fam = _family(family)
+    patch = fam.patch_size(model_config) if hasattr(fam, "patch_size") else int(model_config.get("patch_size", 1) or 1)
     text = spec["encoder_hidden_states"][0][0] if "encoder_hidden_states" in spec else 0
     return (h // patch) * (w // patch), text
 

@@ -3,7 +3,7 @@
 ``python -m fraqat_jax.pretrain [--size s|m] [--steps N] [--out DIR]`` trains
 ``DiTTransformer2DModel`` (``--size s``: :data:`TEACHER_CONFIG`, about 0.4 M parameters, the
 ``builtin`` teacher; ``--size m``: :data:`TEACHER_CONFIG_M`, about 3.9 M parameters, the
-``builtin:m`` teacher, shipped: 15.4 MB) with the DiT recipe in pixel space: DDPM linear
+``builtin:m`` teacher, shipped) with the DiT recipe in pixel space: DDPM linear
 betas over 1000 steps, epsilon-prediction MSE, 10% label dropout to the null class (for
 classifier-free guidance), AdamW, EMA of the weights (the EMA is what is saved). Writes
 ``config.json`` + ``diffusion_pytorch_model.safetensors`` to ``fraqat_jax/assets/digits_dit``

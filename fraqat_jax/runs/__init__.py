@@ -6,8 +6,8 @@ which the trainer writes with) and :func:`checkpoint_steps`, the one listing of 
 checkpoints. ``load.py`` rebuilds a finished run: :func:`load_run` gives ``(teacher, student,
 config)`` (also reachable as ``fraqat_jax.train.load_run``), :class:`StudentReader` restores the
 student of many checkpoints of one structure, :func:`unscanned` unrolls a scanned model. The part
-imports the trainer's config and model builders (``train.config``, ``train.models``, ``train.step``),
-``models/`` and ``nn/``; ``checkpoint.py`` imports nothing of the package, so the trainer can use it.
+imports the run recipe (``recipe/``: the config, the model builders, the optimizer), ``models/`` and
+``nn/``, never ``train/``; ``checkpoint.py`` imports nothing of the package, so the trainer can use it.
 """
 
 from fraqat_jax.runs.checkpoint import Checkpointer, checkpoint_steps

@@ -13,10 +13,10 @@ from flax import nnx
 
 from fraqat_jax.models.scan import unstack_flat
 from fraqat_jax.nn import apply_schedules, quantized_layers, set_bits
+from fraqat_jax.recipe.config import load_config, upgrade_saved
+from fraqat_jax.recipe.models import abstract_models, load_teacher, make_student
+from fraqat_jax.recipe.optim import make_optimizer, make_schedule
 from fraqat_jax.runs import checkpoint as ckpt_lib
-from fraqat_jax.train.config import load_config, upgrade_saved
-from fraqat_jax.train.models import abstract_models, load_teacher, make_student
-from fraqat_jax.train.step import make_optimizer, make_schedule
 
 __all__ = ["StudentReader", "load_run", "unscanned"]
 

@@ -1,6 +1,6 @@
 """The text family behind the :class:`fraqat_jax.family.Family` interface: causal language models
-(today the Gemma-2 port, ``Gemma2ForCausalLM``), registered as ``gemma2`` when ``fraqat_jax.text``
-is imported.
+(today the Gemma-2 port, ``Gemma2ForCausalLM``), the object :data:`GEMMA2` (named ``gemma2``),
+registered through the ``fraqat_jax.families`` entry points.
 
 - Teachers (``teacher=``): ``builtin:lm`` (the shipped tiny Gemma-2, :data:`BUILTIN_TEACHER`), a
   transformers model folder (``config.json`` naming ``Gemma2ForCausalLM``, safetensors, and a
@@ -28,10 +28,11 @@ is imported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from importlib.resources import files
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +43,18 @@ from fraqat_jax.data.datafree import DataFreeSource
 from fraqat_jax.data.sources import DataSourceError
 from fraqat_jax.data.streams import stream
 from fraqat_jax.data.text import SpecialTokens, check_seq_len, load_tokenizer, make_text_source
-from fraqat_jax.family import ConfigError, Family, register
+from fraqat_jax.family import ConfigError, Family
+from fraqat_jax.family.settings import int_at_least, one_of, setting
 from fraqat_jax.models.convert import read_config
 from fraqat_jax.models.gemma2 import GEMMA2_PRESETS
 from fraqat_jax.models.transformers_folder import TRANSFORMERS_CLASSES, from_transformers, transformers_class
 from fraqat_jax.text.generate import GREEDY_FIRST_TOKENS, continue_tokens, datafree_prompts
 from fraqat_jax.text.loss import LOSSES
 from fraqat_jax.text.samples import write_samples
-from fraqat_jax.text.sampler import Sampler, chat_template, end_token_ids
+from fraqat_jax.models.sampler import Sampler, SamplerError, chat_template, end_token_ids
 
-__all__ = ["BUILTIN_TEACHER", "CONFIG_KEYS", "LOSS_NAMES", "PROMPT_TOKENS", "TextFamily", "builtin_teacher_dir"]
+__all__ = ["BUILTIN_TEACHER", "GEMMA2", "LOSS_NAMES", "PROMPT_TOKENS", "TextConfig", "TextFamily",
+           "builtin_teacher_dir"]
 
 #: ``teacher=`` value of the shipped tiny Gemma-2 (``python -m fraqat_jax.pretrain.text`` builds it).
 BUILTIN_TEACHER = "builtin:lm"
@@ -60,14 +63,19 @@ PROMPT_TOKENS = 16
 DATA_FORMS = "text:PATH (a .txt / .jsonl file or a folder of them), tfds:NAME[:SPLIT] or datafree"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-#: The text family's own config keys: ``{key: (default, help)}``.
-CONFIG_KEYS: dict[str, tuple[Any, str]] = {
-    "seq_len": (128, "text: tokens per training window, <bos> included (at most the teacher's "
-                "max_position_embeddings)"),
-    "loss": ("kl", "text: distillation loss over the next-token distributions at every position: kl (forward "
-             "KL(teacher || student), LLM-QAT's) | mse (of the logits); diffusion keeps its MSE"),
-    "sample_tokens": (32, "text: new tokens of each greedy continuation in the sample files"),
-}
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The text family's own config keys."""
+
+    #: tokens per training window, <bos> included
+    seq_len: int = setting(128, "text: tokens per training window, <bos> included (at most the teacher's "
+                           "max_position_embeddings)", int_at_least(2))
+    #: the distillation loss over the next-token distributions
+    loss: str = setting("kl", "text: distillation loss over the next-token distributions at every position: kl "
+                        "(forward KL(teacher || student), LLM-QAT's) | mse (of the logits)", one_of(*LOSS_NAMES))
+    #: new tokens of each greedy continuation in the sample files
+    sample_tokens: int = setting(32, "text: new tokens of each greedy continuation in the sample files",
+                                 int_at_least(1))
 
 
 def builtin_teacher_dir() -> str:
@@ -117,21 +125,18 @@ class TextFamily(Family):
 
     name = "gemma2"
     model_classes = tuple(TRANSFORMERS_CLASSES)
+    Config = TextConfig
+    evaluation = "text"
+    export_format = "transformers"
+    #: the transformers class of the exported folder
+    transformers_class = "Gemma2ForCausalLM"
 
     def __init__(self):
         self._tokenizer = None  # the last run's tokenizer, set by sample_prompts for write_samples
 
     # -- configuration ---------------------------------------------------------------------------
 
-    def config_keys(self):
-        return CONFIG_KEYS
-
     def validate_config(self, cfg) -> None:
-        if cfg.loss not in LOSS_NAMES:
-            raise ConfigError(f"loss={cfg.loss!r} is not allowed: choose one of {', '.join(LOSS_NAMES)}")
-        for key, low in (("seq_len", 2), ("sample_tokens", 1)):
-            if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < low:
-                raise ConfigError(f"{key}={cfg[key]!r} is not allowed: use an integer >= {low}")
         spec = cfg.data
         if not (spec == "datafree" or spec.startswith("text:") or spec.startswith("tfds:")):
             raise ConfigError(f"data={spec!r} is not allowed for a {self.name} teacher: use {DATA_FORMS}")
@@ -147,6 +152,9 @@ class TextFamily(Family):
         if cfg.teacher.startswith("preset:"):
             return None
         return cfg.teacher
+
+    def port(self, class_name: str) -> type:
+        return TRANSFORMERS_CLASSES[class_name]
 
     def teacher_class(self, teacher: str) -> str | None:
         if teacher == BUILTIN_TEACHER:
@@ -197,22 +205,22 @@ class TextFamily(Family):
 
     # -- data and inputs ---------------------------------------------------------------------------
 
-    def make_source(self, cfg, teacher_config, sample_teacher=None, *, seed: int | None = None):
+    def make_source(self, cfg, model_config, sample_teacher=None, *, seed: int | None = None):
         spec, seq_len = cfg.data, int(cfg.seq_len)
         folder = self.teacher_folder(cfg)
         if spec != "datafree":
             if folder is None:
                 raise DataSourceError(spec, f"cannot be tokenized: teacher={cfg.teacher!r} is a preset with no "
                                             "folder and no tokenizer.json; use a transformers folder or data=datafree")
-            source = make_text_source(spec, tokenizer_dir=folder, teacher_config=dict(teacher_config), seq_len=seq_len,
+            source = make_text_source(spec, tokenizer_dir=folder, model_config=dict(model_config), seq_len=seq_len,
                                       seed=stream(cfg.seed, "data") if seed is None else seed,
                                       data_dir=cfg.data_dir or None)
             return source
-        check_seq_len(seq_len, teacher_config.get("max_position_embeddings"), spec)
+        check_seq_len(seq_len, model_config.get("max_position_embeddings"), spec)
         if sample_teacher is None:
             raise ConfigError("data=datafree draws its sequences from the teacher: make_source needs sample_teacher")
-        tokens = SpecialTokens.from_config(dict(teacher_config), spec)
-        vocab = int(teacher_config["vocab_size"])
+        tokens = SpecialTokens.from_config(dict(model_config), spec)
+        vocab = int(model_config["vocab_size"])
         excluded = sorted({tokens.bos, tokens.eos, tokens.pad})
 
         def generate(key, n):
@@ -248,17 +256,17 @@ class TextFamily(Family):
         branches = [lambda t, s, m, f=f: f(t, s, m) for f in LOSSES.values()]
         return jax.lax.switch(jnp.clip(kind[0], 0, len(LOSS_NAMES) - 1), branches, teacher_out, student_out, mask)
 
-    def heldout_inputs(self, cfg, teacher_config, rows, key, num, sample_teacher=None):
+    def heldout_inputs(self, cfg, model_config, rows, key, num, sample_teacher=None):
         if rows is None:
-            source = self.make_source(cfg, teacher_config, sample_teacher)
+            source = self.make_source(cfg, model_config, sample_teacher)
             rows = source.generate(key, num)
         rows = {k: np.asarray(v)[:num] for k, v in rows.items() if k in ("input_ids", "attention_mask")}
         return self.training_inputs(key, rows, cfg)
 
     def example_batch(self, model_config, **size) -> dict:
         """``{"input_ids", "attention_mask"}`` of ``seq_len`` tokens (``size["seq_len"]``, default
-        :data:`CONFIG_KEYS`'s, at most ``max_position_embeddings``)."""
-        seq_len = int(size.get("seq_len") or CONFIG_KEYS["seq_len"][0])
+        :class:`TextConfig`'s, at most ``max_position_embeddings``)."""
+        seq_len = int(size.get("seq_len") or TextConfig.seq_len)
         return {"input_ids": ((seq_len,), "int32"), "attention_mask": ((seq_len,), "int32")}
 
     def example_size(self, cfg, model_config) -> dict:
@@ -277,18 +285,18 @@ class TextFamily(Family):
 
         return _Sampler(jax.jit(sample, out_shardings=out_shardings))
 
-    def sample_prompts(self, cfg, teacher_config, source, num):
+    def sample_prompts(self, cfg, model_config, source, num, *, seed=None):
         """The first :data:`PROMPT_TOKENS` tokens of ``num`` held-out windows, followed by room for
         ``sample_tokens`` greedy tokens (within ``max_position_embeddings``)."""
         held = np.asarray(source.heldout(num)["input_ids"])
         p = min(PROMPT_TOKENS, held.shape[1])
-        limit = int(teacher_config.get("max_position_embeddings") or p + int(cfg.sample_tokens))
+        limit = int(model_config.get("max_position_embeddings") or p + int(cfg.sample_tokens))
         total = max(p + 1, min(p + int(cfg.sample_tokens), limit))
         buf = np.zeros((held.shape[0], total), np.int32)
         buf[:, :p] = held[:, :p]
         self._tokenizer = getattr(source, "tokenizer", None)
         return {"input_ids": buf, "prompt_len": np.int32(p), "greedy_until": np.int32(total),
-                "key": np.asarray(jax.random.key_data(jax.random.key(stream(cfg.seed, "sample_grid"))))}
+                "key": np.asarray(jax.random.key_data(jax.random.key(stream(cfg.seed, "sample_grid") if seed is None else int(seed))))}
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -310,7 +318,7 @@ class TextFamily(Family):
     generates = frozenset({"text"})
 
     def text_sampler(self, model, cfg, *, batch_size: int = 8) -> Sampler:
-        """The one decoder (:class:`fraqat_jax.text.sampler.Sampler`) over ``model`` with the run's
+        """The one decoder (:class:`fraqat_jax.models.sampler.Sampler`) over ``model`` with the run's
         tokenizer, end tokens and chat template (its teacher folder's); a teacher without a
         ``tokenizer.json`` is a :class:`ConfigError` naming it."""
         folder = self.teacher_folder(cfg)
@@ -323,10 +331,15 @@ class TextFamily(Family):
 
     def generate_text(self, model, cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                       top_k: int = 0, top_p: float = 1.0, stop=(), chat: bool = False) -> list:
-        """Continuations of ``prompts`` (``text.sampler.Completion``: strings carrying their ``tokens``)."""
-        return self.text_sampler(model, cfg).generate(list(prompts), max_new_tokens=max_new_tokens,
-                                                      temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
-                                                      stop=list(stop), chat=chat)
+        """Continuations of ``prompts`` (``models.sampler.Completion``: strings carrying their ``tokens``);
+        bad input (an empty prompt, one longer than the cache, a bad option) is a :class:`ConfigError`."""
+        try:
+            return self.text_sampler(model, cfg).generate(list(prompts), max_new_tokens=max_new_tokens,
+                                                          temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
+                                                          stop=list(stop), chat=chat)
+        except SamplerError as e:
+            raise ConfigError(str(e)) from None
 
 
-register(TextFamily())
+#: The Gemma-2 family (what the ``fraqat_jax.families`` entry point names).
+GEMMA2 = TextFamily()

@@ -1,5 +1,5 @@
 """Fixed-shape generation for training: the sample files' greedy continuations and LLM-QAT's
-data-free sequences, through the one decoder (:mod:`fraqat_jax.text.sampler`: the port's key-value
+data-free sequences, through the one decoder (:mod:`fraqat_jax.models.sampler`: the port's key-value
 cache, one prefill and one compiled decode loop).
 
 Every function takes ``model`` (the port or its quantized form: ``init_cache`` / ``prefill`` /
@@ -15,7 +15,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 
-from fraqat_jax.text.sampler import generate_tokens
+from fraqat_jax.models.sampler import generate_tokens
 
 __all__ = ["GREEDY_FIRST_TOKENS", "continue_tokens", "datafree_prompts", "datafree_sequences", "greedy_continue"]
 

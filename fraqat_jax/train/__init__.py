@@ -47,8 +47,8 @@ __all__ = ["RunResult", "build_models", "get_config", "load_config", "load_run",
 
 
 def __getattr__(name):
-    if name in ("get_config", "load_config"):
-        from fraqat_jax.train import config as _config
+    if name in ("get_config", "load_config"):  # what a run is lives in fraqat_jax.recipe
+        from fraqat_jax.recipe import config as _config
 
         return getattr(_config, name)
     if name in ("run", "RunResult", "build_models"):

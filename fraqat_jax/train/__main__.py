@@ -6,15 +6,17 @@ import argparse
 import os
 import sys
 
+from fraqat_jax import schedules
 from fraqat_jax.cli import Parser, error_line
 
 
 def _epilog() -> str:
-    from fraqat_jax.train.config import HELP, get_config
+    from fraqat_jax.recipe.config import get_config, help_for
 
     cfg = get_config()
-    lines = ["config keys for --set KEY=VALUE (default, meaning):"]
-    for k, h in HELP.items():
+    lines = ["config keys of the default run for --set KEY=VALUE (default, meaning); a run whose teacher is of "
+             "another model family takes that family's keys instead of the last ones listed:"]
+    for k, h in help_for().items():
         lines.append(f"  {k} = {cfg[k]!r}\n      {h}")
     lines.append("\nMulti-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run where "
                  "jax.distributed.initialize() detects the cluster: TPU pods, SLURM, ...).")
@@ -31,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", metavar="DIR", default=os.path.join("runs", "default"),
                    help="outputs and checkpoints; an existing checkpoint there is resumed (default: runs/default)")
     p.add_argument("--steps", type=int, metavar="N", help="total optimizer updates (schedule scaled to them)")
-    p.add_argument("--schedule", metavar="NAME",
-                   help="fraqat | integer | simple | constant | linear | cosine | nested | early | nested_early")
+    p.add_argument("--schedule", metavar="NAME", help=" | ".join(schedules.NAMES))
     p.add_argument("--mesh", metavar="SPEC", help="e.g. data=4,fsdp=2,tensor=1 (product = device count)")
     p.add_argument("--log-every", type=int, metavar="K", help="metrics row every K updates")
     p.add_argument("--seed", type=int, metavar="S", help="random seed")
@@ -74,7 +75,7 @@ def _compilation_cache() -> None:
 def main(argv=None) -> int:
     _distributed_init()  # before anything touches a JAX backend (importing fraqat_jax may)
     args = build_parser().parse_args(argv)
-    from fraqat_jax.train.config import ConfigError, load_config
+    from fraqat_jax.recipe.config import ConfigError, load_config
 
     overrides = list(args.set)
     for flag, key in (("steps", "steps"), ("schedule", "schedule"), ("mesh", "mesh"), ("log_every", "log_every"),

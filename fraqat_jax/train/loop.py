@@ -34,10 +34,11 @@ from flax import nnx
 from fraqat_jax.data.streams import stream
 from fraqat_jax.nn import apply_schedules, calibrate, set_bits
 from fraqat_jax.parallel import mesh as mesh_lib
+from fraqat_jax.recipe import state as state_lib
+from fraqat_jax.recipe.config import ConfigError, get_config, load_config, upgrade_saved
+from fraqat_jax.family import family_for_teacher
+from fraqat_jax.recipe.models import load_teacher, make_student
 from fraqat_jax.runs import checkpoint as ckpt_lib
-from fraqat_jax.train import state as state_lib
-from fraqat_jax.train.config import ConfigError, get_config, load_config, upgrade_saved
-from fraqat_jax.train.models import load_teacher, make_student
 from fraqat_jax.train.report import MetricsLog, Progress
 
 __all__ = ["CheckpointWriteError", "RunResult", "SAFE_ON_RESUME", "TrainingDiverged", "build_models", "run"]
@@ -131,8 +132,9 @@ def check_workdir(workdir: str) -> None:
 
 def config_changes(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (checkpoint value, current value)}`` for every key whose value differs. A key the
-    checkpoint predates counts as its default (what that run used)."""
-    defaults = get_config().to_dict()
+    checkpoint predates counts as its default (what that run used); ``saved`` is in today's keys
+    (``upgrade_saved``: no key of another family)."""
+    defaults = get_config(family_for_teacher(cfg["teacher"]) if "teacher" in cfg else None).to_dict()
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = sorted(set(saved) | set(cfg))
     return {k: (saved.get(k), cfg.get(k)) for k in keys if saved.get(k) != cfg.get(k)}
@@ -178,6 +180,10 @@ class _Run:
 
     def _samplers(self):
         s, cfg = self.setup, self.cfg
+        self.sampling = s.family.can_sample
+        if not self.sampling:  # a family that generates nothing: no sample files, no data-free data
+            self.teacher_sample = self.student_sample = None
+            return
         self.teacher_sample = s.family.teacher_sampler(cfg, lambda st: nnx.merge(s.teacher_graph, st),
                                                        out_shardings=self.repl)
 
@@ -192,8 +198,8 @@ class _Run:
 
     def _data(self):
         s = self.setup
-        return s.family.make_source(self.cfg, s.model_config,
-                                    lambda prompts: self.teacher_sample(s.teacher_state, prompts))
+        sample = (lambda prompts: self.teacher_sample(s.teacher_state, prompts)) if self.sampling else None
+        return s.family.make_source(self.cfg, s.model_config, sample)
 
     def _check_batch(self):
         cfg, hosts = self.cfg, jax.process_count()
@@ -283,6 +289,8 @@ class _Run:
     def sample_grid(self, done: int, bits: float, log: MetricsLog) -> None:
         """The family's samples of teacher and student from the same prompts, at a change of bit-width."""
         s = self.setup
+        if not self.sampling:
+            return
         if not hasattr(self, "_prompts"):
             prompts = s.family.sample_prompts(self.cfg, s.model_config, self.source, int(self.cfg.num_samples))
             self._prompts = jax.device_put(prompts, self.repl)

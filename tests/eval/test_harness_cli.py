@@ -1,6 +1,6 @@
 """lm-eval's own command line (``python -m fraqat_jax.eval.harness``) on our model, offline, on local
 task YAMLs (``dataset_path: json``): a ``generate_until`` task answered by the one decoder (the logged
-responses equal ``text.sampler``'s continuations, cut at the task's stop strings) and a
+responses equal ``models.sampler``'s continuations, cut at the task's stop strings) and a
 multiple-choice task scored as our scorer scores it."""
 
 import json
@@ -66,7 +66,7 @@ def _samples(out_dir, task):
 def test_lm_eval_command_line_runs_a_generation_and_a_choice_task_on_our_model(tmp_path):
     from fraqat_jax.data.text import load_tokenizer
     from fraqat_jax.models import from_transformers
-    from fraqat_jax.text.sampler import Sampler, end_token_ids
+    from fraqat_jax.models.sampler import Sampler, end_token_ids
 
     folder = write_tiny_gemma2(str(tmp_path / "teacher"))
     gen_rows = [{"question": q, "answer": "x"} for q in ("The cat sat on", "A dog ran in the", "Water boils at")]

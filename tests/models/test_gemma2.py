@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 import fraqat_jax
 from fraqat_jax.models import (PRESETS, CheckpointMismatchError, Gemma2ForCausalLM, count_params, from_transformers,
                                positions_from_mask, save_transformers, to_transformers_state_dict)
-from fraqat_jax.models.softcap_attention import splash_attention, xla_attention
+from fraqat_jax.models.attention import NO_WINDOW, dot_product_attention, splash_attention
 from fraqat_jax.models.scan import ScannedBlocks
 from fraqat_jax.nn.graph import quantized_layers
 
@@ -234,7 +234,8 @@ def test_splash_kernel_equals_the_xla_path_in_interpret_mode(window):
     valid = np.ones((2, 20), bool)
     valid[1, :6] = False
     out = splash_attention(q, k, v, jnp.asarray(valid), window=window, softcap=3.0, interpret=True)
-    ref = xla_attention(q, k, v, jnp.asarray(valid), window or 2**30, 3.0)
+    ref = dot_product_attention(q, k, v, jnp.asarray(valid)[:, None, None, :], "xla", scale=1.0, softcap=3.0,
+                                window=window or NO_WINDOW)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=1e-5, atol=1e-5)
 
 

@@ -47,14 +47,138 @@ def test_frozen_linear_matches_fake_quant(bits, symmetric, axis, group, act_bits
     np.testing.assert_array_equal(np.asarray(stored.weight_codes(), np.float32), np.asarray(codes) - shift)
 
 
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs inside it (cond branches, scans, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
 def test_frozen_forward_is_an_integer_matmul(x_mlp):
     model = quantize_model(MLP(rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=4, channel_axis=-1)])
     frozen = freeze(model)
-    jaxpr = jax.make_jaxpr(lambda x: frozen.layers[0](x))(x_mlp).jaxpr
-    dots = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+    layer = frozen.layers[0]
+    assert layer.matmul == "auto"
+    layer.matmul = "dense"
+    jaxpr = jax.make_jaxpr(lambda x: layer(x))(x_mlp).jaxpr
+    dots = [eqn for eqn in _eqns(jaxpr) if eqn.primitive.name == "dot_general"]
     assert len(dots) == 1
     assert [v.aval.dtype for v in dots[0].invars] == [jnp.int8, jnp.int8]
     assert dots[0].params["preferred_element_type"] == jnp.int32
+    # "auto" holds both forms, chosen per platform when lowered: the dense int8 matmul and the
+    # blocked float32 one.
+    layer.matmul = "auto"
+    jaxpr = jax.make_jaxpr(lambda x: layer(x))(x_mlp).jaxpr
+    dots = [eqn for eqn in _eqns(jaxpr) if eqn.primitive.name == "dot_general"]
+    kinds = {tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in dots}
+    assert kinds == {("int8", "int8"), ("float32", "float32")}, kinds
+    layer.matmul = "sparse"
+    with pytest.raises(ValueError, match="'sparse'.*auto, blocked, dense"):
+        layer(x_mlp)
+
+
+def _random_codes(rng, shape, packed):
+    lo, hi = (-8, 8) if packed else (-128, 128)
+    return rng.integers(lo, hi, shape).astype(np.int8)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("tokens,groups", [(1, 1), (3, 4), (20, 1)])
+def test_blocked_code_matmul_is_exact(packed, tokens, groups):
+    """The blocked float32 form gives the integer sums exactly (numpy int64 reference), with
+    several blocks per group (block_rows < group)."""
+    from fraqat_jax.nn.freeze import block_rows, blocked_code_matmul, exact_in_float32, pack_nibbles
+    rng = np.random.default_rng(tokens * 10 + groups)
+    n_in, n_out = (512 if packed else 256), 4096
+    g = n_in // groups
+    assert block_rows(g, n_out, tokens) < g and exact_in_float32(g, packed)
+    codes = _random_codes(rng, (n_in, n_out), packed)
+    stored = pack_nibbles(codes) if packed else jnp.asarray(codes)
+    x = rng.integers(-128, 128, (tokens, groups, g))
+    got = jax.jit(blocked_code_matmul, static_argnums=(2, 3))(jnp.asarray(x, jnp.float32), stored, (n_in, n_out),
+                                                            packed)
+    ref = np.einsum("mGi,Gio->mGo", x.astype(np.int64), codes.astype(np.int64).reshape(groups, g, n_out))
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got, np.int64), ref)
+
+
+@pytest.mark.parametrize("bits,symmetric,axis,group,act_bits,n_in,n_out", [
+    (4, True, None, None, 8, 512, 2048),  # the default rules, several blocks
+    (3, False, -1, 64, 8, 256, 1024),     # asymmetric, grouped
+    (8, True, -1, None, 8, 512, 1024),    # int8 codes
+    (4, True, -1, None, 8, 64, 9),        # odd out: packed pairs straddle rows, dense on every platform
+    (8, True, None, None, 8, 1024, 16),   # beyond float32's exact sums: dense on every platform
+    (4, True, -1, None, None, 512, 1024), # float input (W4A16)
+])
+def test_blocked_and_dense_forms_agree(bits, symmetric, axis, group, act_bits, n_in, n_out):
+    """With quantized inputs both forms give the same bits; with float inputs, float32 rounding."""
+    model = quantize_model(nnx.Linear(n_in, n_out, rngs=nnx.Rngs(0)),
+                           [Rule(".*", weight_bits=bits, act_bits=act_bits, symmetric=symmetric, channel_axis=axis,
+                                 group_size=group)])
+    frozen = freeze(model)
+    x = jax.random.normal(jax.random.key(3), (2, 3, n_in))
+    outs = {}
+    for form in ("blocked", "dense", "auto"):
+        frozen.matmul = form
+        outs[form] = np.asarray(forward(frozen, x))
+    np.testing.assert_array_equal(outs["auto"], outs["blocked"])  # this test runs on CPU
+    if act_bits is None:
+        np.testing.assert_allclose(outs["blocked"], outs["dense"], rtol=0, atol=1e-5 * np.abs(outs["dense"]).max())
+    else:
+        np.testing.assert_array_equal(outs["blocked"], outs["dense"])
+    fake = np.asarray(forward(model, x))
+    assert np.abs(outs["auto"] - fake).max() <= 1e-4 * np.abs(fake).max()
+
+
+def _largest_buffer(compiled_text, skip_parameters=True):
+    """Element count of the largest array any instruction of an optimized HLO module produces."""
+    import re
+    sizes = []
+    for line in compiled_text.splitlines():
+        m = re.match(r"\s*(ROOT )?%\S+ = (\w+)\[([\d,]*)\]", line)
+        if not m or (skip_parameters and " parameter(" in line):
+            continue
+        sizes.append(int(np.prod([int(d) for d in m.group(3).split(",") if d] or [1])))
+    return max(sizes)
+
+
+@pytest.mark.parametrize("tokens", [1, 32])
+def test_cpu_form_never_widens_the_whole_kernel(tokens):
+    """On CPU the compiled frozen layer never holds the unpacked (or widened) kernel up to
+    BLOCKED_MAX_TOKENS input rows: every array is smaller than the kernel; the dense form does unpack
+    it whole (so the check can fail), and "auto" runs it for longer inputs."""
+    from fraqat_jax.nn.freeze import BLOCKED_MAX_TOKENS
+    assert tokens <= BLOCKED_MAX_TOKENS
+    n_in, n_out = 512, 2048
+    model = quantize_model(nnx.Linear(n_in, n_out, rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=4)])
+    frozen = freeze(model)
+    graphdef, state = nnx.split(frozen)
+    x = jax.ShapeDtypeStruct((tokens, n_in), jnp.float32)
+
+    def compiled(form):
+        frozen.matmul = form
+        graphdef, state = nnx.split(frozen)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().as_text()
+
+    assert _largest_buffer(compiled("auto")) < n_in * n_out
+    assert _largest_buffer(compiled("dense")) >= n_in * n_out
+    x = jax.ShapeDtypeStruct((BLOCKED_MAX_TOKENS + 1, n_in), jnp.float32)
+    assert _largest_buffer(compiled("auto")) >= n_in * n_out
+
+
+def test_float_path_holds_its_kernel(x_mlp):
+    """The float path rebuilds ``codes * scale`` once, at freezing: the forward has no kernel-sized op."""
+    model = quantize_model(MLP(rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=4, channel_axis=-1)])
+    frozen = freeze(model, integer=False)
+    layer = frozen.layers[0]
+    np.testing.assert_array_equal(layer.kernel_float[...], layer.fake_quant_kernel())
+    jaxpr = jax.make_jaxpr(lambda x: layer(x))(x_mlp).jaxpr
+    assert not [e for e in _eqns(jaxpr) if any(getattr(v.aval, "shape", None) == layer.kernel_shape for v in e.outvars)]
+    np.testing.assert_array_equal(forward(frozen, x_mlp), forward(model, x_mlp))  # bit for bit
 
 
 def test_pack_roundtrip():
@@ -101,3 +225,75 @@ def test_freeze_errors():
     ein = quantize_model(nnx.Einsum("btd,dh->bth", (4, 5), rngs=nnx.Rngs(0)), [Rule(".*")])
     with pytest.raises(NotImplementedError, match="einsum"):
         freeze(ein)
+
+
+def test_int4_layout_matches_packed(x_mlp):
+    """``freeze(int4=True)`` holds the same codes as jnp.int4 and computes the same bits."""
+    model = quantize_model(nnx.Linear(256, 1024, rngs=nnx.Rngs(0)),
+                           [Rule(".*", weight_bits=4, symmetric=False, channel_axis=-1, group_size=64)])
+    packed, int4 = freeze(model), freeze(model, int4=True)
+    assert int4.kernel_codes[...].dtype == jnp.int4 and int4.kernel_codes[...].shape == (256, 1024)
+    np.testing.assert_array_equal(int4.weight_codes(), packed.weight_codes())
+    x = jax.random.normal(jax.random.key(4), (3, 256))
+    for form in ("blocked", "dense"):
+        packed.matmul = int4.matmul = form
+        np.testing.assert_array_equal(forward(int4, x), forward(packed, x))
+
+
+_TPU_COMPILE = """
+import json, sys
+from fraqat_jax.plan.topology import parse_topology, prepare_environment, topology_devices
+top = parse_topology("v5e:1x1")
+prepare_environment(top)
+import jax, jax.numpy as jnp
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+from fraqat_jax.nn import Rule, freeze, quantize_model
+sh = SingleDeviceSharding(topology_devices(top)[0])
+model = quantize_model(nnx.Linear(512, 2048, use_bias=False, rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=4)])
+out = {}
+for int4 in (False, True):
+    graphdef, state = nnx.split(freeze(model, int4=int4))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
+    for tokens in (1, 64):
+        x = jax.ShapeDtypeStruct((tokens, 512), jnp.float32, sharding=sh)
+        compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(abstract, x).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        out[f"{int4}/{tokens}"] = {"bytes": cost["bytes accessed"], "hlo": compiled.as_text()}
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_tpu_reads_int4_codes_in_the_matmul_and_unpacks_packed_ones():
+    """Compiled for a v5e (libtpu, no TPU needed): with jnp.int4 codes the program writes no array
+    wider than 4 bits of the kernel's size (the widening happens inside the matmul's fusion) and reads
+    about the codes' bytes; with packed uint8 codes the unpacked kernel is written out (the unpack is
+    not fused into the matmul)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": ""}
+    proc = subprocess.run([sys.executable, "-c", _TPU_COMPILE], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+    import re
+    out = json.loads(proc.stdout)
+    kernel = 512 * 2048
+
+    def widest_kernel_sized(hlo):  # dtypes of the kernel-sized arrays the program writes (its top level)
+        entry = hlo[hlo.index("\nENTRY"):]
+        entry = entry[:entry.index("\n}")]
+        return sorted({m.group(1) for m in re.finditer(r"= (\w+)\[([\d,]+)\]", entry)
+                       if np.prod([int(d) for d in m.group(2).split(",")]) >= kernel and m.group(1) != "s4"})
+
+    for tokens in (1, 64):
+        int4, packed = out[f"True/{tokens}"], out[f"False/{tokens}"]
+        assert widest_kernel_sized(int4["hlo"]) == [], widest_kernel_sized(int4["hlo"])
+        assert widest_kernel_sized(packed["hlo"]) != []
+        assert int4["bytes"] * 10 < packed["bytes"], (int4["bytes"], packed["bytes"])
+    assert out["True/1"]["bytes"] < kernel  # about the int4 codes (kernel / 2 bytes) and the vectors

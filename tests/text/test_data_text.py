@@ -32,7 +32,7 @@ def words(ids):
 
 
 def source(spec, teacher_dir, seq_len=5, seed=0):
-    return make_text_source(spec, tokenizer_dir=teacher_dir, teacher_config=CONFIG, seq_len=seq_len, seed=seed)
+    return make_text_source(spec, tokenizer_dir=teacher_dir, model_config=CONFIG, seq_len=seq_len, seed=seed)
 
 
 def test_a_folder_of_txt_and_jsonl_packs_into_bos_windows(tmp_path, teacher_dir):
@@ -114,7 +114,7 @@ def test_tfds_text_dataset_gives_one_padded_window_per_example(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
     tok.save(str(tmp_path / "tokenizer.json"))
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-        src = make_text_source("tfds:imdb_reviews:train", tokenizer_dir=str(tmp_path), teacher_config=CONFIG,
+        src = make_text_source("tfds:imdb_reviews:train", tokenizer_dir=str(tmp_path), model_config=CONFIG,
                                seq_len=16, seed=1)
         raw = tfds.data_source("imdb_reviews", split="train")
         assert src.num_examples == 19 and src.num_heldout == 1

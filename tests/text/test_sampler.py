@@ -1,4 +1,4 @@
-"""The cached decoder (``models.gemma2`` cache + ``text.sampler``) against transformers' ``generate``
+"""The cached decoder (``models.gemma2`` cache + ``models.sampler``) against transformers' ``generate``
 on tiny random Gemma-2s: greedy tokens equal and the logits of every step close, with left-padded
 batches, outputs past the sliding window, scanned layers and bf16 with 27B-shaped scalars."""
 
@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from fraqat_jax.models import from_transformers
-from fraqat_jax.text.sampler import Sampler, SamplerError, filter_logits
+from fraqat_jax.models.sampler import Sampler, SamplerError, filter_logits
 
 CONFIG = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
@@ -208,7 +208,7 @@ def test_chat_template_and_end_tokens_follow_transformers(tmp_path):
 
     from text_fixtures import build_tokenizer
 
-    from fraqat_jax.text.sampler import apply_chat_template, chat_template, end_token_ids
+    from fraqat_jax.models.sampler import apply_chat_template, chat_template, end_token_ids
 
     tok = build_tokenizer()
     tok.add_special_tokens(["<start_of_turn>", "<end_of_turn>"])

@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
+from fraqat_jax import schedules
 from fraqat_jax.data.text import SpecialTokens, load_tokenizer, pack_windows, read_documents, tokenize_documents
 from fraqat_jax.family import family_for_teacher
 from fraqat_jax.models import from_transformers
+from fraqat_jax.nn import quantized_layers
+from fraqat_jax.nn.graph import path_string
 from fraqat_jax.text import builtin_teacher_dir
 from fraqat_jax.train.config import load_config
+from fraqat_jax.train.loop import build_models
 
 TEACHER = builtin_teacher_dir()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,11 +61,27 @@ def test_transformers_tokenizer_reads_the_same_ids():
     assert ours.encode(text).ids[0] == 2 and ours.decode(ours.encode(text).ids, skip_special_tokens=True) == text
 
 
-def test_the_lm_default_config_names_the_shipped_teacher_and_text():
+def test_the_lm_default_config_distils_the_shipped_teacher_on_the_shipped_text_to_w4a8():
+    """What configs/lm_default.py's docstring promises, read from what the config builds: the shipped
+    teacher, windows of the shipped text, a W4A8 student of the blocks' linear layers (embedding and LM
+    head in float) reaching 4 bits through fractional widths."""
     cfg = load_config(os.path.join(ROOT, "configs", "lm_default.py"))
-    assert cfg.teacher == "builtin:lm" and cfg.data == "text:" + os.path.join(TEACHER, "train.jsonl")
-    assert family_for_teacher(cfg.teacher).name == "gemma2" and (cfg.seq_len, cfg.loss) == (128, "kl")
-    assert (cfg.schedule, cfg.target_bits, cfg.act_bits) == ("fraqat", 4.0, 8.0)
+    family = family_for_teacher(cfg.teacher)
+    teacher, student = build_models(cfg)
+    assert family.name == "gemma2"
+    np.testing.assert_array_equal(np.asarray(teacher.model.embed_tokens.embedding[...]),
+                                  np.asarray(from_transformers(TEACHER).model.embed_tokens.embedding[...]))
+    ids = family.make_source(cfg, dict(teacher.config)).batch(0, 2)["input_ids"]
+    shipped = "".join(read_documents(os.path.join(TEACHER, "train.jsonl")))
+    window = load_tokenizer(TEACHER).decode(ids[0].tolist(), skip_special_tokens=True)
+    assert ids.shape[1] > 1 and window.strip() and window.strip()[:40] in shipped
+    layers = dict(quantized_layers(student))
+    linears = {path_string(p) for p, node in nnx.iter_graph(teacher) if isinstance(node, nnx.Linear)}
+    assert set(layers) == {p for p in linears if p.startswith("model.layers.")} and layers
+    assert not any("embed" in p or "lm_head" in p for p in layers)
+    assert all(layer.act_bits == 8.0 for layer in layers.values())
+    bits = schedules.by_name(cfg.schedule, cfg.steps, target_bits=cfg.target_bits).values(cfg.steps)
+    assert bits[0] == 8.0 and bits[-1] == 4.0 and any(b != int(b) for b in bits)
 
 
 def test_the_gemma2_2b_preset_takes_its_teacher_and_text_from_the_environment_or_set(monkeypatch, tmp_path):

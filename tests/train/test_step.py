@@ -43,7 +43,7 @@ def test_bits_follow_schedule_with_one_compilation(base):
         state, m = step_fn(state, ts, rest, _batch())
         seen.append(float(m["bits"]))
         assert np.isfinite(float(m["loss"]))
-    # Issue 6: 25 steps of fraqat visit 8, 7, 6, 5.5, 5, 4.75, 4.75, 4.5, 4.5, 4.25, 4.25, 4, ...
+    # 25 steps of fraqat visit 8, 7, 6, 5.5, 5, 4.75, 4.75, 4.5, 4.5, 4.25, 4.25, 4, ...
     expected = [8, 7, 6, 5.5, 5, 4.75, 4.75, 4.5, 4.5, 4.25, 4.25] + [4] * 14
     np.testing.assert_array_equal(seen, expected)
     assert step_fn._cache_size() == 1

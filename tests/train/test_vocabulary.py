@@ -1,4 +1,4 @@
-"""Issue 20's vocabulary and honest state: ``act_ranges`` (the old ``act_quant`` exits 2 naming it,
+"""The config vocabulary and honest state: ``act_ranges`` (the old ``act_quant`` exits 2 naming it,
 old saved configs still read), ``layer_schedules`` wired through ``apply_schedules``, checkpointed
 bit-widths equal to the schedule's at the saved step, and ``quant_rules=none`` checkpoints."""
 

@@ -80,10 +80,13 @@ def heldout_windows(teacher, cfg, num: int | None = None) -> dict:
 
 
 def is_text_model(model) -> bool:
-    """Whether ``model`` is a language-model port (a transformers-named causal LM)."""
-    from fraqat_jax.models.transformers_folder import TRANSFORMERS_CLASSES
+    """Whether ``model``'s family is evaluated as a language model (``Family.evaluation == "text"``)."""
+    from fraqat_jax.family import FamilyError, family_for_model
 
-    return type(model).__name__ in TRANSFORMERS_CLASSES
+    try:
+        return family_for_model(model).evaluation == "text"
+    except FamilyError:
+        return False
 
 
 def teacher_folder(teacher, cfg) -> str:

@@ -32,15 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fraqat_jax.family import ConfigError
-
 __all__ = ["Completion", "Sampler", "SamplerError", "apply_chat_template", "chat_template", "decode_loop",
            "end_token_ids", "filter_logits", "generate_tokens", "pick_tokens"]
 
 END_OF_TURN = "<end_of_turn>"
 
 
-class SamplerError(ConfigError):
+class SamplerError(ValueError):
     """Bad generation input (an empty prompt, a prompt longer than the cache, a bad option): the
     message names the value and what is allowed."""
 
