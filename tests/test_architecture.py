@@ -35,7 +35,7 @@ MAX_FUNCTION_LINES = 100
 BELOW = {"quant", "schedules", "models", "nn"}
 FAMILY_PACKAGES = {"diffusion", "text"}
 #: The parts that learn about a model only through its family object.
-THROUGH_THE_FAMILY = {"train", "eval", "export", "plan", "compare", "runs", "recipe"}
+THROUGH_THE_FAMILY = {"train", "eval", "export", "plan", "compare", "runs", "recipe", "generate"}
 ALLOWED = {  # part -> parts it may import (itself always allowed)
     "quant": set(),
     "schedules": {"quant"},
@@ -56,6 +56,7 @@ ALLOWED = {  # part -> parts it may import (itself always allowed)
     "plan": {"recipe", "family", "data", "parallel", "runs", *BELOW},
     "compare": {"train", "eval", "export", "recipe", "family", "data", "parallel", "runs", *BELOW},
     "pretrain": {"family", "data", *FAMILY_PACKAGES, *BELOW},
+    "generate": {"recipe", "family", "data", "parallel", "runs", "export", *BELOW},
 }
 FORBIDDEN = {  # command lines included
     **{part: set(FAMILY_PACKAGES) for part in THROUGH_THE_FAMILY},

@@ -83,6 +83,17 @@ def test_export_cli_on_a_text_run_transformers_and_orbax(tmp_path, capsys):
     frozen = load(str(tmp_path / "orbax"))
     np.testing.assert_allclose(np.asarray(frozen(ids)), np.asarray(student(ids)), atol=1e-4 * np.abs(want).max())
 
+    # the export generates on its own (bundled tokenizer and generation config) what the run's
+    # fake-quant student generates
+    from fraqat_jax.generate.__main__ import main as generate
+
+    assert {"tokenizer.json", "generation_config.json"} <= set(os.listdir(tmp_path / "orbax" / "tokenizer"))
+    capsys.readouterr()
+    for source, out in ((str(tmp_path / "orbax"), "export.jsonl"), (workdir, "student.jsonl")):
+        assert generate(["--workdir", source, "--prompt", "The cat sat", "--max-new-tokens", "6",
+                         "--model", "student", "--out", str(tmp_path / out)]) == 0
+    assert (tmp_path / "export.jsonl").read_text() == (tmp_path / "student.jsonl").read_text()
+
     with pytest.raises(SystemExit) as e:  # an existing folder that is not an export
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "x.txt").write_text("x")

@@ -27,7 +27,7 @@ from fraqat_jax.diffusion.families import apply_model, model_kwargs
 from fraqat_jax.diffusion.grids import save_grid
 from fraqat_jax.diffusion.heldout import heldout_inputs, sampling_inputs, teacher_examples
 from fraqat_jax.diffusion.noise import diffusion_inputs
-from fraqat_jax.diffusion.samplers import model_sampler
+from fraqat_jax.diffusion.samplers import make_noise, model_sampler
 from fraqat_jax.family import ConfigError, Family
 from fraqat_jax.family.settings import int_at_least, setting
 from fraqat_jax.models.registry import port_class
@@ -307,6 +307,44 @@ class DiffusionFamily(Family):
         path = f"{path_stem}.png"
         return path, save_grid(path, [np.asarray(teacher_samples), np.asarray(student_samples)])
 
+    # -- generation (python -m fraqat_jax.generate) -----------------------------------------------
+
+    #: ``{"labels"}`` on the class-conditional DiT; none on the text-to-image families, whose
+    #: prompts need the pipeline's text encoders.
+    generates: ClassVar[frozenset] = frozenset()
+
+    def generate_images(self, model, cfg, *, labels=None, prompts=None, num_steps=None, guidance_scale=None,
+                        seed: int = 0):
+        """``uint8 [N, H, W, C]`` images of the class ``labels`` (pixel ``(x + 1) / 2 * 255``, clipped),
+        sampled with the family's evaluation sampler from ``seed``'s noise, ``num_steps`` steps (default
+        ``cfg.sample_steps``) and classifier-free guidance ``guidance_scale`` (default
+        ``cfg.guidance_scale``) against the null class."""
+        config = dict(model.config)
+        num_classes = self.num_classes(config)
+        if prompts:
+            raise ConfigError(f"a {self.name} run cannot generate from --prompt here: text prompts need the "
+                              "pipeline's text encoders; use --label on a class-conditional DiT run")
+        if num_classes is None:
+            raise ConfigError(f"a {self.name} run cannot generate from --label: its teacher is not class-conditional")
+        labels = [int(x) for x in (labels or [])]
+        bad = [x for x in labels if not 0 <= x < num_classes]
+        if not labels or bad:
+            raise ConfigError(f"--label {bad or labels} is not allowed: give class labels in 0..{num_classes - 1}")
+        shape = self.sample_shape(cfg, config)
+        if shape[0] not in (1, 3):
+            raise ConfigError(f"a {self.name} run with {shape[0]} latent channels needs a VAE to make images")
+        steps = int(cfg.sample_steps if num_steps is None else num_steps)
+        scale = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
+        if steps < 1 or not scale >= 0:
+            raise ConfigError(f"--steps {steps} / --guidance {scale} not allowed: steps >= 1, guidance >= 0")
+        graphdef, state = nnx.split(model)
+        run = model_sampler(lambda st: nnx.merge(graphdef, st), self, num_steps=steps, guidance_scale=scale)
+        noise, key = make_noise(int(seed), (len(labels), *shape))
+        x = run(state, noise, {"class_labels": jnp.asarray(labels, jnp.int32)}, key,
+                {"class_labels": jnp.int32(num_classes)})
+        pixels = np.clip((np.asarray(x, np.float64) + 1.0) / 2.0 * 255.0, 0, 255).round().astype(np.uint8)
+        return pixels.transpose(0, 2, 3, 1)
+
 
 class DiT(DiffusionFamily):
     """DiT (``DiTTransformer2DModel``): class-conditional, DDPM."""
@@ -315,6 +353,7 @@ class DiT(DiffusionFamily):
     model_classes = ("DiTTransformer2DModel",)
     class_conditional = True
     pipeline_class = "DiTPipeline"
+    generates = frozenset({"labels"})
 
 
 class PixArt(DiffusionFamily):

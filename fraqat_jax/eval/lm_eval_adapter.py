@@ -1,6 +1,8 @@
 """Our language models inside EleutherAI's lm-evaluation-harness (``pip install 'fraqat_jax[lm-eval]'``).
 
-Importing this module registers :class:`FraqatLM` as the harness model ``fraqat``::
+Importing this module registers :class:`FraqatLM` as the harness model ``fraqat``; lm-eval's own
+command line finds it through ``python -m fraqat_jax.eval.harness`` (which takes lm-eval's
+arguments)::
 
     import lm_eval
     import fraqat_jax.eval.lm_eval_adapter  # registers "fraqat"
@@ -18,22 +20,21 @@ the model's ``max_position_embeddings``) apply to all.
 Requests are served by :class:`fraqat_jax.eval.text.TokenScorer`, the scorer of ``python -m
 fraqat_jax.eval --tasks``: ``loglikelihood`` (lm-eval's own context/continuation split, BOS as the
 tokenizer adds it), ``loglikelihood_rolling`` (lm-eval's disjoint rolling windows of ``max_length``
-tokens) and ``generate_until`` (greedy decoding, one sequence at a time, stopping at the end token,
-a stop string or ``max_gen_toks``; sampling options are ignored). The harness itself imports torch;
-this module does not.
+tokens) and ``generate_until`` (:class:`fraqat_jax.models.sampler.Sampler`, the one decoder: batched,
+left-padded, key-value cache; greedy unless ``do_sample`` with ``temperature`` > 0, ``top_k``,
+``top_p``; stopping at the end tokens, any of the ``until`` strings or ``max_gen_toks``). Chat
+templates (``--apply_chat_template``): the folder's ``chat_template`` (``tokenizer_config.json`` or
+``chat_template.jinja``). The harness itself imports torch; this module does not.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from fraqat_jax.eval.text import TokenScorer
+from fraqat_jax.models.sampler import Sampler, apply_chat_template, chat_template, end_token_ids
 
 __all__ = ["FraqatLM"]
 
@@ -69,6 +70,7 @@ class FraqatLM(TemplateLM):
                  max_length: int | str | None = None, max_gen_toks: int | str = 256, **unused):
         super().__init__()
         config: dict = {}
+        folder = None
         if sum(x is not None for x in (lm, workdir, pretrained)) != 1:
             raise ValueError("FraqatLM takes exactly one of lm=MODEL (with tokenizer=), workdir=RUN or "
                              f"pretrained=FOLDER; got lm={lm is not None}, workdir={workdir!r}, "
@@ -81,11 +83,15 @@ class FraqatLM(TemplateLM):
             run = load_text_run(workdir, step=None if step in (None, "") else int(step),
                                 frozen=model == "student_frozen")
             lm, tokenizer, config = run.models[model], run.tokenizer, dict(run.teacher.config)
+            from fraqat_jax.eval.text import teacher_folder
+
+            folder = teacher_folder(run.teacher, run.cfg)
         elif pretrained is not None:
             from fraqat_jax.data.text import load_tokenizer
             from fraqat_jax.models import from_transformers
 
             lm = from_transformers(pretrained)
+            folder = pretrained
             tokenizer = load_tokenizer(pretrained, f"pretrained={pretrained}")
             config = dict(lm.config)
         else:
@@ -103,13 +109,10 @@ class FraqatLM(TemplateLM):
         batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # the harness may pass None or 'auto'
         self.scorer = TokenScorer(lm, pad_id=self.eos_id if pad is None else int(pad), batch_size=batch_size,
                                   length_multiple=32, max_length=self._max_length)
-        graphdef = self.scorer.graphdef
-
-        def next_token(state, ids, mask, last):
-            logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)
-            return jnp.argmax(logits[jnp.arange(ids.shape[0]), last], axis=-1)
-
-        self._next_token = jax.jit(next_token)
+        self.folder, self.template = folder, chat_template(folder)
+        self.sampler = Sampler(lm, tokenizer, eos_ids=end_token_ids(folder, config, tokenizer) or (self.eos_id,),
+                               pad_id=self.scorer.pad_id, max_length=self._max_length, template=self.template,
+                               batch_size=batch_size)
 
     # -- what the harness asks of a TemplateLM ------------------------------------------------
     @property
@@ -155,39 +158,62 @@ class FraqatLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for req in requests:
-            context, gen_kwargs = req.args
-            gen_kwargs = dict(gen_kwargs or {})
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = self.tok_encode(context)[-(self.max_length - 1):]
-            new: list[int] = []
-            text = ""
-            for _ in range(budget):
-                seq = (ids + new)[-self.max_length:]
-                length = -(-len(seq) // 32) * 32
-                arr = np.full((1, length), self.scorer.pad_id, np.int32)
-                mask = np.zeros((1, length), np.int32)
-                arr[0, : len(seq)], mask[0, : len(seq)] = seq, 1
-                token = int(self._next_token(self.scorer.state, jnp.asarray(arr), jnp.asarray(mask),
-                                             jnp.asarray([len(seq) - 1]))[0])
-                if token == self.eos_id:
-                    break
-                new.append(token)
-                text = self.tok_decode(new)
-                if any(s in text for s in until):
-                    break
-            for s in until:
-                text = text.split(s)[0]
-            self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
-            out.append(text)
+        """Requests with the same generation options decode as one batch (see the module docstring)."""
+        groups: dict[tuple, list[int]] = {}
+        for n, req in enumerate(requests):
+            groups.setdefault(self._options(req.args[1]), []).append(n)
+        out = [""] * len(requests)
+        for (until, budget, temperature, top_k, top_p), members in groups.items():
+            prompts = [self.tok_encode(requests[n].args[0])[-(self.max_length - 1):] for n in members]
+            rows = self.sampler.generate_ids(prompts, max_new_tokens=budget, temperature=temperature, top_k=top_k,
+                                             top_p=top_p, stop=until)
+            for n, row in zip(members, rows):
+                text = self.tokenizer.decode(row["tokens"], skip_special_tokens=True)
+                for stop in until:
+                    text = text.split(stop)[0]
+                out[n] = text
+                self.cache_hook.add_partial("generate_until", (requests[n].args[0], requests[n].args[1]), text)
         return out
+
+    def _options(self, gen_kwargs) -> tuple:
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.get("until") or []
+        until = tuple([until] if isinstance(until, str) else until)
+        budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+        temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+        if not gen_kwargs.get("do_sample", False):
+            temperature = 0.0  # lm-eval's rule: greedy unless do_sample
+        return (until, budget, temperature, int(gen_kwargs.get("top_k", 0) or 0),
+                float(gen_kwargs.get("top_p", 1.0) or 1.0))
+
+    # -- chat templates --------------------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return (self.folder or "fraqat").rstrip("/").replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if chat_template is False or chat_template is None:
+            return None
+        if not self.template:
+            raise ValueError(f"the tokenizer of {self.folder or 'this model'!r} has no chat template "
+                             "(tokenizer_config.json chat_template or chat_template.jinja): drop --apply_chat_template")
+        return self.template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        template = self.chat_template(True)
+        bos = "" if self.bos_id is None else (self.tokenizer.id_to_token(self.bos_id) or "")
+        eos = self.tokenizer.id_to_token(self.eos_id) or ""
+        return apply_chat_template(template, chat_history, bos_token=bos, eos_token=eos,
+                                   add_generation_prompt=add_generation_prompt)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        args = lm_utils.simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size",)}
-        return cls(**args, **extra)
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """``model_args`` win over the harness's own ``batch_size`` (its other settings, e.g. ``device``,
+        do not apply)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size",)}
+        return cls(**{**extra, **dict(arg_dict)})

@@ -3,7 +3,9 @@
 :func:`export_orbax` calibrates static ranges for a dynamically trained student, freezes it
 (``fraqat_jax.freeze``), checks the frozen model against the fake-quant student on held-out
 training-style inputs within :data:`TOLERANCE` of its max abs output, and writes an orbax
-checkpoint with two items, ``state`` (the frozen arrays in their trained dtypes) and ``meta``.
+checkpoint with two items, ``state`` (the frozen arrays in their trained dtypes) and ``meta``; a
+language model's export also holds ``tokenizer/`` (:func:`bundle_tokenizer`: the tokenizer and the
+generation config), so ``python -m fraqat_jax.generate --workdir EXPORT`` needs nothing else.
 :func:`load` rebuilds the frozen model. :func:`export_diffusers` writes dequantized bfloat16
 weights in diffusers' layout. See :mod:`fraqat_jax.export` for the command line.
 """
@@ -217,7 +219,36 @@ def export_orbax(teacher, student, cfg, out: str, *, num_samples: int = CALIBRAT
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     ckptr.save(os.path.abspath(out), ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
     ckptr.close()
+    teacher_folder = getattr(family_for_model(teacher), "teacher_folder", None)
+    bundle_tokenizer(teacher_folder(cfg) if teacher_folder else None, dict(teacher.config), out)
     return meta
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def bundle_tokenizer(folder: str | None, config: Mapping[str, Any], out: str) -> str | None:
+    """Copies a language model's tokenizer files (:data:`TOKENIZER_FILES` that ``folder`` has) and
+    its ``generation_config.json`` (written from ``config``'s special tokens when the folder has
+    none) to ``out/tokenizer``, so the export generates on its own; None when ``folder`` has no
+    ``tokenizer.json``."""
+    import shutil
+
+    if not folder or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return None
+    bundle = os.path.join(out, "tokenizer")
+    os.makedirs(bundle, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copyfile(os.path.join(folder, name), os.path.join(bundle, name))
+    if not os.path.isfile(os.path.join(bundle, "generation_config.json")):
+        tokens = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+        with open(os.path.join(bundle, "generation_config.json"), "w") as f:
+            json.dump(tokens, f, indent=1)
+    with open(os.path.join(bundle, "config.json"), "w") as f:  # the tokenizer folder names its model
+        json.dump(dict(config), f, indent=1)
+    return bundle
 
 
 def load_metadata(path: str) -> dict:

@@ -138,14 +138,15 @@ def dot_product_attention(
 
 
 def eager_attention(q, k, v, *, mask=None, scale=None, softcap=None, window=None) -> jax.Array:
-    """:func:`dot_product_attention` as XLA ops in transformers' eager form: ``q`` times ``scale`` in
-    its dtype, float32 scores and softmax, grouped heads as a reshape; a row whose keys are all
-    masked becomes uniform over every key, as transformers' additive mask makes it."""
+    """:func:`dot_product_attention` as XLA ops in transformers' eager form: float32 scores times
+    ``scale`` (a Python float, never rounded to ``q``'s dtype: transformers multiplies its scores by
+    the float), float32 softmax, grouped heads as a reshape; a row whose keys are all masked becomes
+    uniform over every key, as transformers' additive mask makes it."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    q = q * jnp.asarray(d**-0.5 if scale is None else scale, q.dtype)
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(d**-0.5 if scale is None else scale)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     allowed = jnp.ones((1, 1, 1, t, s), bool)
@@ -218,7 +219,7 @@ def _tpu_flash(q, k, v, *, key_valid, scale):
 def _tpu_splash(q, k, v, *, key_valid, scale, softcap, window, windows):
     """The splash kernel for a causal ``window``: one static mask per value in ``windows`` (a traced
     window picks its kernel with ``jax.lax.switch``)."""
-    q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
+    q = (q.astype(jnp.float32) * jnp.float32(q.shape[-1] ** -0.5 if scale is None else scale)).astype(q.dtype)
     if windows is None:
         windows = (int(window),)
     kernels = [functools.partial(splash_attention, window=None if w >= NO_WINDOW else int(w), softcap=softcap)

@@ -7,12 +7,13 @@ transposed; ``model.layers.3.input_layernorm.scale`` and ``model.embed_tokens.em
 (``models.transformers_folder.from_transformers``).
 
 What the forward pass reproduces (transformers' ``modeling_gemma2.py``, eager attention):
-- the token embedding times ``sqrt(hidden_size)``, the factor rounded to the compute dtype first;
+- the token embedding times ``sqrt(hidden_size)``, the factor rounded to the embedding's storage
+  dtype first (transformers' ``embed_scale.to(weight.dtype)``);
 - per layer ``x += post_attention_layernorm(attn(input_layernorm(x)))`` then
   ``x += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``; every RMSNorm computes
   ``x / rms(x) * (1 + w)`` in float32 (``w`` is stored as trained, zero-initialised);
 - grouped-query attention (``num_key_value_heads`` shared by ``num_attention_heads //
-  num_key_value_heads`` query heads), scores scaled by ``query_pre_attn_scalar ** -0.5`` and
+  num_key_value_heads`` query heads), float32 scores scaled by ``query_pre_attn_scalar ** -0.5`` and
   soft-capped (``cap * tanh(s / cap)``, ``attn_logit_softcapping``), rotary positions (halves
   rotated, ``rope_theta``);
 - sliding-window attention on the layers ``layer_types`` names ``"sliding_attention"`` (by default
@@ -40,6 +41,12 @@ padding as segment ids; chosen when the program is lowered, so an ahead-of-time 
 CPU host gets it; on CPU XLA runs; on GPU ``"auto"`` runs XLA and ``"flash"`` raises, as no GPU
 kernel takes a soft cap).
 
+Key-value cache (``models.kv_cache``; how ``models.sampler`` decodes): ``init_cache(batch, length)``
+preallocates every layer's slots; ``prefill(input_ids, attention_mask, cache)`` writes left-padded
+prompts (positions from the mask) and returns the last token's logits only; ``decode_step(tokens,
+cache)`` adds one token per row. Sliding-window layers mask by the positions stored in the slots.
+The projections run as in the forward pass, so the fake-quantized and frozen students decode too.
+
 Quantization. The seven projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
 ``gate_proj``, ``up_proj``, ``down_proj``) are plain ``nnx.Linear`` (what ``quantize_model``
 replaces); the embedding, which is also the LM head, is an ``nnx.Embed`` and stays in float.
@@ -59,8 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fraqat_jax.models.attention import NO_WINDOW, check_attention, dot_product_attention
+from fraqat_jax.models.attention import NO_WINDOW, check_attention, dot_product_attention, eager_attention
 from fraqat_jax.models.common import EMBED, HEADS, MLP, NORM, VOCAB, KeySequence, merge_config, no_eager_sharding
+from fraqat_jax.models.kv_cache import empty as empty_cache, run_layers, write_positions
 from fraqat_jax.models.scan import block_list, check_remat, run_blocks
 
 __all__ = [
@@ -253,6 +261,26 @@ class Gemma2Attention(nnx.Module):
                                     window=window, windows=self.windows)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim).astype(x.dtype))
 
+    def cached(self, x, cos, sin, cache, layer, slot, allowed):
+        """The call on new tokens ``x [B, T, hidden]`` against a key-value cache: their keys and
+        values are written to slots ``slot .. slot + T - 1`` of layer ``layer`` of ``cache``
+        (``{"k", "v"}`` ``[layers, B, S, Hkv, D]``; ``layer`` and ``slot`` may be traced), then the
+        queries attend to all ``S`` slots under ``allowed [B, T, S]``. -> ``(out [B, T, hidden],
+        cache)``."""
+        b, n, _ = x.shape
+        q = _apply_rope(self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim), cos, sin)
+        k = _apply_rope(self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+        zero = jnp.zeros((), jnp.int32)
+        start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(slot, jnp.int32), zero, zero)
+        cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), start),
+                 "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), start)}
+        keys = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
+        out = eager_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=allowed[:, None],
+                              scale=self.scaling, softcap=self.softcap)
+        return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim).astype(x.dtype)), cache
+
 
 class Gemma2DecoderLayer(nnx.Module):
     """transformers ``Gemma2DecoderLayer`` (sandwich norms around attention and MLP). Call
@@ -270,6 +298,12 @@ class Gemma2DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, key_valid, window):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, key_valid, window))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+    def cached(self, x, cos, sin, cache, layer, slot, allowed):
+        """The call against a key-value cache (``Gemma2Attention.cached``) -> ``(x, cache)``."""
+        h, cache = self.self_attn.cached(self.input_layernorm(x), cos, sin, cache, layer, slot, allowed)
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
 
 
 class Gemma2Model(nnx.Module):
@@ -299,8 +333,7 @@ class Gemma2Model(nnx.Module):
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer token ids [B, L], got {input_ids.dtype} {input_ids.shape}")
         b, n = input_ids.shape
-        x = self.embed_tokens(input_ids)
-        x = x * jnp.asarray(math.sqrt(self.config["hidden_size"]), x.dtype)
+        x = self.embed(input_ids)
         key_valid = None
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask)
@@ -321,6 +354,31 @@ class Gemma2Model(nnx.Module):
 
         x, _ = run_blocks(self.layers, step, (x, jnp.int32(0)), cos, sin, key_valid, windows, remat=self.remat)
         return self.norm(x)
+
+    def embed(self, input_ids):
+        """The token embedding times ``sqrt(hidden_size)``, the factor rounded to the embedding's
+        storage dtype first (transformers' ``embed_scale.to(weight.dtype)``) and the product in the
+        compute dtype."""
+        x = self.embed_tokens(input_ids)
+        normalizer = jnp.asarray(math.sqrt(self.config["hidden_size"]), self.embed_tokens.param_dtype)
+        return (x * normalizer.astype(jnp.promote_types(x.dtype, normalizer.dtype))).astype(x.dtype)
+
+    def cached(self, input_ids, valid, cache):
+        """The stack on new tokens against a key-value cache (see ``Gemma2ForCausalLM.init_cache``):
+        ``input_ids [B, T]`` with ``valid [B, T]`` (0 on left padding) go to slots ``cache["slot"]``
+        onwards -> ``(final hidden states [B, T, hidden], cache)``."""
+        positions, key_pos, seen, cache = write_positions(cache, valid)
+        query = jnp.maximum(positions, 0)[:, :, None]
+        cos, sin = rotary_tables(jnp.maximum(positions, 0), head_dim(self.config), rope_theta(self.config))
+        windows = jnp.asarray(self.windows, jnp.int32)
+
+        def step(layer, x, kv, index):
+            allowed = seen & (query - key_pos[:, None, :] < windows[index])
+            return layer.cached(x, cos, sin, kv, index, cache["slot"], allowed)
+
+        x, kv = run_layers(self.layers, step, self.embed(input_ids), {"k": cache["k"], "v": cache["v"]})
+        cache = {**cache, **kv, "slot": cache["slot"] + input_ids.shape[1]}
+        return self.norm(x), cache
 
 
 class Gemma2LMHead(nnx.Module):
@@ -377,12 +435,44 @@ class Gemma2ForCausalLM(nnx.Module):
                 node.implementation = attention
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
-        x = self.model(input_ids, attention_mask, position_ids)
+        return self.head(self.model(input_ids, attention_mask, position_ids))
+
+    def head(self, x):
+        """Logits of final hidden states ``x [..., hidden]``: the LM head, soft-capped in float32."""
         logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         cap = self.config["final_logit_softcapping"]
         if cap is not None:
             logits = (jnp.tanh(logits.astype(jnp.float32) / cap) * cap).astype(logits.dtype)
         return logits
+
+    # -- key-value cache ---------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> dict:
+        """An empty key-value cache of ``length`` slots per row, preallocated for every layer (as the
+        JAX samplers keep theirs, e.g. tunix's and ``gemma``'s ``gm.text.Sampler``):
+        ``{"k", "v"}`` ``[num_hidden_layers, batch, length, num_key_value_heads, head_dim]`` (in
+        ``dtype``, default the compute dtype), ``"pos" [batch, length]`` int32 (the position of the
+        token each slot holds, -1 while empty or padding), ``"slot"`` (the next slot to write) and
+        ``"next" [batch]`` (each row's next position). Sliding-window layers keep every slot and
+        mask by the stored positions. A pytree: it goes through ``jit`` and can be donated."""
+        embed = self.model.embed_tokens
+        return empty_cache(self.config["num_hidden_layers"], batch, length, self.config["num_key_value_heads"],
+                              head_dim(self.config), dtype or embed.dtype or embed.param_dtype)
+
+    def prefill(self, input_ids, attention_mask, cache):
+        """Writes a left-padded batch of prompts (``input_ids``, ``attention_mask`` ``[B, P]``; 0 on
+        padding) to an empty ``cache`` -> ``(logits of the last slot [B, vocab], cache)``. Positions
+        come from the mask (``positions_from_mask``), so a padded row computes what it computes
+        alone; the LM head runs on the last token only."""
+        x, cache = self.model.cached(jnp.asarray(input_ids), attention_mask, cache)
+        return self.head(x[:, -1]), cache
+
+    def decode_step(self, tokens, cache):
+        """One new token per row (``tokens [B]``) at each row's next position -> ``(logits [B,
+        vocab], cache)``."""
+        tokens = jnp.asarray(tokens).reshape(-1, 1)
+        x, cache = self.model.cached(tokens, jnp.ones(tokens.shape, bool), cache)
+        return self.head(x[:, -1]), cache
 
 
 # Published sizes (google/gemma-2-2b, -9b, -27b config.json; the -it models share them).

@@ -51,6 +51,7 @@ from fraqat_jax.models.transformers_folder import TRANSFORMERS_CLASSES, from_tra
 from fraqat_jax.text.generate import GREEDY_FIRST_TOKENS, continue_tokens, datafree_prompts
 from fraqat_jax.text.loss import LOSSES
 from fraqat_jax.text.samples import write_samples
+from fraqat_jax.models.sampler import Sampler, SamplerError, chat_template, end_token_ids
 
 __all__ = ["BUILTIN_TEACHER", "GEMMA2", "LOSS_NAMES", "PROMPT_TOKENS", "TextConfig", "TextFamily",
            "builtin_teacher_dir"]
@@ -289,7 +290,7 @@ class TextFamily(Family):
         def sample(params, prompts):
             model = build(params)
             key = jax.random.wrap_key_data(prompts["key"])
-            ids = continue_tokens(lambda x: model(x), prompts["input_ids"], prompts["prompt_len"],
+            ids = continue_tokens(model, prompts["input_ids"], prompts["prompt_len"],
                                   prompts["greedy_until"], key)
             return {"input_ids": ids, "prompt_len": prompts["prompt_len"]}
 
@@ -322,6 +323,34 @@ class TextFamily(Family):
         write_samples(path, int(step), float(bits), [self.decode(r[:p]) for r in teacher],
                       [self.decode(r[p:]) for r in teacher], [self.decode(r[p:]) for r in student])
         return path, None
+
+    # -- generation (python -m fraqat_jax.generate) -----------------------------------------------
+
+    generates = frozenset({"text"})
+
+    def text_sampler(self, model, cfg, *, batch_size: int = 8) -> Sampler:
+        """The one decoder (:class:`fraqat_jax.models.sampler.Sampler`) over ``model`` with the run's
+        tokenizer, end tokens and chat template (its teacher folder's); a teacher without a
+        ``tokenizer.json`` is a :class:`ConfigError` naming it."""
+        folder = self.teacher_folder(cfg)
+        if folder is None or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            raise ConfigError(f"the run's teacher {cfg.teacher!r} has no tokenizer (no tokenizer.json in "
+                              f"{folder or 'a preset'}): text generation needs one")
+        tokenizer = load_tokenizer(folder, f"teacher={cfg.teacher}")
+        return Sampler(model, tokenizer, eos_ids=end_token_ids(folder, dict(model.config), tokenizer),
+                       template=chat_template(folder), batch_size=batch_size)
+
+    def generate_text(self, model, cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                      top_k: int = 0, top_p: float = 1.0, stop=(), chat: bool = False) -> list:
+        """Continuations of ``prompts`` (``models.sampler.Completion``: strings carrying their ``tokens``);
+        bad input (an empty prompt, one longer than the cache, a bad option) is a :class:`ConfigError`."""
+        try:
+            return self.text_sampler(model, cfg).generate(list(prompts), max_new_tokens=max_new_tokens,
+                                                          temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
+                                                          stop=list(stop), chat=chat)
+        except SamplerError as e:
+            raise ConfigError(str(e)) from None
+
 
 #: The Gemma-2 family (what the ``fraqat_jax.families`` entry point names).
 GEMMA2 = TextFamily()

@@ -52,7 +52,7 @@ def test_greedy_continuations_equal_transformers_generate(tiny):
     ref, model = tiny
     prompts = np.random.default_rng(1).integers(3, 53, (3, 5))
     prompts[:, 0] = 2
-    ours = jax.jit(lambda p: greedy_continue(lambda ids: model(ids), p, 9))(jnp.asarray(prompts, jnp.int32))
+    ours = jax.jit(lambda p: greedy_continue(model, p, 9))(jnp.asarray(prompts, jnp.int32))
     with torch.no_grad():
         want = ref.generate(torch.tensor(prompts), max_new_tokens=9, min_new_tokens=9, do_sample=False,
                             attention_mask=torch.ones(3, 5, dtype=torch.long), pad_token_id=0).numpy()
@@ -61,7 +61,7 @@ def test_greedy_continuations_equal_transformers_generate(tiny):
 
 def test_datafree_sequences_follow_llm_qat(tiny):
     ref, model = tiny
-    fn = jax.jit(lambda k: datafree_sequences(lambda ids: model(ids), k, 6, 12, bos=2, vocab_size=53,
+    fn = jax.jit(lambda k: datafree_sequences(model, k, 6, 12, bos=2, vocab_size=53,
                                               excluded=(0, 1, 2)))
     out = fn(jax.random.key(3))
     ids = np.asarray(out["input_ids"])
