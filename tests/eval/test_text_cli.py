@@ -60,12 +60,23 @@ def test_eval_text_run_writes_tasks_perplexity_kl(small):
     assert result["tasks"]["mc"]["teacher"]["acc"] == pytest.approx(hits / 3)
     assert result["tasks"]["mc"]["teacher"]["acc_norm"] == pytest.approx(hits_norm / 3)
     nll = count = 0
+    lo, hi = np.inf, -np.inf
     for line in (small["root"] / "lines.txt").read_text().splitlines():
         if line.strip():
-            lp = logprobs(tok(line)["input_ids"])
+            ids = tok(line)["input_ids"]
+            lp = logprobs(ids)
             nll, count = nll - lp.sum(), count + len(lp)
+            with torch.no_grad():
+                logits = ref(torch.tensor([ids])).logits[0].double().numpy()
+            lo, hi = min(lo, logits.min()), max(hi, logits.max())
     assert result["perplexity"]["teacher"] == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert result["perplexity"]["student_frozen"] == pytest.approx(result["perplexity"]["student"], rel=1e-4)
+    # The frozen integer student computes the fake-quant student's arithmetic, but an 8-bit activation
+    # that sits on a rounding boundary may round the other way on another CPU; such a flip moves a
+    # token's log-probabilities by at most about one 8-bit step of the logit range, so the mean NLL
+    # (log perplexity) moves by at most that step. A wrong scale or code moves it by far more.
+    step = (hi - lo) / 255
+    log_gap = abs(math.log(result["perplexity"]["student_frozen"]) - math.log(result["perplexity"]["student"]))
+    assert log_gap <= step, (log_gap, step)
     assert result["kl"] > 0
 
 
