@@ -322,8 +322,7 @@ class DiffusionFamily(Family):
         config = dict(model.config)
         num_classes = self.num_classes(config)
         if prompts:
-            raise ConfigError(f"a {self.name} run cannot generate from --prompt here: text prompts need the "
-                              "pipeline's text encoders; use --label on a class-conditional DiT run")
+            return self._images_from_prompts(model, cfg, list(prompts), num_steps, guidance_scale, seed)
         if num_classes is None:
             raise ConfigError(f"a {self.name} run cannot generate from --label: its teacher is not class-conditional")
         labels = [int(x) for x in (labels or [])]
@@ -343,6 +342,28 @@ class DiffusionFamily(Family):
         x = run(state, noise, {"class_labels": jnp.asarray(labels, jnp.int32)}, key,
                 {"class_labels": jnp.int32(num_classes)})
         pixels = np.clip((np.asarray(x, np.float64) + 1.0) / 2.0 * 255.0, 0, 255).round().astype(np.uint8)
+        return pixels.transpose(0, 2, 3, 1)
+
+
+    def _images_from_prompts(self, model, cfg, prompts, num_steps, guidance_scale, seed):
+        """Images of ``prompts`` through the teacher's whole pipeline (its text encoder in JAX, this
+        family's sampler at the folder's flow shift with guidance against the null caption, its
+        autoencoder), as ``eval --prompts`` samples them; a teacher that is no pipeline exits 2."""
+        try:
+            pipe = self.prompt_pipeline(cfg)
+        except ValueError as e:  # PipelineError: the teacher has no text encoder or autoencoder
+            raise ConfigError(f"a {self.name} run cannot generate from --prompt: {e}") from None
+        steps = int(pipe.default_steps if num_steps is None else num_steps)
+        scale = float(pipe.default_guidance if guidance_scale is None else guidance_scale)
+        if steps < 1 or not scale >= 0:
+            raise ConfigError(f"--steps {steps} / --guidance {scale} not allowed: steps >= 1, guidance >= 0")
+        graphdef, state = nnx.split(model)
+        run = pipe.sampler(lambda st: nnx.merge(graphdef, st), num_steps=steps, guidance_scale=scale)
+        cond = {k: jnp.asarray(v) for k, v in pipe.encode(prompts).items()}
+        null = {k: jnp.asarray(v) for k, v in pipe.null().items()}
+        noise, key = make_noise(int(seed), (len(prompts), *pipe.latent_shape(dict(model.config))))
+        images = np.clip(pipe.decode(run(state, noise, cond, key, null)), -1.0, 1.0)
+        pixels = np.clip((images.astype(np.float64) + 1.0) / 2.0 * 255.0, 0, 255).round().astype(np.uint8)
         return pixels.transpose(0, 2, 3, 1)
 
 
@@ -401,6 +422,7 @@ class Sana(_Flow):
     name = "sana"
     model_classes = ("SanaTransformer2DModel",)
     sampler = "flow_dpm"
+    generates = frozenset({"prompts"})
     text_tokens = 300
     vae_factor = 32
     vae_class = "AutoencoderDC"

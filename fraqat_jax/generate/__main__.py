@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"--chat and --stop are for text runs; {args.workdir!r} generates images")
         images = family.generate_images(model, cfg, labels=args.label or None, prompts=prompts or None,
                                         num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
-        names = [f"{i:03d}_label{label}" for i, label in enumerate(args.label)]
+        names = ([f"{i:03d}_label{label}" for i, label in enumerate(args.label)] if args.label
+                 else [f"{i:03d}_prompt" for i in range(len(images))])
         for path in write_pngs(args.out or os.path.join(args.workdir, "generated"), images, names):
             print(path)
         return 0
