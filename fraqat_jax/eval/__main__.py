@@ -95,6 +95,9 @@ def main(argv=None) -> dict:
         fail(f"--num-samples must be >= 2 and --num-val >= 1, got {args.num_samples} and {args.num_val}")
     if args.prompts is not None and ((args.num_samples is not None and args.num_samples < 1) or args.batch_size < 1):
         fail(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
+    if args.prompts is not None and not os.path.exists(args.prompts):
+        fail(f"--prompts {args.prompts!r}: no such folder (a prompt-embedding cache) or file (UTF-8, one prompt "
+             "per line)")
     if prompt_file:
         from fraqat_jax.eval.prompted import PromptsError, prompt_digits, read_prompt_file
 

@@ -146,11 +146,11 @@ def test_fit_check_channels_pos_embed_and_flux_packing():
         check_fits_teacher("latents:/c", {"latents": ((16, 18, 16), np.float32)}, sd3, family="sd3")
     assert "at most 16 per side" in _one_line(info.value, "latents:/c") and "cache latents" in str(info.value)
     flux = {"in_channels": 64, "patch_size": 1}
-    check_fits_teacher("latents:/f", {"latents": ((16, 8, 8), np.float32)}, flux, family="flux")
+    check_fits_teacher("latents:/f", {"latents": ((16, 8, 8), np.float32)}, flux, family="flux", packed=True)
     with pytest.raises(DataSourceError, match="must be a multiple of 2 .the 2x2 packing"):
-        check_fits_teacher("latents:/f", {"latents": ((16, 7, 8), np.float32)}, flux, family="flux")
+        check_fits_teacher("latents:/f", {"latents": ((16, 7, 8), np.float32)}, flux, family="flux", packed=True)
     with pytest.raises(DataSourceError, match="takes 16 .in_channels=64, packed 2x2"):
-        check_fits_teacher("latents:/f", {"latents": ((64, 8, 8), np.float32)}, flux, family="flux")
+        check_fits_teacher("latents:/f", {"latents": ((64, 8, 8), np.float32)}, flux, family="flux", packed=True)
 
 
 def test_cli_exits_2_with_one_line_for_an_unknown_tfds_dataset(tmp_path):

@@ -255,7 +255,7 @@ out = {}
 for int4 in (False, True):
     graphdef, state = nnx.split(freeze(model, int4=int4))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
-    for tokens in (1, 64):
+    for tokens in (1,):  # decode: the case the int4 layout exists for (one compile per layout keeps it quick)
         x = jax.ShapeDtypeStruct((tokens, 512), jnp.float32, sharding=sh)
         compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(abstract, x).compile()
         cost = compiled.cost_analysis()
@@ -291,7 +291,7 @@ def test_tpu_reads_int4_codes_in_the_matmul_and_unpacks_packed_ones():
         return sorted({m.group(1) for m in re.finditer(r"= (\w+)\[([\d,]+)\]", entry)
                        if np.prod([int(d) for d in m.group(2).split(",")]) >= kernel and m.group(1) != "s4"})
 
-    for tokens in (1, 64):
+    for tokens in (1,):
         int4, packed = out[f"True/{tokens}"], out[f"False/{tokens}"]
         assert widest_kernel_sized(int4["hlo"]) == [], widest_kernel_sized(int4["hlo"])
         assert widest_kernel_sized(packed["hlo"]) != []
