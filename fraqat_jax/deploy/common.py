@@ -22,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["EP_NAME", "KINDS", "MANIFEST", "PROVIDERS", "SOC_DEFAULT", "Component", "DeployError", "Timer",
+__all__ = ["EP_NAME", "KINDS", "MANIFEST", "PROVIDERS", "SOC_DEFAULT", "Component", "DeployError", "Timer", "htp_options",
            "component_path", "load_component", "make_session", "qnn_library", "read_manifest"]
 
 MANIFEST = "pipeline.json"
@@ -89,27 +89,42 @@ def qnn_library() -> str:
     return onnxruntime_qnn.get_qnn_htp_path()
 
 
-def make_session(path: str, provider: str, soc: Mapping | None = None, log_level: int = 3):
-    """An onnxruntime session of ``path``: on ``"qnn"`` the HTP backend for ``soc`` (a manifest's
-    ``{"soc_model", "htp_arch"}``) with CPU fallback disabled; on ``"cpu"`` onnxruntime's CPU
-    provider. Basic graph optimizations only, so the graph runs as written."""
+def htp_options(soc: Mapping | None = None, *, fallback: bool = False, log_level: int = 3):
+    """``onnxruntime.SessionOptions`` for the QNN HTP backend of ``soc`` (``{"soc_model",
+    "htp_arch"}``, default SM8750): basic graph optimizations only (the graph runs as written, no
+    CPU-side fusions before partitioning), CPU fallback disabled unless ``fallback``, and graph-input
+    quantization on HTP too (``offload_graph_io_quantization=0``; by default the provider leaves a
+    QuantizeLinear of a graph input to the CPU)."""
     import onnxruntime as ort
 
-    if provider not in PROVIDERS:
-        raise DeployError(f"unknown provider {provider!r}; allowed: {', '.join(PROVIDERS)}")
+    backend = qnn_library()
+    soc = dict(SOC_DEFAULT, **(soc or {}))
     options = ort.SessionOptions()
     options.log_severity_level = log_level
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if provider == "cpu":
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    backend = qnn_library()
-    soc = dict(SOC_DEFAULT, **(soc or {}))
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if not fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
     options.add_provider_for_devices(devices, {"backend_path": backend, "htp_arch": str(soc["htp_arch"]),
                                                "soc_model": str(soc["soc_model"]),
                                                "offload_graph_io_quantization": "0"})
-    return ort.InferenceSession(path, options)
+    return options
+
+
+def make_session(path: str, provider: str, soc: Mapping | None = None, log_level: int = 3):
+    """An onnxruntime session of ``path``: on ``"qnn"`` the HTP backend for ``soc`` (a manifest's
+    ``{"soc_model", "htp_arch"}``) with CPU fallback disabled (:func:`htp_options`); on ``"cpu"``
+    onnxruntime's CPU provider. Basic graph optimizations only, so the graph runs as written."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise DeployError(f"unknown provider {provider!r}; allowed: {', '.join(PROVIDERS)}")
+    if provider == "cpu":
+        options = ort.SessionOptions()
+        options.log_severity_level = log_level
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, htp_options(soc, log_level=log_level))
 
 
 class Component:

@@ -236,19 +236,12 @@ def open_graphs(manifest: Mapping, folder: str, provider: str) -> tuple[Callable
 def _shared_context_session(path: str, soc, *, last: bool):
     import onnxruntime as ort
 
-    from fraqat_jax.deploy.common import EP_NAME, SOC_DEFAULT, qnn_library
+    from fraqat_jax.deploy.common import htp_options
 
-    backend = qnn_library()
-    soc = dict(SOC_DEFAULT, **(soc or {}))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options = htp_options(soc)
     options.add_session_config_entry("ep.share_ep_contexts", "1")
     if last:
         options.add_session_config_entry("ep.stop_share_ep_contexts", "1")
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
-    options.add_provider_for_devices(devices, {"backend_path": backend, "htp_arch": str(soc["htp_arch"]),
-                                               "soc_model": str(soc["soc_model"])})
     return ort.InferenceSession(path, options)
 
 

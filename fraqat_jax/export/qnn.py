@@ -79,6 +79,7 @@ from fraqat_jax.export.onnx import OUTPUT_NAME, OnnxExportError
 from fraqat_jax.export.qnn_graph import (OUTPUT_MARGIN, PRODUCT_BITS, bool_ands_as_products, bool_layout_as_float,
                                          cpu_session, fold_weight_transposes, lower_rank, quantize_products,
                                          split_prologue, to_qnn)
+from fraqat_jax.deploy.common import EP_NAME
 from fraqat_jax.quant import rel_diff
 
 __all__ = [  # qnn_graph's surgery and quant's rel_diff are re-exported: one import for the QNN form
@@ -90,7 +91,6 @@ __all__ = [  # qnn_graph's surgery and quant's rel_diff are re-exported: one imp
     "write_qnn",
 ]
 
-EP_NAME = "QNNExecutionProvider"
 TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out|
 TOL_STUDENT = 5e-2  # QNN HTP vs the exported JAX student, x max|out|
 TOL_CONTEXT = 1e-5  # the EPContext model vs the QNN run of model.onnx, x max|out|
@@ -154,24 +154,16 @@ def qnn_session(path: str, soc: str = DEFAULT_SOC, *, fallback: bool = False, co
     the context binary embedded, ``ep.context_embed_mode=1``)."""
     import onnxruntime as ort
 
-    qnn = qnn_module()
+    from fraqat_jax.deploy.common import htp_options
+
+    qnn_module()
     chip = soc_of(soc)
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
-    options = ort.SessionOptions()
-    options.log_severity_level = log_level
-    # Basic optimizations only: the graph runs as written (no CPU-side fusions before partitioning).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if not fallback:
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options = htp_options({"soc_model": chip.soc_model, "htp_arch": chip.htp_arch}, fallback=fallback,
+                          log_level=log_level)
     if context_path is not None:
         options.add_session_config_entry("ep.context_enable", "1")
         options.add_session_config_entry("ep.context_embed_mode", "1")
         options.add_session_config_entry("ep.context_file_path", context_path)
-    # offload_graph_io_quantization=0: a QuantizeLinear of a graph input (a layer reading an input
-    # directly) runs on HTP too; by default the provider leaves it to the CPU.
-    options.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), "htp_arch": str(chip.htp_arch),
-                                               "soc_model": str(chip.soc_model),
-                                               "offload_graph_io_quantization": "0"})
     return ort.InferenceSession(path, options)
 
 

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fraqat_jax.deploy.text import TextModel, generate, step_tables
-from fraqat_jax.export.qnn import (DEFAULT_SOC, EP_NAME, PRODUCT_BITS, context_bytes, cpu_session, qnn_module,
+from fraqat_jax.export.qnn import (DEFAULT_SOC, PRODUCT_BITS, context_bytes, cpu_session, qnn_module,
                                    qnn_session, refused_nodes, soc_of)
 from fraqat_jax.export.qnn_graph import to_qnn
 
@@ -165,26 +165,20 @@ def shared_context_sessions(paths: Mapping[str, str], ctx_paths: Mapping[str, st
     """Compiles the graphs on HTP (CPU fallback disabled) in one weight-sharing group, writing their
     EPContext models (context binary beside them, ``embed_mode`` 0); returns the sessions."""
     import onnxruntime as ort
-    import onnxruntime_qnn
+
+    from fraqat_jax.deploy.common import htp_options
 
     qnn_module()
     chip = soc_of(soc)
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
     sessions = {}
     for i, name in enumerate(GRAPHS):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        options = htp_options({"soc_model": chip.soc_model, "htp_arch": chip.htp_arch})
         options.add_session_config_entry("ep.context_enable", "1")
         options.add_session_config_entry("ep.context_embed_mode", "0")
         options.add_session_config_entry("ep.context_file_path", ctx_paths[name])
         options.add_session_config_entry("ep.share_ep_contexts", "1")
         if i == len(GRAPHS) - 1:
             options.add_session_config_entry("ep.stop_share_ep_contexts", "1")
-        options.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(),
-                                                   "htp_arch": str(chip.htp_arch), "soc_model": str(chip.soc_model),
-                                                   "offload_graph_io_quantization": "0"})
         sessions[name] = ort.InferenceSession(paths[name], options)
     return sessions
 
