@@ -51,6 +51,10 @@ CELLS = {
                       "ptq,qat,fraqat", 8),
     "paper_more": ("lr 1e-5 constant, 2000 steps (the paper's regime), seeds beyond the first 8", PAPER,
                    "ptq,qat,fraqat,linear:0.44", 16),
+    # Sana's architecture (the tiny SanaPipeline teacher): validation loss here; prompted-digit accuracy and
+    # FD of the decoded images come from benchmarks/claim_sana.py on the same seeds
+    "sana": ("configs/sana_default.py (Sana's pipeline in miniature)", ["--config", "configs/sana_default.py"],
+             "ptq,qat,fraqat", 10),
 }
 SMOKE_CELLS = ("paper", "continuous")
 MAX_LISTED_CHANGES = 12  # more changes of bits than this are summarised, not listed per step
