@@ -90,6 +90,16 @@ def test_the_folder_holds_both_graphs_whole_on_htp_sharing_one_context(exported)
         assert {n.op_type for n in g.node if table in n.input} == {"Gather", "Gemm"}
         ctx = onnx.load(os.path.join(folder, manifest["components"][name]["context"])).graph
         assert [n.op_type for n in ctx.node] == ["EPContext"]
+        # The CPU graph: the same graph less the requantization of each product's accumulator.
+        cpu = onnx.load(os.path.join(folder, manifest["components"][name]["cpu_onnx"])).graph
+        products = [n for n in g.node if n.op_type in ("MatMul", "Gemm")
+                    and any(i.endswith(".qnn_dq") or "DequantizeLinear" in i for i in n.input)]
+        requant = [n.name for n in g.node if n.name.endswith(".out.qnn_q")]
+        assert len(requant) == rep["qdq"][name]["products"] == 28 and len(products) >= 28
+        assert not [n for n in cpu.node if n.name.endswith((".out.qnn_q", ".out.qnn_dq"))]
+        assert len(cpu.node) == len(g.node) - 2 * len(requant)
+        assert ({(t.name, t.raw_data) for t in cpu.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)}
+                == {(t.name, t.raw_data) for t in g.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)})
     # One context binary for both graphs, no larger than 1.2x one graph compiled alone.
     assert len(rep["context_files"]) == 1 and os.path.isfile(os.path.join(folder, rep["context_files"][0]))
     assert rep["context_bytes"] <= 1.2 * max(rep["context_bytes_alone"].values())

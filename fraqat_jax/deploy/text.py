@@ -213,16 +213,18 @@ def simulator() -> bool:
 
 
 def open_graphs(manifest: Mapping, folder: str, provider: str) -> tuple[Callable, Callable]:
-    """``(prefill_fn, decode_fn)`` on ``provider``: the ONNX graphs on the CPU; on ``qnn`` the shared
-    EPContext models (``ep.share_ep_contexts``) on a device, the ONNX graphs compiled on HTP (CPU
-    fallback disabled) on the simulator."""
+    """``(prefill_fn, decode_fn)`` on ``provider``: on the CPU the CPU graphs (``cpu_onnx``: the HTP
+    graphs without their products' output requantization; the HTP graphs where a folder has none);
+    on ``qnn`` the shared EPContext models (``ep.share_ep_contexts``) on a device, the ONNX graphs
+    compiled on HTP (CPU fallback disabled) on the simulator."""
     comps = manifest.get("components") or {}
     paths = {}
     for name in ("prefill", "decode"):
         if name not in comps:
             raise DeployError(f"{folder!r} is not a generation folder: pipeline.json names no {name!r} graph")
         use_ctx = provider == "qnn" and not simulator()
-        rel = comps[name].get("context" if use_ctx else "onnx")
+        key = "context" if use_ctx else ("cpu_onnx" if provider == "cpu" and comps[name].get("cpu_onnx") else "onnx")
+        rel = comps[name].get(key)
         path = os.path.join(folder, rel or "")
         if not rel or not os.path.isfile(path):
             raise DeployError(f"the {name} graph of {folder!r} is missing: {path!r}")

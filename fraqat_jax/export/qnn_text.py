@@ -11,6 +11,10 @@ sharing one KV-cache layout and one context binary.
   ``past_value_{l}_in`` holding ``C - N`` cache slots; outputs ``logits`` and the ``N`` new
   keys / values per layer) in the QNN form of :mod:`fraqat_jax.export.qnn` (every rule there
   holds; the product ranges are calibrated on the steps the host runner takes over held-out text);
+* ``prefill_cpu.onnx`` and ``decode_cpu.onnx``: the same graphs without the requantization of each
+  product's accumulator (the 16- or 8-bit output grid HTP's integer kernels need, which the JAX
+  student does not have), for ``--provider cpu``: onnxruntime's CPU then computes what the frozen
+  JAX student computes (INT4 weights, the trained activation grid), up to float32 summation order;
 * ``prefill_ctx.onnx`` and ``decode_ctx.onnx``: their EPContext models for ``--soc``, compiled in
   one weight-sharing group (``ep.share_ep_contexts``), so both point to one context binary
   (``prefill_ctx_qnn.bin``) that holds the weights once;
@@ -54,6 +58,7 @@ DEFAULT_CONTEXT = 512  # at most max_position_embeddings
 GRAPHS = ("prefill", "decode")
 TOL_LOGITS = 5e-2  # QNN vs the JAX frozen student, x max|logits|, until the first differing token
 FILES = {"prefill": ("prefill.onnx", "prefill_ctx.onnx"), "decode": ("decode.onnx", "decode_ctx.onnx")}
+CPU_FILES = {"prefill": "prefill_cpu.onnx", "decode": "decode_cpu.onnx"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -113,6 +118,38 @@ def tie_lm_head(model) -> int:
     del g.initializer[:]
     g.initializer.extend(keep)
     return count
+
+
+def without_product_requantization(model):
+    """A copy of a QNN-form graph without the ``QuantizeLinear -> DequantizeLinear`` pair after each
+    quantized product (:func:`fraqat_jax.export.qnn_graph.quantize_products`' ``.out`` pairs): the
+    requantization of the accumulator that HTP's integer kernels need and the JAX student does not
+    do. Everything else (the INT4 weights, the trained activation grid, the float ops) is kept, so
+    onnxruntime's CPU computes what the frozen JAX student computes. Returns ``(copy, pairs removed)``."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    pairs = {n.name[:-len(".out.qnn_dq")]: n for n in g.node if n.name.endswith(".out.qnn_dq")}
+    quants = {n.name[:-len(".out.qnn_q")]: n for n in g.node if n.name.endswith(".out.qnn_q")}
+    rename = {}
+    for tag, dq in pairs.items():
+        q = quants[tag]
+        rename[dq.output[0]] = q.input[0]
+        g.node.remove(dq)
+        g.node.remove(q)
+    for n in g.node:
+        for j, i in enumerate(n.input):
+            if i in rename:
+                n.input[j] = rename[i]
+    if any(o.name in rename for o in g.output):
+        raise ValueError("a product's requantized output is a graph output")
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return out, len(pairs)
 
 
 def _fn(session):
@@ -262,6 +299,7 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
     record = calibration_steps(geom, raw, calibration_windows)
     paths = {k: os.path.join(out_dir, FILES[k][0]) for k in GRAPHS}
     ctx_paths = {k: os.path.join(out_dir, FILES[k][1]) for k in GRAPHS}
+    cpu_paths = {k: os.path.join(out_dir, CPU_FILES[k]) for k in GRAPHS}
     qcounts = {}
     for name in GRAPHS:
         main, prologue, qcounts[name] = to_qnn(protos[name], weight_outputs[name], record[name], product_bits)
@@ -272,6 +310,8 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
                 os.remove(p)
         onnx.save(main, paths[name])
         onnx.checker.check_model(paths[name], full_check=True)
+        cpu_model, qcounts[name]["cpu_requantizations_removed"] = without_product_requantization(main)
+        onnx.save(cpu_model, cpu_paths[name])
     lap("qnn_form")
     report: dict[str, Any] = {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model,
                               "product_bits": int(product_bits), "prefill_len": n, "context_len": c,
@@ -302,17 +342,18 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
     report["context_ratio_vs_one_graph"] = report["context_bytes"] / max(alone.values())
     lap("htp_alone")
     if heldout_windows:
-        report.update(_agreement(frozen, geom, sessions, paths, heldout_windows, check_prompt_len, check_tokens,
+        report.update(_agreement(frozen, geom, sessions, paths, cpu_paths, heldout_windows, check_prompt_len, check_tokens,
                                  _eos(config), htp_prompts, htp_tokens))
     lap("agreement")
     copied = _copy_tokenizer(tokenizer_from, out_dir, config)
-    manifest = _manifest(geom, config, chip, paths, ctx_paths, product_bits, copied)
+    manifest = _manifest(geom, config, chip, paths, ctx_paths, cpu_paths, product_bits, copied)
     with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
     report["stage_seconds"] = stages
     report["export_seconds"] = round(time.perf_counter() - start, 2)
-    report["ok"] = max(report.get("max_rel_diff_logits", 0.0), report.get("max_rel_diff_logits_cpu", 0.0)) <= TOL_LOGITS
+    report["ok"] = max(report.get(k, 0.0) for k in ("max_rel_diff_logits", "max_rel_diff_logits_cpu",
+                                                    "max_rel_diff_logits_qnn_form_cpu")) <= TOL_LOGITS
     _write_json(os.path.join(out_dir, "qnn.json"), report)
     return report
 
@@ -333,20 +374,22 @@ def _eos(config: Mapping) -> list[int]:
     return [] if e is None else ([int(e)] if isinstance(e, (int, np.integer)) else [int(x) for x in e])
 
 
-def _agreement(frozen, geom, sessions, paths, windows, prompt_len, num_new, eos, htp_prompts, htp_tokens) -> dict:
+def _agreement(frozen, geom, sessions, paths, cpu_paths, windows, prompt_len, num_new, eos, htp_prompts, htp_tokens) -> dict:
     """Greedy continuations of held-out prompts against the JAX frozen student's: on onnxruntime's
-    CPU (the same QNN-form graphs) for every window, ``num_new`` tokens; on QNN HTP for the first
-    ``htp_prompts``, ``htp_tokens`` tokens (the simulator is slow). Tokens
-    equal, and the logits until the first differing token."""
+    CPU for every window, ``num_new`` tokens, both the CPU graphs (``cpu``: what ``--provider cpu``
+    runs) and the QNN-form graphs themselves (``qnn_form_cpu``: HTP's arithmetic, emulated in
+    float32); on QNN HTP for the first ``htp_prompts``, ``htp_tokens`` tokens (the simulator is
+    slow). Tokens equal, and the logits until the first differing token."""
     runners = {"htp": TextModel(geom, _fn(sessions["prefill"]), _fn(sessions["decode"])),
-               "cpu": TextModel(geom, *(_fn(cpu_session(paths[k])) for k in GRAPHS))}
-    rows = {"htp": [], "cpu": []}
-    worst = {"htp": 0.0, "cpu": 0.0}
+               "cpu": TextModel(geom, *(_fn(cpu_session(cpu_paths[k])) for k in GRAPHS)),
+               "qnn_form_cpu": TextModel(geom, *(_fn(cpu_session(paths[k])) for k in GRAPHS))}
+    rows = {k: [] for k in runners}
+    worst = {k: 0.0 for k in runners}
     for i, ids in enumerate(windows):
         prompt = [int(t) for t in ids[:prompt_len]]
         ref_tokens, ref_logits = jax_greedy(frozen, prompt, num_new, geom["context_len"], eos)
         for kind, model in runners.items():
-            n_new = num_new if kind == "cpu" else htp_tokens
+            n_new = htp_tokens if kind == "htp" else num_new
             if kind == "htp" and i >= htp_prompts:
                 continue
             got = generate(model, prompt, max_new_tokens=n_new, eos_ids=eos, keep_logits=True)
@@ -360,7 +403,9 @@ def _agreement(frozen, geom, sessions, paths, windows, prompt_len, num_new, eos,
     return {"agreement": rows, "prompts": len(rows["htp"]), "prompts_equal": sum(r["equal"] for r in rows["htp"]),
             "new_tokens": htp_tokens, "prompts_cpu": len(rows["cpu"]),
             "prompts_equal_cpu": sum(r["equal"] for r in rows["cpu"]), "new_tokens_cpu": num_new,
-            "max_rel_diff_logits": worst["htp"], "max_rel_diff_logits_cpu": worst["cpu"]}
+            "max_rel_diff_logits": worst["htp"], "max_rel_diff_logits_cpu": worst["cpu"],
+            "prompts_equal_qnn_form_cpu": sum(r["equal"] for r in rows["qnn_form_cpu"]),
+            "max_rel_diff_logits_qnn_form_cpu": worst["qnn_form_cpu"]}
 
 
 def _agree(a, b) -> int:
@@ -371,13 +416,14 @@ def _agree(a, b) -> int:
     return n
 
 
-def _manifest(geom, config, chip, paths, ctx_paths, product_bits, copied) -> dict:
+def _manifest(geom, config, chip, paths, ctx_paths, cpu_paths, product_bits, copied) -> dict:
     import onnx
 
     comps = {}
     for name in GRAPHS:
         inputs, outputs = _io(onnx.load(paths[name], load_external_data=False))
         comps[name] = {"onnx": os.path.basename(paths[name]), "context": os.path.basename(ctx_paths[name]),
+                       "cpu_onnx": os.path.basename(cpu_paths[name]),
                        "tokens": geom["prefill_len"] if name == "prefill" else 1, "inputs": inputs, "outputs": outputs,
                        "quantization": {"weights": "int4 (int8 above 4 bits), per channel",
                                         "activations": f"trained uint8 grid, products at {product_bits} bits",
@@ -394,6 +440,7 @@ REPORT_KEYS = ("soc", "htp_arch", "product_bits", "prefill_len", "context_len", 
                "initializer_bytes", "tied_lm_head", "bf16_bytes", "context_bytes", "context_bytes_alone", "context_ratio_vs_one_graph",
                "context_files", "context_build_seconds", "max_rel_diff_logits", "max_rel_diff_logits_cpu",
                "prompts", "prompts_equal", "new_tokens", "prompts_cpu", "prompts_equal_cpu", "new_tokens_cpu",
+               "prompts_equal_qnn_form_cpu", "max_rel_diff_logits_qnn_form_cpu",
                "agreement", "refused", "error", "stage_seconds", "export_seconds", "ok")
 
 
@@ -418,4 +465,7 @@ def summary(report: dict) -> str:
         f"held-out prompts ({report['new_tokens']} tokens), onnxruntime CPU {report['prompts_equal_cpu']} of "
         f"{report['prompts_cpu']} ({report['new_tokens_cpu']} tokens); max |logits - JAX| / max|logits| until the first differing "
         f"token {report['max_rel_diff_logits']:.2e} (tolerance {TOL_LOGITS:g}; CPU {report['max_rel_diff_logits_cpu']:.2e})")
+        lines.append(f"the QNN-form graphs on onnxruntime CPU (HTP's requantized products, emulated): "
+                     f"{report['prompts_equal_qnn_form_cpu']} of {report['prompts_cpu']}, "
+                     f"{report['max_rel_diff_logits_qnn_form_cpu']:.2e}")
     return "\n".join(lines)
