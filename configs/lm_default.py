@@ -6,7 +6,9 @@ queries, tied embeddings) pretrained by ``python -m fraqat_jax.pretrain.text`` o
 library (PSF licence); the distillation text is standard-library source shipped beside it
 (``train.jsonl``), cut into 128-token windows, the last 2% held out. The student is W4A8 (every
 linear layer of the blocks; embedding / LM head in float) trained with the FraQAT schedule on the
-forward KL of the next-token distributions. Run it in its own workdir::
+forward KL of the next-token distributions. Activation ranges are static (each layer's input range
+calibrated once before training, then fixed): the form a phone runs, so ``export --format qnn``
+writes the very student that ``generate --model frozen`` decodes with. Run it in its own workdir::
 
     python -m fraqat_jax.train --config configs/lm_default.py --workdir runs/lm_default
 
@@ -25,6 +27,7 @@ def get_config():
         "data": "text:" + str(shipped.joinpath("train.jsonl")),
         "seq_len": 128,
         "loss": "kl",
+        "act_ranges": "static",
         "steps": 200,
         "batch_size": 16,
         "lr": 1e-3,
