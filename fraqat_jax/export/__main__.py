@@ -279,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "bf16 folder; transformers: a language-model run as a transformers folder (dequantized "
                         "bf16 safetensors, config, tokenizer; AutoModelForCausalLM loads it); onnx: one QDQ .onnx file (INT4 weights, static uint8 inputs) for phone "
                         "runtimes (needs the onnx extra); qnn: a folder with model.onnx in the form Qualcomm's QNN "
-                        "HTP runs whole, its compiled HTP context (model_ctx.onnx) and qnn.json, checked on the "
-                        "QNN HTP simulator (needs the qnn extra)")
+                        "HTP runs whole, its compiled HTP context (model_ctx.onnx), qnn.json and pipeline.json, "
+                        "checked on the QNN HTP simulator (needs the qnn extra); on a text-to-image run, the "
+                        "pipeline folder: text_encoder/, transformer/ and vae_decoder/ each so, the tokenizer and "
+                        "the constants")
     p.add_argument("--soc", default="sm8750", type=str.lower,
                    help="--format qnn: the Snapdragon SoC the HTP context is compiled for: sm8750 (HTP v79, "
                         "Snapdragon 8 Elite, default), sm8650 (v75), sm8550 (v73), sm8850 (v81)")
