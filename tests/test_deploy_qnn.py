@@ -92,7 +92,8 @@ def test_sana_default_run_exports_the_pipeline_folder_that_runs_whole_on_qnn_htp
     assert manifest["kind"] == "image" and manifest["conditioning"] == "text"
     assert set(manifest["components"]) == {"text_encoder", "transformer", "vae_decoder"}
     assert manifest["text"]["length"] == extras["max_sequence_length"] and manifest["text"]["lowercase"] is True
-    assert (manifest["sampler"]["name"], manifest["sampler"]["shift"]) == ("flow_dpmsolver++", scheduler_shift(Path(teacher)))
+    settings = manifest["sampler"]
+    assert (settings["name"], settings["shift"]) == ("flow_dpmsolver++", scheduler_shift(Path(teacher)))
     assert manifest["latent"]["shape"][:2] == [1, 4] and manifest["soc"]["htp_arch"] == 79
     assert (folder / "tokenizer" / "tokenizer.json").is_file()
     for name in ("uncond_embedding", "uncond_mask"):

@@ -221,7 +221,7 @@ def _export_diffusers(teacher, student, cfg, args) -> dict:
     """``--format diffusers``: the student's fake-quantized weights in diffusers' layout (bfloat16);
     for a run whose teacher is a whole pipeline folder, that pipeline with the student (float32)
     as its ``transformer/``, which the diffusers pipeline class loads and runs from a prompt."""
-    from fraqat_jax.family import CapabilityError, family_for_model
+    from fraqat_jax.family import family_for_model
 
     family = family_for_model(teacher)
     write = getattr(family, "write_pipeline", None)
