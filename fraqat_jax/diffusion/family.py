@@ -432,6 +432,14 @@ class Sana(_Flow):
     def default_text_width(self, model_config):
         return int(model_config.get("caption_channels", 2304))
 
+    def pipeline_components(self, cfg, student):
+        """The run's text-to-image phone pipeline when its teacher is a whole ``SanaPipeline`` folder
+        (``fraqat_jax.diffusion.phone.pipeline_components``: text encoder, the student, DC-AE decoder,
+        tokenizer, sampler, prompts)."""
+        from fraqat_jax.diffusion.phone import pipeline_components
+
+        return pipeline_components(self, cfg, student)
+
 
 class Flux(_Flow):
     """FLUX.1 (``FluxTransformer2DModel``): rectified flow on 2x2-packed latents, sigma as its

@@ -6,7 +6,9 @@ over diffusers' linear DDPM betas for the epsilon families, the rectified-flow E
 flow families (``timesteps_per_sigma``: the model timestep per unit of sigma).
 :func:`label_settings` names a class-conditional model's label input and its null class.
 :class:`TextEncoderGraph`, :class:`TransformerGraph` and :class:`DecoderGraph` are the three
-networks of a text-to-image folder as they are traced (their call signatures are the folder's).
+networks of a text-to-image folder as they are traced (their call signatures are the folder's);
+:func:`pipeline_components` gathers them, with the tokenizer, text length, sampler, latent shape and
+prompts, from a run whose teacher is a whole ``SanaPipeline`` folder.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fraqat_jax.diffusion.families import as_family
+from fraqat_jax.family import CapabilityError, PipelineComponents
 
 __all__ = ["DDIM_SETTINGS", "DecoderGraph", "TextEncoderGraph", "TransformerGraph", "label_settings",
-           "sampler_settings", "single_network_settings"]
+           "pipeline_components", "pipeline_prompts", "sampler_settings", "single_network_settings"]
 
 #: The DDIM schedule of ``model_sampler`` for the epsilon families (``ddpm_alphas_cumprod()``'s defaults).
 DDIM_SETTINGS = {"name": "ddim", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
@@ -100,3 +103,51 @@ class TransformerGraph(nnx.Module):
     def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
         return self.model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                           encoder_attention_mask=encoder_attention_mask)
+
+
+# ----------------------------------------------------------------------------- a run's pipeline
+
+#: The manifest's scheduler for each flow family's evaluation sampler.
+_FLOW_SCHEDULERS = {"flow_dpm": "flow_dpmsolver++", "euler": "flow_euler"}
+
+
+def pipeline_prompts(templates, *, seed: int = 0) -> list[str]:
+    """Every caption of ``templates`` (``{word}`` / ``{numeral}``) for the ten digits, in an order
+    drawn with ``seed``: any prefix spreads over digits and templates."""
+    import numpy as np
+
+    from fraqat_jax.data.captions import caption
+
+    captions = [caption(t, d) for t in templates for d in range(10)]
+    return [captions[i] for i in np.random.default_rng(seed).permutation(len(captions))]
+
+
+def pipeline_components(family, cfg, student) -> PipelineComponents:
+    """The text-to-image phone pipeline of a run whose teacher is a whole pipeline folder
+    (``fraqat_jax.diffusion.pipeline``): its text encoder and DC-AE decoder as the folder ships
+    them, the trained ``student`` as the transformer, the tokenizer and text length of the prompt
+    encoding, the family's sampler at the folder's flow shift with the pipeline's default steps and
+    guidance, the training captions (calibration) and the held-out ones (agreement).
+    :class:`~fraqat_jax.family.CapabilityError` when the teacher is no such folder."""
+    from fraqat_jax.diffusion.pipeline import PipelineError, PromptPipeline, pipeline_folder
+
+    family = as_family(family)
+    try:
+        folder = pipeline_folder(cfg.teacher)
+    except PipelineError as e:
+        raise CapabilityError(f"family {family.name!r} cannot export a text-to-image phone pipeline: {e}") from None
+    pipe = PromptPipeline(folder, family)
+    pad_id = pipe.encoder.tokenizer.token_to_id("<pad>")
+    templates = pipe.extras.get("templates") or {}
+    if not templates.get("train") or not templates.get("heldout"):
+        raise CapabilityError(f"family {family.name!r} cannot export a phone pipeline from {str(folder)!r}: its "
+                              "fraqat.json lists no train and heldout caption templates (calibration and agreement "
+                              "prompts)")
+    sampler = sampler_settings(family, steps=pipe.default_steps, guidance=pipe.default_guidance, shift=pipe.shift,
+                               name=_FLOW_SCHEDULERS.get(family.sampler))
+    return PipelineComponents(
+        text_encoder=TextEncoderGraph(pipe.encoder.model), transformer=TransformerGraph(student),
+        vae_decoder=DecoderGraph(pipe.vae), tokenizer_file=str(folder / "tokenizer" / "tokenizer.json"),
+        text_length=int(pipe.encoder.max_sequence_length), pad_id=int(pad_id), lowercase=True, sampler=sampler,
+        latent_shape=(1, *pipe.latent_shape(dict(student.config))),
+        prompts=pipeline_prompts(templates["train"]), heldout_prompts=pipeline_prompts(templates["heldout"], seed=1))

@@ -37,6 +37,12 @@ parameters in bfloat16.
 
 ``--format onnx`` writes an ONNX QDQ graph (:mod:`fraqat_jax.export.onnx`, converted by :mod:`fraqat_jax.export.jaxpr_onnx`).
 
+``--format qnn`` writes a folder for Qualcomm's HTP (:mod:`fraqat_jax.export.qnn`): one network and
+``pipeline.json``; for a run whose family gives a text-to-image pipeline
+(``Family.pipeline_components``), the three-network folder of :mod:`fraqat_jax.export.qnn_pipeline`
+with the text encoder and decoder at ``--component-bits``; for a language model, the prefill and
+decode graphs of :mod:`fraqat_jax.export.qnn_text`.
+
 ``--format diffusers`` writes ``PATH/config.json`` and ``PATH/diffusion_pytorch_model.safetensors``:
 the student's fake-quantized weights (dequantized, bfloat16) in diffusers' layout, so diffusers
 pipelines and :func:`fraqat_jax.models.from_diffusers` load the QAT'd model (full-precision

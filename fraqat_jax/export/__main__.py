@@ -15,8 +15,15 @@ from fraqat_jax import runs
 from fraqat_jax.cli import Parser, fail
 from fraqat_jax.export.orbax import (CALIBRATION_SAMPLES, TOLERANCE, ExportError, calibration_batches,
                                      export_diffusers, export_orbax)
-from fraqat_jax.family import family_for_model
+from fraqat_jax.family import CapabilityError, family_for_model
 from fraqat_jax.nn import quantized_layers
+
+#: ``--component-bits`` default: the text encoder and decoder of a text-to-image folder at W8A16, as
+#: Qualcomm AI Hub ships its diffusion pipelines.
+DEFAULT_COMPONENT_BITS = 8
+#: Prompts of a text-to-image folder's calibration (spread over the family's training prompts; each
+#: run through the sampler, every transformer call a calibration input) and of its agreement figures.
+PIPELINE_PROMPTS, PIPELINE_HELDOUT_PROMPTS = 20, 2
 
 
 def _export_onnx(teacher, student, cfg, args) -> dict:
@@ -60,8 +67,20 @@ def _export_qnn(teacher, student, cfg, args) -> dict:
     when HTP does not take the whole graph or an agreement fails."""
     from fraqat_jax.export import qnn
 
+    family = family_for_model(teacher)
     student = _static_student(teacher, student, cfg, args)
-    if family_for_model(teacher).decodes_with_cache:
+    parts = None
+    if not family.decodes_with_cache:
+        try:
+            parts = family.pipeline_components(cfg, student)
+        except CapabilityError:
+            parts = None  # one network: today's layout
+    if parts is not None:
+        return _export_qnn_pipeline(parts, args)
+    if args.component_bits is not None:
+        raise ExportError(f"--component-bits applies to a text-to-image pipeline run (its text encoder and decoder); "
+                          f"{args.workdir!r} exports one {type(student).__name__}")
+    if family.decodes_with_cache:
         return _export_qnn_text(teacher, student, cfg, args)
     try:
         report = qnn.export_qnn(teacher, student, cfg, args.out, soc=args.soc, batch_size=args.batch_size,
@@ -79,6 +98,64 @@ def _export_qnn(teacher, student, cfg, args) -> dict:
         raise SystemExit(1)
     _write_pipeline_manifest(teacher, cfg, args, report)  # pipeline.json for fraqat_jax.deploy
     return report
+
+
+def _spread(items, num: int) -> list:
+    """``num`` of ``items`` evenly spaced (all of them when there are fewer)."""
+    items = list(items)
+    return items if len(items) <= num else [items[round(i * len(items) / num)] for i in range(num)]
+
+
+def _export_qnn_pipeline(parts, args) -> dict:
+    """``--format qnn`` on a text-to-image run: the pipeline folder (text encoder, the student
+    transformer, VAE decoder, tokenizer, constants, pipeline.json; see
+    fraqat_jax.export.qnn_pipeline), the text encoder and decoder at ``--component-bits``; exit 1
+    when HTP does not take a network whole or an agreement fails."""
+    from fraqat_jax.export import qnn, qnn_pipeline
+
+    if args.batch_size != 1 or args.product_bits != 16:
+        raise ExportError("--batch-size and --product-bits apply to a one-network folder; a text-to-image pipeline "
+                          "folder runs each network at batch 1 with 16-bit products")
+    bits = DEFAULT_COMPONENT_BITS if args.component_bits is None else args.component_bits
+    if os.path.isdir(args.out):
+        shutil.rmtree(args.out)  # an earlier qnn export (checked above)
+    try:
+        report = qnn_pipeline.export_image_pipeline(
+            parts.text_encoder, parts.transformer, parts.vae_decoder, parts.tokenizer_file, args.out,
+            prompts=_spread(parts.prompts, PIPELINE_PROMPTS), heldout_prompts=_spread(parts.heldout_prompts,
+                                                                                      PIPELINE_HELDOUT_PROMPTS),
+            text_length=parts.text_length, sampler=parts.sampler, latent_shape=parts.latent_shape, pad_id=parts.pad_id,
+            lowercase=parts.lowercase, soc=args.soc, component_bits=bits)
+    except qnn.QnnRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except qnn.OnnxExportError as e:
+        raise ExportError(str(e)) from None
+    report = {**report, "transformer": parts.transformer, "component_bits": bits}
+    print(_pipeline_summary(report, args.out))
+    figures = report["figures"].values()
+    if not all(f["max_rel_diff_ort"] <= qnn.TOL_ORT and f["max_rel_diff_student"] <= qnn.TOL_STUDENT
+               and f["max_rel_diff_context"] <= qnn.TOL_CONTEXT for f in figures):
+        print(f"error: agreement outside the tolerances (QNN vs onnxruntime {qnn.TOL_ORT:g}, vs the JAX networks "
+              f"{qnn.TOL_STUDENT:g}, EPContext {qnn.TOL_CONTEXT:g})", file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
+def _pipeline_summary(report, out: str) -> str:
+    """The pipeline export's figures, one line per network."""
+    bits = report["component_bits"]
+    precision = {"text_encoder": f"W{bits}A16", "transformer": "W4A8 (trained, uint16 products)",
+                 "vae_decoder": f"W{bits}A16"}
+    lines = [f"wrote a text-to-image pipeline folder to {out} (SoC {report['manifest']['soc']['name']}, HTP "
+             f"v{report['manifest']['soc']['htp_arch']}, CPU fallback disabled):"]
+    for name, f in report["figures"].items():
+        lines.append(f"  {name} {precision[name]}: {f['nodes_on_qnn']}/{f['nodes']} nodes on QNN HTP; max |diff| / "
+                     f"max vs onnxruntime CPU {f['max_rel_diff_ort']:.2e}, vs JAX {f['max_rel_diff_student']:.2e}, "
+                     f"EPContext {f['max_rel_diff_context']:.1e}; context {f['context_bytes']} bytes (bf16 weights "
+                     f"{f['weight_bytes_bf16']} bytes), built in {f['context_build_seconds']:g} s")
+    lines.append(f"run it with python -m fraqat_jax.deploy {out} --prompt TEXT --out IMAGE.png")
+    return "\n".join(lines)
 
 
 def _export_qnn_text(teacher, student, cfg, args) -> dict:
@@ -202,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "bf16 folder; transformers: a language-model run as a transformers folder (dequantized "
                         "bf16 safetensors, config, tokenizer; AutoModelForCausalLM loads it); onnx: one QDQ .onnx file (INT4 weights, static uint8 inputs) for phone "
                         "runtimes (needs the onnx extra); qnn: a folder with model.onnx in the form Qualcomm's QNN "
-                        "HTP runs whole, its compiled HTP context (model_ctx.onnx) and qnn.json, checked on the "
-                        "QNN HTP simulator (needs the qnn extra)")
+                        "HTP runs whole, its compiled HTP context (model_ctx.onnx), qnn.json and pipeline.json, "
+                        "checked on the QNN HTP simulator (needs the qnn extra); on a text-to-image run, the "
+                        "pipeline folder: text_encoder/, transformer/ and vae_decoder/ each so, the tokenizer and "
+                        "the constants")
     p.add_argument("--soc", default="sm8750", type=str.lower,
                    help="--format qnn: the Snapdragon SoC the HTP context is compiled for: sm8750 (HTP v79, "
                         "Snapdragon 8 Elite, default), sm8650 (v75), sm8550 (v73), sm8850 (v81)")
@@ -219,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-len", type=int, default=None,
                    help="--format qnn on a language-model run: the context length of both graphs (default "
                         "min(512, max_position_embeddings))")
+    p.add_argument("--component-bits", type=int, choices=(8, 4), default=None,
+                   help="--format qnn on a text-to-image run: weight bits of the text encoder and the VAE decoder, "
+                        "quantized after training (per output channel) with 16-bit activations calibrated on the "
+                        "training prompts and the sampler's own latents: 8 (W8A16, as Qualcomm AI Hub ships its "
+                        "diffusion pipelines; default) or 4 (W4A16). The transformer is the trained W4A8 student")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
@@ -274,9 +358,9 @@ def main(argv=None) -> dict:
             except qnn.QnnUnavailable as e:
                 raise ExportError(str(e)) from None
         elif (args.soc != "sm8750" or args.batch_size != 1 or args.product_bits != 16 or args.prefill_len is not None
-              or args.context_len is not None):
-            raise ExportError(f"--soc, --batch-size, --product-bits, --prefill-len and --context-len apply to "
-                              f"--format qnn, not --format {args.format}")
+              or args.context_len is not None or args.component_bits is not None):
+            raise ExportError(f"--soc, --batch-size, --product-bits, --component-bits, --prefill-len and --context-len "
+                              f"apply to --format qnn, not --format {args.format}")
         _check_out(args.out, args.format)
         if not os.path.isdir(args.workdir):
             raise ExportError(f"--workdir {args.workdir!r} does not exist")

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from fraqat_jax.family.protocols import (CapabilityError, Component, Data, Evaluation, Export, Family, Generation,
-                                         Teachers, Training)
+from fraqat_jax.family.protocols import (CapabilityError, Data, Evaluation, Export, Family, Generation,
+                                         PipelineComponents, Teachers, Training)
 from fraqat_jax.family.settings import ConfigError, Key, keys_of, setting
 
-__all__ = ["ENTRY_POINT_GROUP", "CapabilityError", "Component", "ConfigError", "Data", "Evaluation", "Export",
-           "Family", "FamilyError", "Generation", "Key", "Teachers", "Training", "families", "family_for_model",
-           "family_for_teacher", "family_named", "keys_of", "register", "setting", "unregister"]
+__all__ = ["ENTRY_POINT_GROUP", "CapabilityError", "ConfigError", "Data", "Evaluation", "Export", "Family",
+           "FamilyError", "Generation", "Key", "PipelineComponents", "Teachers", "Training", "families",
+           "family_for_model", "family_for_teacher", "family_named", "keys_of", "register", "setting", "unregister"]
 
 #: The packaging entry-point group whose entries are families.
 ENTRY_POINT_GROUP = "fraqat_jax.families"

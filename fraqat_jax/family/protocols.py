@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime
 
 from fraqat_jax.family.settings import ConfigError
 
-__all__ = ["CapabilityError", "Component", "Data", "Evaluation", "Export", "Family", "Generation", "Teachers",
+__all__ = ["CapabilityError", "Data", "Evaluation", "Export", "Family", "Generation", "PipelineComponents", "Teachers",
            "Training"]
 
 
@@ -31,18 +31,32 @@ class CapabilityError(ConfigError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Component:
-    """One model of a deployable pipeline (a phone export writes one artifact per component).
+class PipelineComponents:
+    """What the phone export of a text-to-image run writes: its three networks (NNX modules, traced
+    at batch 1) and what the host needs to run them from a prompt.
 
-    ``name``: ``"text_encoder"``, ``"transformer"``, ``"vae_decoder"``, ...; ``build()``: the
-    component as an NNX module (weights loaded); ``example_inputs(batch)``: keyword inputs of its
-    ``__call__`` for ``batch`` rows (``{name: array}``); ``quantized``: True for the distilled student,
-    False for a component kept as the teacher's pipeline ships it."""
+    ``text_encoder``: ``(input_ids [1, L] int, attention_mask [1, L] float 0/1) -> [1, L, D]``;
+    ``transformer``: the trained student, called ``(hidden_states, timestep, encoder_hidden_states,
+    encoder_attention_mask)``; ``vae_decoder``: raw latents ``[1, C, h, w]`` (the sampler's latents
+    over the autoencoder's ``scaling_factor``) -> images ``[1, c, H, W]`` in [-1, 1].
+    ``tokenizer_file``: a ``tokenizers`` JSON file; ``text_length``, ``pad_id`` and ``lowercase``:
+    how a prompt becomes ``input_ids`` (padded on the right; lower-cased and stripped first when
+    ``lowercase``). ``sampler``: the manifest's scheduler settings (``name``, its schedule,
+    ``steps``, ``guidance``); ``latent_shape``: ``(1, C, h, w)``. ``prompts``: training prompts
+    (calibration, spread over what they ask for, any prefix a fair sample); ``heldout_prompts``:
+    prompts never trained on (the agreement figures)."""
 
-    name: str
-    build: Callable[[], Any]
-    example_inputs: Callable[[int], dict]
-    quantized: bool = False
+    text_encoder: Any
+    transformer: Any
+    vae_decoder: Any
+    tokenizer_file: str
+    text_length: int
+    pad_id: int
+    lowercase: bool
+    sampler: Mapping[str, Any]
+    latent_shape: tuple[int, ...]
+    prompts: Sequence[str]
+    heldout_prompts: Sequence[str]
 
 
 @runtime_checkable
@@ -137,8 +151,10 @@ class Export(Protocol):
         """The keyword arguments of the model's ``__call__`` for training-style ``inputs`` (an exported
         graph's inputs)."""
 
-    def pipeline_components(self, cfg, student) -> Sequence[Component]:
-        """The models a phone pipeline runs (``text_encoder``, ``transformer``, ``vae_decoder``, ...)."""
+    def pipeline_components(self, cfg, student) -> PipelineComponents:
+        """The networks and host settings of run ``cfg``'s text-to-image phone pipeline, with the
+        trained ``student`` as its transformer; :class:`CapabilityError` when the run has no such
+        pipeline (its folder holds the one network)."""
 
     def single_network_manifest(self, cfg, model_config) -> dict:
         """The keys of ``pipeline.json`` (the host runner's manifest) that describe a folder holding
@@ -277,8 +293,8 @@ class Family:
     def model_kwargs(self, inputs) -> dict:
         raise self._cannot("be exported as a graph (no model_kwargs)")
 
-    def pipeline_components(self, cfg, student) -> Sequence[Component]:
-        raise self._cannot("export a phone pipeline (no pipeline components)")
+    def pipeline_components(self, cfg, student) -> PipelineComponents:
+        raise self._cannot("export a text-to-image phone pipeline (no pipeline components)")
 
     def single_network_manifest(self, cfg, model_config) -> dict:
         raise self._cannot("describe a one-network phone folder (no single_network_manifest)")
