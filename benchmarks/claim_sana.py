@@ -11,7 +11,8 @@ Then each method's final student (PTQ: the calibrated student at the final bits,
 scores it) samples the prompts of the teacher's held-out caption templates (5 templates x 10 digits)
 from the same noise as the teacher, with the pipeline's own sampler, guidance and DC-AE
 (:func:`fraqat_jax.eval.prompted.evaluate_prompted`, what ``eval --prompts`` runs): prompted-digit
-accuracy and FD on the digits classifier's features (against the real digits). The JSON is
+accuracy and FD on the digits classifier's features (``fd``: against the real digits, the table's;
+``fd_vs_teacher``: against the teacher's images from the same noise, recorded too). The JSON is
 rewritten after every seed, so a cut-off call keeps what finished and a rerun skips the seeds it
 holds. Ratios against QAT with 95% t-intervals over seeds (:func:`fraqat_jax.compare.stats.paired`);
 accuracy as a paired difference.
@@ -75,7 +76,7 @@ def run_seed(seed: int, args) -> dict:
         r = evaluate_prompted(teacher, student, cfg, pipeline, prompts, digits, num_steps=pipeline.default_steps,
                               guidance_scale=pipeline.default_guidance, seed=0, batch_size=args.batch_size,
                               stem=os.path.join(workdir, f"{method}_prompts"))
-        row["prompted"][method] = {k: r["student"][k] for k in ("accuracy", "fd", "psnr")}
+        row["prompted"][method] = {k: r["student"].get(k) for k in ("accuracy", "fd", "fd_vs_teacher", "psnr")}
         row["prompted"][method]["frozen_accuracy"] = r["student_frozen"]["accuracy"]
         row["teacher"] = {k: r["teacher"][k] for k in ("accuracy", "fd")}
     row["seconds"] = round(time.perf_counter() - t0, 1)
