@@ -84,7 +84,7 @@ class Gemma2KVPart(nnx.Module):
 
     def __call__(self, **inputs):
         x = inputs["hidden_states"]
-        cos, sin = inputs["position_cos"], inputs["position_sin"]
+        cos, sin = (inputs["position_cos"], inputs["position_sin"]) if len(self.layers) else (None, None)
         outs = {}
         for j, layer in enumerate(self.layers):
             i = self.start + j
