@@ -107,7 +107,7 @@ def build_lm(args) -> dict:
     import fraqat_jax
     from fraqat_jax.deploy.text import step_tables
     from fraqat_jax.export import onnx as eo
-    from fraqat_jax.export.qnn_text import export_text_part
+    from fraqat_jax.export.qnn_parts import export_text_part
     from fraqat_jax.text.kv_step import geometry
     from fraqat_jax.text.parts import Gemma2KVPart
 
@@ -160,7 +160,7 @@ def build_lm(args) -> dict:
 def build_encoder(args) -> dict:
     """A text-encoder part: ``TEXT_LEN`` tokens, W8A16 (weights after training, 16-bit activations)."""
     from fraqat_jax.export.qnn_pipeline import mask_wheres_as_adds, quantize_after_training
-    from fraqat_jax.export.qnn_text import export_text_part
+    from fraqat_jax.export.qnn_parts import export_text_part
     from fraqat_jax.text.parts import Gemma2EncoderPart, host_rotary
 
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def build_decoder(args) -> dict:
 
     from fraqat_jax.diffusion.phone import DecoderGraph
     from fraqat_jax.export.qnn_pipeline import quantize_after_training
-    from fraqat_jax.export.qnn_text import export_text_part
+    from fraqat_jax.export.qnn_parts import export_text_part
     from fraqat_jax.models.autoencoder_dc import DC_PRESETS, AutoencoderDC
 
     t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """The pieces the full-size builds use (``benchmarks/fullsize_qnn.py``): a graph over the protobuf
-limit is saved with external data and runs the same (``qnn_text.save_graph``, the limit lowered so
+limit is saved with external data and runs the same (``qnn_parts.save_graph``, the limit lowered so
 that a tiny graph crosses it)."""
 
 import os
@@ -10,7 +10,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from fraqat_jax.export import qnn_text  # noqa: E402
+from fraqat_jax.export import qnn_parts  # noqa: E402
 
 
 def _graph():
@@ -26,10 +26,10 @@ def _graph():
 
 @pytest.mark.parametrize("limit, external", [(2**30, False), (1000, True)])
 def test_save_graph_external_data(tmp_path, monkeypatch, limit, external):
-    monkeypatch.setattr(qnn_text, "EXTERNAL_DATA_BYTES", limit)
+    monkeypatch.setattr(qnn_parts, "EXTERNAL_DATA_BYTES", limit)
     model, w = _graph()
     path = str(tmp_path / "part.onnx")
-    assert qnn_text.save_graph(model, path) is external
+    assert qnn_parts.save_graph(model, path) is external
     assert os.path.exists(path + ".data") is external
     assert (os.path.getsize(path) < w.nbytes) is external  # the weights live beside the graph
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)

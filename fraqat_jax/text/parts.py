@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from fraqat_jax.models.gemma2 import NO_WINDOW, head_dim, layer_types, rope_theta, rotary_tables
-from fraqat_jax.text.kv_step import _attention
+from fraqat_jax.text.kv_step import cached_attention
 
 __all__ = ["Gemma2EncoderPart", "Gemma2KVPart", "host_embed", "host_rotary", "split_layers"]
 
@@ -89,7 +89,7 @@ class Gemma2KVPart(nnx.Module):
         for j, layer in enumerate(self.layers):
             i = self.start + j
             mask = inputs["sliding_attention_mask" if self.sliding[j] else "attention_mask"]
-            h, k_new, v_new = _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask,
+            h, k_new, v_new = cached_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask,
                                          inputs[f"past_key_{i}_in"], inputs[f"past_value_{i}_in"])
             x = x + layer.post_attention_layernorm(h)
             x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
