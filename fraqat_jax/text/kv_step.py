@@ -134,3 +134,7 @@ def _attention(attn, x, cos, sin, mask, past_k, past_v):
     out = jnp.matmul(probs, values).reshape(b, hkv, g, n, d)  # [1, Hkv, G, N, D]
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, n, hq * d)
     return attn.o_proj(out.astype(x.dtype)), k_new, v_new
+
+
+#: :func:`_attention` under a public name, for the layer-range parts (``fraqat_jax.text.parts``).
+cached_attention = _attention
