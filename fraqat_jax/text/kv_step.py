@@ -90,7 +90,7 @@ class Gemma2KVStep(nnx.Module):
         for i, layer in enumerate(core.layers):
             sliding = self.kinds[i] == "sliding_attention" and self.window is not None
             mask = inputs["sliding_attention_mask" if sliding else "attention_mask"]
-            h, k_new, v_new = _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask,
+            h, k_new, v_new = cached_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask,
                                          inputs[f"past_key_{i}_in"], inputs[f"past_value_{i}_in"])
             x = x + layer.post_attention_layernorm(h)
             x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
@@ -112,7 +112,7 @@ def _rope(x, cos, sin):
     return x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _attention(attn, x, cos, sin, mask, past_k, past_v):
+def cached_attention(attn, x, cos, sin, mask, past_k, past_v):
     """``(out [1, N, hidden], keys [1, Hkv, D, N], values [1, Hkv, N, D])``: scores over the cache
     slots and the new tokens, additive ``mask [1, 1, N, C]``, soft cap, float32 softmax."""
     b, n, _ = x.shape
@@ -135,6 +135,3 @@ def _attention(attn, x, cos, sin, mask, past_k, past_v):
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, n, hq * d)
     return attn.o_proj(out.astype(x.dtype)), k_new, v_new
 
-
-#: :func:`_attention` under a public name, for the layer-range parts (``fraqat_jax.text.parts``).
-cached_attention = _attention
