@@ -46,6 +46,7 @@ from fraqat_jax.data.captions import EXTRAS_FILE, PromptEncoder, caption, captio
 from fraqat_jax.diffusion.families import model_timestep
 from fraqat_jax.diffusion.noise import logit_normal_sigmas
 from fraqat_jax.models import AutoencoderDC, SanaTransformer2DModel, from_diffusers, to_diffusers_state_dict
+from fraqat_jax.models.autoencoder_dc import AUTOENCODER_DC_DEFAULTS
 from fraqat_jax.models.convert import read_config
 from fraqat_jax.models.transformers_folder import to_transformers_state_dict
 
@@ -67,25 +68,18 @@ TRAIN_TEMPLATES = tuple(f"{p}{{{form}}}{s}" for form in ("word", "numeral") for 
 HELDOUT_TEMPLATES = ("a sketch of the number {word}", "a scanned {numeral}, pixelated",
                      "the handwritten numeral {numeral}", "a photo of a {word} on paper", "digit {word} in grey")
 
+#: ``AutoencoderDC``'s defaults (Sana's f32c32 DC-AE) shrunk to two stages for 1-channel 32x32 digits.
 VAE_CONFIG = {
+    **AUTOENCODER_DC_DEFAULTS,
     "in_channels": 1,
     "latent_channels": 4,
     "attention_head_dim": 8,
-    "encoder_block_types": "ResBlock",
-    "decoder_block_types": "ResBlock",
     "encoder_block_out_channels": [16, 32],
     "decoder_block_out_channels": [16, 32],
     "encoder_layers_per_block": [1, 1],
     "decoder_layers_per_block": [1, 1],
     "encoder_qkv_multiscales": [[], []],
     "decoder_qkv_multiscales": [[], []],
-    "upsample_block_type": "pixel_shuffle",
-    "downsample_block_type": "pixel_unshuffle",
-    "decoder_norm_types": "rms_norm",
-    "decoder_act_fns": "silu",
-    "encoder_out_shortcut": True,
-    "decoder_in_shortcut": True,
-    "decoder_conv_act_fn": "relu",
     "scaling_factor": 1.0,
 }
 TRANSFORMER_CONFIG = {
