@@ -106,6 +106,27 @@ def test_blocked_code_matmul_is_exact(packed, tokens, groups):
     np.testing.assert_array_equal(np.asarray(got, np.int64), ref)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("tokens,groups,n_in,n_out", [(1, 1, 512, 768), (2, 4, 512, 128), (1, 1, 9216, 4)])
+def test_fused_code_matmul_is_exact(packed, tokens, groups, n_in, n_out):
+    """The fused form (few input rows) gives the integer sums exactly (numpy int64 reference): several
+    steps and column chunks, groups, and a group long enough (9216 rows of extreme codes) that packed
+    codes must be summed signed rather than shifted to [0, 15]."""
+    from fraqat_jax.nn.freeze import FUSED_ROWS, fused_code_matmul, pack_nibbles
+    rng = np.random.default_rng(tokens * 10 + groups)
+    g = n_in // groups
+    assert g > FUSED_ROWS
+    codes = _random_codes(rng, (n_in, n_out), packed)
+    x = rng.integers(-128, 128, (tokens, groups, g))
+    if n_in == 9216:  # the largest sums: every term 128 * 8
+        codes[:], x[:] = (-8 if packed else -128), -128
+    stored = pack_nibbles(codes) if packed else jnp.asarray(codes)
+    got = jax.jit(fused_code_matmul, static_argnums=(2, 3))(jnp.asarray(x, jnp.float32), stored, (n_in, n_out), packed)
+    ref = np.einsum("mGi,Gio->mGo", x.astype(np.int64), codes.astype(np.int64).reshape(groups, g, n_out))
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got, np.int64), ref)
+
+
 @pytest.mark.parametrize("bits,symmetric,axis,group,act_bits,n_in,n_out", [
     (4, True, None, None, 8, 512, 2048),  # the default rules, several blocks
     (3, False, -1, 64, 8, 256, 1024),     # asymmetric, grouped
