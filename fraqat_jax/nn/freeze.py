@@ -249,7 +249,7 @@ def blocked_code_matmul(x, stored, shape, packed: bool) -> jax.Array:
 FUSED_MAX_TOKENS = 1  # the blocked form sums fused elementwise products up to this many input rows
 FUSED_ROWS = 64  # at most this many kernel rows summed per step of the fused loop
 FUSED_CHUNKS = 8  # at most this many column chunks (the outer dimension XLA:CPU splits between threads)
-FUSED_MIN_WIDTH = 64  # of at least this many columns each (the vectorized inner dimension)
+FUSED_MIN_WIDTH = 128  # of at least this many columns each (the vectorized inner dimension)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
