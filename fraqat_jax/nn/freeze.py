@@ -23,9 +23,10 @@ Forward pass with a quantized input (``act_bits`` <= 8, asymmetric, shifted by 1
 
 ``q_x . q_w`` is an integer matmul; the float scales are applied once per output (per output and
 group with ``group_size``). With ``act_bits=None`` the input stays float and multiplies the codes.
-Two forms compute ``q_x . q_w`` (:attr:`FrozenLinear.matmul`; ``"auto"`` picks the blocked form
-when lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows, decoding's regime, through
-``lax.platform_dependent``, and the dense form otherwise):
+Three forms compute ``q_x . q_w`` (:attr:`FrozenLinear.matmul`; ``"auto"`` picks, when lowered for
+CPU, the fused form with at most :data:`FUSED_MAX_TOKENS` input rows and the blocked form with at
+most :data:`BLOCKED_MAX_TOKENS`, decoding's regime, through ``lax.platform_dependent``, and the
+dense form otherwise):
 
 * ``"dense"`` (accelerators): the codes unpacked to int8 and one int8 x int8 matmul accumulating in
   int32 (``preferred_element_type``).
@@ -37,8 +38,14 @@ when lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows, decodin
   widening is shared by all of them and the dense form's large matmul is the faster one. With
   quantized inputs the float32 sums are exact integers while every partial sum stays below 2**24
   (contraction group ``g`` times 128 times the largest code: ``g < 16384`` for packed codes,
-  ``g < 1024`` for int8 codes), so both forms give the same bits; past that bound the CPU uses the
+  ``g < 1024`` for int8 codes), so all forms give the same bits; past that bound the CPU uses the
   dense form too.
+* ``"fused"`` (CPU, one input row): a loop over blocks of kernel rows whose step is a single
+  elementwise fusion, ``acc + sum_r x[r] * codes[r]``, each code widened to float32 inside the sum,
+  with the output columns split into chunks laid out as the outer dimension. Nothing widened is
+  written to memory, and XLA:CPU divides such a loop fusion between its threads, where the blocked
+  form's per-block dots are too small to be divided and run on one core. Each input row widens the
+  codes again, so with more rows the blocked form's shared widening is the faster one.
 
 On TPU the dense form's unpacking of packed ``uint8`` nibbles (shifts, an interleave) is not fused
 into the matmul: XLA writes the unpacked kernel out and reads it back at every call. Codes held as
@@ -246,8 +253,8 @@ def blocked_code_matmul(x, stored, shape, packed: bool) -> jax.Array:
     return y.transpose(1, 0, 2)
 
 
-FUSED_MAX_TOKENS = 1  # the blocked form sums fused elementwise products up to this many input rows
-FUSED_ROWS = 64  # at most this many kernel rows summed per step of the fused loop
+FUSED_MAX_TOKENS = 1  # "auto" runs the fused form on CPU up to this many tokens (rows of the input)
+FUSED_ROWS = 32  # at most this many kernel rows summed per step of the fused loop (unrolled: compile time grows with it)
 FUSED_CHUNKS = 8  # at most this many column chunks (the outer dimension XLA:CPU splits between threads)
 FUSED_MIN_WIDTH = 128  # of at least this many columns each (the vectorized inner dimension)
 
@@ -315,7 +322,7 @@ def fused_code_matmul(x, stored, shape, packed: bool) -> jax.Array:
     return y.transpose(1, 0, 2)
 
 
-MATMUL_FORMS = ("auto", "blocked", "dense")
+MATMUL_FORMS = ("auto", "blocked", "dense", "fused")
 BLOCKED_MAX_TOKENS = 32  # "auto" runs the blocked form on CPU up to this many tokens (rows of the input)
 
 
@@ -330,8 +337,9 @@ class FrozenLinear(_Frozen):
     later layer's activation code by one step (about 5e-3 of max |output| seen on the digits DiT).
 
     ``matmul`` (a plain attribute, settable after freezing): how the integer path multiplies the
-    codes, one of :data:`MATMUL_FORMS` (see the module docstring); ``"auto"`` is ``"blocked"`` when
-    lowered for CPU with at most :data:`BLOCKED_MAX_TOKENS` input rows and ``"dense"`` otherwise.
+    codes, one of :data:`MATMUL_FORMS` (see the module docstring); ``"auto"`` is, when lowered for
+    CPU, ``"fused"`` with at most :data:`FUSED_MAX_TOKENS` input rows and ``"blocked"`` with at most
+    :data:`BLOCKED_MAX_TOKENS`, and ``"dense"`` otherwise.
     The float path holds its rebuilt kernel (``kernel_float``), computed once when the layer is built
     (or loaded), not at every call.
     """
@@ -383,10 +391,11 @@ class FrozenLinear(_Frozen):
                 return _grouped_matmul(xg, codes, jnp.int32).astype(jnp.float32)
             return _grouped_matmul(xg, codes.astype(jnp.float32), None)
 
-        def blocked(xg, stored):
-            flat = xg.astype(jnp.float32).reshape(tokens, n_groups, g)
-            form = fused_code_matmul if tokens <= FUSED_MAX_TOKENS else blocked_code_matmul
-            return form(flat, stored, self.kernel_shape, self.packed).reshape(*lead, n_groups, n_out)
+        def cpu_form(form):
+            def run(xg, stored):
+                flat = xg.astype(jnp.float32).reshape(tokens, n_groups, g)
+                return form(flat, stored, self.kernel_shape, self.packed).reshape(*lead, n_groups, n_out)
+            return run
 
         possible = (not integer or exact_in_float32(g, self.packed or self.int4)) and not (self.packed and n_out % 2)
         stored = self.kernel_codes[...]
@@ -395,9 +404,10 @@ class FrozenLinear(_Frozen):
         possible = possible and tokens is not None
         if self.matmul == "dense" or not possible or (self.matmul == "auto" and tokens > BLOCKED_MAX_TOKENS):
             return dense(xg, stored)
-        if self.matmul == "blocked":
-            return blocked(xg, stored)
-        return lax.platform_dependent(xg, stored, cpu=blocked, default=dense)
+        if self.matmul in ("blocked", "fused"):
+            return cpu_form(blocked_code_matmul if self.matmul == "blocked" else fused_code_matmul)(xg, stored)
+        cpu = cpu_form(fused_code_matmul if tokens <= FUSED_MAX_TOKENS else blocked_code_matmul)
+        return lax.platform_dependent(xg, stored, cpu=cpu, default=dense)
 
     def __call__(self, x):
         if not self.integer:
