@@ -5,12 +5,14 @@ calls, each jitted), by wall clock and by the process's CPU time (steadier on a 
 with the weight bytes each form reads and the bandwidth that implies:
 
   * one Gemma-2-2B ``gate_proj`` (2304 -> 9216) at each ``--tokens`` count: fp32 ``nnx.Linear``;
-    the frozen W4A8 layer in its ``"blocked"`` form (what ``"auto"`` runs on CPU) and in its
-    ``"dense"`` form (int8 x int8 -> int32, what ``"auto"`` runs on accelerators); the frozen float
-    path (``freeze(integer=False)``: the student's arithmetic on a kernel rebuilt once);
+    the frozen W4A8 layer in its ``"fused"`` form (split between threads at one token; opt-in), its
+    ``"blocked"`` form (what ``"auto"`` runs on CPU up to 32 tokens) and its ``"dense"`` form
+    (int8 x int8 -> int32, what ``"auto"`` runs on accelerators); the frozen float path
+    (``freeze(integer=False)``: the student's arithmetic on a kernel rebuilt once);
   * a one-token forward of a random ~110 M-parameter Gemma-2 (32k vocabulary, tied float
     embedding / LM head; no KV cache, so attention covers one position and the step reads the
-    weights a decode step reads): the fp32 teacher against its frozen W4A8 student.
+    weights a decode step reads): the fp32 teacher against its frozen W4A8 student ("auto", and every
+    layer "fused" or "dense").
 
 With ``--tpu v5e:1x1`` it also compiles the layer forms for that TPU topology (libtpu, no TPU
 needed) and prints the bytes XLA's cost model says each program accesses: the packed ``uint8``
@@ -37,6 +39,7 @@ from fraqat_jax import freeze, quantize_model, set_bits
 from fraqat_jax.models.gemma2 import Gemma2ForCausalLM
 
 GATE_PROJ = (2304, 9216)  # Gemma-2-2B hidden -> intermediate
+FUSED_TIMED_TOKENS = 8
 MODEL_100M = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 10,
               "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 64, "query_pre_attn_scalar": 64,
               "sliding_window": 512, "max_position_embeddings": 1024}
@@ -80,7 +83,7 @@ def report(title: str, times: dict, nbytes: dict) -> None:
 
 def frozen_forms(student) -> dict:
     forms = {}
-    for form in ("blocked", "dense"):
+    for form in ("fused", "blocked", "dense"):
         frozen = freeze(student)
         for _, node in nnx.iter_graph(frozen):
             if hasattr(node, "matmul"):
@@ -155,9 +158,13 @@ def main():
     fns = {name: jitted(m) for name, m in models.items()}
     for tokens in [int(t) for t in args.tokens.split(",")]:
         x = jax.random.normal(jax.random.key(tokens), (tokens, n_in), jnp.float32)
+        # the fused form widens the codes once per input row: timed up to FUSED_TIMED_TOKENS rows
+        run = {k: f for k, f in fns.items() if tokens <= FUSED_TIMED_TOKENS or k != "W4A8 frozen fused"}
         ref = np.asarray(fns["W4A8 frozen dense"](x))
-        np.testing.assert_array_equal(np.asarray(fns["W4A8 frozen blocked"](x)), ref)  # same bits
-        report(f"gate_proj {n_in}->{n_out}, {tokens} token(s):", interleaved(fns, (x,), args.runs), nbytes)
+        for form in ("blocked", "fused"):  # same bits
+            if f"W4A8 frozen {form}" in run:
+                np.testing.assert_array_equal(np.asarray(fns[f"W4A8 frozen {form}"](x)), ref)
+        report(f"gate_proj {n_in}->{n_out}, {tokens} token(s):", interleaved(run, (x,), args.runs), nbytes)
 
     if not args.no_model:
         teacher = Gemma2ForCausalLM(MODEL_100M, rngs=nnx.Rngs(0))
@@ -166,7 +173,7 @@ def main():
         set_bits(student, 4)
         forms = frozen_forms(student)
         models = {"fp32": teacher, "W4A8 frozen auto": forms["W4A8 frozen blocked"],
-                  "W4A8 frozen dense": forms["W4A8 frozen dense"]}
+                  "W4A8 frozen fused": forms["W4A8 frozen fused"], "W4A8 frozen dense": forms["W4A8 frozen dense"]}
         for _, node in nnx.iter_graph(models["W4A8 frozen auto"]):
             if hasattr(node, "matmul"):
                 node.matmul = "auto"

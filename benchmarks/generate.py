@@ -10,8 +10,9 @@ Rows, all greedy, at each batch size (``--batches``) and prompt length (``--prom
 - ``ours_float``: ``models.sampler``'s prefill + decode loop on the float32 teacher;
 - ``ours_w4a8``: the same on the frozen W4A8 student (``fraqat_jax.freeze`` of the paper's rule,
   every Linear at 4-bit weights, 8-bit per-token inputs; integer matmuls);
-- ``ours_w4a8_blocked`` (not run unless named in ``--rows``): that student with every layer's
-  ``matmul`` set to ``"blocked"``, the CPU form ``"auto"`` used at one token before the fused one;
+- ``ours_w4a8_fused`` (not run unless named in ``--rows``): that student with every layer's
+  ``matmul`` set to ``"fused"`` (``fraqat_jax.nn.freeze``), the CPU form that XLA splits between
+  threads at one token, where ``"auto"``'s blocked form runs on one core;
 - ``recompute``: the decoder this replaced (the whole ``[B, P + new]`` buffer through the model at
   every token, in one ``fori_loop``); its cost per token is the same at every step, so
   ``--recompute-steps`` steps are timed and the per-token time scaled to ``--new``;
@@ -133,14 +134,14 @@ def bench(folder: str, batch: int, prompt: int, new: int, reps: int, recompute_s
         student = quantize_model(nnx.clone(teacher), [Rule(r".*", weight_bits=4.0, act_bits=8.0,
                                                             layer_types=("Linear",))])
         ours["ours_w4a8"] = Ours(freeze(student), batch, prompt, new)
-    if "ours_w4a8_blocked" in rows:  # the same student with the blocked scan at every token count
+    if "ours_w4a8_fused" in rows:  # the same student with the fused form at every token count
         student = quantize_model(nnx.clone(teacher), [Rule(r".*", weight_bits=4.0, act_bits=8.0,
                                                             layer_types=("Linear",))])
         frozen = freeze(student)
         for _, node in nnx.iter_graph(frozen):
             if isinstance(node, FrozenLinear):
-                node.matmul = "blocked"
-        ours["ours_w4a8_blocked"] = Ours(frozen, batch, prompt, new)
+                node.matmul = "fused"
+        ours["ours_w4a8_fused"] = Ours(frozen, batch, prompt, new)
     ids_t = torch.tensor(np.asarray(ours["ours_float"].ids), dtype=torch.long)
     out: dict = {"batch": batch, "prompt": prompt, "new": new}
     compile_s = {}
@@ -148,8 +149,8 @@ def bench(folder: str, batch: int, prompt: int, new: int, reps: int, recompute_s
         _, p0, d0 = o.run()
         _, p1, d1 = o.run()
         compile_s[name] = (p0 - p1) + (d0 - d1)
-    if "ours_w4a8" in ours and "ours_w4a8_blocked" in ours:  # both forms give the same integer sums
-        if not np.array_equal(ours["ours_w4a8"].run()[0], ours["ours_w4a8_blocked"].run()[0]):
+    if "ours_w4a8" in ours and "ours_w4a8_fused" in ours:  # both forms give the same integer sums
+        if not np.array_equal(ours["ours_w4a8"].run()[0], ours["ours_w4a8_fused"].run()[0]):
             raise SystemExit(f"the W4A8 forms' tokens differ at batch {batch}, prompt {prompt}")
     tokens, _, _ = ours["ours_float"].run()
     want, _, _ = _hf_run(ref, ids_t, new, "dynamic")
@@ -164,7 +165,7 @@ def bench(folder: str, batch: int, prompt: int, new: int, reps: int, recompute_s
         start = prompt + new - steps  # the last `steps` positions of the same fixed buffer
         fn(state, buf, start).block_until_ready()
         recompute = lambda: fn(state, buf, start).block_until_ready()  # noqa: E731
-    times: dict = {k: [] for k in ("ours_float", "ours_w4a8", "ours_w4a8_blocked", "recompute", "hf_dynamic",
+    times: dict = {k: [] for k in ("ours_float", "ours_w4a8", "ours_w4a8_fused", "recompute", "hf_dynamic",
                                    "hf_static") if k in rows}
     for _ in range(reps):  # interleaved
         for name, o in ours.items():
@@ -184,7 +185,7 @@ def bench(folder: str, batch: int, prompt: int, new: int, reps: int, recompute_s
         per_token_steps = new - 1 if name.startswith("hf_") else new
         out[name] = {"compile_s": compile_s.get(name), "prefill_s": statistics.median(prefill) if prefill else None,
                      "decode_tok_s": batch * per_token_steps / decode, "decode_s": decode}
-    for name in ("ours_w4a8", "ours_w4a8_blocked"):
+    for name in ("ours_w4a8", "ours_w4a8_fused"):
         if name in out:
             out[f"{name}_vs_float"] = out[name]["decode_tok_s"] / out["ours_float"]["decode_tok_s"]
     if "recompute" in out:

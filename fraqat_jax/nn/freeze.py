@@ -24,9 +24,9 @@ Forward pass with a quantized input (``act_bits`` <= 8, asymmetric, shifted by 1
 ``q_x . q_w`` is an integer matmul; the float scales are applied once per output (per output and
 group with ``group_size``). With ``act_bits=None`` the input stays float and multiplies the codes.
 Three forms compute ``q_x . q_w`` (:attr:`FrozenLinear.matmul`; ``"auto"`` picks, when lowered for
-CPU, the fused form with at most :data:`FUSED_MAX_TOKENS` input rows and the blocked form with at
-most :data:`BLOCKED_MAX_TOKENS`, decoding's regime, through ``lax.platform_dependent``, and the
-dense form otherwise):
+CPU, the fused form with at most :data:`FUSED_MAX_TOKENS` input rows (0: never, see below) and the
+blocked form with at most :data:`BLOCKED_MAX_TOKENS`, decoding's regime, through
+``lax.platform_dependent``, and the dense form otherwise):
 
 * ``"dense"`` (accelerators): the codes unpacked to int8 and one int8 x int8 matmul accumulating in
   int32 (``preferred_element_type``).
@@ -45,7 +45,10 @@ dense form otherwise):
   with the output columns split into chunks laid out as the outer dimension. Nothing widened is
   written to memory, and XLA:CPU divides such a loop fusion between its threads, where the blocked
   form's per-block dots are too small to be divided and run on one core. Each input row widens the
-  codes again, so with more rows the blocked form's shared widening is the faster one.
+  codes again, so with more rows the blocked form's shared widening is the faster one. Every block
+  is a point where the threads wait for each other: when another process holds a core, the split
+  waits at each one, so ``"auto"`` does not pick this form; set ``matmul = "fused"`` where the cores
+  are free (``benchmarks/decode_layer.py`` and ``benchmarks/generate.py`` compare the two).
 
 On TPU the dense form's unpacking of packed ``uint8`` nibbles (shifts, an interleave) is not fused
 into the matmul: XLA writes the unpacked kernel out and reads it back at every call. Codes held as
@@ -253,7 +256,7 @@ def blocked_code_matmul(x, stored, shape, packed: bool) -> jax.Array:
     return y.transpose(1, 0, 2)
 
 
-FUSED_MAX_TOKENS = 1  # "auto" runs the fused form on CPU up to this many tokens (rows of the input)
+FUSED_MAX_TOKENS = 0  # "auto" runs the fused form on CPU up to this many tokens (rows of the input)
 FUSED_ROWS = 32  # at most this many kernel rows summed per step of the fused loop (unrolled: compile time grows with it)
 FUSED_CHUNKS = 8  # at most this many column chunks (the outer dimension XLA:CPU splits between threads)
 FUSED_MIN_WIDTH = 128  # of at least this many columns each (the vectorized inner dimension)
