@@ -3,7 +3,7 @@
 ``layers``: quantized counterparts of ``nnx.Linear``/``Conv``/``Einsum`` (fake quantization, bit-width
 as state). ``rules``: which layers get quantized and how (``Rule``, ``quantize_model``, ``set_bits``).
 ``calibration`` (with the leaf ``stats``): static activation ranges. ``freeze``: the integer serving
-form. ``graph``: module paths and layer replacement, shared by ``rules`` and ``freeze``.
+form (with the leaf ``code_matmul``: its CPU matmul forms). ``graph``: module paths and layer replacement, shared by ``rules`` and ``freeze``.
 """
 
 from fraqat_jax.nn.calibration import calibrate
