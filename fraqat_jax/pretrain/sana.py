@@ -11,11 +11,13 @@ fraqat_jax.pretrain --size sana``) writes a diffusers ``SanaPipeline`` folder to
   :data:`IMAGE_SIZE` pixels; its ``scaling_factor`` is one over the standard deviation of the
   latents of the digits;
 - ``transformer/``: a ``SanaTransformer2DModel`` (:data:`TRANSFORMER_CONFIG`, ``sample_size`` 16 =
-  image size / 2) trained with rectified flow (logit-normal sigma, velocity ``noise - x0``) on the
-  DC-AE's latents, conditioned on the text encoder's last hidden states of captions from the
-  training templates (:data:`TRAIN_TEMPLATES`), with :data:`CAPTION_DROPOUT` of the captions
-  replaced by the empty caption so that classifier-free guidance works; AdamW, EMA of the weights
-  (the EMA is saved);
+  image size / 2, a sincos position embedding) trained with rectified flow (velocity ``noise - x0``,
+  sigmas drawn as the flow-shifted sampler spends them: ``u`` uniform, ``sigma = s u / (1 + (s - 1)
+  u)`` with ``s`` = :data:`FLOW_SHIFT`) on the DC-AE's latents, conditioned on the text encoder's
+  last hidden states of captions from the training templates (:data:`TRAIN_TEMPLATES`), with
+  :data:`CAPTION_DROPOUT` of the captions replaced by the empty caption so that classifier-free
+  guidance works; AdamW, EMA of the weights (the EMA is saved). Its caption pathway is trained
+  first and then held fixed (:func:`init_caption_pathway`);
 - ``scheduler/``: ``DPMSolverMultistepScheduler`` with flow sigmas, as Sana ships it;
 - ``fraqat.json``: the templates (training and held out), the text length, the image size, the
   caption conventions and each part's recipe and pretraining time (``pretraining``).
@@ -42,11 +44,12 @@ import optax
 from flax import nnx
 from safetensors.numpy import save_file
 
-from fraqat_jax.data.captions import EXTRAS_FILE, PromptEncoder, caption, captioned_digits, digit_images
+from fraqat_jax.data.captions import (EXTRAS_FILE, PromptEncoder, caption, captioned_digits, digit_images,
+                                     read_extras)
 from fraqat_jax.diffusion.families import model_timestep
-from fraqat_jax.diffusion.noise import logit_normal_sigmas
 from fraqat_jax.models import AutoencoderDC, SanaTransformer2DModel, from_diffusers, to_diffusers_state_dict
 from fraqat_jax.models.autoencoder_dc import AUTOENCODER_DC_DEFAULTS
+from fraqat_jax.models.pixart import cross_attention_mask
 from fraqat_jax.models.convert import read_config
 from fraqat_jax.models.transformers_folder import to_transformers_state_dict
 
@@ -99,7 +102,7 @@ TRANSFORMER_CONFIG = {
     "patch_size": 4,
     "norm_elementwise_affine": False,
     "norm_eps": 1e-6,
-    "interpolation_scale": None,
+    "interpolation_scale": 1,
     "guidance_embeds": False,
     "qk_norm": None,
     "timestep_scale": 1.0,
@@ -178,10 +181,14 @@ def _adamw(lr: float, steps: int):
 
 
 def _train(model, loss_fn, batches, steps: int, lr: float, *, ema_decay: float = 0.0, log_every: int = 100,
-           name: str = ""):
-    """AdamW on ``loss_fn(model, batch, key)``; returns ``(model with the final or EMA weights, CPU seconds)``."""
+           name: str = "", frozen=None):
+    """AdamW on ``loss_fn(model, batch, key)``; returns ``(model with the final or EMA weights, CPU
+    seconds)``. ``frozen(path)``: whether the parameter at that ``keystr`` path stays as it is."""
     graph, params, rest = nnx.split(model, nnx.Param, ...)
     tx = _adamw(lr, steps)
+    if frozen is not None:
+        tx = optax.chain(optax.masked(optax.set_to_zero(), jax.tree_util.tree_map_with_path(
+            lambda path, _: frozen(jax.tree_util.keystr(path)), params)), tx)
     opt = tx.init(params)
     ema = jax.tree.map(jnp.copy, params)
 
@@ -224,19 +231,105 @@ def pretrain_vae(steps: int = 250, *, batch_size: int = 32, lr: float = 2e-3, se
     return vae, seconds, mse
 
 
-def pretrain_transformer(folder: Path, steps: int = 1200, *, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-                         ema_decay: float = 0.995, resume: bool = False, logit_mean: float = 0.0):
-    """The Sana transformer trained with rectified flow on the folder's DC-AE latents and captions
-    (``resume``: from the folder's transformer instead of a random init)."""
-    source = captioned_digits(folder, seed=seed, caption_dropout=CAPTION_DROPOUT)
-    model = (from_diffusers(folder / "transformer") if resume
-             else SanaTransformer2DModel(TRANSFORMER_CONFIG, rngs=nnx.Rngs(seed)))
+CAPTION_PROBE_STEPS = 600
+
+
+def _caption_pathway(path: str) -> bool:
+    """Whether a parameter (its ``jax.tree_util.keystr`` path) belongs to the caption pathway that
+    :func:`init_caption_pathway` trains and the denoising then holds fixed."""
+    return ("caption_projection" in path or "caption_norm" in path
+            or ("attn2" in path and any(f"'{name}'" in path for name in ("to_q", "to_k", "to_v"))))
+
+
+def init_caption_pathway(model: SanaTransformer2DModel, encoder: PromptEncoder, templates, *,
+                         steps: int = CAPTION_PROBE_STEPS, batch_size: int = 32, lr: float = 1e-3,
+                         seed: int = 0) -> float:
+    """Trains the caption pathway of ``model`` to read the digit a caption names; returns the
+    training captions' accuracy.
+
+    The pathway is ``caption_projection`` and ``caption_norm``, then block 0's cross-attention with
+    its query kernel zeroed, so the query is ``to_q``'s bias alone: one learned query that pools the
+    caption's tokens whatever the image is. A linear read-out of the pooled vector is trained to
+    classify the digit (cross-entropy, Adam) on the training captions ``templates`` x 10 digits;
+    the read-out is then dropped and block 0's ``to_q`` / ``to_k`` / ``to_v`` copied to every block.
+    The denoising training that follows holds these fixed (:func:`_caption_pathway`).
+
+    Why: trained jointly from a random init, this small transformer learns to ignore the caption
+    (its cross-attention stays near uniform over the template's words, where the digit's one or two
+    tokens are outnumbered), while with the pathway fixed to a digit-reading pool it learns the
+    digits as it does from a class label. Written here because no library trains a pooled
+    cross-attention probe of a diffusers model's own modules.
+    """
+    captions = [caption(t, d) for d in range(10) for t in templates]
+    labels = jnp.asarray(np.repeat(np.arange(10), len(templates)))
+    hidden, mask = (jnp.asarray(a) for a in encoder(captions))
+    attn = model.transformer_blocks[0].attn2
+    attn.to_q.kernel[...] = jnp.zeros_like(attn.to_q.kernel[...])
+    dim = attn.to_q.kernel.shape[0]
+
+    class Probe(nnx.Module):
+        def __init__(self):
+            self.projection, self.norm, self.attn = model.caption_projection, model.caption_norm, attn
+            self.readout = nnx.Linear(dim, 10, rngs=nnx.Rngs(seed))
+
+        def __call__(self, h, m):
+            context = self.norm(self.projection(h))
+            query = jnp.zeros((h.shape[0], 1, dim), context.dtype)
+            return self.readout(self.attn(query, context, attention_mask=cross_attention_mask(m, h.shape[0]))[:, 0])
+
+    probe = Probe()
+    graph, params, rest = nnx.split(probe, nnx.Param, ...)
+    # the query kernel stays zero: only its bias may learn
+    tx = optax.masked(optax.adam(lr), jax.tree_util.tree_map_with_path(
+        lambda path, _: not ("to_q" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)), params))
+    opt = tx.init(params)
+
+    def loss_fn(params, idx):
+        logits = nnx.merge(graph, params, rest)(hidden[idx], mask[idx])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
+
+    @jax.jit
+    def step(params, opt, key):
+        idx = jax.random.randint(key, (batch_size,), 0, len(captions))
+        grads = jax.grad(loss_fn)(params, idx)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    key = jax.random.key(seed)
+    for i in range(steps):
+        params, opt = step(params, opt, jax.random.fold_in(key, i))
+    nnx.update(probe, params)
+    accuracy = float(jnp.mean(jnp.argmax(probe(hidden, mask), -1) == labels))
+    for block in model.transformer_blocks:
+        for name in ("to_q", "to_k", "to_v"):
+            source, target = getattr(attn, name), getattr(block.attn2, name)
+            target.kernel[...] = source.kernel[...]
+            target.bias[...] = source.bias[...]
+    return accuracy
+
+
+def pretrain_transformer(folder: Path, steps: int = 3000, *, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                         ema_decay: float = 0.995, resume: bool = False, probe_steps: int = CAPTION_PROBE_STEPS):
+    """The Sana transformer trained with rectified flow on the folder's DC-AE latents and captions,
+    its caption pathway trained first (:func:`init_caption_pathway`) and then held fixed
+    (``resume``: from the folder's transformer instead, its caption pathway as it is)."""
+    encoder = PromptEncoder(folder)
+    source = captioned_digits(folder, seed=seed, caption_dropout=CAPTION_DROPOUT, encoder=encoder)
+    if resume:
+        model = from_diffusers(folder / "transformer")
+    else:
+        model = SanaTransformer2DModel(TRANSFORMER_CONFIG, rngs=nnx.Rngs(seed))
+        templates = read_extras(folder)["templates"]["train"]  # the captions the source draws from
+        accuracy = init_caption_pathway(model, encoder, templates, steps=probe_steps, seed=seed)
+        print(f"caption pathway: {probe_steps} steps, digit accuracy on the training captions {accuracy:.3f}",
+              flush=True)
 
     def loss_fn(model, batch, key):
         x0 = batch["latents"]
         k_sigma, k_noise = jax.random.split(key)
         noise = jax.random.normal(k_noise, x0.shape)
-        sigma = logit_normal_sigmas(k_sigma, x0.shape[0], logit_mean)
+        u = jax.random.uniform(k_sigma, (x0.shape[0],))
+        sigma = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
         s = sigma[:, None, None, None]
         out = model((1 - s) * x0 + s * noise, batch["encoder_hidden_states"], model_timestep("sana", sigma),
                     encoder_attention_mask=batch["encoder_attention_mask"])
@@ -244,7 +337,7 @@ def pretrain_transformer(folder: Path, steps: int = 1200, *, batch_size: int = 3
         return jnp.mean(jnp.square(out - target))
 
     return _train(model, loss_fn, lambda i: {k: jnp.asarray(v) for k, v in source.batch(i, batch_size).items()},
-                  steps, lr, ema_decay=ema_decay, name="transformer")
+                  steps, lr, ema_decay=ema_decay, name="transformer", frozen=_caption_pathway)
 
 
 def write_extras(out: Path, pretraining: dict) -> None:
@@ -266,18 +359,18 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="all", choices=("all", "vae", "transformer"))
     parser.add_argument("--vae-steps", type=int, default=250)
-    parser.add_argument("--steps", type=int, default=1200, help="transformer steps")
+    parser.add_argument("--steps", type=int, default=3000, help="transformer steps")
+    parser.add_argument("--probe-steps", type=int, default=CAPTION_PROBE_STEPS,
+                        help="steps of the caption pathway's digit probe before the transformer's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="transformer peak learning rate")
     parser.add_argument("--resume", action="store_true", help="continue from the folder's transformer")
-    parser.add_argument("--logit-mean", type=float, default=0.0,
-                        help="mean of the logit-normal sigma density (> 0: more weight on high noise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: the package's assets/tiny_sana)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.vae_steps < 1 or args.batch_size < 1:
-        print(f"error: --steps, --vae-steps and --batch-size must be positive, got {args.steps}, {args.vae_steps}, "
-              f"{args.batch_size}", file=sys.stderr)
+    if args.steps < 1 or args.vae_steps < 1 or args.batch_size < 1 or args.probe_steps < 0:
+        print(f"error: --steps, --vae-steps and --batch-size must be positive and --probe-steps not negative, got "
+              f"{args.steps}, {args.vae_steps}, {args.batch_size}, {args.probe_steps}", file=sys.stderr)
         return 2
     out = Path(args.out or str(files("fraqat_jax") / "assets" / "tiny_sana"))
     out.mkdir(parents=True, exist_ok=True)
@@ -300,10 +393,12 @@ def main(argv=None) -> int:
     write_extras(out, pretraining)
     if args.part in ("all", "transformer"):
         model, seconds = pretrain_transformer(out, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                              resume=args.resume, logit_mean=args.logit_mean)
+                                              resume=args.resume, probe_steps=args.probe_steps)
         _save_diffusers(model, out / "transformer")
         runs = (pretraining.get("transformer", {}).get("runs", []) if args.resume else []) + [
-            {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "logit_mean": args.logit_mean,
+            {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+             "probe_steps": 0 if args.resume else args.probe_steps,
+             "sigmas": f"flow-shifted uniform, shift {FLOW_SHIFT}",
              "cpu_seconds": round(seconds, 1)}]
         pretraining["transformer"] = {"runs": runs, "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1),
                                       "cpu": os.cpu_count()}

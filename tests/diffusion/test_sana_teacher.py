@@ -62,3 +62,56 @@ def test_the_sana_default_config_trains_from_prompts(tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if "event" not in line]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_pretraining_fixes_a_caption_pathway_that_reads_the_digit_and_holds_it(tmp_path):
+    """The teacher's recipe: the caption pathway is trained first as a pooled digit probe (one
+    image-independent query shared by every block's cross-attention), then held fixed while the
+    denoiser trains."""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import fraqat_jax.pretrain.sana as ps
+
+    folder = tmp_path / "sana"
+    shutil.copytree(FOLDER, folder)
+    templates = ["{word}", "the digit {numeral}", "a {word} in white ink"]
+    extras = read_extras(folder)
+    extras["templates"]["train"] = templates
+    with open(folder / "fraqat.json", "w") as f:
+        json.dump(extras, f)
+    encoder = PromptEncoder(folder)
+
+    def probed():
+        model = ps.SanaTransformer2DModel(ps.TRANSFORMER_CONFIG, rngs=nnx.Rngs(3))
+        return model, ps.init_caption_pathway(model, encoder, templates, steps=150, seed=3)
+
+    model, accuracy = probed()
+    assert accuracy >= 0.9  # 30 captions; chance is 0.1
+    blocks = list(model.transformer_blocks)
+    for block in blocks:
+        assert not np.any(np.asarray(block.attn2.to_q.kernel[...]))
+        for name in ("to_q", "to_k", "to_v"):
+            for part in ("kernel", "bias"):
+                np.testing.assert_array_equal(getattr(getattr(block.attn2, name), part)[...],
+                                              getattr(getattr(blocks[0].attn2, name), part)[...])
+    # the query no longer depends on the image: the cross-attention weights are the same for any input
+    hidden, mask = encoder(["the digit 7"])
+    context = model.caption_norm(model.caption_projection(jnp.asarray(hidden)))
+    a = blocks[1].attn2(jax.random.normal(jax.random.key(0), (1, 4, 64)), context)
+    np.testing.assert_allclose(np.asarray(a[0, 0]), np.asarray(a[0, 3]), rtol=0, atol=1e-5)
+
+    # denoising holds the pathway fixed and trains the rest
+    graph, before, _ = nnx.split(model, nnx.Param, ...)
+    trained, _ = ps.pretrain_transformer(folder, 2, batch_size=4, seed=3, probe_steps=150, ema_decay=0.0)
+    after = nnx.state(trained, nnx.Param)
+    flat_before = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+    changed = {jax.tree_util.keystr(p): bool(np.any(np.asarray(v) != np.asarray(flat_before[p])))
+               for p, v in jax.tree_util.tree_flatten_with_path(after)[0]}
+    fixed = {p for p in changed if ps._caption_pathway(p)}
+    assert len(fixed) == 5 + 6 * len(blocks) and not any(changed[p] for p in fixed)
+    assert any(changed[p] for p in changed if p not in fixed and "proj_out" in p)
