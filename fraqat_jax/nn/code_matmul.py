@@ -26,20 +26,7 @@ def block_rows(group: int, n_out: int, tokens: int) -> int:
     beyond (a longer input reuses each block more, so a bigger one pays)."""
     budget = 2**17 if tokens <= 16 else 2**19
     target = max(1, budget // max(n_out, 1))
-    if group <= target:
-        return group
-    return max(d for d in range(1, target + 1) if group % d == 0)
-
-
-def _block_products(x, w, packed):
-    """``x (M, rows) @ codes (rows, cols)`` in float32: for packed codes the (even, odd) output
-    columns, else the one product."""
-    if not packed:
-        return (x @ w.astype(jnp.float32),)
-    u = w ^ jnp.uint8(0x88)  # each two's complement nibble q becomes q + 8 in [0, 15]
-    lo = (u & jnp.uint8(15)).astype(jnp.float32) - 8.0
-    hi = (u >> jnp.uint8(4)).astype(jnp.float32) - 8.0
-    return x @ lo, x @ hi
+    return _largest_divisor(group, target)
 
 
 def blocked_code_matmul(x, stored, shape, packed: bool) -> jax.Array:
@@ -85,6 +72,12 @@ def _float_codes(block, packed: bool, high: bool, offset: float = 8.0) -> jax.Ar
     u = block ^ jnp.uint8(0x88)  # each two's complement nibble q becomes q + 8 in [0, 15]
     u = ((u >> jnp.uint8(4)) if high else (u & jnp.uint8(15))).astype(jnp.float32)
     return u - offset if offset else u
+
+
+def _block_products(x, w, packed):
+    """``x (M, rows) @ codes (rows, cols)`` in float32: for packed codes the (even, odd) output
+    columns, else the one product."""
+    return tuple(x @ _float_codes(w, packed, high) for high in ((False, True) if packed else (False,)))
 
 
 def _pairwise_sum(terms):
