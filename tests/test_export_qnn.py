@@ -219,6 +219,61 @@ def family_student(family):
     return model, example, [_family_feeds(family, config, seed=200 + i)[1] for i in range(16)]
 
 
+def test_fp16_rounded_rounds_the_float_ops_and_leaves_products_and_qdq_alone(tmp_path):
+    """x -> Mul -> Relu -> Q/DQ uint8 -> MatMul (INT8 weight) -> Q/DQ uint16 -> Add(the Relu) -> out:
+    the CPU run of fp16_rounded equals numpy with every float op's output (and the input) rounded to
+    fp16, the quantized product and the graph output not rounded. Exact: Mul, Relu and Add are
+    correctly rounded in float32 by numpy and onnxruntime alike."""
+    rng = np.random.default_rng(3)
+    k, n, m = 16, 8, 4
+    w = rng.integers(-100, 101, (k, n)).astype(np.int8)
+    c = (rng.random(k).astype(np.float32) + 0.5)
+    xs, ws, ys = np.float32(4 / 255), np.float32(0.003), np.float32(1 / 4096)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.asarray(ws), "ws"),
+             numpy_helper.from_array(np.asarray(np.int8(0)), "wz"), numpy_helper.from_array(c, "c"),
+             numpy_helper.from_array(np.asarray(xs), "xs"), numpy_helper.from_array(np.asarray(np.uint8(0)), "xz"),
+             numpy_helper.from_array(np.asarray(ys), "ys"), numpy_helper.from_array(np.asarray(np.uint16(32768)), "yz")]
+    nodes = [helper.make_node("Mul", ["x", "c"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("QuantizeLinear", ["b", "xs", "xz"], ["bq"]),
+             helper.make_node("DequantizeLinear", ["bq", "xs", "xz"], ["bd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+             helper.make_node("MatMul", ["bd", "wd"], ["p"]),
+             helper.make_node("QuantizeLinear", ["p", "ys", "yz"], ["pq"]),
+             helper.make_node("DequantizeLinear", ["pq", "ys", "yz"], ["pd"]),
+             helper.make_node("ReduceSum", ["b"], ["bs"], keepdims=1),
+             helper.make_node("Add", ["pd", "bs"], ["out"])]
+    path = _save(nodes, inits, [helper.make_tensor_value_info("x", 1, [m, k])],
+                 [helper.make_tensor_value_info("out", 1, [m, n])], tmp_path / "g.onnx")
+    rounded = qnn_graph.fp16_rounded(onnx.load(path))
+    casts = [nd for nd in rounded.graph.node if nd.op_type == "Cast"]
+    assert len(casts) == 2 * 4  # the input, Mul, Relu, ReduceSum: not the product, the QDQ nodes or the output
+    x = rng.normal(0, 1.5, (m, k)).astype(np.float32)
+    got = qnn.cpu_session(rounded.SerializeToString()).run(None, {"x": x})[0]
+
+    def h(v):
+        return np.asarray(v, np.float32).astype(np.float16).astype(np.float32)
+
+    b = h(np.maximum(h(h(x) * c), 0))
+    bd = np.clip(np.round(b / xs), 0, 255).astype(np.float32) * xs
+    p = bd @ (w.astype(np.float32) * ws)  # float32 sums in another order than onnxruntime's: < 1 uint16 step
+    pd = (np.clip(np.round(p / ys) + 32768, 0, 65535) - 32768).astype(np.float32) * ys
+    bs = h(b.sum(dtype=np.float32))  # ReduceSum without axes: over all of them
+    ref = pd + bs
+    # One uint16 step of the product and one fp16 spacing of the sum, where a float32 sum order flips them.
+    assert np.abs(got - ref).max() <= ys * 1.0001 + float(np.spacing(np.float16(abs(bs))))
+    assert np.mean(got == ref) > 0.5
+    plain = qnn.cpu_session(path).run(None, {"x": x})[0]
+    assert not np.array_equal(plain, got)  # the rounding does something on this input
+
+
+def test_ort_tolerance_is_the_fixed_floor_or_a_multiple_of_the_fp16_sensitivity_capped_at_the_jax_one():
+    assert qnn.ort_tolerance(0.0) == qnn.TOL_ORT
+    assert qnn.ort_tolerance(qnn.TOL_ORT / qnn.TOL_FP16 / 2) == qnn.TOL_ORT
+    s = 1.2 * qnn.TOL_ORT / qnn.TOL_FP16
+    assert qnn.ort_tolerance(s) == pytest.approx(qnn.TOL_FP16 * s)
+    assert qnn.ort_tolerance(1.0) == qnn.TOL_STUDENT
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_every_family_runs_whole_on_qnn_htp(family, tmp_path):

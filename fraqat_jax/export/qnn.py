@@ -56,7 +56,13 @@ The rules of the graph (each found from the backend's answers and checked in
    host prologue (``prologue.onnx``).
 
 Agreement (``--format qnn`` exits 1 when one fails): on held-out training-style inputs, QNN HTP
-against onnxruntime's CPU provider on ``model.onnx``: ``<= TOL_ORT`` x max|out|; against the
+against onnxruntime's CPU provider on ``model.onnx``: ``<= tol_ort`` x max|out|, where ``tol_ort``
+(:func:`ort_tolerance`) is ``TOL_ORT``, or ``TOL_FP16`` x ``fp16_sensitivity`` when that is larger,
+capped at ``TOL_STUDENT``. ``fp16_sensitivity`` is measured on the same inputs: how far rounding
+every float tensor to fp16 (:func:`fp16_rounded`) moves onnxruntime's CPU output. An A8 network's
+HTP output differs from the CPU's by the grid points that fp16 arithmetic flips, and how far a flip
+carries depends on the trained weights, so a fixed tolerance alone fails sharper models whose
+images agree (docs/deploy.md gives the figures); against the
 exported student served in JAX (the frozen student with static input ranges, as
 ``fraqat_jax.export.load(static=True)`` serves it): ``<= TOL_STUDENT``; the EPContext model against
 the QNN run of ``model.onnx``: ``<= TOL_CONTEXT``. A sampling run of ``SAMPLING_STEPS`` steps from
@@ -77,21 +83,25 @@ import numpy as np
 
 from fraqat_jax.export.onnx import OUTPUT_NAME, OnnxExportError
 from fraqat_jax.export.qnn_graph import (OUTPUT_MARGIN, PRODUCT_BITS, bool_ands_as_products, bool_layout_as_float,
-                                         cpu_session, fold_weight_transposes, lower_rank, quantize_products,
-                                         split_prologue, to_qnn)
+                                         cpu_session, fold_weight_transposes, fp16_rounded, lower_rank,
+                                         quantize_products, split_prologue, to_qnn)
 from fraqat_jax.deploy.common import EP_NAME
 from fraqat_jax.quant import rel_diff
 
 __all__ = [  # qnn_graph's surgery and quant's rel_diff are re-exported: one import for the QNN form
     "CONTEXT_FILE", "DEFAULT_SOC", "EP_NAME", "MODEL_FILE", "OUTPUT_MARGIN", "PRODUCT_BITS", "PROLOGUE_FILE", "REPORT_FILE",
-    "REPORT_KEYS", "SOCS", "TOL_CONTEXT", "TOL_ORT", "TOL_STUDENT", "OnnxExportError", "QnnModel", "QnnRefused",
-    "QnnUnavailable", "Soc", "bool_ands_as_products", "bool_layout_as_float", "context_bytes", "cpu_session",
-    "export_qnn", "fold_weight_transposes", "lower_rank", "qnn_module", "qnn_session", "quantize_products",
+    "REPORT_KEYS", "SOCS", "TOL_CONTEXT", "TOL_FP16", "TOL_ORT", "TOL_STUDENT", "OnnxExportError", "QnnModel",
+    "QnnRefused", "QnnUnavailable", "Soc", "bool_ands_as_products", "bool_layout_as_float", "context_bytes",
+    "cpu_session", "export_qnn", "fold_weight_transposes", "fp16_rounded", "fp16_sensitivity", "lower_rank",
+    "ort_tolerance", "qnn_module", "qnn_session", "quantize_products",
     "refused_nodes", "rel_diff", "sampling_psnr", "save_qnn", "soc_of", "split_prologue", "summary", "to_qnn",
     "write_qnn",
 ]
 
-TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out|
+TOL_ORT = 2e-2  # QNN HTP vs onnxruntime CPU on model.onnx, x max|out|: the floor of ort_tolerance
+# HTP's float ops are fp16 approximations (sigmoid, tanh, rsqrt; reductions accumulated in fp16), not
+# exact roundings of fp32 results: measured HTP / fp16-rounded-CPU ratios of 0.9-1.8 (docs/deploy.md)
+TOL_FP16 = 3.0
 TOL_STUDENT = 5e-2  # QNN HTP vs the exported JAX student, x max|out|
 TOL_CONTEXT = 1e-5  # the EPContext model vs the QNN run of model.onnx, x max|out|
 EXTRA = "pip install 'fraqat_jax[qnn]'"
@@ -411,8 +421,10 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
         return report
     htp = QnnModel(compiled[0], pro_path)
     got = [htp(f) for f in feeds]
+    sensitivity = fp16_sensitivity(written["model"], pro_path, feeds, ref_ort)
     report.update(context_build_seconds=compiled[1], nodes_on_qnn=report["nodes"], refused=[],
-                  max_rel_diff_ort=rel_diff(got, ref_ort))
+                  max_rel_diff_ort=rel_diff(got, ref_ort), fp16_sensitivity=sensitivity,
+                  tol_ort=ort_tolerance(sensitivity))
     clock.lap("htp")
     report["max_rel_diff_student"] = rel_diff(got, [frozen_output(served, _unflat(f)) for f in feeds])
     clock.lap("student")
@@ -427,10 +439,26 @@ def export_qnn(teacher, student, cfg, out_dir: str, *, soc: str = DEFAULT_SOC, b
                       sampling_steps=SAMPLING_STEPS)
         clock.lap("sampling")
     report["stage_seconds"] = clock.stages
-    report["ok"] = (report["max_rel_diff_ort"] <= TOL_ORT and report["max_rel_diff_student"] <= TOL_STUDENT
+    report["ok"] = (report["max_rel_diff_ort"] <= report["tol_ort"] and report["max_rel_diff_student"] <= TOL_STUDENT
                     and report["max_rel_diff_context"] <= TOL_CONTEXT)
     _write_json(paths["json"], report)
     return report
+
+
+def ort_tolerance(sensitivity: float) -> float:
+    """The HTP-vs-onnxruntime-CPU tolerance of a graph whose CPU output moves by ``sensitivity``
+    (x max|out|) when its float tensors are rounded to fp16: ``TOL_ORT``, or ``TOL_FP16`` x
+    ``sensitivity`` when larger, never above ``TOL_STUDENT`` (the tolerance against JAX)."""
+    return float(min(TOL_STUDENT, max(TOL_ORT, TOL_FP16 * float(sensitivity))))
+
+
+def fp16_sensitivity(model, prologue_path: str | None, feeds: Sequence[Mapping[str, np.ndarray]],
+                     reference: Sequence[np.ndarray]) -> float:
+    """max |CPU run of :func:`fp16_rounded` ``(model)`` - ``reference``| / max|reference| over
+    ``feeds`` (``model``: the QNN-form ``onnx.ModelProto``; ``reference``: onnxruntime CPU's outputs
+    of it on ``feeds``)."""
+    rounded = QnnModel(cpu_session(fp16_rounded(model).SerializeToString()), prologue_path)
+    return rel_diff([rounded(f) for f in feeds], list(reference))
 
 
 def _unflat(feeds: Mapping[str, np.ndarray]) -> dict:
@@ -446,7 +474,7 @@ def _unflat(feeds: Mapping[str, np.ndarray]) -> dict:
 
 
 REPORT_KEYS = ("soc", "htp_arch", "nodes", "nodes_on_qnn", "max_rel_diff_ort", "max_rel_diff_student",
-               "context_bytes", "weight_bytes")
+               "context_bytes", "weight_bytes")  # qnn.json of a one-network folder (the report also has tol_ort)
 
 
 def _write_json(path: str, report: dict) -> None:
@@ -466,7 +494,8 @@ def summary(report: dict) -> str:
         f"QNN HTP simulator ({report['soc']}, HTP v{report['htp_arch']}): all {report['nodes']} nodes with CPU "
         f"fallback disabled; context binary {report['context_bytes']} bytes (built in "
         f"{report.get('context_build_seconds', 0):.1f} s), INT4/INT8 weights {report['weight_bytes']} bytes",
-        f"max |QNN - onnxruntime CPU| / max|out| = {report['max_rel_diff_ort']:.2e} (tolerance {TOL_ORT:g}); "
+        f"max |QNN - onnxruntime CPU| / max|out| = {report['max_rel_diff_ort']:.2e} (tolerance {report['tol_ort']:.2g}: fp16 "
+        f"rounding moves the CPU output {report['fp16_sensitivity']:.2e}); "
         f"vs the exported JAX student {report['max_rel_diff_student']:.2e} ({TOL_STUDENT:g}); EPContext vs "
         f"model.onnx {report['max_rel_diff_context']:.2e} ({TOL_CONTEXT:g})",
     ]

@@ -395,3 +395,63 @@ def to_qnn(proto, weight_outputs: Mapping[str, str], calibration: Sequence[Mappi
     wanted = {i.name for i in main.graph.input}
     counts.update(quantize_products(main, weight_outputs, [{k: v for k, v in f.items() if k in wanted} for f in feeds], product_bits))
     return main, prologue, counts
+
+
+# ----------------------------------------------------------------------------- fp16 reference
+
+EXACT_IN_FP16 = LAYOUT_OPS + ("Concat", "Slice", "Split", "Gather", "Expand", "Tile", "Shape", "Cast",
+                              "QuantizeLinear", "DequantizeLinear", "Constant")
+
+
+def fp16_rounded(model):
+    """A copy of the QNN-form ``model`` for onnxruntime's CPU provider in which every float tensor that
+    HTP holds in fp16 is rounded to fp16 (a ``Cast`` to float16 and back after the op that makes it,
+    and after each float graph input): the outputs of the float ops (norms, softmax, activations,
+    residual adds, modulation, attention's float products), but not of the quantized products
+    (``DQ -> MatMul/Conv/Gemm -> Q``, integer on HTP), the QDQ nodes, or ops that only move values.
+
+    Its distance from the plain CPU run is what fp16 rounding alone moves the output by (each
+    rounding flips some A8 grid points downstream); the export's HTP tolerance is derived from it
+    (:func:`fraqat_jax.export.qnn.ort_tolerance`). Written here because onnxruntime's float16
+    converters change the graph's types (and QDQ nodes) instead of emulating fp16 storage."""
+    import onnx
+    from onnx import TensorProto, helper, shape_inference
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inferred = shape_inference.infer_shapes(out)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    producer, consumers = _graph_maps(graph)
+
+    def quantized_product(node) -> bool:
+        return (node.op_type in ("MatMul", "Conv", "Gemm")
+                and all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input[:2])
+                and all(c.op_type == "QuantizeLinear" for c in consumers.get(node.output[0], [])))
+
+    def rounded(name: str, tag: int) -> list:
+        half, back = f"{name}.fp16_{tag}", f"{name}.fp16r_{tag}"
+        return [helper.make_node("Cast", [name], [half], to=TensorProto.FLOAT16),
+                helper.make_node("Cast", [half], [back], to=TensorProto.FLOAT)], back
+
+    nodes, renamed, outputs = [], {}, {o.name for o in graph.output}
+    for tag, value in enumerate(graph.input):
+        if types.get(value.name) == TensorProto.FLOAT:
+            casts, back = rounded(value.name, tag)
+            nodes += casts
+            renamed[value.name] = back
+    for node in list(graph.node):
+        for k, name in enumerate(node.input):
+            node.input[k] = renamed.get(name, name)
+        nodes.append(node)
+        if node.op_type in EXACT_IN_FP16 or quantized_product(node):
+            continue
+        for name in node.output:
+            if types.get(name) == TensorProto.FLOAT and name not in outputs:
+                casts, back = rounded(name, len(nodes))
+                nodes += casts
+                renamed[name] = back
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out

@@ -291,7 +291,8 @@ def build_component(model, example: Mapping, calibration, held, out_dir: str, su
     """``out_dir/sub``: ``model.onnx`` (+ prologue) of ``model`` in the QNN form, rewritten by
     ``passes`` (``proto -> count``), compiled for HTP with CPU fallback disabled (its EPContext
     model) and checked on the ``held`` feeds against onnxruntime's CPU and the frozen JAX model;
-    writes ``qnn.json`` and returns the figures. Raises :class:`~fraqat_jax.export.qnn.QnnRefused`
+    writes ``qnn.json`` and returns the figures (``tol_ort``: :func:`fraqat_jax.export.qnn.ort_tolerance`
+    of the graph's ``fp16_sensitivity`` on the same feeds). Raises :class:`~fraqat_jax.export.qnn.QnnRefused`
     naming the nodes HTP did not take."""
     import tempfile
 
@@ -316,10 +317,12 @@ def build_component(model, example: Mapping, calibration, held, out_dir: str, su
     htp, cpu = qnn.QnnModel(session, prologue), qnn.QnnModel(qnn.cpu_session(path), prologue)
     ctx_model = qnn.QnnModel(qnn.qnn_session(ctx, soc), prologue)
     frozen = jitted(fraqat_jax.freeze(static_view(model)))  # one compilation for every held feed
-    got = [htp(f) for f in held]
+    got, ref = [htp(f) for f in held], [cpu(f) for f in held]
     chip = qnn.soc_of(soc)
+    sensitivity = qnn.fp16_sensitivity(proto, prologue, held, ref)
     report = {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model, "nodes": len(proto.graph.node),
-              "nodes_on_qnn": len(proto.graph.node), "max_rel_diff_ort": qnn.rel_diff(got, [cpu(f) for f in held]),
+              "nodes_on_qnn": len(proto.graph.node), "max_rel_diff_ort": qnn.rel_diff(got, ref),
+              "fp16_sensitivity": sensitivity, "tol_ort": qnn.ort_tolerance(sensitivity),
               "max_rel_diff_student": qnn.rel_diff(got, [frozen(f) for f in held]),
               "max_rel_diff_context": qnn.rel_diff([ctx_model(f) for f in held], got),
               "context_bytes": qnn.context_bytes(ctx), "weight_bytes": int(written["counts"]["weight_bytes"]),
@@ -327,7 +330,8 @@ def build_component(model, example: Mapping, calibration, held, out_dir: str, su
               "qdq": written["qdq"], "rewrites": rewrites}
     with open(os.path.join(folder, qnn.REPORT_FILE), "w") as f:
         json.dump(report, f, indent=1)
-    log(f"{sub}: {report['nodes']} nodes whole on QNN HTP; vs onnxruntime CPU {report['max_rel_diff_ort']:.2e}, "
+    log(f"{sub}: {report['nodes']} nodes whole on QNN HTP; vs onnxruntime CPU {report['max_rel_diff_ort']:.2e} "
+        f"(tolerance {report['tol_ort']:.2g}), "
         f"vs JAX {report['max_rel_diff_student']:.2e}; context {report['context_bytes']} bytes")
     return report
 
