@@ -18,7 +18,7 @@ def get_config():
     return {
         "teacher": "builtin:sana",
         "data": "captions",
-        "steps": 150,
+        "steps": 450,
         "batch_size": 32,
         "lr": 1e-3,
         "warmup_steps": 10,
