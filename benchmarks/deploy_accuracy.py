@@ -40,9 +40,18 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
-def spread(items, num: int) -> list:
-    items = list(items)
-    return items if len(items) <= num else [items[round(i * len(items) / num)] for i in range(num)]
+def balanced(prompts: list[str], digits: np.ndarray, num: int) -> list[int]:
+    """``num`` indices of ``prompts``, round-robin over the digits they name, each digit's k-th pick
+    its (k + digit)-th prompt (so the picks also spread over the file's templates)."""
+    groups = {int(d): [i for i in range(len(prompts)) if digits[i] == d] for d in sorted(set(digits.tolist()))}
+    order, k = [], 0
+    while len(order) < min(num, len(prompts)):
+        for d, group in groups.items():
+            pick = group[(k + d) % len(group)]
+            if len(order) < num and pick not in order:
+                order.append(pick)
+        k += 1
+    return order
 
 
 def jax_pipeline(report, folder: str, manifest: dict, steps: int, guidance: float):
@@ -87,7 +96,7 @@ def main(argv=None) -> dict:
     p.add_argument("--workdir", required=True, help="a text-to-image run trained with act_ranges=static")
     p.add_argument("--folder", required=True, help="where export --format qnn writes the pipeline folder")
     p.add_argument("--prompts", default=os.path.join(ROOT, "benchmarks", "prompts", "sana_heldout.txt"))
-    p.add_argument("--num", type=int, default=20, help="prompts, spread evenly over the file")
+    p.add_argument("--num", type=int, default=20, help="prompts, taken round-robin over the digits they name")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the folder's)")
     p.add_argument("--component-bits", type=int, default=8)
     p.add_argument("--out", default=None, help="JSON of the figures (default FOLDER/deploy_accuracy.json)")
@@ -98,7 +107,9 @@ def main(argv=None) -> dict:
     from fraqat_jax.eval.classifier import DigitsClassifier
     from fraqat_jax.eval.prompted import box_average, prompt_digits, read_prompt_file
 
-    prompts = spread(read_prompt_file(args.prompts), args.num)
+    every = read_prompt_file(args.prompts)
+    picked = balanced(every, prompt_digits(every, args.prompts), args.num)
+    prompts = [every[i] for i in picked]
     digits = prompt_digits(prompts, args.prompts)
     t0 = time.perf_counter()
     report = export.main(["--workdir", args.workdir, "--out", args.folder, "--format", "qnn",
