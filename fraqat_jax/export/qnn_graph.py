@@ -399,8 +399,8 @@ def to_qnn(proto, weight_outputs: Mapping[str, str], calibration: Sequence[Mappi
 
 # ----------------------------------------------------------------------------- fp16 reference
 
-EXACT_IN_FP16 = LAYOUT_OPS + ("Concat", "Slice", "Split", "Gather", "Expand", "Tile", "Shape", "Cast",
-                              "QuantizeLinear", "DequantizeLinear", "Constant")
+EXACT_IN_FP16 = LAYOUT_OPS + ("Concat", "Slice", "Split", "Expand", "Tile", "Shape", "Cast", "QuantizeLinear",
+                              "DequantizeLinear", "Constant")  # Gather is not: HTP reads an fp16 table
 
 
 def fp16_rounded(model):
@@ -430,7 +430,7 @@ def fp16_rounded(model):
                 and all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input[:2])
                 and all(c.op_type == "QuantizeLinear" for c in consumers.get(node.output[0], [])))
 
-    def rounded(name: str, tag: int) -> list:
+    def rounded(name: str, tag: int) -> tuple[list, str]:
         half, back = f"{name}.fp16_{tag}", f"{name}.fp16r_{tag}"
         return [helper.make_node("Cast", [name], [half], to=TensorProto.FLOAT16),
                 helper.make_node("Cast", [half], [back], to=TensorProto.FLOAT)], back
