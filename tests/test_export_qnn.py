@@ -220,7 +220,7 @@ def family_student(family):
 
 
 def test_fp16_rounded_rounds_the_float_ops_and_leaves_products_and_qdq_alone(tmp_path):
-    """x -> Mul -> Relu -> Q/DQ uint8 -> MatMul (INT8 weight) -> Q/DQ uint16 -> Add(the Relu) -> out:
+    """x -> Mul -> Relu -> Q/DQ uint8 -> MatMul (INT8 weight) -> Q/DQ uint16 -> + ReduceSum(the Relu) -> out:
     the CPU run of fp16_rounded equals numpy with every float op's output (and the input) rounded to
     fp16, the quantized product and the graph output not rounded. Exact: Mul, Relu and Add are
     correctly rounded in float32 by numpy and onnxruntime alike."""
