@@ -18,7 +18,7 @@ import numpy as np
 from fraqat_jax.diffusion.families import model_timestep, objective_of
 
 __all__ = ["ddim_timesteps", "ddpm_alphas_cumprod", "diffusion_inputs", "flow_dpm_schedule", "flow_sigmas",
-           "logit_normal_sigmas"]
+           "logit_normal_sigmas", "shift_sigmas"]
 
 
 def ddpm_alphas_cumprod(
@@ -58,6 +58,12 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarra
     return (np.arange(num_steps, dtype=np.int64) * ratio)[::-1].copy()
 
 
+def shift_sigmas(s, shift: float):
+    """SD3's time shift of rectified-flow noise levels, ``s -> shift s / (1 + (shift - 1) s)`` (numpy
+    or JAX arrays alike)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
     """Rectified-flow noise levels, descending, then a final 0 (float64, ``(num_steps + 1,)``).
 
@@ -69,9 +75,8 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
-    s = np.linspace(1.0, shifted(1.0 / num_train_timesteps), num_steps, dtype=np.float64)
-    return np.concatenate([shifted(s), [0.0]])
+    s = np.linspace(1.0, shift_sigmas(1.0 / num_train_timesteps, shift), num_steps, dtype=np.float64)
+    return np.concatenate([shift_sigmas(s, shift), [0.0]])
 
 
 def flow_dpm_schedule(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> dict[str, np.ndarray]:
@@ -94,7 +99,7 @@ def flow_dpm_schedule(num_steps: int, shift: float = 3.0, num_train_timesteps: i
         raise ValueError(f"shift must be > 0, got {shift}")
     n = num_train_timesteps
     raw = 1.0 - np.linspace(1.0, 1.0 / n, num_steps + 1)
-    top = np.flip(shift * raw / (1 + (shift - 1) * raw))[:-1].copy()
+    top = np.flip(shift_sigmas(raw, shift))[:-1].copy()
     timesteps = (top * n).astype(np.int64).astype(np.float64)
     sig = np.concatenate([top, [0.0]]).astype(np.float32).astype(np.float64)
     alpha = 1.0 - sig

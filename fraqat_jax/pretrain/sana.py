@@ -47,6 +47,7 @@ from safetensors.numpy import save_file
 from fraqat_jax.data.captions import (EXTRAS_FILE, PromptEncoder, caption, captioned_digits, digit_images,
                                      read_extras)
 from fraqat_jax.diffusion.families import model_timestep
+from fraqat_jax.diffusion.noise import shift_sigmas
 from fraqat_jax.models import AutoencoderDC, SanaTransformer2DModel, from_diffusers, to_diffusers_state_dict
 from fraqat_jax.models.autoencoder_dc import AUTOENCODER_DC_DEFAULTS
 from fraqat_jax.models.pixart import cross_attention_mask
@@ -329,7 +330,7 @@ def pretrain_transformer(folder: Path, steps: int = 3000, *, batch_size: int = 3
         k_sigma, k_noise = jax.random.split(key)
         noise = jax.random.normal(k_noise, x0.shape)
         u = jax.random.uniform(k_sigma, (x0.shape[0],))
-        sigma = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
+        sigma = shift_sigmas(u, FLOW_SHIFT)
         s = sigma[:, None, None, None]
         out = model((1 - s) * x0 + s * noise, batch["encoder_hidden_states"], model_timestep("sana", sigma),
                     encoder_attention_mask=batch["encoder_attention_mask"])
