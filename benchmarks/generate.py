@@ -10,6 +10,9 @@ Rows, all greedy, at each batch size (``--batches``) and prompt length (``--prom
 - ``ours_float``: ``models.sampler``'s prefill + decode loop on the float32 teacher;
 - ``ours_w4a8``: the same on the frozen W4A8 student (``fraqat_jax.freeze`` of the paper's rule,
   every Linear at 4-bit weights, 8-bit per-token inputs; integer matmuls);
+- ``ours_w4a8_packed`` (not run unless named in ``--rows``): that student frozen with
+  ``unpack=False``, its codes only packed two per byte, as on an accelerator (the CPU default also
+  holds them unpacked, one ``int8`` each, which the CPU forms widen faster);
 - ``ours_w4a8_fused`` (not run unless named in ``--rows``): that student with every layer's
   ``matmul`` set to ``"fused"`` (``fraqat_jax.nn.freeze``), the CPU form that XLA splits between
   threads at one token, where ``"auto"``'s blocked form runs on one core;
@@ -134,6 +137,10 @@ def bench(folder: str, batch: int, prompt: int, new: int, reps: int, recompute_s
         student = quantize_model(nnx.clone(teacher), [Rule(r".*", weight_bits=4.0, act_bits=8.0,
                                                             layer_types=("Linear",))])
         ours["ours_w4a8"] = Ours(freeze(student), batch, prompt, new)
+    if "ours_w4a8_packed" in rows:  # the same student without the CPU layout's unpacked codes
+        student = quantize_model(nnx.clone(teacher), [Rule(r".*", weight_bits=4.0, act_bits=8.0,
+                                                            layer_types=("Linear",))])
+        ours["ours_w4a8_packed"] = Ours(freeze(student, unpack=False), batch, prompt, new)
     if "ours_w4a8_fused" in rows:  # the same student with the fused form at every token count
         student = quantize_model(nnx.clone(teacher), [Rule(r".*", weight_bits=4.0, act_bits=8.0,
                                                             layer_types=("Linear",))])
@@ -157,6 +164,11 @@ def bench(folder: str, batch: int, prompt: int, new: int, reps: int, recompute_s
             first = int(np.argmax(np.any(a != b, axis=0)))
             print(f"note: the blocked and fused W4A8 forms' greedy tokens part at new token {first} of {a.shape[-1]} "
                   f"(batch {batch}, prompt {prompt})", flush=True)
+    if "ours_w4a8" in ours and "ours_w4a8_packed" in ours:  # the same sums and epilogue: the same tokens
+        a, b = (np.asarray(ours[k].run()[0]) for k in ("ours_w4a8", "ours_w4a8_packed"))
+        if not np.array_equal(a, b):
+            raise SystemExit(f"the unpacked and packed W4A8 layouts' greedy tokens differ (batch {batch}, "
+                             f"prompt {prompt})")
     tokens, _, _ = ours["ours_float"].run()
     want, _, _ = _hf_run(ref, ids_t, new, "dynamic")
     if not np.array_equal(tokens, want):
@@ -170,8 +182,8 @@ def bench(folder: str, batch: int, prompt: int, new: int, reps: int, recompute_s
         start = prompt + new - steps  # the last `steps` positions of the same fixed buffer
         fn(state, buf, start).block_until_ready()
         recompute = lambda: fn(state, buf, start).block_until_ready()  # noqa: E731
-    times: dict = {k: [] for k in ("ours_float", "ours_w4a8", "ours_w4a8_fused", "recompute", "hf_dynamic",
-                                   "hf_static") if k in rows}
+    times: dict = {k: [] for k in ("ours_float", "ours_w4a8", "ours_w4a8_packed", "ours_w4a8_fused", "recompute",
+                                   "hf_dynamic", "hf_static") if k in rows}
     for _ in range(reps):  # interleaved
         for name, o in ours.items():
             _, p, d = o.run()
@@ -190,7 +202,7 @@ def bench(folder: str, batch: int, prompt: int, new: int, reps: int, recompute_s
         per_token_steps = new - 1 if name.startswith("hf_") else new
         out[name] = {"compile_s": compile_s.get(name), "prefill_s": statistics.median(prefill) if prefill else None,
                      "decode_tok_s": batch * per_token_steps / decode, "decode_s": decode}
-    for name in ("ours_w4a8", "ours_w4a8_fused"):
+    for name in ("ours_w4a8", "ours_w4a8_packed", "ours_w4a8_fused"):
         if name in out:
             out[f"{name}_vs_float"] = out[name]["decode_tok_s"] / out["ours_float"]["decode_tok_s"]
     if "recompute" in out:

@@ -36,7 +36,7 @@ from fraqat_jax.quant import rel_diff
 FORMAT_VERSION = 2  # 2: arrays in their trained dtypes, layers keep their trained activation ranges
 TOLERANCE = 1e-4  # exported vs fake-quant student, relative to max |output|, float32
 CALIBRATION_SAMPLES = 100
-_DERIVED = ("kernel_code_sums", "kernel_float")  # recomputed from the codes at load time, not stored
+_DERIVED = ("kernel_code_sums", "kernel_float", "kernel_unpacked")  # recomputed from the codes at load time, not stored
 
 
 class ExportError(ValueError):
@@ -127,7 +127,8 @@ def _rules_for(layers: dict) -> list:
 
 def _stored_tree(frozen) -> dict:
     """The frozen model's state as a pure dict of numpy arrays in their trained dtypes, without the
-    derived ``kernel_code_sums`` and ``kernel_float`` (recomputed from the codes by :func:`load`)."""
+    derived ``kernel_code_sums``, ``kernel_float`` and ``kernel_unpacked`` (recomputed from the codes by
+    :func:`load`)."""
     return jax.tree.map(np.asarray, _without(nnx.to_pure_dict(nnx.state(frozen)), _DERIVED))
 
 
@@ -301,6 +302,8 @@ def _fill(frozen, stored) -> nnx.Module:
                                                      layer.group_size or layer.kernel_shape[0], layer.packed)
         if isinstance(layer, FrozenLinear) and layer.kernel_float is not None:
             layer.kernel_float[...] = layer.fake_quant_kernel()  # once here, not at every call
+        if isinstance(layer, FrozenLinear) and layer.kernel_unpacked is not None:
+            layer.kernel_unpacked[...] = layer.unpacked_codes()  # likewise
     return model
 
 

@@ -156,12 +156,13 @@ def test_blocked_and_dense_forms_agree(bits, symmetric, axis, group, act_bits, n
 
 
 def _largest_buffer(compiled_text, skip_parameters=True):
-    """Element count of the largest array any instruction of an optimized HLO module produces."""
+    """Element count of the largest array any instruction of an optimized HLO module produces (a
+    bitcast or a tuple element of another array holds no memory of its own, so neither counts)."""
     import re
     sizes = []
     for line in compiled_text.splitlines():
         m = re.match(r"\s*(ROOT )?%\S+ = (\w+)\[([\d,]*)\]", line)
-        if not m or (skip_parameters and " parameter(" in line):
+        if not m or (skip_parameters and " parameter(" in line) or " bitcast(" in line or " get-tuple-element(" in line:
             continue
         sizes.append(int(np.prod([int(d) for d in m.group(3).split(",") if d] or [1])))
     return max(sizes)
@@ -170,25 +171,28 @@ def _largest_buffer(compiled_text, skip_parameters=True):
 @pytest.mark.parametrize("tokens", [1, 32])
 def test_cpu_form_never_widens_the_whole_kernel(tokens):
     """On CPU the compiled frozen layer never holds the unpacked (or widened) kernel up to
-    BLOCKED_MAX_TOKENS input rows: every array is smaller than the kernel; the dense form does unpack
-    it whole (so the check can fail), and "auto" runs it for longer inputs."""
+    BLOCKED_MAX_TOKENS input rows: every array is smaller than the kernel, with the codes packed or
+    (the CPU default) also held unpacked; on the packed codes the dense form does unpack it whole
+    (so the check can fail), and "auto" runs it for longer inputs."""
     from fraqat_jax.nn.freeze import BLOCKED_MAX_TOKENS
     assert tokens <= BLOCKED_MAX_TOKENS
     n_in, n_out = 512, 2048
     model = quantize_model(nnx.Linear(n_in, n_out, rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=4)])
-    frozen = freeze(model)
-    graphdef, state = nnx.split(frozen)
     x = jax.ShapeDtypeStruct((tokens, n_in), jnp.float32)
 
-    def compiled(form):
+    def compiled(frozen, form):
         frozen.matmul = form
         graphdef, state = nnx.split(frozen)
         return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().as_text()
 
-    assert _largest_buffer(compiled("auto")) < n_in * n_out
-    assert _largest_buffer(compiled("dense")) >= n_in * n_out
+    frozen = freeze(model)
+    assert frozen.kernel_unpacked is not None  # the CPU layout
+    assert _largest_buffer(compiled(frozen, "auto")) < n_in * n_out
+    frozen = freeze(model, unpack=False)
+    assert _largest_buffer(compiled(frozen, "auto")) < n_in * n_out
+    assert _largest_buffer(compiled(frozen, "dense")) >= n_in * n_out
     x = jax.ShapeDtypeStruct((BLOCKED_MAX_TOKENS + 1, n_in), jnp.float32)
-    assert _largest_buffer(compiled("auto")) >= n_in * n_out
+    assert _largest_buffer(compiled(frozen, "auto")) >= n_in * n_out
 
 
 def test_float_path_holds_its_kernel(x_mlp):
@@ -229,10 +233,14 @@ def test_frozen_conv_matches_fake_quant(gran, axis, act_bits):
 def test_frozen_w4_per_channel_bytes_within_bound():
     model = quantize_model(MLP((512, 1024, 512), rngs=nnx.Rngs(0)), [Rule(".*", weight_bits=4, channel_axis=-1)])
     bf16 = sum(v[...].size * 2 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    frozen = freeze(model)
+    frozen = freeze(model, unpack=False)
     nbytes = sum(v[...].nbytes for _, v in nnx.to_flat_state(nnx.state(frozen)))
     assert any(isinstance(v, Codes) for _, v in nnx.to_flat_state(nnx.state(frozen)))
     assert nbytes <= 0.27 * bf16, nbytes / bf16
+    # The CPU layout adds the unpacked codes, one byte per weight, and nothing else.
+    wide = sum(v[...].nbytes for _, v in nnx.to_flat_state(nnx.state(freeze(model, unpack=True))))
+    kernels = sum(v[...].size for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if path[-1] == "kernel")
+    assert wide - nbytes == kernels
 
 
 def test_freeze_errors():
@@ -318,3 +326,20 @@ def test_tpu_reads_int4_codes_in_the_matmul_and_unpacks_packed_ones():
         assert widest_kernel_sized(packed["hlo"]) != []
         assert int4["bytes"] * 10 < packed["bytes"], (int4["bytes"], packed["bytes"])
     assert out["True/1"]["bytes"] < kernel  # about the int4 codes (kernel / 2 bytes) and the vectors
+
+
+@pytest.mark.parametrize("n_out", [96, 75])
+def test_unpacked_cpu_layout_gives_the_packed_bits(n_out):
+    """The CPU layout (codes also held unpacked, one int8 each) gives the packed layout's output bit
+    for bit in every form, at one token and at many; an odd width, which the packed CPU forms cannot
+    split into nibble pairs, runs the blocked form on the unpacked codes."""
+    model = quantize_model(nnx.Linear(128, n_out, rngs=nnx.Rngs(0)),
+                           [Rule(".*", weight_bits=4, channel_axis=-1)])
+    wide, packed = freeze(model, unpack=True), freeze(model, unpack=False)
+    np.testing.assert_array_equal(wide.kernel_unpacked[...], unpack_nibbles(packed.kernel_codes[...], (128, n_out)))
+    for tokens in (1, 40):
+        x = jax.random.normal(jax.random.key(tokens), (tokens, 128))
+        want = np.asarray(packed(x))  # "auto"
+        for form in ("auto", "blocked", "fused", "dense"):
+            wide.matmul = form
+            np.testing.assert_array_equal(np.asarray(wide(x)), want, err_msg=f"{form}, {tokens} tokens")
