@@ -328,7 +328,7 @@ def to_onnx(model, inputs: Mapping[str, Any], *, batch_free: Sequence[str] = BAT
     if len(closed.out_avals) != len(out_names):
         raise OnnxExportError(f"the model returns {len(closed.out_avals)} arrays; the export names one ({OUTPUT_NAME!r}) "
                               "or one per key of a returned dict")
-    emitter = _LayerEmitter(layers, frozen_layers(fraqat_jax.freeze(model) if frozen is None else frozen))
+    emitter = _LayerEmitter(layers, frozen_layers(fraqat_jax.freeze(model, unpack=False) if frozen is None else frozen))
     conv = jaxpr_onnx.Converter(batch_symbol=None if batch_size is not None else b, hooks={LAYER_PREFIX: emitter})
     if batch_size is None:
         first = next(name for (name, _), bat in zip(flat, batched) if bat)

@@ -68,7 +68,7 @@ def export_text_part(step, out_dir: str, examples: Mapping[str, Mapping[str, np.
     qnn_module()
     chip = soc_of(soc)
     os.makedirs(out_dir, exist_ok=True)
-    frozen = fraqat_jax.freeze(step)
+    frozen = fraqat_jax.freeze(step, unpack=False)  # its codes only: the packed layout, no CPU copy
     start = time.perf_counter()
     paths = {k: os.path.join(out_dir, f"{k}.onnx") for k in examples}
     ctx_paths = {k: os.path.join(out_dir, f"{k}_ctx.onnx") for k in examples}

@@ -288,7 +288,7 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
         stages[name] = round(time.perf_counter() - start - sum(stages.values()), 2)
 
     frozen = fraqat_jax.freeze(model)
-    frozen_step = fraqat_jax.freeze(step)  # the same codes, named by the step's paths
+    frozen_step = fraqat_jax.freeze(step, unpack=False)  # the same codes, named by the step's paths
     protos, weight_outputs, counts = {}, {}, {}
     for name, tokens in (("prefill", n), ("decode", 1)):
         qdq = eo.to_onnx(step, _example(geom, tokens, c), frozen=frozen_step, batch_size=1)
