@@ -6,13 +6,14 @@ with the weight bytes each form reads and the bandwidth that implies:
 
   * one Gemma-2-2B ``gate_proj`` (2304 -> 9216) at each ``--tokens`` count: fp32 ``nnx.Linear``;
     the frozen W4A8 layer in its ``"fused"`` form (split between threads at one token; opt-in), its
-    ``"blocked"`` form (what ``"auto"`` runs on CPU up to 32 tokens) and its ``"dense"`` form
+    ``"blocked"`` form (what ``"auto"`` runs on CPU up to 32 tokens) on the CPU layout's unpacked
+    ``int8`` codes and on the packed ones (``freeze(unpack=False)``), and its ``"dense"`` form
     (int8 x int8 -> int32, what ``"auto"`` runs on accelerators); the frozen float path
     (``freeze(integer=False)``: the student's arithmetic on a kernel rebuilt once);
   * a one-token forward of a random ~110 M-parameter Gemma-2 (32k vocabulary, tied float
     embedding / LM head; no KV cache, so attention covers one position and the step reads the
-    weights a decode step reads): the fp32 teacher against its frozen W4A8 student ("auto", and every
-    layer "fused" or "dense").
+    weights a decode step reads): the fp32 teacher against its frozen W4A8 student ("auto" on the
+    unpacked and on the packed codes, and every layer "fused" or "dense").
 
 With ``--tpu v5e:1x1`` it also compiles the layer forms for that TPU topology (libtpu, no TPU
 needed) and prints the bytes XLA's cost model says each program accesses: the packed ``uint8``
@@ -52,10 +53,13 @@ def jitted(model):
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weight-sized arrays of ``model`` (float kernels or codes, embeddings; at least
-    2**16 values, so scales, norms and code sums are left out)."""
-    return int(sum(np.asarray(v[...]).nbytes for _, v in nnx.to_flat_state(nnx.state(model))
-                   if v[...] is not None and np.size(v[...]) >= 2**16))
+    """Bytes of the weight-sized arrays of ``model`` that a CPU forward reads (float kernels or codes,
+    embeddings; at least 2**16 values, so scales, norms and code sums are left out; of a layer that
+    also holds its codes unpacked, the CPU layout of ``fraqat_jax.freeze``, the unpacked ones)."""
+    flat = {tuple(path): v[...] for path, v in nnx.to_flat_state(nnx.state(model))}
+    return int(sum(np.asarray(a).nbytes for path, a in flat.items()
+                   if a is not None and np.size(a) >= 2**16
+                   and not (path[-1] == "kernel_codes" and flat.get(path[:-1] + ("kernel_unpacked",)) is not None)))
 
 
 def interleaved(fns: dict, args, runs: int) -> dict:
@@ -77,18 +81,18 @@ def report(title: str, times: dict, nbytes: dict) -> None:
     w0, c0 = times["fp32"]
     print(title)
     for name, (w, c) in times.items():
-        print(f"  {name:24s} wall {w * 1e3:8.2f} ms  x{w / w0:5.2f} of fp32 | cpu {c * 1e3:8.2f} ms  x{c / c0:5.2f}"
+        print(f"  {name:28s} wall {w * 1e3:8.2f} ms  x{w / w0:5.2f} of fp32 | cpu {c * 1e3:8.2f} ms  x{c / c0:5.2f}"
               f" | weights {nbytes[name] / 2**20:7.1f} MiB, {nbytes[name] / w / 1e9:6.2f} GB/s by wall")
 
 
 def frozen_forms(student) -> dict:
     forms = {}
-    for form in ("fused", "blocked", "dense"):
-        frozen = freeze(student)
+    for form, unpack in (("fused", None), ("blocked", None), ("blocked", False), ("dense", None)):
+        frozen = freeze(student, unpack=unpack)
         for _, node in nnx.iter_graph(frozen):
             if hasattr(node, "matmul"):
                 node.matmul = form
-        forms[f"W4A8 frozen {form}"] = frozen
+        forms[f"W4A8 frozen {form}" + (", packed" if unpack is False else "")] = frozen
     forms["W4A8 float path"] = freeze(student, integer=False)
     return forms
 
@@ -109,7 +113,7 @@ student = quantize_model(nnx.clone(fp))
 set_bits(student, 4)
 models = {"fp32": fp, "bf16": nnx.Linear(n_in, n_out, use_bias=False, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
                                           rngs=nnx.Rngs(0)),
-          "W4A8 frozen, packed uint8": freeze(student), "W4A8 frozen, int4": freeze(student, int4=True)}
+          "W4A8 frozen, packed uint8": freeze(student, unpack=False), "W4A8 frozen, int4": freeze(student, int4=True)}
 out = {}
 for tokens in json.loads(sys.argv[3]):
     for name, model in models.items():
@@ -161,7 +165,7 @@ def main():
         # the fused form widens the codes once per input row: timed up to FUSED_TIMED_TOKENS rows
         run = {k: f for k, f in fns.items() if tokens <= FUSED_TIMED_TOKENS or k != "W4A8 frozen fused"}
         ref = np.asarray(fns["W4A8 frozen dense"](x))
-        for form in ("blocked", "fused"):  # same bits
+        for form in ("blocked", "blocked, packed", "fused"):  # same bits
             if f"W4A8 frozen {form}" in run:
                 np.testing.assert_array_equal(np.asarray(fns[f"W4A8 frozen {form}"](x)), ref)
         report(f"gate_proj {n_in}->{n_out}, {tokens} token(s):", interleaved(run, (x,), args.runs), nbytes)
@@ -173,10 +177,12 @@ def main():
         set_bits(student, 4)
         forms = frozen_forms(student)
         models = {"fp32": teacher, "W4A8 frozen auto": forms["W4A8 frozen blocked"],
+                  "W4A8 frozen auto, packed": forms["W4A8 frozen blocked, packed"],
                   "W4A8 frozen fused": forms["W4A8 frozen fused"], "W4A8 frozen dense": forms["W4A8 frozen dense"]}
-        for _, node in nnx.iter_graph(models["W4A8 frozen auto"]):
-            if hasattr(node, "matmul"):
-                node.matmul = "auto"
+        for name in ("W4A8 frozen auto", "W4A8 frozen auto, packed"):
+            for _, node in nnx.iter_graph(models[name]):
+                if hasattr(node, "matmul"):
+                    node.matmul = "auto"
         nbytes = {name: weight_bytes(m) for name, m in models.items()}
         fns = {name: jitted(m) for name, m in models.items()}
         ids = jnp.array([[2]], jnp.int32)
