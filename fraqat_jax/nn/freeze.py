@@ -56,8 +56,8 @@ into the matmul: XLA writes the unpacked kernel out and reads it back at every c
 matmul directly (int8 x int4 on the matrix unit), so that is the accelerator layout; on CPU XLA
 widens ``int4`` values slowly. There (:func:`cpu_layout`) a frozen layer also holds its packed codes
 unpacked once, one ``int8`` each (``kernel_unpacked``, derived, never exported), which the blocked
-and fused forms widen faster than nibble pairs: 1.5 bytes per weight in memory, and about 1.1x the
-float32 teacher's decode speed on a ~100 M-parameter Gemma-2 where the packed codes gave 0.9x
+and fused forms widen faster than nibble pairs: 1.5 bytes per weight in memory, and 1.02x-1.12x the
+float32 teacher's decode speed on a ~100 M-parameter Gemma-2 where the packed codes gave 0.89x-0.93x
 (``benchmarks/generate.py --rows ours_float ours_w4a8 ours_w4a8_packed``).
 
 Agreement with the fake-quant model: the codes are those of ``quantize_codes`` at the same bits,
