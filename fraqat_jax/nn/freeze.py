@@ -300,30 +300,29 @@ class FrozenLinear(_Frozen):
                 return _grouped_matmul(xg, codes, jnp.int32).astype(jnp.float32)
             return _grouped_matmul(xg, codes.astype(jnp.float32), None)
 
+        stored = self.kernel_codes[...]
         unpacked = self.kernel_unpacked is not None
+        # What the CPU forms read (and the dense form on a CPU-held model, sparing its unpacking too).
+        codes, packed = (self.kernel_unpacked[...], False) if unpacked else (stored, self.packed)
 
         def cpu_form(form):
-            def run(xg, stored, wide):
+            def run(xg, codes):
                 flat = xg.astype(jnp.float32).reshape(tokens, n_groups, g)
-                codes, packed = (wide, False) if unpacked else (stored, self.packed)
                 return form(flat, codes, self.kernel_shape, packed).reshape(*lead, n_groups, n_out)
             return run
 
         small = self.packed or self.int4  # codes of at most 4 bits, whatever their layout
-        possible = (not integer or exact_in_float32(g, small)) and (unpacked or not (self.packed and n_out % 2))
-        stored = self.kernel_codes[...]
-        wide = self.kernel_unpacked[...] if unpacked else stored
+        possible = (not integer or exact_in_float32(g, small)) and not (packed and n_out % 2)
         # Symbolic leading sizes (jax.export) take the dense form: the blocks need a concrete row count.
         tokens = int(np.prod(lead)) if all(isinstance(d, int) for d in lead) else None
         possible = possible and tokens is not None
         if self.matmul == "dense" or not possible or (self.matmul == "auto" and tokens > BLOCKED_MAX_TOKENS):
-            # Unpacked codes (a CPU-held model) spare the dense form its unpacking too.
-            return dense(xg, wide, False) if unpacked else dense(xg, stored, self.packed)
+            return dense(xg, codes, packed)
         if self.matmul in ("blocked", "fused"):
-            return cpu_form(blocked_code_matmul if self.matmul == "blocked" else fused_code_matmul)(xg, stored, wide)
+            return cpu_form(blocked_code_matmul if self.matmul == "blocked" else fused_code_matmul)(xg, codes)
         cpu = cpu_form(fused_code_matmul if tokens <= FUSED_MAX_TOKENS else blocked_code_matmul)
-        return lax.platform_dependent(xg, stored, wide, cpu=cpu,
-                                      default=lambda xg, stored, wide: dense(xg, stored, self.packed))
+        return lax.platform_dependent(xg, stored, codes, cpu=lambda xg, stored, codes: cpu(xg, codes),
+                                      default=lambda xg, stored, codes: dense(xg, stored, self.packed))
 
     def __call__(self, x):
         if not self.integer:
