@@ -90,16 +90,21 @@ def test_the_folder_holds_both_graphs_whole_on_htp_sharing_one_context(exported)
         assert {n.op_type for n in g.node if table in n.input} == {"Gather", "Gemm"}
         ctx = onnx.load(os.path.join(folder, manifest["components"][name]["context"])).graph
         assert [n.op_type for n in ctx.node] == ["EPContext"]
-        # The CPU graph: the same graph less the requantization of each product's accumulator.
+        # The CPU graph: each product as the JAX student computes it (exact integer sums times the
+        # two scales), without the requantization of its accumulator.
         cpu = onnx.load(os.path.join(folder, manifest["components"][name]["cpu_onnx"])).graph
         products = [n for n in g.node if n.op_type in ("MatMul", "Gemm")
                     and any(i.endswith(".qnn_dq") or "DequantizeLinear" in i for i in n.input)]
         requant = [n.name for n in g.node if n.name.endswith(".out.qnn_q")]
         assert len(requant) == rep["qdq"][name]["products"] == 28 and len(products) >= 28
+        assert (rep["qdq"][name]["cpu_exact_products"], rep["qdq"][name]["cpu_float_products"]) == (28, 0)
         assert not [n for n in cpu.node if n.name.endswith((".out.qnn_q", ".out.qnn_dq"))]
-        assert len(cpu.node) == len(g.node) - 2 * len(requant)
-        assert ({(t.name, t.raw_data) for t in cpu.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)}
-                == {(t.name, t.raw_data) for t in g.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)})
+        assert len([n for n in cpu.node if n.name.endswith(".exact_sum") and n.op_type == "MatMul"]) == 28
+        assert "QuantizeLinear" not in {n.op_type for n in cpu.node}
+        def codes(graph):  # the INT4 / INT8 weight codes (the CPU graph drops their zero points, all 0)
+            return {(t.name, t.raw_data) for t in graph.initializer if "kernel_codes" in t.name
+                    and t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)}
+        assert len(codes(g)) == 28 and codes(cpu) == codes(g)
     # One context binary for both graphs, no larger than 1.2x one graph compiled alone.
     assert len(rep["context_files"]) == 1 and os.path.isfile(os.path.join(folder, rep["context_files"][0]))
     assert rep["context_bytes"] <= 1.2 * max(rep["context_bytes_alone"].values())
@@ -217,3 +222,27 @@ def test_lengths_default_to_the_model_and_refuse_bad_values(tmp_path, capsys):
         export_main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), "--format", "orbax", "--prefill-len", "8"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--prefill-len" in err[0]
+
+
+def test_the_agreement_benchmark_counts_what_the_runner_and_jax_give(exported):
+    """``benchmarks/text_agreement.py`` on three prompts of the CPU graphs: its count of equal
+    prompts is the runner's against ``jax_greedy``'s, one teacher-forced step per new token, and its
+    interval is Wilson's (closed form at the edges, and the 38-of-40 figure docs/deploy.md quotes)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "text_agreement.py")
+    spec = importlib.util.spec_from_file_location("_bench_text_agreement", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    frozen, folder = exported["frozen"], exported["dir"]
+    prompts = [ids[:16] for ids in exported["held"][:3]]
+    got = bench.agreement(frozen, folder, prompts, 8, "cpu")
+    want = sum(deploy_text.generate(_model(folder, "cpu"), p, max_new_tokens=8)["tokens"]
+               == qnn_text.jax_greedy(frozen, p, 8, 256)[0] for p in prompts)
+    assert (got["prompts"], got["equal"], got["steps"]) == (3, want, 24)
+    assert got["argmax_differs"] <= got["steps_moved"] <= got["steps"]
+    assert got["wilson95"][0] <= want / 3 <= got["wilson95"][1]
+    assert bench.wilson(0, 10)[0] == 0.0 and bench.wilson(10, 10)[1] == 1.0
+    assert bench.wilson(38, 40) == pytest.approx([0.8350, 0.9862], abs=1e-4)
+    texts = bench.held_out_prompts(os.path.join(TEACHER, "heldout.jsonl"), 5)
+    assert len(texts) == 5 and all(len(t) >= 24 for t in texts)

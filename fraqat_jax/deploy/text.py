@@ -214,7 +214,8 @@ def simulator() -> bool:
 
 def open_graphs(manifest: Mapping, folder: str, provider: str) -> tuple[Callable, Callable]:
     """``(prefill_fn, decode_fn)`` on ``provider``: on the CPU the CPU graphs (``cpu_onnx``: the HTP
-    graphs without their products' output requantization; the HTP graphs where a folder has none);
+    graphs with each quantized product computed as the frozen JAX student computes it; the HTP
+    graphs where a folder has none);
     on ``qnn`` the shared EPContext models (``ep.share_ep_contexts``) on a device, the ONNX graphs
     compiled on HTP (CPU fallback disabled) on the simulator."""
     comps = manifest.get("components") or {}

@@ -37,8 +37,11 @@ With ``check=True`` onnxruntime (CPU, basic graph optimizations) runs the file o
 and the report's ``max_rel_diff`` is ``max |onnx - frozen| / max |frozen|`` against
 ``fraqat_jax.freeze`` of the same model run in JAX (float32). Where no activation code differs
 the two agree to float rounding. A code differs by one step where a value sits on a rounding
-boundary: ONNX rounds ``x / scale + zero_point``, JAX ``(x - lo) / scale``, and float ops
-(``exp``, summation order) differ in their last bits; one such step moves the output by a small
+boundary: ONNX's ``QuantizeLinear`` rounds ``x / scale + zero_point``, the frozen student
+``x * (1 / scale) + zero_point`` (:func:`fraqat_jax.quant.grid_codes`; what XLA computes for a
+division by a scalar), its products are exact integer sums where onnxruntime sums rounded float
+products (:func:`fraqat_jax.export.cpu_graph.exact_products` rewrites a graph into the student's
+arithmetic), and float ops (``exp``, summation order) differ in their last bits; one such step moves the output by a small
 fraction of max|out| (docs/deploy.md gives the measurements). ``TOLERANCE`` (a few such steps,
 never a wrong graph) is enforced: the command line exits 1 above it, as the orbax export does.
 

@@ -11,10 +11,12 @@ sharing one KV-cache layout and one context binary.
   ``past_value_{l}_in`` holding ``C - N`` cache slots; outputs ``logits`` and the ``N`` new
   keys / values per layer) in the QNN form of :mod:`fraqat_jax.export.qnn` (every rule there
   holds; the product ranges are calibrated on the steps the host runner takes over held-out text);
-* ``prefill_cpu.onnx`` and ``decode_cpu.onnx``: the same graphs without the requantization of each
-  product's accumulator (the 16- or 8-bit output grid HTP's integer kernels need, which the JAX
-  student does not have), for ``--provider cpu``: onnxruntime's CPU then computes what the frozen
-  JAX student computes (INT4 weights, the trained activation grid), up to float32 summation order;
+* ``prefill_cpu.onnx`` and ``decode_cpu.onnx``: the same graphs for ``--provider cpu``, each
+  quantized product written as the frozen JAX student computes it
+  (:func:`fraqat_jax.export.cpu_graph.exact_products`: exact integer sums of the activation and INT4
+  codes times the two scales, without the requantization of the accumulator to the 16- or 8-bit
+  output grid that HTP's integer kernels need): for the same activation codes its products are the
+  JAX student's bits; the float ops between them agree to float32 rounding;
 * ``prefill_ctx.onnx`` and ``decode_ctx.onnx``: their EPContext models for ``--soc``, compiled in
   one weight-sharing group (``ep.share_ep_contexts``), so both point to one context binary
   (``prefill_ctx_qnn.bin``) that holds the weights once;
@@ -46,6 +48,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fraqat_jax.deploy.text import TextModel, generate, step_tables
+from fraqat_jax.export.cpu_graph import exact_products
 from fraqat_jax.export.qnn import (DEFAULT_SOC, PRODUCT_BITS, context_bytes, cpu_session, qnn_module,
                                    qnn_session, refused_nodes, soc_of)
 from fraqat_jax.export.qnn_graph import to_qnn
@@ -118,38 +121,6 @@ def tie_lm_head(model) -> int:
     del g.initializer[:]
     g.initializer.extend(keep)
     return count
-
-
-def without_product_requantization(model):
-    """A copy of a QNN-form graph without the ``QuantizeLinear -> DequantizeLinear`` pair after each
-    quantized product (:func:`fraqat_jax.export.qnn_graph.quantize_products`' ``.out`` pairs): the
-    requantization of the accumulator that HTP's integer kernels need and the JAX student does not
-    do. Everything else (the INT4 weights, the trained activation grid, the float ops) is kept, so
-    onnxruntime's CPU computes what the frozen JAX student computes. Returns ``(copy, pairs removed)``."""
-    import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    pairs = {n.name[:-len(".out.qnn_dq")]: n for n in g.node if n.name.endswith(".out.qnn_dq")}
-    quants = {n.name[:-len(".out.qnn_q")]: n for n in g.node if n.name.endswith(".out.qnn_q")}
-    rename = {}
-    for tag, dq in pairs.items():
-        q = quants[tag]
-        rename[dq.output[0]] = q.input[0]
-        g.node.remove(dq)
-        g.node.remove(q)
-    for n in g.node:
-        for j, i in enumerate(n.input):
-            if i in rename:
-                n.input[j] = rename[i]
-    if any(o.name in rename for o in g.output):
-        raise ValueError("a product's requantized output is a graph output")
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return out, len(pairs)
 
 
 def _fn(session):
@@ -310,7 +281,7 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
                 os.remove(p)
         onnx.save(main, paths[name])
         onnx.checker.check_model(paths[name], full_check=True)
-        cpu_model, qcounts[name]["cpu_requantizations_removed"] = without_product_requantization(main)
+        cpu_model, qcounts[name]["cpu_exact_products"], qcounts[name]["cpu_float_products"] = exact_products(main)
         onnx.save(cpu_model, cpu_paths[name])
     lap("qnn_form")
     report: dict[str, Any] = {"soc": chip.name, "htp_arch": chip.htp_arch, "soc_model": chip.soc_model,

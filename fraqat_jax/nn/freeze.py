@@ -22,7 +22,15 @@ Forward pass with a quantized input (``act_bits`` <= 8, asymmetric, shifted by 1
     x W = sum_G s_w (s_x q_x.q_w + z_x sum q_w) + z_w (s_x sum q_x + z_x g)
 
 ``q_x . q_w`` is an integer matmul; the float scales are applied once per output (per output and
-group with ``group_size``). With ``act_bits=None`` the input stays float and multiplies the codes.
+group with ``group_size``). With a static (calibrated) range the input's zero lies on the grid,
+``z_x = s_x o`` with an integer ``o = 128 - zero_point``, and the layer computes
+``s_w (s_x (q_x.q_w + o sum q_w))``: the bracket is an exact integer and two products round it, and
+the output is held as rounded (an optimization barrier: XLA would fuse the last product into a
+following add). The codes are ``round(x * (1 / s_x)) + zero_point``
+(:func:`fraqat_jax.quant.grid_codes`). An exported graph rewritten by
+``fraqat_jax.export.cpu_graph.exact_products`` computes the same steps, so onnxruntime's CPU gives
+the frozen student's bits for each such layer. With ``act_bits=None`` the input stays float and
+multiplies the codes.
 Three forms compute ``q_x . q_w`` (:attr:`FrozenLinear.matmul`; ``"auto"`` picks, when lowered for
 CPU, the fused form with at most :data:`FUSED_MAX_TOKENS` input rows (0: never, see below) and the
 blocked form with at most :data:`BLOCKED_MAX_TOKENS`, decoding's regime, through
@@ -86,7 +94,7 @@ from fraqat_jax.nn.code_matmul import (  # noqa: F401  (re-exported: the forms' 
     fused_code_matmul)
 from fraqat_jax.nn.graph import path_string, replace_child, walk_to
 from fraqat_jax.nn.layers import KernelView, QuantConv, QuantEinsum, QuantLinear, QuantMixin, identity_promote
-from fraqat_jax.quant import quantize_codes
+from fraqat_jax.quant import grid_codes, quantize_codes
 
 
 class Codes(nnx.Variable):
@@ -187,6 +195,14 @@ class _Frozen(nnx.Module):
         """int8 activation codes and float32 ``(scale, zero)`` with the 128 shift absorbed."""
         codes, scale, zero = QuantMixin.input_codes(self, x)
         return (codes - 128.0).astype(jnp.int8), scale, zero + 128.0 * scale
+
+    def grid_input(self, x):
+        """Static ranges: int8 codes ``q``, float32 scale ``s`` and integer offset ``o = 128 -
+        zero_point`` (float32), the input being ``s * (q + o)``; the codes are the exported graph's
+        (:func:`fraqat_jax.quant.grid_codes`: ``round(x / s) + zero_point``)."""
+        lo_hi = self.act_range[...]
+        codes, scale, zero = grid_codes(x, lo_hi[0], lo_hi[1], self.act_bits)
+        return (codes - 128.0).astype(jnp.int8), scale, 128.0 - zero
 
 
 def _groups_by_out(a):
@@ -339,6 +355,17 @@ class FrozenLinear(_Frozen):
             y = self.codes_matmul(xg) * sw
             if zw is not None:
                 y = y + xg.sum(-1, keepdims=True) * zw
+        elif self.act_ranges == "static":
+            # x = s_x (q_x + o) with an integer offset o: the sums in brackets are exact integers and
+            # two products round them, as the exported graph computes a product.
+            qx, sx, off = self.grid_input(x)
+            xg = qx.reshape(*lead, n_groups, g)
+            acc = self.codes_matmul(xg)
+            col = self.kernel_code_sums[...].astype(jnp.float32)  # (G, out)
+            y = sw * (sx * (acc + off * col))
+            if zw is not None:
+                row = xg.astype(jnp.int32).sum(-1, keepdims=True).astype(jnp.float32)
+                y = y + zw * (sx * (row + off * g))
         else:
             qx, sx, zx = self.input_codes(x)
             sx = jnp.broadcast_to(sx, (*lead, 1)) if sx.ndim else sx
@@ -352,6 +379,10 @@ class FrozenLinear(_Frozen):
                 row = xg.astype(jnp.int32).sum(-1, keepdims=True).astype(jnp.float32)
                 y = y + zw * (sx * row + zx * g)
         y = y.sum(-2)
+        if self.act_bits is not None and self.act_ranges == "static":
+            # Materialized as rounded: XLA would otherwise fuse the last product into a following
+            # add (the bias, a residual) as one fused multiply-add, which the exported graph is not.
+            y = lax.optimization_barrier(y)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(_out_dtype(self, x))
@@ -389,12 +420,16 @@ class FrozenConv(_Frozen):
         if self.act_bits is None:
             y = sw * self._conv(x.astype(jnp.float32), qw.astype(jnp.float32), None)
         else:
-            qx, sx, zx = self.input_codes(x)
+            static = self.act_ranges == "static"
+            qx, sx, zx = self.grid_input(x) if static else self.input_codes(x)
             acc = self._conv(qx, qw, jnp.int32).astype(jnp.float32)
             n_batch = x.ndim - (len(self.kernel_shape) - 1)
             ones = jnp.ones((1,) + x.shape[n_batch:], jnp.float32)
             window = self._conv(ones, qw.astype(jnp.float32), None)  # sum of codes under each window
-            y = sw * (sx.reshape(()) * acc + zx.reshape(()) * window)
+            if static:  # zx is the integer offset: exact sums, then two products (see FrozenLinear)
+                y = lax.optimization_barrier(sw * (sx.reshape(()) * (acc + zx.reshape(()) * window)))
+            else:
+                y = sw * (sx.reshape(()) * acc + zx.reshape(()) * window)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(_out_dtype(self, x))

@@ -18,7 +18,8 @@ from fraqat_jax.quant.fake import (
     range_codes,
     validate_bits,
 )
-from fraqat_jax.quant.static import nudge_range, static_codes, static_fake_quant, zero_point
+from fraqat_jax.quant.static import grid_codes, nudge_range, static_codes, static_fake_quant, zero_point
 
-__all__ = ["MAX_ACT_BITS", "MAX_BITS", "MIN_BITS", "check_bits", "dequantize", "quantize", "quantize_codes", "range_codes",
-           "nudge_range", "rel_diff", "static_codes", "static_fake_quant", "validate_bits", "zero_point"]
+__all__ = ["MAX_ACT_BITS", "MAX_BITS", "MIN_BITS", "check_bits", "dequantize", "grid_codes", "quantize",
+           "quantize_codes", "range_codes", "nudge_range", "rel_diff", "static_codes", "static_fake_quant",
+           "validate_bits", "zero_point"]

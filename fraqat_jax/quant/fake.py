@@ -182,7 +182,9 @@ def range_codes(xf, lo, hi, bits):
     """
     span = hi - lo
     levels = _exp2(bits)
-    scale = jnp.where(span > 0, span / (levels - 1.0), 1.0)
+    # A product with the reciprocal, written out: XLA turns a division by a constant or a broadcast
+    # scalar into one anyway, so this is what a jitted call computes, and now an eager one too.
+    scale = jnp.where(span > 0, span * (1.0 / (levels - 1.0)), 1.0)
     codes = jnp.clip(jnp.round((xf - lo) / scale), 0.0, jnp.floor(levels) - 1.0)
     return codes, scale, lo
 

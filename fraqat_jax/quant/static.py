@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from fraqat_jax.quant.fake import range_codes
 
-__all__ = ["nudge_range", "static_codes", "static_fake_quant", "zero_point"]
+__all__ = ["grid_codes", "nudge_range", "static_codes", "static_fake_quant", "zero_point"]
 
 
 def static_codes(x, lo, hi, bits):
@@ -29,6 +29,29 @@ def static_codes(x, lo, hi, bits):
     lo = jnp.asarray(lo, jnp.float32)
     hi = jnp.asarray(hi, jnp.float32)
     return range_codes(x.astype(jnp.float32), lo, hi, jnp.float32(bits))
+
+
+def grid_codes(x, lo, hi, bits):
+    """Codes of ``x`` on the integer grid of the static range ``[lo, hi]``, in a fixed arithmetic that
+    an exported graph can repeat bit for bit: ``scale`` as :func:`static_codes` gives it, its
+    reciprocal ``inv = 1 / scale`` (one rounding), the integer ``zero_point = clip(round(-lo * inv),
+    0, 2**bits - 1)`` and ``codes = clip(round(x * inv) + zero_point, 0, 2**bits - 1)`` (round half to
+    even); the value is ``(codes - zero_point) * scale``.
+
+    On a nudged range (:func:`nudge_range`: ``lo = -zero_point * scale``) these are
+    :func:`static_codes`' codes in exact arithmetic; in float32 the formulas round differently for
+    inputs within an ulp or so of a rounding boundary, and there a code moves by one step. Why the
+    reciprocal: XLA rewrites a division by a broadcast scalar into a product with its reciprocal, and
+    folds divisions of divisions, so ``x / scale`` is not what it computes; the scale is held as
+    rounded (an optimization barrier) so that ``1 / scale`` is one division of that value.
+    ``fraqat_jax.export.cpu_graph`` writes the same steps. Returns float32 ``(codes, scale, zero_point)``.
+    """
+    _, scale, _ = static_codes(jnp.zeros((), jnp.float32), lo, hi, bits)
+    inv = 1.0 / jax.lax.optimization_barrier(scale)
+    top = jnp.floor(jnp.exp2(jnp.float32(bits))) - 1.0
+    zero = jnp.clip(jnp.round(-jnp.asarray(lo, jnp.float32) * inv), 0.0, top)
+    codes = jnp.clip(jnp.round(x.astype(jnp.float32) * inv) + zero, 0.0, top)
+    return codes, scale, zero
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
