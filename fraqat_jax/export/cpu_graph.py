@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fraqat_jax.export.jaxpr_onnx import prune
+
 __all__ = ["exact_products"]
 
 _EXACT = 2**24  # float32 holds every integer below this
@@ -126,20 +128,6 @@ def exact_products(model):
     for node in g.node:
         for k, name in enumerate(node.input):
             node.input[k] = rename.get(name, name)
-    _prune(g)
+    prune(g, inputs=False)
     return out, done, left
 
-
-def _prune(g) -> None:
-    """Drops the nodes no output depends on, then the initializers nothing reads."""
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
