@@ -89,8 +89,8 @@ def exact_products(model):
         tag = n.name or n.output[0]
         c, w, t, ts = (f"{tag}.exact_{k}" for k in ("act", "codes", "sum", "scaled"))
         scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
-        zero_dtype = inits[q.input[2]] if len(q.input) > 2 else None
-        zero = numpy_helper.to_array(zero_dtype) if zero_dtype is not None else np.uint8(0)
+        zero_init = inits.get(q.input[2]) if len(q.input) > 2 else None
+        zero = numpy_helper.to_array(zero_init) if zero_init is not None else np.uint8(0)
         if scale.ndim or np.ndim(zero):
             left += 1
             continue

@@ -41,8 +41,8 @@ boundary: ONNX's ``QuantizeLinear`` rounds ``x / scale + zero_point``, the froze
 ``x * (1 / scale) + zero_point`` (:func:`fraqat_jax.quant.grid_codes`; what XLA computes for a
 division by a scalar), its products are exact integer sums where onnxruntime sums rounded float
 products (:func:`fraqat_jax.export.cpu_graph.exact_products` rewrites a graph into the student's
-arithmetic), and float ops (``exp``, summation order) differ in their last bits; one such step moves the output by a small
-fraction of max|out| (docs/deploy.md gives the measurements). ``TOLERANCE`` (a few such steps,
+arithmetic), and float ops (``exp``, summation order) differ in their last bits; one such step
+moves the output by a small fraction of max|out| (docs/deploy.md gives the measurements). ``TOLERANCE`` (a few such steps,
 never a wrong graph) is enforced: the command line exits 1 above it, as the orbax export does.
 
 Requires the ``onnx`` extra (``onnx``, ``onnxruntime``).

@@ -199,7 +199,7 @@ class _Frozen(nnx.Module):
     def grid_input(self, x):
         """Static ranges: int8 codes ``q``, float32 scale ``s`` and integer offset ``o = 128 -
         zero_point`` (float32), the input being ``s * (q + o)``; the codes are the exported graph's
-        (:func:`fraqat_jax.quant.grid_codes`: ``round(x / s) + zero_point``)."""
+        (:func:`fraqat_jax.quant.grid_codes`: ``round(x * (1 / s)) + zero_point``)."""
         lo_hi = self.act_range[...]
         codes, scale, zero = grid_codes(x, lo_hi[0], lo_hi[1], self.act_bits)
         return (codes - 128.0).astype(jnp.int8), scale, 128.0 - zero
