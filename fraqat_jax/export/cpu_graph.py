@@ -14,8 +14,8 @@ for a static range::
 so, for the same input, the CPU graph's codes and product are bit for bit the JAX student's (the
 codes by a product with the scale's reciprocal, not ``QuantizeLinear``'s division, because that is
 what XLA computes); only the float ops between the products (norms, softmax, activations:
-``exp``, ``tanh``, summation orders and XLA's fused multiply-adds against onnxruntime's) can still
-differ in their last bits. Written here because no ONNX tool we know of rewrites a QDQ graph into
+``exp``, ``tanh``, summation orders, and the fused multiply-adds XLA:CPU makes of a product and the
+add after it, a bias included) can still differ in their last bits. Written here because no ONNX tool we know of rewrites a QDQ graph into
 a given integer arithmetic.
 """
 

@@ -24,12 +24,13 @@ Forward pass with a quantized input (``act_bits`` <= 8, asymmetric, shifted by 1
 ``q_x . q_w`` is an integer matmul; the float scales are applied once per output (per output and
 group with ``group_size``). With a static (calibrated) range the input's zero lies on the grid,
 ``z_x = s_x o`` with an integer ``o = 128 - zero_point``, and the layer computes
-``s_w (s_x (q_x.q_w + o sum q_w))``: the bracket is an exact integer and two products round it, and
-the output is held as rounded (an optimization barrier: XLA would fuse the last product into a
-following add). The codes are ``round(x * (1 / s_x)) + zero_point``
-(:func:`fraqat_jax.quant.grid_codes`). An exported graph rewritten by
-``fraqat_jax.export.cpu_graph.exact_products`` computes the same steps, so onnxruntime's CPU gives
-the frozen student's bits for each such layer. With ``act_bits=None`` the input stays float and
+``s_w (s_x (q_x.q_w + o sum q_w))``: the bracket is an exact integer and two products round it. The
+codes are ``round(x * (1 / s_x)) + zero_point`` (:func:`fraqat_jax.quant.grid_codes`). An exported
+graph rewritten by ``fraqat_jax.export.cpu_graph.exact_products`` computes the same steps, so
+onnxruntime's CPU gives the frozen student's bits for each such layer without a bias. A following
+add (a bias, a residual) can differ in its last bit: XLA:CPU fuses a product into the add after it
+as one fused multiply-add (one rounding where the graph has two), and neither an optimization
+barrier nor ``reduce_precision`` stops it. With ``act_bits=None`` the input stays float and
 multiplies the codes.
 Three forms compute ``q_x . q_w`` (:attr:`FrozenLinear.matmul`; ``"auto"`` picks, when lowered for
 CPU, the fused form with at most :data:`FUSED_MAX_TOKENS` input rows (0: never, see below) and the
@@ -379,10 +380,6 @@ class FrozenLinear(_Frozen):
                 row = xg.astype(jnp.int32).sum(-1, keepdims=True).astype(jnp.float32)
                 y = y + zw * (sx * row + zx * g)
         y = y.sum(-2)
-        if self.act_bits is not None and self.act_ranges == "static":
-            # Materialized as rounded: XLA would otherwise fuse the last product into a following
-            # add (the bias, a residual) as one fused multiply-add, which the exported graph is not.
-            y = lax.optimization_barrier(y)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(_out_dtype(self, x))
@@ -427,7 +424,7 @@ class FrozenConv(_Frozen):
             ones = jnp.ones((1,) + x.shape[n_batch:], jnp.float32)
             window = self._conv(ones, qw.astype(jnp.float32), None)  # sum of codes under each window
             if static:  # zx is the integer offset: exact sums, then two products (see FrozenLinear)
-                y = lax.optimization_barrier(sw * (sx.reshape(()) * (acc + zx.reshape(()) * window)))
+                y = sw * (sx.reshape(()) * (acc + zx.reshape(()) * window))
             else:
                 y = sw * (sx.reshape(()) * acc + zx.reshape(()) * window)
         if self.bias is not None:

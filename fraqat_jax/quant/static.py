@@ -42,8 +42,9 @@ def grid_codes(x, lo, hi, bits):
     :func:`static_codes`' codes in exact arithmetic; in float32 the formulas round differently for
     inputs within an ulp or so of a rounding boundary, and there a code moves by one step. Why the
     reciprocal: XLA rewrites a division by a broadcast scalar into a product with its reciprocal, and
-    folds divisions of divisions, so ``x / scale`` is not what it computes; the scale is held as
-    rounded (an optimization barrier) so that ``1 / scale`` is one division of that value.
+    folds divisions of divisions, so ``x / scale`` is not what it computes; the scale passes an
+    optimization barrier, which keeps the algebraic simplifier from folding ``1 / scale`` into the
+    scale's own arithmetic, so that it is one division of the rounded scale.
     ``fraqat_jax.export.cpu_graph`` writes the same steps. Returns float32 ``(codes, scale, zero_point)``.
     """
     _, scale, _ = static_codes(jnp.zeros((), jnp.float32), lo, hi, bits)
