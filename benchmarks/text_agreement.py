@@ -51,18 +51,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
 
 
 def text_model(folder: str, graphs: str):
-    from fraqat_jax.deploy.text import TextModel, open_graphs
+    from fraqat_jax.deploy.text import TextModel, open_graphs, session_fn
     from fraqat_jax.export.qnn import cpu_session
-
-    def session_fn(path):
-        session = cpu_session(path)
-        names = [o.name for o in session.get_outputs()]
-        wanted = [i.name for i in session.get_inputs()]
-        return lambda feeds: dict(zip(names, session.run(names, {k: feeds[k] for k in wanted})))
 
     manifest = json.load(open(os.path.join(folder, "pipeline.json")))
     if graphs == "qnn_form":
-        fns = [session_fn(os.path.join(folder, manifest["components"][k]["onnx"])) for k in ("prefill", "decode")]
+        fns = [session_fn(cpu_session(os.path.join(folder, manifest["components"][k]["onnx"])))
+               for k in ("prefill", "decode")]
     else:
         fns = open_graphs(manifest, folder, "cpu" if graphs == "cpu" else "qnn")
     return TextModel(manifest["model"], *fns)

@@ -40,7 +40,7 @@ import numpy as np
 
 from fraqat_jax.deploy.common import DeployError, make_session
 
-__all__ = ["MASKED", "TextModel", "add_arguments", "generate", "next_token", "rotary", "run", "step_tables"]
+__all__ = ["MASKED", "TextModel", "add_arguments", "generate", "next_token", "rotary", "run", "session_fn", "step_tables"]
 
 #: The additive mask's value for a hidden key: finite in fp16 (HTP) and far below any soft-capped score.
 MASKED = -1e4
@@ -200,7 +200,9 @@ def generate(model: TextModel, prompt_ids, *, max_new_tokens: int, eos_ids=(), t
 # ----------------------------------------------------------------------------- folder and command line
 
 
-def _session_fn(session) -> Callable:
+def session_fn(session) -> Callable:
+    """``feeds -> {output name: array}`` for an onnxruntime session, reading only the feeds the
+    session declares as inputs (a step's feeds hold every graph's inputs)."""
     names = [o.name for o in session.get_outputs()]
     wanted = [i.name for i in session.get_inputs()]
     return lambda feeds: dict(zip(names, session.run(names, {k: feeds[k] for k in wanted})))
@@ -231,9 +233,9 @@ def open_graphs(manifest: Mapping, folder: str, provider: str) -> tuple[Callable
             raise DeployError(f"the {name} graph of {folder!r} is missing: {path!r}")
         paths[name] = path
     if provider == "qnn" and not simulator():
-        return tuple(_session_fn(_shared_context_session(paths[n], manifest.get("soc"), last=n == "decode"))
+        return tuple(session_fn(_shared_context_session(paths[n], manifest.get("soc"), last=n == "decode"))
                      for n in ("prefill", "decode"))
-    return tuple(_session_fn(make_session(paths[n], provider, manifest.get("soc"))) for n in ("prefill", "decode"))
+    return tuple(session_fn(make_session(paths[n], provider, manifest.get("soc"))) for n in ("prefill", "decode"))
 
 
 def _shared_context_session(path: str, soc, *, last: bool):

@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fraqat_jax.deploy.text import TextModel, generate, step_tables
+from fraqat_jax.deploy.text import TextModel, generate, session_fn, step_tables
 from fraqat_jax.export.cpu_graph import exact_products
 from fraqat_jax.export.qnn import (DEFAULT_SOC, PRODUCT_BITS, context_bytes, cpu_session, qnn_module,
                                    qnn_session, refused_nodes, soc_of)
@@ -121,12 +121,6 @@ def tie_lm_head(model) -> int:
     del g.initializer[:]
     g.initializer.extend(keep)
     return count
-
-
-def _fn(session):
-    names = [o.name for o in session.get_outputs()]
-    wanted = [i.name for i in session.get_inputs()]
-    return lambda feeds: dict(zip(names, session.run(names, {k: feeds[k] for k in wanted})))
 
 
 def calibration_steps(geom: Mapping, fns: Mapping, windows: Sequence[Sequence[int]], prompt_len: int | None = None) -> dict:
@@ -266,7 +260,7 @@ def export_text_qnn(student, out_dir: str, *, tokenizer_from: str | None, calibr
         protos[name], counts[name], weight_outputs[name] = qdq.proto, qdq.counts, qdq.weight_outputs
         counts[name]["tied_lm_head"] = tie_lm_head(protos[name])
     lap("onnx")
-    raw = {k: _fn(cpu_session(p.SerializeToString())) for k, p in protos.items()}
+    raw = {k: session_fn(cpu_session(p.SerializeToString())) for k, p in protos.items()}
     record = calibration_steps(geom, raw, calibration_windows)
     paths = {k: os.path.join(out_dir, FILES[k][0]) for k in GRAPHS}
     ctx_paths = {k: os.path.join(out_dir, FILES[k][1]) for k in GRAPHS}
@@ -351,9 +345,9 @@ def _agreement(frozen, geom, sessions, paths, cpu_paths, windows, prompt_len, nu
     runs) and the QNN-form graphs themselves (``qnn_form_cpu``: HTP's arithmetic, emulated in
     float32); on QNN HTP for the first ``htp_prompts``, ``htp_tokens`` tokens (the simulator is
     slow). Tokens equal, and the logits until the first differing token."""
-    runners = {"htp": TextModel(geom, _fn(sessions["prefill"]), _fn(sessions["decode"])),
-               "cpu": TextModel(geom, *(_fn(cpu_session(cpu_paths[k])) for k in GRAPHS)),
-               "qnn_form_cpu": TextModel(geom, *(_fn(cpu_session(paths[k])) for k in GRAPHS))}
+    runners = {"htp": TextModel(geom, session_fn(sessions["prefill"]), session_fn(sessions["decode"])),
+               "cpu": TextModel(geom, *(session_fn(cpu_session(cpu_paths[k])) for k in GRAPHS)),
+               "qnn_form_cpu": TextModel(geom, *(session_fn(cpu_session(paths[k])) for k in GRAPHS))}
     rows = {k: [] for k in runners}
     worst = {k: 0.0 for k in runners}
     for i, ids in enumerate(windows):

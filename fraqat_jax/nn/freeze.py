@@ -356,29 +356,22 @@ class FrozenLinear(_Frozen):
             y = self.codes_matmul(xg) * sw
             if zw is not None:
                 y = y + xg.sum(-1, keepdims=True) * zw
-        elif self.act_ranges == "static":
-            # x = s_x (q_x + o) with an integer offset o: the sums in brackets are exact integers and
-            # two products round them, as the exported graph computes a product.
-            qx, sx, off = self.grid_input(x)
-            xg = qx.reshape(*lead, n_groups, g)
-            acc = self.codes_matmul(xg)
-            col = self.kernel_code_sums[...].astype(jnp.float32)  # (G, out)
-            y = sw * (sx * (acc + off * col))
-            if zw is not None:
-                row = xg.astype(jnp.int32).sum(-1, keepdims=True).astype(jnp.float32)
-                y = y + zw * (sx * (row + off * g))
         else:
-            qx, sx, zx = self.input_codes(x)
+            # Static ranges: x = s_x (q_x + o) with an integer offset o, so the brackets below hold
+            # exact integers and two products round them, as the exported graph computes a product.
+            # Dynamic ranges: x = s_x q_x + z_x with a float zero.
+            static = self.act_ranges == "static"
+            qx, sx, zx = self.grid_input(x) if static else self.input_codes(x)
             sx = jnp.broadcast_to(sx, (*lead, 1)) if sx.ndim else sx
             zx = jnp.broadcast_to(zx, (*lead, 1)) if zx.ndim else zx
             sx, zx = sx[..., None], zx[..., None]  # (..., 1, 1) against (..., G, out)
             xg = qx.reshape(*lead, n_groups, g)
             acc = self.codes_matmul(xg)
             col = self.kernel_code_sums[...].astype(jnp.float32)  # (G, out)
-            y = sw * (sx * acc + zx * col)
+            y = sw * (sx * (acc + zx * col)) if static else sw * (sx * acc + zx * col)
             if zw is not None:
                 row = xg.astype(jnp.int32).sum(-1, keepdims=True).astype(jnp.float32)
-                y = y + zw * (sx * row + zx * g)
+                y = y + zw * (sx * (row + zx * g) if static else sx * row + zx * g)
         y = y.sum(-2)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
